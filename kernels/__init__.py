@@ -1,0 +1,1 @@
+"""v4d.kernels: Triton kernels and torch references behind one ops interface (bottom layer)."""

@@ -1,0 +1,1 @@
+"""One module per `v4d` subcommand, each exporting a click command named `command`."""

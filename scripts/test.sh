@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's test command: sets up everything the tests need, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+for s in scripts/setup-*.sh; do [ -x "$s" ] && "$s"; done
+export PATH="$PWD/.venv/bin:$PWD/.tools/bin:$PATH"
+ruff check .
+exec python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Attention/KV engine: scheduler, KV pages, expert transport."""
