@@ -210,22 +210,22 @@ def main() -> None:
     lengths = [1024, 2048, 4096] if args.quick else [4096, 16384, 65536]
     t0 = time.perf_counter()
     kv = kv_held(contexts, chunk=2048, fill_up_to=args.fill_up_to)
-    pre = prefill_growth(lengths, chunk=4096)
-    dec = decode_vs_roofline(512 if args.quick else 4096, 16 if args.quick else 64)
-
     print("\nKV state held per token (bf16 cache, small config) vs sizing.kv_bytes_at_context")
     print(f"{'context':>8} {'pages':>6} {'held B/tok':>11} {'analytic B/tok':>15} {'held/analytic':>14} "
           f"{'tails B':>9} {'filled':>7} {'prefill s':>10}")
     for r in kv:
         print(f"{r['context']:>8} {r['pages']:>6} {r['held_per_token']:>11.2f} {r['analytic_per_token']:>15.2f} "
-              f"{r['held_over_analytic']:>14.4f} {r['compressor_tail_bytes']:>9} {'yes' if r['filled'] else 'no':>7} {r['prefill_s']:>10.1f}")
+              f"{r['held_over_analytic']:>14.4f} {r['compressor_tail_bytes']:>9} {'yes' if r['filled'] else 'no':>7} "
+              f"{r['prefill_s']:>10.1f}", flush=True)
+    pre = prefill_growth(lengths, chunk=4096)
     print("\nAttention prefill time, one layer (s): hybrid (chunked) vs dense causal, same dims")
     print(f"{'tokens':>8} {'CSA':>9} {'HCA':>9} {'dense':>9} {'dense/CSA':>10} {'dense/HCA':>10}")
     for r in pre["rows"]:
         print(f"{r['tokens']:>8} {r['csa_s']:>9.3f} {r['hca_s']:>9.3f} {r['dense_s']:>9.3f} "
               f"{r['dense_s'] / r['csa_s']:>10.2f} {r['dense_s'] / r['hca_s']:>10.2f}")
     g = pre["growth_exponent"]
-    print(f"{'exponent':>8} {g['csa']:>9.2f} {g['hca']:>9.2f} {g['dense']:>9.2f}")
+    print(f"{'exponent':>8} {g['csa']:>9.2f} {g['hca']:>9.2f} {g['dense']:>9.2f}", flush=True)
+    dec = decode_vs_roofline(512 if args.quick else 4096, 16 if args.quick else 64)
     print(f"\nDecode at context {dec['context']} (batch 1, fp32)")
     print(f"{'tok/s':>8} {'roofline tok/s':>15} {'fraction':>9} {'GB/s':>7} {'weights MB':>11} {'KV MB':>7}")
     print(f"{dec['tokens_per_s']:>8.1f} {dec['roofline_tokens_per_s']:>15.1f} {dec['fraction_of_roofline']:>9.3f} "
