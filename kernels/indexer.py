@@ -3,10 +3,11 @@
 Scores: one program per (query token, block of keys); the key block is loaded once and reused by
 every block of indexer heads. Blocks wholly past the token's visible count only write -inf.
 
-Top-k: one program per row, a radix select without sorting. Scores map to int32 keys that order
-like the floats; a 32-step binary search finds the k-th largest key (each step counts the keys at
-or above a candidate), then one pass writes every index above it plus enough ties (lowest index
-first), in ascending index order. The result is a set; consumers do not depend on its order.
+Top-k: a select without sorting, one program per block of rows (one row on a GPU, all rows in the
+interpreter). Scores map to int32 keys that order like the floats; a 32-step binary search finds
+the k-th largest key (each step counts the keys at or above a candidate), then one pass writes
+every index above it plus enough ties (lowest index first), in ascending index order. The result is
+a set; consumers do not depend on its order.
 """
 
 from __future__ import annotations
