@@ -220,14 +220,9 @@ def _plan_experts(
     column = n_layers * sizing.expert_bytes(cfg)
     shards = [
         ExpertShard(
-            name=f"experts-{p.name}-{i}",
-            pool=p.name,
-            device=i,
-            slots=[placement.device_experts(layer, d) for layer in range(n_layers)],
-            weight_bytes=s * column,
-            capacity=float(s),
+            name=f"experts-{p.name}-{i}", pool=p.name, device=i, slots=slot_map, weight_bytes=s * column, capacity=float(s)
         )
-        for d, ((p, i, _), s) in enumerate(zip(devices, slots, strict=True))
+        for (p, i, _), s, slot_map in zip(devices, slots, placement.slot_map(slots), strict=True)
     ]
     return shards, {p.name: used for p, used, _ in groups}, eplb.max_over_mean(placement.device_load, slots)
 

@@ -28,6 +28,7 @@ uses for it. Conventions (they reproduce the sheet, deepseek-v4.md §1.2 and §3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import ceil, lcm, prod
 from typing import Literal
 
@@ -145,7 +146,8 @@ def _hc_head(cfg: ModelConfig, prefix: str) -> list[Tensor]:
     ]
 
 
-def model_tensors(cfg: ModelConfig, mtp: bool = False) -> list[Tensor]:
+@lru_cache(maxsize=32)
+def model_tensors(cfg: ModelConfig, mtp: bool = False) -> tuple[Tensor, ...]:
     """Every tensor of the model; with `mtp`, also the MTP blocks (they share embedding and head)."""
     V, d = cfg.vocab_size, cfg.hidden_size
     ts = [Tensor("embed.weight", (V, d), "bf16", "embed")]
@@ -164,7 +166,7 @@ def model_tensors(cfg: ModelConfig, mtp: bool = False) -> list[Tensor]:
                 *(Tensor(f"{p}{n}.weight", (d,), "bf16", "norm") for n in ("enorm", "hnorm", "norm")),
                 *_hc_head(cfg, p),
             ]
-    return ts
+    return tuple(ts)
 
 
 # -- parameters -------------------------------------------------------------------------------
