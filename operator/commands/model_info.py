@@ -34,6 +34,7 @@ def render_text(name: str, info: dict) -> str:
                        f"{info['params_active'] / 1e9:,.1f}B activated per token"),
         ("weights", f"{human_bytes(info['weight_bytes']['deployed'])} deployed (FP8 + FP4 experts), "
                     f"{human_bytes(info['weight_bytes']['bf16'])} BF16"),
+        ("  with MTP", f"{info['weight_bytes_with_mtp']['deployed'] / 1e9:,.1f} GB deployed (the checkpoint)"),
         ("  routed expert", f"{human_bytes(info['expert_bytes']['deployed'])} each, per layer"),
         ("  dense part", f"{human_bytes(info['dense_bytes']['deployed'])} (attention replica)"),
         ("layers", f"{layers['swa']} SWA-only, {layers['csa']} CSA, {layers['hca']} HCA"),
