@@ -8,7 +8,7 @@ Semantic rules read the raw dict defensively, so schema and semantic errors are 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,21 @@ def resolve_model(model: dict[str, Any]) -> tuple[str, ModelConfig]:
     return "custom", ModelConfig.from_dict(model["config"])
 
 
+def _config_type_issues(config: dict[str, Any]) -> list[Issue]:
+    """Numbers and strings of a custom config.json must have the types of the official keys."""
+    issues = []
+    for f in fields(ModelConfig):
+        if f.name not in config or f.default is MISSING or f.default is None:
+            continue
+        value, want = config[f.name], type(f.default)
+        ok = {int: _int(value) is not None, float: isinstance(value, int | float) and not isinstance(value, bool),
+              bool: isinstance(value, bool), str: isinstance(value, str)}.get(want, True)
+        if not ok:
+            name = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[want]
+            issues.append(Issue(f"spec.model.config.{f.name}", f"expected {name}, got {_type_name(value)} {value!r}"))
+    return issues
+
+
 def _model_issues(model: dict[str, Any]) -> list[Issue]:
     issues: list[Issue] = []
     preset, config = model.get("preset"), model.get("config")
@@ -137,12 +152,14 @@ def _model_issues(model: dict[str, Any]) -> list[Issue]:
         else:
             cfg = PRESETS[preset]
     elif isinstance(config, dict):
-        try:
-            cfg = ModelConfig.from_dict(config)
-        except (ValueError, TypeError) as e:
-            key, sep, msg = str(e).partition(": ")
-            issues.append(Issue(f"spec.model.config.{key}", msg) if sep and " " not in key
-                          else Issue("spec.model.config", str(e)))
+        issues += _config_type_issues(config)
+        if not issues:
+            try:
+                cfg = ModelConfig.from_dict(config)
+            except (ValueError, TypeError) as e:
+                key, sep, msg = str(e).partition(": ")
+                issues.append(Issue(f"spec.model.config.{key}", msg) if sep and " " not in key
+                              else Issue("spec.model.config", str(e)))
     ctx = _int(model.get("maxContextTokens"))
     if cfg is not None and ctx is not None and ctx > cfg.max_position_embeddings:
         issues.append(Issue("spec.model.maxContextTokens",
