@@ -142,8 +142,9 @@ class V4DeploymentSpec(_Model):
     """Accelerator pools; attention replicas and expert shards may live on different pools and vendors."""
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     """Expert placement knobs."""
-    replicas: int = Field(default=1, ge=0, le=1024)
-    """Attention engine replicas (the /scale subresource); the autoscaler moves it within [min, max]."""
+    replicas: int | None = Field(default=None, ge=0, le=1024)
+    """Attention engine replicas (the /scale subresource); unset means autoscaling.minReplicas when
+    autoscaling is enabled, else 1. With autoscaling it must lie within [minReplicas, maxReplicas]."""
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     """KV-pressure autoscaling of attention replicas."""
     serving: ServingSpec = Field(default_factory=ServingSpec)

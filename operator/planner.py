@@ -110,8 +110,8 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
             f"pool `{pool.name}` leaves {human_bytes(budget)} per replica of {per_replica} device(s) after weights"
         )
     auto = spec.autoscaling
-    lo, hi = (auto.minReplicas, auto.maxReplicas) if auto.enabled else (spec.replicas, spec.replicas)
-    replicas = min(max(spec.replicas, lo), hi) if auto.enabled else spec.replicas
+    replicas = spec.replicas if spec.replicas is not None else (auto.minReplicas if auto.enabled else 1)
+    lo, hi = (auto.minReplicas, auto.maxReplicas) if auto.enabled else (replicas, replicas)
     per_node = pool.devicesPerNode // per_replica
     if ceil(hi / per_node) > pool.maxNodes:
         raise PlanError([

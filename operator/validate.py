@@ -235,7 +235,7 @@ def _scaling_issues(spec: dict[str, Any]) -> list[Issue]:
     lo, hi = _int(auto.get("minReplicas", 1)), _int(auto.get("maxReplicas", 1))
     if lo is not None and hi is not None and lo > hi:
         issues.append(Issue("spec.autoscaling.minReplicas", f"must be <= maxReplicas ({lo} > {hi})"))
-    replicas = _int(spec.get("replicas", 1))
+    replicas = _int(spec.get("replicas"))  # unset: the planner starts at minReplicas
     if auto.get("enabled") is True and None not in (lo, hi, replicas) and lo <= hi and not lo <= replicas <= hi:
         issues.append(Issue("spec.replicas", f"{replicas} is outside autoscaling [minReplicas, maxReplicas] = [{lo}, {hi}]"))
     serving = _dict(spec.get("serving"))

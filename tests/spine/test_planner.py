@@ -223,3 +223,13 @@ def test_cli_paths_stay_torch_and_ray_free():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_unset_replicas_start_at_min_replicas():
+    spec = load_example("pro-h200-ascend.yaml")["spec"]
+    del spec["replicas"]
+    spec["autoscaling"]["minReplicas"] = 3
+    p = plan(spec)
+    assert (p.engine.replicas, p.engine.min_replicas, p.engine.max_replicas) == (3, 3, 4)
+    spec["autoscaling"] = {"enabled": False}
+    assert plan(spec).engine.replicas == 1
