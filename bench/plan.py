@@ -16,7 +16,9 @@ from v4d.operator.planner import plan
 from v4d.serving.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("eplb_reference", ROOT / "tests" / "spine" / "eplb_reference.py")
+_spec = importlib.util.spec_from_file_location(
+    "eplb_reference", ROOT / "tests" / "spine" / "eplb_reference.py"
+)
 reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference)
 
@@ -34,20 +36,51 @@ def scenario(preset: str, pools: list[dict], ep: int, redundant: int, replicas: 
 
 
 SCENARIOS = {
-    "flash h200 ep8": scenario("deepseek-v4-flash", [{"name": "h200", **H200, "maxNodes": 2, "roles": ["attention", "experts"]}],
-                               8, 32, 4),
-    "flash h200+ascend ep24": scenario("deepseek-v4-flash", [
-        {"name": "h200", **H200, "maxNodes": 2, "roles": ["attention", "experts"]},
-        {"name": "ascend", **ASCEND, "maxNodes": 2, "roles": ["experts"]}], 24, 32, 4),
-    "pro h200 ep64": scenario("deepseek-v4-pro", [
-        {"name": "h200", **H200, "maxNodes": 9, "roles": ["attention", "experts"]}], 64, 64, 8),
-    "pro h200+ascend ep64": scenario("deepseek-v4-pro", [
-        {"name": "h200", **H200, "maxNodes": 4, "roles": ["attention", "experts"]},
-        {"name": "ascend", **ASCEND, "maxNodes": 8, "roles": ["experts"]}], 64, 64, 4),
-    "pro h200+ascend ep96": scenario("deepseek-v4-pro", [
-        {"name": "h200", **H200, "maxNodes": 4, "roles": ["attention"]},
-        {"name": "h200x", **H200, "maxNodes": 4, "roles": ["experts"]},
-        {"name": "ascend", **ASCEND, "maxNodes": 8, "roles": ["experts"]}], 96, 96, 8),
+    "flash h200 ep8": scenario(
+        "deepseek-v4-flash",
+        [{"name": "h200", **H200, "maxNodes": 2, "roles": ["attention", "experts"]}],
+        8,
+        32,
+        4,
+    ),
+    "flash h200+ascend ep24": scenario(
+        "deepseek-v4-flash",
+        [
+            {"name": "h200", **H200, "maxNodes": 2, "roles": ["attention", "experts"]},
+            {"name": "ascend", **ASCEND, "maxNodes": 2, "roles": ["experts"]},
+        ],
+        24,
+        32,
+        4,
+    ),
+    "pro h200 ep64": scenario(
+        "deepseek-v4-pro",
+        [{"name": "h200", **H200, "maxNodes": 9, "roles": ["attention", "experts"]}],
+        64,
+        64,
+        8,
+    ),
+    "pro h200+ascend ep64": scenario(
+        "deepseek-v4-pro",
+        [
+            {"name": "h200", **H200, "maxNodes": 4, "roles": ["attention", "experts"]},
+            {"name": "ascend", **ASCEND, "maxNodes": 8, "roles": ["experts"]},
+        ],
+        64,
+        64,
+        4,
+    ),
+    "pro h200+ascend ep96": scenario(
+        "deepseek-v4-pro",
+        [
+            {"name": "h200", **H200, "maxNodes": 4, "roles": ["attention"]},
+            {"name": "h200x", **H200, "maxNodes": 4, "roles": ["experts"]},
+            {"name": "ascend", **ASCEND, "maxNodes": 8, "roles": ["experts"]},
+        ],
+        96,
+        96,
+        8,
+    ),
 }
 SKEWS = (0.0, 0.8, 1.2)
 
@@ -65,27 +98,47 @@ def run() -> list[dict]:
             t0 = time.perf_counter()
             ref = reference.reference_max_over_mean(load, slots)
             t_ref = time.perf_counter() - t0
-            rows.append({
-                "scenario": label, "model": p.model, "zipf_s": s, "layers": cfg.num_hidden_layers,
-                "experts": p.experts.logical, "slots": p.experts.physical, "devices": len(p.shards),
-                "plan_s": round(t_plan, 4), "reference_s": round(t_ref, 4),
-                "max_over_mean": round(p.balance.max_over_mean, 4), "reference_max_over_mean": round(ref, 4),
-                "balance_vs_reference": round(p.balance.max_over_mean / ref, 4),
-            })
+            rows.append(
+                {
+                    "scenario": label,
+                    "model": p.model,
+                    "zipf_s": s,
+                    "layers": cfg.num_hidden_layers,
+                    "experts": p.experts.logical,
+                    "slots": p.experts.physical,
+                    "devices": len(p.shards),
+                    "plan_s": round(t_plan, 4),
+                    "reference_s": round(t_ref, 4),
+                    "max_over_mean": round(p.balance.max_over_mean, 4),
+                    "reference_max_over_mean": round(ref, 4),
+                    "balance_vs_reference": round(p.balance.max_over_mean / ref, 4),
+                }
+            )
     return rows
 
 
 def main() -> None:
     rows = run()
-    head = ["scenario", "zipf_s", "devices", "slots", "plan_s", "reference_s", "max_over_mean", "reference_max_over_mean",
-            "balance_vs_reference"]
+    head = [
+        "scenario",
+        "zipf_s",
+        "devices",
+        "slots",
+        "plan_s",
+        "reference_s",
+        "max_over_mean",
+        "reference_max_over_mean",
+        "balance_vs_reference",
+    ]
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in head]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for r in rows:
         print("  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths, strict=True)))
     out = ROOT / "bench" / "results" / "plan.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -76,7 +76,9 @@ def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
 
 def crd() -> dict[str, Any]:
     spec = openapi_schema(api.V4DeploymentSpec)
-    spec["description"] = "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
+    spec["description"] = (
+        "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
+    )
     status = openapi_schema(api.V4DeploymentStatus)
     status["description"] = "Observed state, written by the v4d operator."
     schema = {
@@ -154,8 +156,13 @@ def _rows(node: dict[str, Any], path: str, required: bool) -> list[tuple[str, st
         if key in node:
             strict = node.get(f"exclusive{key[:3].title()}imum") is True
             rules.append(f"{op if strict else op + '='} {node[key]:,}")
-    for key, label in (("minItems", "items >="), ("maxItems", "items <="), ("minLength", "length >="),
-                       ("maxLength", "length <="), ("pattern", "pattern")):
+    for key, label in (
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+        ("minLength", "length >="),
+        ("maxLength", "length <="),
+        ("pattern", "pattern"),
+    ):
         if key in node:
             rules.append(f"{label} `{node[key]}`" if key == "pattern" else f"{label} {node[key]}")
     default = "required" if required else (f"`{json.dumps(node['default'])}`" if "default" in node else "")
@@ -175,8 +182,10 @@ def reference_markdown() -> str:
     parts = []
     for part in ("spec", "status"):
         rows = _rows(schema["properties"][part], part, part == "spec")[1:]
-        parts.append("| field | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(
-            f"| `{p}` | {t} | {d} | {m} |" for p, t, d, m in rows))
+        parts.append(
+            "| field | type | default | meaning |\n|---|---|---|---|\n"
+            + "\n".join(f"| `{p}` | {t} | {d} | {m} |" for p, t, d, m in rows)
+        )
     return "\n\n".join(parts) + "\n"
 
 

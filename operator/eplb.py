@@ -31,14 +31,16 @@ class Placement:
         keyed = np.sort(self.device * n_logical + self.phy2log, axis=1) % n_logical
         bounds = np.concatenate([[0], np.cumsum(slots)])
         rows = keyed.tolist()
-        return [[row[bounds[d]:bounds[d + 1]] for row in rows] for d in range(len(slots))]
+        return [[row[bounds[d] : bounds[d + 1]] for row in rows] for d in range(len(slots))]
 
 
 def device_loads(item_load: np.ndarray, device: np.ndarray, n_devices: int) -> np.ndarray:
     """[L, D] sum of item loads per device, per layer (one bincount over layer-offset device ids)."""
     n_layers = item_load.shape[0]
     flat = (device + n_devices * np.arange(n_layers)[:, None]).ravel()
-    return np.bincount(flat, weights=item_load.ravel(), minlength=n_layers * n_devices).reshape(n_layers, n_devices)
+    return np.bincount(flat, weights=item_load.ravel(), minlength=n_layers * n_devices).reshape(
+        n_layers, n_devices
+    )
 
 
 def replicate(load: np.ndarray, n_physical: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +111,9 @@ def _improve(item_load: np.ndarray, device: np.ndarray, slots: np.ndarray, weigh
             return
 
 
-def place(load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None) -> Placement:
+def place(
+    load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None
+) -> Placement:
     """Global EPLB policy: load [L, E] (token counts or rates), slots[d] per layer on device d."""
     load = np.asarray(load, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)

@@ -12,8 +12,17 @@ def test_config_json_round_trip(tmp_path, name):
     path = tmp_path / "config.json"
     cfg.to_json(path)
     data = json.loads(path.read_text())
-    for key in ("compress_ratios", "index_topk", "hc_mult", "o_groups", "o_lora_rank", "num_hash_layers",
-                "scoring_func", "num_nextn_predict_layers", "quantization_config"):
+    for key in (
+        "compress_ratios",
+        "index_topk",
+        "hc_mult",
+        "o_groups",
+        "o_lora_rank",
+        "num_hash_layers",
+        "scoring_func",
+        "num_nextn_predict_layers",
+        "quantization_config",
+    ):
         assert key in data
     assert ModelConfig.from_json(path) == cfg
 
@@ -28,9 +37,19 @@ def test_layer_schedules_section_1_1():
 
 
 def test_official_values_section_1_1():
-    assert (FLASH.hidden_size, FLASH.num_attention_heads, FLASH.q_lora_rank, FLASH.o_groups) == (4096, 64, 1024, 8)
+    assert (FLASH.hidden_size, FLASH.num_attention_heads, FLASH.q_lora_rank, FLASH.o_groups) == (
+        4096,
+        64,
+        1024,
+        8,
+    )
     assert (PRO.hidden_size, PRO.num_attention_heads, PRO.q_lora_rank, PRO.o_groups) == (7168, 128, 1536, 16)
-    assert (FLASH.n_routed_experts, PRO.n_routed_experts, FLASH.index_topk, PRO.index_topk) == (256, 384, 512, 1024)
+    assert (FLASH.n_routed_experts, PRO.n_routed_experts, FLASH.index_topk, PRO.index_topk) == (
+        256,
+        384,
+        512,
+        1024,
+    )
     assert (FLASH.routed_scaling_factor, PRO.routed_scaling_factor) == (1.5, 2.5)
     assert FLASH.moe_intermediate_size == 2048 and PRO.moe_intermediate_size == 3072
     assert FLASH.max_position_embeddings == PRO.max_position_embeddings == 1_048_576
@@ -42,13 +61,16 @@ def test_tiny_keeps_the_structure():
     assert TINY.num_hash_layers > 0
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"compress_ratios": [0, 4]}, "compress_ratios: expected 7 entries"),
-    ({"compress_ratios": [0, 0, 4, 5, 4, 128, 0]}, "compress_ratios: entries must be 0 (SWA), 4 (CSA)"),
-    ({"o_groups": 3}, "o_groups: must divide num_attention_heads"),
-    ({"hidden_size": 0}, "hidden_size: must be positive, got 0"),
-    ({"num_experts_per_tok": 99}, "num_experts_per_tok: cannot exceed n_routed_experts"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"compress_ratios": [0, 4]}, "compress_ratios: expected 7 entries"),
+        ({"compress_ratios": [0, 0, 4, 5, 4, 128, 0]}, "compress_ratios: entries must be 0 (SWA), 4 (CSA)"),
+        ({"o_groups": 3}, "o_groups: must divide num_attention_heads"),
+        ({"hidden_size": 0}, "hidden_size: must be positive, got 0"),
+        ({"num_experts_per_tok": 99}, "num_experts_per_tok: cannot exceed n_routed_experts"),
+    ],
+)
 def test_check_names_the_key(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig.from_dict({**TINY.to_dict(), **change})
