@@ -247,3 +247,20 @@ def test_unset_replicas_start_at_min_replicas():
     assert (p.engine.replicas, p.engine.min_replicas, p.engine.max_replicas) == (3, 3, 4)
     spec["autoscaling"] = {"enabled": False}
     assert plan(spec).engine.replicas == 1
+
+
+def test_cli_plan_expert_load_and_model_info_from_config_json(tmp_path):
+    load = zipf_loads(6, 16, 1.2, seed=2)
+    (tmp_path / "load.json").write_text(json.dumps(load))
+    runner = CliRunner()
+    out = runner.invoke(
+        main, ["plan", str(ROOT / "examples/local-tiny.yaml"), "--json", "--expert-load", str(tmp_path / "load.json")]
+    )
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    hottest = int(np.argmax(load[0]))
+    # Zipf 1.2: the top expert at half load (0.5) still beats the second (2**-1.2 = 0.44): both extra copies.
+    assert sum(s["slots"][0].count(hottest) for s in d["shards"]) == 3
+    PRESETS["v4-tiny"].to_json(tmp_path / "config.json")
+    info = runner.invoke(main, ["model-info", str(tmp_path), "--context", "4096"])
+    assert info.exit_code == 0 and "KV at 4,096 tokens" in info.stdout and "with MTP" in info.stdout
