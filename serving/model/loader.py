@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
+from v4d.serving.model.model import Transformer
 from v4d.serving.model.layout import TensorSpec, expert_of, official_layout, scale_name
 from v4d.serving.model.quant import unpack
 
@@ -161,3 +162,19 @@ def load_state_dict(
     """Config and dequantised tensors of a checkpoint (all of it by default)."""
     ckpt = Checkpoint(path)
     return ckpt.config, ckpt.read(ckpt.select(experts, dense), progress=progress)
+
+
+def load_model(
+    path: str | Path,
+    with_experts: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Transformer:
+    """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
+    attention engine whose experts live on shards reads none of them)."""
+    ckpt = Checkpoint(path)
+    model = Transformer(ckpt.config, with_experts=with_experts)
+    tensors = ckpt.read(ckpt.select(None if with_experts else {}), progress=progress)
+    model.load_state_dict(tensors, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
