@@ -5,9 +5,9 @@ from v4d.serving.chat import ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THI
 from v4d.serving.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train(1024)
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def test_vocab_size_and_config_ids(tok):
