@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from v4d.serving.config import ModelConfig, get_preset
 from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import CONFIG_FILE, INDEX_FILE
+from v4d.serving.model.model import Transformer, init_weights
 from v4d.serving.model.quant import pack, unpack
+from v4d.serving.sizing import params_total
 from v4d.serving.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DEFAULT_SHARD_SIZE = 4 << 30  # bytes; the released checkpoints use shards of a few GB
@@ -92,10 +94,22 @@ def write_checkpoint(
     return out
 
 
-def resolve_config(model: str | ModelConfig) -> ModelConfig:
-    """A preset name, a path to a config.json, or a ModelConfig."""
-    if isinstance(model, ModelConfig):
-        return model
-    if model.endswith(".json") or Path(model).is_file():
-        return ModelConfig.from_json(model)
-    return get_preset(model)
+# Random checkpoints are for demos and tests; a full-size preset would not fit in memory.
+MAX_RANDOM_PARAMS = 2_000_000_000
+
+
+def make_checkpoint(
+    model: str | ModelConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> Path:
+    """A random-weight checkpoint of a preset (by name) or config, with the model's own
+    initialisation (`init_weights`), in the official format, plus a trained tokenizer."""
+    cfg = get_preset(model) if isinstance(model, str) else model
+    n = params_total(cfg, mtp=True)
+    if n > MAX_RANDOM_PARAMS:
+        raise ValueError(f"model: {n / 1e9:.1f}B parameters; random checkpoints are limited to "
+                         f"{MAX_RANDOM_PARAMS / 1e9:.0f}B (use a small preset such as v4-tiny, or a custom config.json)")
+    net = init_weights(Transformer(cfg), seed)
+    return write_checkpoint(net.state_dict(), cfg, out_dir, parse_size(shard_size))

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.layout import expert_of, official_layout, scale_name
+from v4d.serving.model.model import Transformer
 from v4d.serving.model.quant import unpack
 from v4d.serving.sizing import Tensor
 
@@ -170,12 +171,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> torch.nn.Module:
+) -> Transformer:
     """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
     attention engine whose experts live on shards reads none of them)."""
-    # Imported here: expert shards use this module to read tensors without building the model.
-    from v4d.serving.model.model import Transformer
-
     ckpt = Checkpoint(path)
     model = Transformer(ckpt.config, with_experts=with_experts)
     tensors = ckpt.read(ckpt.select(None if with_experts else {}), progress=progress)
