@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +105,10 @@ class Checkpoint:
 
     def read(self, names: Iterable[str], progress: bool = True) -> dict[str, torch.Tensor]:
         """Dequantised float32 tensors (int32 for tid2eid) by official name; opens each shard once."""
+        return dict(self.iter_read(names, progress))
+
+    def iter_read(self, names: Iterable[str], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """As read(), one tensor at a time, so a caller can place each before the next is read."""
         names = list(names)
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
@@ -112,16 +116,14 @@ class Checkpoint:
                 raise CheckpointError(f"{name}: not a tensor of the official layout for this config")
             by_shard[self.weight_map[name]].append(name)
         block = tuple(self.config.weight_block_size)
-        out: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(names), unit="tensor", desc=f"Loading {self.path.name}", disable=not progress)
         with bar:
             for shard in sorted(by_shard):
                 self.stats.shards_opened.add(shard)
                 with safe_open(self.path / shard, framework="pt") as f:
                     for name in by_shard[shard]:
-                        out[name] = self._read_one(f, shard, name, block)
+                        yield name, self._read_one(f, shard, name, block)
                         bar.update()
-        return out
 
     def _read_one(self, f, shard: str, name: str, block: tuple[int, int]) -> torch.Tensor:
         spec = self.layout[name]
@@ -175,7 +177,12 @@ def load_model(
     """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
     attention engine whose experts live on shards reads none of them)."""
     ckpt = Checkpoint(path)
-    model = Transformer(ckpt.config, with_experts=with_experts)
-    tensors = ckpt.read(ckpt.select(None if with_experts else {}), progress=progress)
-    model.load_state_dict(tensors, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = Transformer(ckpt.config, with_experts=with_experts).to(device=device, dtype=dtype).eval()
+    params = model.state_dict()  # views of the parameters: each tensor is copied in as it is read
+    names = ckpt.select(None if with_experts else {})
+    if set(names) != set(params):
+        raise CheckpointError(f"model and checkpoint layout disagree: {sorted(set(names) ^ set(params))[:5]}")
+    with torch.no_grad():
+        for name, value in ckpt.iter_read(names, progress=progress):
+            params[name].copy_(value)
+    return model
