@@ -29,15 +29,12 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-# The stored dtypes each layout format accepts (BF16/FP32 copies of quantised weights are fine).
+# Stored dtypes accepted: quantised or plain float for every weight, whatever the layout says it is
+# in the instruct release (Base checkpoints keep routed experts in FP8; converted ones hold BF16),
+# and integers for the hash table. The value is decoded by its stored dtype and its shape checked.
+_QUANTISED = {torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2}
 _FLOATS = {torch.bfloat16, torch.float16, torch.float32}
-_ACCEPTS: dict[str, set[torch.dtype]] = {
-    "fp8": {torch.float8_e4m3fn} | _FLOATS,
-    "fp4": {torch.int8, torch.uint8, torch.float4_e2m1fn_x2} | _FLOATS,
-    "bf16": _FLOATS,
-    "fp32": _FLOATS,
-    "int32": {torch.int32, torch.int64},
-}
+_INTS = {torch.int32, torch.int64}
 
 
 class CheckpointError(ValueError):
@@ -129,10 +126,10 @@ class Checkpoint:
         spec = self.layout[name]
         data = f.get_tensor(name)
         self.stats.tensors_read.append(name)
-        if data.dtype not in _ACCEPTS[spec.storage]:
+        if data.dtype not in (_INTS if spec.storage == "int32" else _QUANTISED | _FLOATS):
             raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.storage}")
         scale = None
-        if data.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2):
+        if data.dtype in _QUANTISED:
             sname = scale_name(name)
             if sname not in self.weight_map:
                 raise CheckpointError(f"{shard}: {name} is quantised but {sname} is not in the checkpoint")

@@ -8,8 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
-from v4d.serving.model.layout import official_layout
+from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import Checkpoint, CheckpointError, load_state_dict
+from v4d.serving.model.quant import dequant_fp8, quant_fp8
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -88,12 +89,19 @@ def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_bf16_copies_of_quantised_weights_load(tmp_path, tiny_tensors):
+def test_other_storage_formats_load(tmp_path, tiny_tensors):
+    """BF16 copies of quantised weights (a dequantised conversion), FP8 routed experts (as in the Base
+    release) and an FP8 LM head all decode by their stored dtype."""
     TINY.to_json(tmp_path / "config.json")
     plain = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tiny_tensors.items()}
+    fp8 = ["layers.2.ffn.experts.1.w2.weight", "head.weight"]
+    for name in fp8:
+        plain[name], plain[scale_name(name)] = quant_fp8(tiny_tensors[name])
     save_file(plain, tmp_path / "model.safetensors")
     _, loaded = load_state_dict(tmp_path, progress=False)
     assert torch.equal(loaded["layers.2.attn.wq_a.weight"], plain["layers.2.attn.wq_a.weight"].float())
+    for name in fp8:
+        assert torch.equal(loaded[name], dequant_fp8(plain[name], plain[scale_name(name)]))
 
 
 def _corrupt(ckpt_dir, tmp_path, name, value=None):
@@ -119,7 +127,7 @@ def _corrupt(ckpt_dir, tmp_path, name, value=None):
     ("layers.3.attn.wkv.scale", None, "layers.3.attn.wkv.weight is quantised but layers.3.attn.wkv.scale is not"),
     ("layers.3.attn.wkv.weight", torch.zeros(200, 128, dtype=torch.float8_e4m3fn), "scale shape"),
     ("layers.3.attn_norm.weight", torch.zeros(64), r"layers.3.attn_norm.weight has shape \(64,\).*expected \(128,\)"),
-    ("layers.3.ffn.gate.bias", torch.zeros(16, dtype=torch.int8), "stored as torch.int8, expected format fp32"),
+    ("layers.0.ffn.gate.tid2eid", torch.zeros(1024, 2), "stored as torch.float32, expected format int32"),
 ])
 def test_bad_checkpoints_name_file_and_tensor(ckpt_dir, tmp_path, name, value, match):
     bad = _corrupt(ckpt_dir, tmp_path, name, value)
