@@ -23,6 +23,7 @@ from v4d.serving.sizing import params_total
 from v4d.serving.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DEFAULT_SHARD_SIZE = 4 << 30  # bytes; the released checkpoints use shards of a few GB
+MAX_RANDOM_PARAMS = 2_000_000_000  # random checkpoints are for demos and tests, not full-size presets
 
 
 def fake_quant(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -92,10 +93,6 @@ def write_checkpoint(
         "eos_token": tok.raw.id_to_token(tok.eos_id), "model_max_length": cfg.max_position_embeddings,
     }, indent=2, ensure_ascii=False))
     return out
-
-
-# Random checkpoints are for demos and tests; a full-size preset would not fit in memory.
-MAX_RANDOM_PARAMS = 2_000_000_000
 
 
 def make_checkpoint(

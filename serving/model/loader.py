@@ -81,7 +81,7 @@ class Checkpoint:
         single = self.path / SINGLE_FILE
         if single.is_file():
             with safe_open(single, framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                return {name: SINGLE_FILE for name in f.keys()}
         raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
     def select(self, experts: Mapping[int, Collection[int]] | None = None, dense: bool = True) -> list[str]:

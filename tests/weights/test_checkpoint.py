@@ -28,7 +28,7 @@ def test_files_are_in_the_official_format(ckpt_dir, tiny_tokenizer):
     for shard in shards:
         with safe_open(ckpt_dir / shard, framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for k in f.keys():  # noqa: SIM118
+            for k in f.keys():
                 assert index["weight_map"][k] == shard
                 t = f.get_tensor(k)
                 dtypes[k] = t.dtype
@@ -81,7 +81,7 @@ def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
     index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
     for shard in set(index.values()):
         with safe_open(ckpt_dir / shard, framework="pt") as f:
-            merged.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
     save_file(merged, tmp_path / "model.safetensors")
     TINY.to_json(tmp_path / "config.json")
     _, a = load_state_dict(tmp_path, progress=False)
@@ -109,7 +109,7 @@ def _corrupt(ckpt_dir, tmp_path, name, value=None):
     index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
         with safe_open(ckpt_dir / shard, framework="pt") as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            data = {k: f.get_tensor(k) for k in f.keys()}
         if name in data:
             del data[name]
             if value is not None:
