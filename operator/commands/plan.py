@@ -23,9 +23,21 @@ def render_text(p: Plan) -> str:
     lines = [
         f"V4Deployment {p.name}: model {p.model}, served as {p.served_name!r}, weights {p.weights_uri or '(random)'}",
         "",
-        _table([["POOL", "VENDOR", "RESOURCE", "NODES", "DEVICES", "MEMORY", "ROLES"]]
-               + [[q.name, q.vendor, q.resource_name, str(q.nodes), str(q.devices), f"{q.device_memory_gib:g} GiB",
-                   ",".join(q.roles)] for q in p.pools]),
+        _table(
+            [["POOL", "VENDOR", "RESOURCE", "NODES", "DEVICES", "MEMORY", "ROLES"]]
+            + [
+                [
+                    q.name,
+                    q.vendor,
+                    q.resource_name,
+                    str(q.nodes),
+                    str(q.devices),
+                    f"{q.device_memory_gib:g} GiB",
+                    ",".join(q.roles),
+                ]
+                for q in p.pools
+            ]
+        ),
         "",
         f"Attention engine on `{e.pool}`: {e.replicas} replica(s) (min {e.min_replicas}, max {e.max_replicas}) "
         f"x {e.devices_per_replica} device(s)",
@@ -35,8 +47,13 @@ def render_text(p: Plan) -> str:
         f"Experts: {p.experts.logical} logical + {p.experts.redundant} redundant = {p.experts.physical} slots per layer "
         f"on {len(p.shards)} shard(s); balance max/mean {p.balance.max_over_mean:.3f}",
         "",
-        _table([["SHARD", "POOL", "DEVICE", "SLOTS/LAYER", "WEIGHTS"]]
-               + [[s.name, s.pool, str(s.device), str(len(s.slots[0])), human_bytes(s.weight_bytes)] for s in p.shards]),
+        _table(
+            [["SHARD", "POOL", "DEVICE", "SLOTS/LAYER", "WEIGHTS"]]
+            + [
+                [s.name, s.pool, str(s.device), str(len(s.slots[0])), human_bytes(s.weight_bytes)]
+                for s in p.shards
+            ]
+        ),
     ]
     if p.warnings:
         lines += ["", "Warnings:"] + [f"  - {w}" for w in p.warnings]
@@ -46,8 +63,11 @@ def render_text(p: Plan) -> str:
 @click.command("plan")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the full plan as JSON.")
-@click.option("--expert-load", type=click.Path(exists=True, dir_okay=False),
-              help="JSON [moe_layer][expert] expected token loads (e.g. observed counts); uniform if omitted.")
+@click.option(
+    "--expert-load",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON [moe_layer][expert] expected token loads (e.g. observed counts); uniform if omitted.",
+)
 def command(file: str, as_json: bool, expert_load: str | None) -> None:
     """Plan devices, expert slots (EPLB) and KV capacity for the V4Deployment in FILE."""
     try:

@@ -42,7 +42,14 @@ def test_names_subresources_and_columns(generated):
         "statusReplicasPath": ".status.replicas.attention.ready",
         "labelSelectorPath": ".status.selector",
     }
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Ready", "Desired", "KV", "Phase", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Model",
+        "Ready",
+        "Desired",
+        "KV",
+        "Phase",
+        "Age",
+    ]
 
 
 def _walk(node, path="$"):
@@ -59,13 +66,24 @@ def test_schema_is_structural_for_kubernetes_1_20(generated):
     schema = generated["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "type" in node, f"{path}: every node needs a type"
-        for banned in ("$ref", "anyOf", "oneOf", "allOf", "title", "x-kubernetes-validations", "const", "$defs"):
+        for banned in (
+            "$ref",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "title",
+            "x-kubernetes-validations",
+            "const",
+            "$defs",
+        ):
             assert banned not in node, f"{path}: {banned} is not allowed"
         assert node.get("additionalProperties") is not False, path
         assert not ("properties" in node and "additionalProperties" in node), path
         assert node.get("default", "x") != "", f"{path}: empty-string default"
         for key in ("exclusiveMinimum", "exclusiveMaximum"):
-            assert isinstance(node.get(key, True), bool), f"{path}: {key} must be the OpenAPI 3.0 boolean form"
+            assert isinstance(node.get(key, True), bool), (
+                f"{path}: {key} must be the OpenAPI 3.0 boolean form"
+            )
         if node["type"] == "object" and path.endswith(".config"):
             assert node["x-kubernetes-preserve-unknown-fields"] is True
 
@@ -75,7 +93,14 @@ def test_schema_carries_enums_bounds_required_and_docs(generated):
     pool = spec["properties"]["pools"]["items"]
     assert pool["properties"]["vendor"]["enum"] == ["nvidia", "ascend"]
     assert pool["properties"]["roles"]["items"]["enum"] == ["attention", "experts"]
-    assert set(pool["required"]) == {"name", "vendor", "devicesPerNode", "deviceMemoryGiB", "maxNodes", "roles"}
+    assert set(pool["required"]) == {
+        "name",
+        "vendor",
+        "devicesPerNode",
+        "deviceMemoryGiB",
+        "maxNodes",
+        "roles",
+    }
     util = spec["properties"]["autoscaling"]["properties"]["targetKVCacheUtilization"]
     assert util["minimum"] == 0 and util["exclusiveMinimum"] is True
     assert util["maximum"] == 1 and util["exclusiveMaximum"] is True
@@ -107,8 +132,12 @@ def test_examples_pass_the_crd_schema(generated, example):
 def test_crd_schema_rejects_what_the_api_rejects(generated):
     schema = _draft4(generated["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     doc = yaml.safe_load(EXAMPLES[0].read_text())
-    for path, value in ((("pools", 0, "vendor"), "amd"), (("autoscaling", "targetKVCacheUtilization"), 1.0),
-                        (("replicas",), -1), (("pools", 0, "roles"), [])):
+    for path, value in (
+        (("pools", 0, "vendor"), "amd"),
+        (("autoscaling", "targetKVCacheUtilization"), 1.0),
+        (("replicas",), -1),
+        (("pools", 0, "roles"), []),
+    ):
         bad = copy.deepcopy(doc)
         node = bad["spec"]
         for p in path[:-1]:
@@ -116,3 +145,9 @@ def test_crd_schema_rejects_what_the_api_rejects(generated):
         node[path[-1]] = value
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.Draft4Validator(schema).validate(bad)
+
+
+def test_docs_field_reference_is_current():
+    doc = (crd.REPO / "docs" / "spine.md").read_text()
+    block = doc.split("<!-- crd-reference:start -->\n", 1)[1].split("<!-- crd-reference:end -->", 1)[0]
+    assert block == crd.reference_markdown(), "docs/spine.md is stale: paste `v4d crd --markdown`"

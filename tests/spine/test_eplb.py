@@ -26,7 +26,9 @@ def test_placement_is_complete_and_at_least_as_balanced_as_reference(n_layers, n
     for layer in range(n_layers):
         assert set(p.phy2log[layer].tolist()) == set(range(n_experts))
         assert np.bincount(p.device[layer], minlength=len(slots)).tolist() == list(slots)
-        assert sum(len(p.device_experts(layer, d)) for d in range(len(slots))) == sum(slots)
+    slot_map = p.slot_map(slots)
+    assert [len(slot_map[d][0]) for d in range(len(slots))] == list(slots)
+    assert sorted(e for d in slot_map for e in d[-1]) == sorted(p.phy2log[-1].tolist())
     assert (p.logcnt.sum(axis=1) == sum(slots)).all()
     # Device loads add up to the layer's load.
     assert np.allclose(p.device_load.sum(axis=1), load.sum(axis=1))

@@ -18,13 +18,52 @@ def test_plan_round_trips_through_json():
 
 def test_plan_dict_has_the_contract_keys():
     d = plan(load_example("local-tiny.yaml")["spec"], name="tiny").to_dict()
-    assert set(d) >= {"name", "served_name", "model", "config", "weights_uri", "max_context_tokens", "pools", "engine",
-                      "shards", "experts", "balance", "kv", "serving", "warnings"}
-    assert set(d["pools"][0]) >= {"name", "vendor", "resource_name", "ray_resource", "devices_per_node",
-                                  "device_memory_gib", "nodes", "devices", "roles", "node_selector", "tolerations", "image"}
-    assert set(d["engine"]) >= {"pool", "devices_per_replica", "replicas", "min_replicas", "max_replicas",
-                                "kv_budget_bytes", "capacity_tokens", "page_tokens", "max_num_seqs", "max_batch_tokens",
-                                "max_queue", "target_kv_utilization", "upscale_delay_s", "downscale_delay_s"}
+    assert set(d) >= {
+        "name",
+        "served_name",
+        "model",
+        "config",
+        "weights_uri",
+        "max_context_tokens",
+        "pools",
+        "engine",
+        "shards",
+        "experts",
+        "balance",
+        "kv",
+        "serving",
+        "warnings",
+    }
+    assert set(d["pools"][0]) >= {
+        "name",
+        "vendor",
+        "resource_name",
+        "ray_resource",
+        "devices_per_node",
+        "device_memory_gib",
+        "nodes",
+        "devices",
+        "roles",
+        "node_selector",
+        "tolerations",
+        "image",
+    }
+    assert set(d["engine"]) >= {
+        "pool",
+        "devices_per_replica",
+        "replicas",
+        "min_replicas",
+        "max_replicas",
+        "kv_budget_bytes",
+        "capacity_tokens",
+        "page_tokens",
+        "max_num_seqs",
+        "max_batch_tokens",
+        "max_queue",
+        "target_kv_utilization",
+        "upscale_delay_s",
+        "downscale_delay_s",
+    }
     assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
     assert set(d["experts"]) == {"logical", "physical", "redundant"}
     assert set(d["kv"]) == {"bytes_per_token", "capacity_tokens_per_replica"}

@@ -120,30 +120,40 @@ def test_infeasible_expert_pool_names_pool_shape_and_need():
 
 
 def test_infeasible_attention_replica():
-    with pytest.raises(PlanError, match=r"pool `h200`: one node of 1 x 16 GiB cannot hold an attention replica: "
-                                        r"dense weights 26.71 GiB"):
+    with pytest.raises(
+        PlanError,
+        match=r"pool `h200`: one node of 1 x 16 GiB cannot hold an attention replica: "
+        r"dense weights 26.71 GiB",
+    ):
         plan(_pro_spec(deviceMemoryGiB=16, devicesPerNode=1))
 
 
 def test_expert_device_too_small_for_one_slot():
     spec = copy.deepcopy(load_example("pro-h200-ascend.yaml")["spec"])
     spec["pools"][1]["deviceMemoryGiB"] = 1
-    with pytest.raises(PlanError, match=r"pool `ascend`: one 1 GiB device .* cannot hold one expert slot \(61 MoE layers"):
+    with pytest.raises(
+        PlanError, match=r"pool `ascend`: one 1 GiB device .* cannot hold one expert slot \(61 MoE layers"
+    ):
         plan(spec)
 
 
 def test_attention_replicas_beyond_pool():
     spec = _pro_spec(maxNodes=1, devicesPerNode=8)
     spec["replicas"] = 9
-    with pytest.raises(PlanError, match=r"pool `h200`: 1 node x 8 x 141 GiB cannot hold 9 attention replica\(s\) of 1 "
-                                        r"device\(s\) \(8 per node\), need at least 2 nodes"):
+    with pytest.raises(
+        PlanError,
+        match=r"pool `h200`: 1 node x 8 x 141 GiB cannot hold 9 attention replica\(s\) of 1 "
+        r"device\(s\) \(8 per node\), need at least 2 nodes",
+    ):
         plan(spec)
 
 
 def test_expert_parallel_size_limits():
     spec = load_example("pro-h200-ascend.yaml")["spec"]
     spec["parallelism"]["expertParallelSize"] = 100
-    with pytest.raises(PlanError, match="parallelism.expertParallelSize: 100 devices requested, the expert pools offer 44"):
+    with pytest.raises(
+        PlanError, match="parallelism.expertParallelSize: 100 devices requested, the expert pools offer 44"
+    ):
         plan(spec)
     spec["parallelism"]["expertParallelSize"] = 4
     with pytest.raises(PlanError, match="parallelism.expertParallelSize: 4 devices hold only"):
@@ -164,13 +174,17 @@ def test_capacity_warnings():
     spec["pools"][0].update(deviceMemoryGiB=0.002, devicesPerNode=2, maxNodes=3)
     p = plan(spec)
     assert p.engine.devices_per_replica == 2  # the fewest that hold the dense weights, if not a full context
-    assert any("KV capacity per attention replica is" in w and "below model.maxContextTokens 65,536" in w
-               for w in p.warnings)
+    assert any(
+        "KV capacity per attention replica is" in w and "below model.maxContextTokens 65,536" in w
+        for w in p.warnings
+    )
     assert any(w.startswith("serving.maxNumSeqs lowered from 8 to") for w in p.warnings)
 
 
 def test_expert_load_shape_is_checked():
-    with pytest.raises(PlanError, match=r"expert_load: expected shape \(6, 16\) \(MoE layers x experts\), got \(6, 8\)"):
+    with pytest.raises(
+        PlanError, match=r"expert_load: expected shape \(6, 16\) \(MoE layers x experts\), got \(6, 8\)"
+    ):
         plan(load_example("local-tiny.yaml")["spec"], expert_load=np.ones((6, 8)))
 
 
@@ -223,3 +237,30 @@ def test_cli_paths_stay_torch_and_ray_free():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_unset_replicas_start_at_min_replicas():
+    spec = load_example("pro-h200-ascend.yaml")["spec"]
+    del spec["replicas"]
+    spec["autoscaling"]["minReplicas"] = 3
+    p = plan(spec)
+    assert (p.engine.replicas, p.engine.min_replicas, p.engine.max_replicas) == (3, 3, 4)
+    spec["autoscaling"] = {"enabled": False}
+    assert plan(spec).engine.replicas == 1
+
+
+def test_cli_plan_expert_load_and_model_info_from_config_json(tmp_path):
+    load = zipf_loads(6, 16, 1.2, seed=2)
+    (tmp_path / "load.json").write_text(json.dumps(load))
+    runner = CliRunner()
+    out = runner.invoke(
+        main, ["plan", str(ROOT / "examples/local-tiny.yaml"), "--json", "--expert-load", str(tmp_path / "load.json")]
+    )
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    hottest = int(np.argmax(load[0]))
+    # Zipf 1.2: the top expert at half load (0.5) still beats the second (2**-1.2 = 0.44): both extra copies.
+    assert sum(s["slots"][0].count(hottest) for s in d["shards"]) == 3
+    PRESETS["v4-tiny"].to_json(tmp_path / "config.json")
+    info = runner.invoke(main, ["model-info", str(tmp_path), "--context", "4096"])
+    assert info.exit_code == 0 and "KV at 4,096 tokens" in info.stdout and "with MTP" in info.stdout
