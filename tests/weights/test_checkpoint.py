@@ -10,7 +10,7 @@ from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
 from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import Checkpoint, CheckpointError, load_state_dict
-from v4d.serving.model.quant import dequant_fp8, quant_fp8
+from v4d.serving.model.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -91,15 +91,19 @@ def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
 
 def test_other_storage_formats_load(tmp_path, tiny_tensors):
     """BF16 copies of quantised weights (a dequantised conversion), FP8 routed experts (as in the Base
-    release) and an FP8 LM head all decode by their stored dtype."""
+    release), an FP8 LM head and float4_e2m1fn_x2 experts all decode by their stored dtype."""
     TINY.to_json(tmp_path / "config.json")
     plain = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tiny_tensors.items()}
     fp8 = ["layers.2.ffn.experts.1.w2.weight", "head.weight"]
     for name in fp8:
         plain[name], plain[scale_name(name)] = quant_fp8(tiny_tensors[name])
+    f4 = "layers.3.ffn.experts.2.w1.weight"  # torch's packed FP4 dtype (safetensors F4) instead of int8 bytes
+    packed, plain[scale_name(f4)] = quant_fp4(tiny_tensors[f4])
+    plain[f4] = packed.view(torch.uint8).view(torch.float4_e2m1fn_x2)
     save_file(plain, tmp_path / "model.safetensors")
     _, loaded = load_state_dict(tmp_path, progress=False)
     assert torch.equal(loaded["layers.2.attn.wq_a.weight"], plain["layers.2.attn.wq_a.weight"].float())
+    assert torch.equal(loaded[f4], dequant_fp4(packed, plain[scale_name(f4)]))
     for name in fp8:
         assert torch.equal(loaded[name], dequant_fp8(plain[name], plain[scale_name(name)]))
 
