@@ -77,16 +77,50 @@ def test_dense_only_read_skips_every_routed_expert(ckpt_dir):
 
 
 def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
-    merged = {}
-    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in set(index.values()):
-        with safe_open(ckpt_dir / shard, framework="pt") as f:
-            merged.update({k: f.get_tensor(k) for k in f.keys()})
-    save_file(merged, tmp_path / "model.safetensors")
+    save_file(_single_file(ckpt_dir), tmp_path / "model.safetensors")
     TINY.to_json(tmp_path / "config.json")
     _, a = load_state_dict(tmp_path, progress=False)
     _, b = load_state_dict(ckpt_dir, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+HF_NAMES = {  # released name -> a Hugging Face style name the official converter also accepts
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "lm_head.weight",
+    "layers.1.attn_norm.weight": "model.layers.1.input_layernorm.weight",
+    "layers.2.attn.wq_a.weight": "model.layers.2.self_attn.q_a_proj.weight",
+    "layers.2.attn.wq_a.scale": "model.layers.2.self_attn.q_a_proj.weight_scale_inv",
+    "layers.2.ffn.gate.bias": "model.layers.2.mlp.gate.e_score_correction_bias",
+    "layers.2.ffn.experts.3.w1.weight": "model.layers.2.mlp.experts.3.gate_proj.weight",
+    "layers.2.ffn.experts.3.w1.scale": "model.layers.2.mlp.experts.3.gate_proj.weight_scale_inv",
+}
+
+
+def _single_file(ckpt_dir):
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = {}
+    for shard in set(index.values()):
+        with safe_open(ckpt_dir / shard, framework="pt") as f:
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
+    return merged
+
+
+def test_hugging_face_style_names_map_like_the_official_converter(tmp_path, ckpt_dir):
+    merged = _single_file(ckpt_dir)
+    renamed = {HF_NAMES.get(k, k): v for k, v in merged.items()}
+    renamed["mtp.0.embed.weight"] = merged["embed.weight"].clone()  # MTP copies of the shared tensors: dropped
+    renamed["mtp.0.head.weight"] = merged["head.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    TINY.to_json(tmp_path / "config.json")
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.file_keys["layers.2.attn.wq_a.scale"] == "model.layers.2.self_attn.q_a_proj.weight_scale_inv"
+    _, a = load_state_dict(tmp_path, progress=False)
+    _, b = load_state_dict(ckpt_dir, progress=False)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    renamed["embed.weight"] = merged["embed.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'embed.weight' and 'model.embed_tokens.weight' both map to 'embed.weight'"):
+        Checkpoint(tmp_path)
 
 
 def test_other_storage_formats_load(tmp_path, tiny_tensors):
