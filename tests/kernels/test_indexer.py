@@ -48,6 +48,14 @@ def test_topk_ties_take_lowest_indices_in_index_order(kops):
     assert got.tolist() == [[0, 1, 3], [0, 1, 4]]
 
 
+def test_topk_many_ties_match_reference_exactly(kops, gen):
+    """ReLU scores are often exactly 0: ties at the k-th score must resolve like the reference."""
+    scores = torch.relu(torch.randn(5, 2500, generator=gen)).round()         # ties across blocks
+    scores[2, 1100:] = float("-inf")
+    for k in (40, 1500):
+        assert as_sets(kops.indexer_topk(scores, k)) == as_sets(ref.indexer_topk(scores, k))
+
+
 def test_topk_large_row_spans_blocks(kops, gen):
     scores = torch.randn(2, 3000, generator=gen)
     got = kops.indexer_topk(scores, 64)

@@ -56,6 +56,10 @@ def test_indexer_topk_pads_with_minus_one():
     assert idx.dtype == torch.int32
     assert idx.tolist() == [[1, 3, 0], [0, -1, -1], [-1, -1, -1]]
     assert ref.indexer_topk(scores, 6)[0].tolist() == [1, 3, 0, 2, -1, -1]
+    ties = torch.zeros(2, 3000)
+    ties[:, 2500] = 1.0
+    ties[1, ::3] = float("-inf")
+    assert ref.indexer_topk(ties, 4).tolist() == [[2500, 0, 1, 2], [2500, 1, 2, 4]]
 
 
 def test_gated_pool_by_hand_and_padding():
