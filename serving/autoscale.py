@@ -119,12 +119,14 @@ class _Policy:
         }
         if not values[self.metrics[0]]:
             return current, ctx.policy_state  # no figures yet: hold
-        desired, figures = self.desire(max(ctx.current_num_replicas, 1), values)
-        desired = min(max(desired, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
+        wanted, figures = self.desire(max(ctx.current_num_replicas, 1), values)
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        desired = min(max(wanted, lo), hi)
         now = ctx.current_time or time.time()
         pending = (ctx.policy_state or {}).get("pending", {})
         target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
         state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision")}
+        decision = None
         if target != current:
             decision = {
                 "time": now,
@@ -132,25 +134,57 @@ class _Policy:
                 "from": current,
                 "to": target,
                 "direction": "up" if target > current else "down",
+                "wanted": wanted,
+                "min": lo,
+                "max": hi,
                 **figures,
             }
             state["last_decision"] = decision
             record_decision(ctx.app_name or "default", decision)
-            _emit(ctx, decision)
+        self.emit(target, wanted, hi, decision)
         return target, state
+
+    def emit(self, target: int, wanted: int, hi: int, decision: dict[str, Any] | None) -> None:
+        """Export the tick's figures (ray.util.metrics; the Serve controller is a Ray worker)."""
 
 
 class KVPressurePolicy(_Policy):
-    """Attention engines: KV-cache utilization (hottest replica) against the target, plus the waiting queue."""
+    """Attention engines: KV-cache utilization (hottest replica) against the target, plus the waiting queue.
+
+    `labels` (model, deployment, pool, vendor) tag the autoscaler metrics it exports.
+    """
 
     metrics = (KV_UTILIZATION, NUM_WAITING)
 
-    def __init__(self, target_kv_utilization: float = 0.7, target_waiting: float = 4.0, **delays: float):
+    def __init__(
+        self,
+        target_kv_utilization: float = 0.7,
+        target_waiting: float = 4.0,
+        labels: dict[str, str] | None = None,
+        **delays: float,
+    ):
         super().__init__(**delays)
         self.target_kv, self.target_waiting = target_kv_utilization, target_waiting
+        self.labels = labels
+        self._metrics: Any = None
 
     def desire(self, current, values):
         return kv_desired(current, values[KV_UTILIZATION], values[NUM_WAITING], self.target_kv, self.target_waiting)
+
+    def emit(self, target, wanted, hi, decision):
+        if self.labels is None:
+            return
+        if self._metrics is None:
+            from v4d.serving.metrics import ServingMetrics
+
+            self._metrics = ServingMetrics(role="autoscaler", replica="", **self.labels)
+            self._metrics.ready()
+        m = self._metrics
+        m.autoscale_target_replicas.set(target)
+        m.autoscale_desired_replicas.set(wanted)
+        m.autoscale_max_replicas.set(hi)
+        if decision:
+            m.autoscale_decisions.inc(tags={"direction": decision["direction"]})
 
 
 class ExpertLoadPolicy(_Policy):
@@ -164,15 +198,6 @@ class ExpertLoadPolicy(_Policy):
 
     def desire(self, current, values):
         return load_desired(values[EXPERT_TOKENS_PER_S], self.target)
-
-
-def _emit(ctx: Any, decision: dict[str, Any]) -> None:
-    """Count the decision and publish the new target (ray.util.metrics; the controller is a Ray worker)."""
-    try:
-        from v4d.serving.telemetry import autoscale_metrics
-    except ImportError:  # pragma: no cover - the controller always has v4d installed
-        return
-    autoscale_metrics(ctx.app_name or "default", ctx.deployment_name, decision)
 
 
 def autoscaling_config(

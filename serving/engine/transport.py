@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
 from v4d.serving.errors import ShardUnavailable
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,12 @@ class RemoteExperts:
     def __init__(self, slot_map: SlotMap, transport: Transport, suspect_s: float = 10.0):
         self.map, self.transport, self.suspect_s = slot_map, transport, suspect_s
         self.failed_at: dict[str, float] = {}  # shard -> last failure (avoided while alternatives exist)
+        self.load = dict.fromkeys(slot_map.shards, 0)  # token-expert pairs served per shard
+
+    def balance(self) -> float:
+        """max / mean of the pairs served per shard (1.0 = perfectly even)."""
+        mean = sum(self.load.values()) / max(len(self.load), 1)
+        return max(self.load.values(), default=0) / mean if mean else 1.0
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
@@ -77,6 +82,7 @@ class RemoteExperts:
                     retry.append(assign[shard][0])
                 else:
                     y.index_add_(0, rows[shard], out.to(y.dtype))
+                    self.load[shard] += assign[shard][0].numel()
             pairs = torch.cat(retry) if retry else pairs[:0]
         return y
 
@@ -118,6 +124,22 @@ class RemoteExperts:
             rows[shard] = tok
             calls[shard] = (x[tok], local[tok], weights[tok])
         return calls, rows
+
+
+class InProcessTransport:
+    """Shards in this process (objects with `compute(layer, x, local_ids, weights)`), called in turn."""
+
+    def __init__(self, shards: Mapping[str, Any]):
+        self.shards = dict(shards)
+
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+        out: dict[str, torch.Tensor | BaseException] = {}
+        for shard, args in calls.items():
+            try:
+                out[shard] = self.shards[shard].compute(layer, *args)
+            except Exception as e:  # noqa: BLE001
+                out[shard] = e
+        return out
 
 
 class ServeTransport:
