@@ -9,7 +9,7 @@ from v4d.serving.errors import ShardUnavailable
 from v4d.serving.experts import ShardExperts, expert_prefix
 
 CFG = TINY
-E, D, I = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
+E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
 LAYERS = CFG.num_hidden_layers + CFG.num_nextn_predict_layers
 
 
@@ -20,9 +20,9 @@ def tensors():
     for layer in range(LAYERS):
         for e in range(E):
             p = f"{expert_prefix(CFG, layer)}.ffn.experts.{e}"
-            out[f"{p}.w1.weight"] = torch.randn(I, D, generator=g) / D**0.5
-            out[f"{p}.w3.weight"] = torch.randn(I, D, generator=g) / D**0.5
-            out[f"{p}.w2.weight"] = torch.randn(D, I, generator=g) / I**0.5
+            out[f"{p}.w1.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
+            out[f"{p}.w3.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
+            out[f"{p}.w2.weight"] = torch.randn(D, INTER, generator=g) / INTER**0.5
     return out
 
 
