@@ -44,16 +44,22 @@ def indexer_scores(
 def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest finite scores per row (int32), -1 in the slots left over.
 
-    Order: descending score here; callers must treat the selection as a set (the Triton kernel
-    returns it in ascending index order).
+    Ties at the k-th score go to the lowest indices, as in the Triton kernel, so the selection does
+    not depend on how many (masked) columns a row has. Order: descending score (-1 last); callers
+    treat the selection as a set (the Triton kernel returns it in ascending index order).
     """
     t, s = scores.shape
     idx = torch.full((t, k), -1, dtype=torch.int32, device=scores.device)
     kk = min(k, s)
     if kk == 0:
         return idx
-    vals, top = (v[:, :kk] for v in scores.float().sort(dim=-1, descending=True, stable=True))  # ties: lowest index, as the Triton kernel
-    idx[:, :kk] = torch.where(torch.isfinite(vals), top, -1).to(torch.int32)
+    vals = scores.float()
+    kth = vals.topk(kk, dim=-1).values[:, -1:]
+    above, tie = vals > kth, vals == kth
+    take = above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= kk - above.sum(-1, keepdim=True)))
+    top = take.nonzero()[:, 1].view(t, kk)
+    best, order = vals.gather(1, top).sort(dim=-1, descending=True, stable=True)
+    idx[:, :kk] = torch.where(torch.isfinite(best), top.gather(1, order), -1).to(torch.int32)
     return idx
 
 

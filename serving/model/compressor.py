@@ -11,6 +11,7 @@ of a sequence into chunks produces the same entries.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from v4d.kernels import ops
 from v4d.serving.model.cache import CompressorState
@@ -31,8 +32,8 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and unbiased gate logits of every token of the batch, in fp32: [N, width] each."""
-        x = x.float()
-        return self.wkv(x), self.wgate(x)
+        x = x.float()  # compression runs in fp32 whatever the model dtype
+        return F.linear(x, self.wkv.weight.float()), F.linear(x, self.wgate.weight.float())
 
     def step(self, kv: torch.Tensor, score: torch.Tensor, start: int, state: CompressorState,
              slot: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,22 +20,21 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.layout import TensorSpec, expert_of, official_layout, scale_name
+from v4d.serving.model.layout import expert_of, official_layout, scale_name
+from v4d.serving.model.model import Transformer
 from v4d.serving.model.quant import unpack
+from v4d.serving.sizing import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-# The stored dtypes each layout format accepts (BF16/FP32 copies of quantised weights are fine).
+# Stored dtypes accepted: quantised or plain float for every weight, whatever the layout says it is
+# in the instruct release (Base checkpoints keep routed experts in FP8; converted ones hold BF16),
+# and integers for the hash table. The value is decoded by its stored dtype and its shape checked.
+_QUANTISED = {torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2}
 _FLOATS = {torch.bfloat16, torch.float16, torch.float32}
-_ACCEPTS: dict[str, set[torch.dtype]] = {
-    "fp8": {torch.float8_e4m3fn} | _FLOATS,
-    "fp4": {torch.int8, torch.uint8, torch.float4_e2m1fn_x2} | _FLOATS,
-    "bf16": _FLOATS,
-    "fp32": _FLOATS,
-    "int32": {torch.int32, torch.int64},
-}
+_INTS = {torch.int32, torch.int64}
 
 
 class CheckpointError(ValueError):
@@ -57,7 +56,7 @@ class Checkpoint:
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: missing; a checkpoint directory needs config.json")
         self.config = ModelConfig.from_json(cfg_path)
-        self.layout: dict[str, TensorSpec] = official_layout(self.config)
+        self.layout: dict[str, Tensor] = official_layout(self.config)
         self.weight_map = self._weight_map()
         self.stats = ReadStats()
         missing = [n for n in self.layout if n not in self.weight_map]
@@ -82,7 +81,7 @@ class Checkpoint:
         single = self.path / SINGLE_FILE
         if single.is_file():
             with safe_open(single, framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                return {name: SINGLE_FILE for name in f.keys()}
         raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
     def select(self, experts: Mapping[int, Collection[int]] | None = None, dense: bool = True) -> list[str]:
@@ -103,6 +102,10 @@ class Checkpoint:
 
     def read(self, names: Iterable[str], progress: bool = True) -> dict[str, torch.Tensor]:
         """Dequantised float32 tensors (int32 for tid2eid) by official name; opens each shard once."""
+        return dict(self.iter_read(names, progress))
+
+    def iter_read(self, names: Iterable[str], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """As read(), one tensor at a time, so a caller can place each before the next is read."""
         names = list(names)
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
@@ -110,25 +113,23 @@ class Checkpoint:
                 raise CheckpointError(f"{name}: not a tensor of the official layout for this config")
             by_shard[self.weight_map[name]].append(name)
         block = tuple(self.config.weight_block_size)
-        out: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(names), unit="tensor", desc=f"Loading {self.path.name}", disable=not progress)
         with bar:
             for shard in sorted(by_shard):
                 self.stats.shards_opened.add(shard)
                 with safe_open(self.path / shard, framework="pt") as f:
                     for name in by_shard[shard]:
-                        out[name] = self._read_one(f, shard, name, block)
+                        yield name, self._read_one(f, shard, name, block)
                         bar.update()
-        return out
 
     def _read_one(self, f, shard: str, name: str, block: tuple[int, int]) -> torch.Tensor:
         spec = self.layout[name]
         data = f.get_tensor(name)
         self.stats.tensors_read.append(name)
-        if data.dtype not in _ACCEPTS[spec.fmt]:
-            raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.fmt}")
+        if data.dtype not in (_INTS if spec.storage == "int32" else _QUANTISED | _FLOATS):
+            raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.storage}")
         scale = None
-        if data.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2):
+        if data.dtype in _QUANTISED:
             sname = scale_name(name)
             if sname not in self.weight_map:
                 raise CheckpointError(f"{shard}: {name} is quantised but {sname} is not in the checkpoint")
@@ -161,3 +162,24 @@ def load_state_dict(
     """Config and dequantised tensors of a checkpoint (all of it by default)."""
     ckpt = Checkpoint(path)
     return ckpt.config, ckpt.read(ckpt.select(experts, dense), progress=progress)
+
+
+def load_model(
+    path: str | Path,
+    with_experts: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Transformer:
+    """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
+    attention engine whose experts live on shards reads none of them)."""
+    ckpt = Checkpoint(path)
+    model = Transformer(ckpt.config, with_experts=with_experts).to(device=device, dtype=dtype).eval()
+    params = model.state_dict()  # views of the parameters: each tensor is copied in as it is read
+    names = ckpt.select(None if with_experts else {})
+    if set(names) != set(params):
+        raise CheckpointError(f"model and checkpoint layout disagree: {sorted(set(names) ^ set(params))[:5]}")
+    with torch.no_grad():
+        for name, value in ckpt.iter_read(names, progress=progress):
+            params[name].copy_(value)
+    return model

@@ -14,7 +14,7 @@ from v4d.serving.model.norm import rms_normalize
 
 def _mixes(X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """The 24-wide (or 4-wide at the head) projection of the RMS-normalised flattened streams."""
-    return F.linear(rms_normalize(X.flatten(1), norm_eps), fn)
+    return F.linear(rms_normalize(X.flatten(1), norm_eps), fn.float())
 
 
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
@@ -83,7 +84,7 @@ class Transformer(nn.Module):
         scale = self.hc_head_scale if scale is None else scale
         base = self.hc_head_base if base is None else base
         x = hc_head(X, fn, scale, base, self.cfg.rms_norm_eps, self.cfg.hc_eps)
-        return self.head((norm or self.norm)(x).float())
+        return F.linear((norm or self.norm)(x).float(), self.head.weight.float())
 
     @torch.inference_mode()
     def forward(self, batch: Batch, kv: KVCache, all_logits: bool = False) -> list[torch.Tensor]:

@@ -69,7 +69,11 @@ def quant_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = w.float().view(out, inp // FP4_GROUP, FP4_GROUP)
     scale = ue8m0_scale(groups.abs().amax(dim=2), FP4_MAX)
     x = (groups / scale.float()[..., None]).view(out, inp)
-    code = torch.bucketize(x.abs(), _FP4_BOUNDS.to(x.device)).to(torch.uint8)
+    # the count of boundaries below |x| (what bucketize computes, but much faster on CPU)
+    mag = x.abs()
+    code = torch.zeros_like(mag, dtype=torch.uint8)
+    for bound in _FP4_BOUNDS.tolist():
+        code += mag > bound
     code |= (x < 0).to(torch.uint8) << 3
     packed = code[:, 0::2] | (code[:, 1::2] << 4)
     return packed.view(torch.int8), scale
@@ -83,7 +87,8 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"dequant_fp4: scale shape {tuple(scale.shape)} does not fit packed weight "
                          f"{(out, half)}; expected {(out, 2 * half // FP4_GROUP)}")
     codes = torch.stack((b & 0x0F, b >> 4), dim=-1).view(out, 2 * half).long()
-    mag = FP4_VALUES.to(b.device)[codes & 7]
+    # index_select, not fancy indexing: the latter is ~500x slower on CPU for a small table.
+    mag = FP4_VALUES.to(b.device).index_select(0, (codes & 7).flatten()).view(codes.shape)
     vals = torch.where(codes >= 8, -mag, mag)
     return vals * scale.float().repeat_interleave(FP4_GROUP, 1)
 
