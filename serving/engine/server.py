@@ -19,23 +19,11 @@ from v4d.serving.autoscale import (
     KVPressurePolicy,
     autoscaling_config,
 )
-from v4d.serving.config import ModelConfig
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.experts import plan_labels, pool_actor_options
 from v4d.serving.metrics import ServingMetrics
-
-
-def load_model(cfg: ModelConfig, weights_dir: str, with_experts: bool) -> torch.nn.Module:
-    """The model from an official-format checkpoint; without routed experts when they live on shards."""
-    from v4d.serving.model.loader import Checkpoint
-    from v4d.serving.model.model import Transformer
-
-    ckpt = Checkpoint(weights_dir)
-    model = Transformer(cfg, with_experts=with_experts)
-    names = ckpt.select(None if with_experts else {}, dense=True)
-    model.load_state_dict(ckpt.read(names, progress=False), strict=True)
-    return model.eval()
+from v4d.serving.model.loader import load_model
 
 
 class EngineServer:
@@ -43,8 +31,7 @@ class EngineServer:
 
     def __init__(self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None):
         torch.set_num_threads(1)
-        cfg = ModelConfig.from_dict(plan["config"])
-        model = load_model(cfg, weights_dir, with_experts=not shards)
+        model = load_model(weights_dir, with_experts=not shards, progress=False)
         self.remote: RemoteExperts | None = None
         if shards:
             self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(shards))
