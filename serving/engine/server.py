@@ -82,8 +82,9 @@ def bind_engine(
         # Above running + waiting, so requests beyond the engine's queue reach it and get Overloaded
         # (429) instead of waiting unbounded in Serve's router.
         "max_ongoing_requests": int(eng["max_num_seqs"]) + int(eng["max_queue"]) + 8,
+        # On shutdown or downscale, in-flight streams may finish (up to the request timeout).
         "graceful_shutdown_wait_loop_s": 0.1,
-        "graceful_shutdown_timeout_s": 5.0,
+        "graceful_shutdown_timeout_s": float(plan.get("serving", {}).get("request_timeout_s", 60)),
     }
     if place:
         options["ray_actor_options"] = pool_actor_options(plan, eng["pool"])
