@@ -7,7 +7,7 @@ import pytest
 import torch
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
-from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded
+from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
 
@@ -148,3 +148,34 @@ def test_errors(model):
             await g.aclose()
 
     asyncio.run(run())
+
+
+class FlakyExperts:
+    """The model's own experts behind a fault injector: the first `failures` calls raise."""
+
+    def __init__(self, inner, failures):
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ShardUnavailable("layer 0: no live copy of expert 3 (injected)")
+        return self.inner(*args)
+
+
+def test_unreachable_experts_are_retried_then_fail_cleanly(model):
+    p = prompt(20)
+    want = greedy(model, p, 4)
+    local = model.experts
+    try:
+        model.experts = FlakyExperts(local, failures=2)
+        eng = engine(model)
+        eng.retry_backoff_s = 0.01
+        tokens, _ = asyncio.run(collect(eng, p, 4))
+        assert tokens == want  # the failed steps were recomputed, output unchanged
+        model.experts = FlakyExperts(local, failures=10**9)
+        with pytest.raises(ShardUnavailable):
+            asyncio.run(collect(eng, p, 4))
+        assert eng.stats()["num_pages_in_use"] == 0 and not eng.seqs
+    finally:
+        model.experts = local

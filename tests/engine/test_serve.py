@@ -124,7 +124,7 @@ def _kill_replica(deployment: str) -> None:
 
 def test_shard_failure_retries_on_a_copy_or_fails_fast(app):
     plan, model, _, handles = app
-    remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(handles, timeout_s=10))
+    remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(handles, timeout_s=4))
     x = torch.randn(6, CFG.hidden_size)
     w = torch.rand(6, 2)
     shared = torch.tensor([[8, 9], [10, 11]] * 3)  # experts with a copy on both shards
