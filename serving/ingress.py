@@ -25,6 +25,7 @@ from v4d.serving.api.errors import APIError, from_exception
 from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events
 from v4d.serving.api.validation import parse_body
 from v4d.serving.plan import Plan
+from v4d.serving.tokenizer import Tokenizer
 
 app = FastAPI(title="v4d", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -49,7 +50,7 @@ class Ingress:
         self.model = self.plan.served_name
         self.created = int(time.time())
         self.engine = engine.options(stream=True)
-        self.tok = chat_bridge.load_tokenizer(checkpoint)
+        self.tok = Tokenizer.from_file(checkpoint)
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
         self.timeout_s = self.plan.serving.request_timeout_s
 
@@ -124,7 +125,7 @@ class Ingress:
             done = True
 
         try:
-            async for ev in events(items(), self.tok.decode, parser, gen.params.stop, len(gen.prompt_token_ids)):
+            async for ev in events(items(), chat_bridge.decoder(self.tok), parser, gen.params.stop, len(gen.prompt_token_ids)):
                 if isinstance(ev, Finished) and ev.reason == "abort":
                     raise APIError(503, "The request was aborted by the server; retry it.", code="aborted")
                 yield ev
@@ -143,7 +144,7 @@ class Ingress:
             yield on_error(from_exception(e))
 
     def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
-        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=self.tok.stop_token_ids)
+        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])
 
     # -- routes -----------------------------------------------------------------------------
     @app.get("/healthz")
@@ -154,7 +155,7 @@ class Ingress:
     async def autoscaling(self) -> dict[str, Any]:
         from v4d.serving.autoscale import read_decisions
 
-        return {"decisions": read_decisions()}
+        return {"decisions": read_decisions(serve.get_replica_context().app_name)}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -172,7 +173,7 @@ class Ingress:
             ids = chat_bridge.encode_prompt(self.tok, prompt)
             params = self._params(len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops())
             gen = self._new_request("chatcmpl-", ids, params)
-            evs = await self._start(gen, chat_bridge.output_parser(self.tok, prompt))
+            evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.chat_stream(gen.request_id, self.model, evs, usage)
@@ -211,7 +212,7 @@ class Ingress:
             ids = chat_bridge.encode_prompt(self.tok, prompt)
             params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
             gen = self._new_request("msg_", ids, params)
-            evs = await self._start(gen, chat_bridge.output_parser(self.tok, prompt))
+            evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
                 chunks = anthropic_api.message_stream(gen.request_id, self.model, len(ids), evs)
                 return StreamingResponse(self._sse(chunks, anthropic_api.stream_error), media_type="text/event-stream")

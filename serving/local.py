@@ -1,8 +1,8 @@
 """`v4d serve` without Kubernetes: an embedded Ray cluster shaped like the plan's pools.
 
-One Ray node per pool, labelled `v4d.dev/pool=<pool>` and advertising that pool's accelerator
-resource (GPU or NPU) as a count: CPU stands in for the accelerators, but scheduling, labels and
-resource requests are exactly those of the KubeRay deployment, and `build_app` is the same code.
+One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group:
+CPU stands in for the accelerators, placement by label is exactly that of the KubeRay deployment,
+and `build_app` is the same code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from v4d.serving.plan import Plan
 POOL_LABEL = "v4d.dev/pool"
 # Ray on a shared development box (toolchain.md §1.3): no token file, loopback only, no telemetry.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-LOCAL_DEVICES_PER_POOL = 64  # enough stand-in devices for every replica the autoscaler may add
+NODE_CPUS = 8  # logical CPUs per pool node: room for every replica (0.1 CPU each) the autoscaler adds
 APP_NAME = "v4d"
 
 
@@ -75,13 +75,11 @@ def start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     )
     urls = {"head": f"http://127.0.0.1:{metrics_port}/metrics"}
     for i, pool in enumerate(plan.pools, start=1):
-        accel = {"num_gpus": LOCAL_DEVICES_PER_POOL} if pool.ray_resource == "GPU" else {"resources": {pool.ray_resource: LOCAL_DEVICES_PER_POOL}}
         cluster.add_node(
-            num_cpus=1,
+            num_cpus=NODE_CPUS,
             object_store_memory=100 * 2**20,
             labels={POOL_LABEL: pool.name},
             metrics_export_port=metrics_port + i,
-            **accel,
         )
         urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
     ray.init(address=cluster.address, log_to_driver=False)

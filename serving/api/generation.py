@@ -1,7 +1,7 @@
 """API-neutral generation: engine token stream -> text, reasoning and tool-call events.
 
 Both APIs build a `GenRequest`, stream `Event`s from `events()`, and format them their own way.
-Order of work per engine item: incremental detokenization (special tokens kept, so the chat parser
+Order of work per engine item: incremental detokenization (`decode`, special tokens kept, so the chat parser
 sees `</think>` and DSML markers) -> the chat output parser splits reasoning / content / tool calls
 -> text stop sequences are matched on the content and end the request early.
 """
@@ -68,25 +68,6 @@ class PlainParser:
 
     def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
         return []
-
-
-class IncrementalDecoder:
-    """Decodes a growing id list, holding back bytes of an incomplete UTF-8 character."""
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self._decode = decode
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the window re-decoded each step (BPE merges need context)
-        self._read = 0  # ids up to here have been emitted
-
-    def feed(self, new_ids: list[int]) -> str:
-        self._ids.extend(new_ids)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
 
 
 class StopMatcher:
@@ -158,7 +139,7 @@ def _stop_filter(evs: list, matcher: StopMatcher) -> tuple[list[Event], str | No
 
 async def events(
     items: AsyncIterator[dict],
-    decode: Callable[[list[int]], str],
+    decode: Callable[[list[int]], str],  # incremental: new ids -> the text they complete
     parser: OutputParser,
     stops: list[str],
     num_prompt_tokens: int,
@@ -166,7 +147,6 @@ async def events(
     """Turn engine items into events; ends with exactly one `Finished`.
 
     Returns early (the caller then cancels the engine stream) when a stop sequence matches."""
-    decoder = IncrementalDecoder(decode)
     matcher = StopMatcher(stops)
     n_out, n_prompt = 0, num_prompt_tokens
     saw_tool = False
@@ -180,7 +160,7 @@ async def events(
         else:
             n_out = item.get("num_output_tokens", n_out + len(item.get("token_ids", ())))
             n_prompt = item.get("num_prompt_tokens", n_prompt)
-            text = decoder.feed(list(item.get("token_ids", ())))
+            text = decode(list(item.get("token_ids", ())))
             evs = parser.feed(text) if text else []
             if item.get("finish_reason"):
                 reason = item["finish_reason"]

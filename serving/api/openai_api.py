@@ -104,6 +104,7 @@ class ChatRequest(_Sampling):
     thinking: Thinking | None = None
     reasoning_effort: Literal["low", "medium", "high", "max", "xhigh"] | None = None
     logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
 
     def validated(self) -> ChatRequest:
         self.check_common()
@@ -145,7 +146,8 @@ class ChatRequest(_Sampling):
         if self.tools and self.tool_choice != "none":
             tools = [t.model_dump(exclude_none=True) for t in self.tools]
         thinking = self.thinking is None or self.thinking.type == "enabled"
-        return ChatPrompt(messages, tools, thinking, self.reasoning_effort)
+        fmt = self.response_format if self.response_format and self.response_format.get("type") != "text" else None
+        return ChatPrompt(messages, tools, thinking, self.reasoning_effort, fmt)
 
 
 class CompletionRequest(_Sampling):

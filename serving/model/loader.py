@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.model import Transformer
 from v4d.serving.model.layout import TensorSpec, expert_of, official_layout, scale_name
+from v4d.serving.model.model import Transformer
 from v4d.serving.model.quant import unpack
 
 INDEX_FILE = "model.safetensors.index.json"

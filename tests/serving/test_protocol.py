@@ -13,7 +13,6 @@ from v4d.serving.api import anthropic_api, openai_api
 from v4d.serving.api.errors import APIError
 from v4d.serving.api.generation import (
     Finished,
-    IncrementalDecoder,
     ReasoningDelta,
     StopMatcher,
     TextDelta,
@@ -64,16 +63,6 @@ def test_stop_matcher_holds_back_prefixes_and_cuts_at_first_stop():
     assert StopMatcher([]).feed("anything") == ("anything", None)
 
 
-def test_incremental_decoder_waits_for_whole_utf8_characters():
-    table = {1: b"h", 2: b"\xc3", 3: b"\xa9", 4: b"!"}
-
-    def decode(ids):
-        return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
-
-    d = IncrementalDecoder(decode)
-    assert [d.feed([1]), d.feed([2]), d.feed([3]), d.feed([4])] == ["h", "", "é", "!"]
-
-
 def test_events_apply_stop_sequences_and_report_usage():
     items = [
         {"token_ids": [1], "finish_reason": None, "num_prompt_tokens": 5, "num_output_tokens": 1},
@@ -89,7 +78,7 @@ def test_events_apply_stop_sequences_and_report_usage():
         def close(self):
             return []
 
-    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
+    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731  (ids -> new text)
     out = _collect(events(_aiter(items), decode, Plain(), ["two"], 5))
     assert out == [TextDelta("one "), Finished("stop_sequence", 5, 2, stop_sequence="two")]
     out = _collect(events(_aiter(items), decode, Plain(), [], 5))
