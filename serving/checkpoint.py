@@ -9,36 +9,24 @@ so random-weight demos load through exactly the path real weights take.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from v4d.serving.config import ModelConfig, get_preset
-from v4d.serving.model.layout import TensorSpec, official_layout, scale_name
+from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import CONFIG_FILE, INDEX_FILE
-from v4d.serving.model.quant import FP4_GROUP, pack, unpack
+from v4d.serving.model.quant import pack, unpack
 from v4d.serving.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DEFAULT_SHARD_SIZE = 4 << 30  # bytes; the released checkpoints use shards of a few GB
 
 
-def stored_bytes(spec: TensorSpec, block: tuple[int, int]) -> int:
-    """Bytes a tensor takes on disk, its scales included."""
-    n = math.prod(spec.shape)
-    if spec.fmt == "fp8":
-        out, inp = spec.shape
-        return n + (-(-out // block[0])) * (-(-inp // block[1]))
-    if spec.fmt == "fp4":
-        return n // 2 + n // FP4_GROUP
-    return n * (2 if spec.fmt == "bf16" else 4)
-
-
 def fake_quant(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The values a checkpoint written from `tensors` loads back as (quantised, then dequantised)."""
     layout, block = official_layout(cfg), tuple(cfg.weight_block_size)
-    return {name: unpack(*pack(t, layout[name].fmt, block), block) for name, t in tensors.items()}
+    return {name: unpack(*pack(t, layout[name].storage, block), block) for name, t in tensors.items()}
 
 
 def parse_size(text: str | int) -> int:
@@ -73,7 +61,7 @@ def write_checkpoint(
     shards: list[list[str]] = [[]]
     size = 0
     for name, spec in layout.items():
-        nbytes = stored_bytes(spec, block)
+        nbytes = spec.nbytes()  # on disk, scales included
         if shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
@@ -85,7 +73,7 @@ def write_checkpoint(
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         data: dict[str, torch.Tensor] = {}
         for name in names:
-            stored, scale = pack(tensors[name].detach().cpu(), layout[name].fmt, block)
+            stored, scale = pack(tensors[name].detach().cpu(), layout[name].storage, block)
             data[name] = stored
             if scale is not None:
                 data[scale_name(name)] = scale

@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.layout import TensorSpec, expert_of, official_layout, scale_name
-from v4d.serving.model.model import Transformer
+from v4d.serving.model.layout import expert_of, official_layout, scale_name
 from v4d.serving.model.quant import unpack
+from v4d.serving.sizing import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -58,7 +58,7 @@ class Checkpoint:
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: missing; a checkpoint directory needs config.json")
         self.config = ModelConfig.from_json(cfg_path)
-        self.layout: dict[str, TensorSpec] = official_layout(self.config)
+        self.layout: dict[str, Tensor] = official_layout(self.config)
         self.weight_map = self._weight_map()
         self.stats = ReadStats()
         missing = [n for n in self.layout if n not in self.weight_map]
@@ -126,8 +126,8 @@ class Checkpoint:
         spec = self.layout[name]
         data = f.get_tensor(name)
         self.stats.tensors_read.append(name)
-        if data.dtype not in _ACCEPTS[spec.fmt]:
-            raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.fmt}")
+        if data.dtype not in _ACCEPTS[spec.storage]:
+            raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.storage}")
         scale = None
         if data.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2):
             sname = scale_name(name)
@@ -170,9 +170,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> Transformer:
+) -> torch.nn.Module:
     """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
     attention engine whose experts live on shards reads none of them)."""
+    # Imported here: expert shards use this module to read tensors without building the model.
+    from v4d.serving.model.model import Transformer
+
     ckpt = Checkpoint(path)
     model = Transformer(ckpt.config, with_experts=with_experts)
     tensors = ckpt.read(ckpt.select(None if with_experts else {}), progress=progress)
