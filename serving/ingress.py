@@ -7,7 +7,6 @@ HTTP status; after that, errors end the stream with an error event in the API's 
 client that goes away cancels the engine request (the handle's response is cancelled).
 """
 
-from __future__ import annotations
 
 import asyncio
 import os
@@ -18,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
@@ -35,6 +35,13 @@ Flavor = str  # "openai" | "anthropic"
 def _error_response(err: APIError, flavor: Flavor) -> JSONResponse:
     body = err.anthropic_body() if flavor == "anthropic" else err.openai_body()
     return JSONResponse(body, status_code=err.status, headers=err.headers())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the API's shape too (not FastAPI's {"detail": ...})."""
+    flavor = "anthropic" if request.url.path.rstrip("/").endswith("/v1/messages") else "openai"
+    return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), flavor)
 
 
 @serve.deployment(

@@ -15,6 +15,7 @@ _TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("authentication_error", "authentication_error"),
     404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
     429: ("rate_limit_error", "rate_limit_error"),
     500: ("server_error", "api_error"),
     503: ("service_unavailable_error", "api_error"),
@@ -67,7 +68,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     cause = _root_cause(exc)
-    for e in (exc, cause):
+    for e in (cause, exc):  # the original exception first: its str() is the message, not a traceback
         if isinstance(e, engine_errors.Overloaded):
             return APIError(
                 429, f"The server is overloaded: {e}", code="overloaded", retry_after_s=e.retry_after_s

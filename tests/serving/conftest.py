@@ -26,7 +26,7 @@ APP = "v4d"
 SPEC = {
     "model": {"preset": "v4-tiny", "servedName": "v4-tiny", "maxContextTokens": 512},
     "pools": [
-        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 2, "deviceMemoryGiB": 1, "maxNodes": 1,
+        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 1, "maxNodes": 1,
          "roles": ["attention", "experts"]},
         {"name": "npu", "vendor": "ascend", "devicesPerNode": 2, "deviceMemoryGiB": 1, "maxNodes": 1,
          "roles": ["experts"]},
