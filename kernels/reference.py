@@ -52,7 +52,7 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     kk = min(k, s)
     if kk == 0:
         return idx
-    vals, top = scores.float().topk(kk, dim=-1)
+    vals, top = (v[:, :kk] for v in scores.float().sort(dim=-1, descending=True, stable=True))  # ties: lowest index, as the Triton kernel
     idx[:, :kk] = torch.where(torch.isfinite(vals), top, -1).to(torch.int32)
     return idx
 

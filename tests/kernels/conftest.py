@@ -21,3 +21,17 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def kops(monkeypatch: pytest.MonkeyPatch):
+    """`v4d.kernels.ops` forced onto the Triton path (the interpreter, for these CPU tensors)."""
+    from v4d.kernels import ops, triton_backend
+
+    monkeypatch.setenv("V4D_KERNELS", "triton")
+    assert ops.backend(torch.device("cpu")) is triton_backend
+    return ops
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-3, "rtol": 3e-3}
