@@ -116,8 +116,13 @@ def place(load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] |
 
 
 def max_over_mean(device_load: np.ndarray, weight: np.ndarray | list[float]) -> float:
-    """Worst layer's max over mean of device load / capacity weight (1.0 is perfect)."""
-    norm = np.asarray(device_load, dtype=np.float64) / np.asarray(weight, dtype=np.float64)
-    mean = norm.mean(axis=1)
-    ratio = np.divide(norm.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+    """Worst layer's max over mean of device load / capacity weight (1.0 is perfect).
+
+    The mean is the capacity-weighted one, total load / total weight: what every device would carry
+    per unit of capacity if the layer were perfectly balanced.
+    """
+    load = np.asarray(device_load, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    mean = load.sum(axis=1) / weight.sum()
+    ratio = np.divide((load / weight).max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
     return float(ratio.max())

@@ -34,6 +34,7 @@ from v4d.serving.plan import (
     PoolPlan,
     ServingPlan,
 )
+from v4d.serving.sizing import human_bytes
 
 RESERVE_FRACTION = 0.10
 RAY_RESOURCE = {"nvidia": "GPU", "ascend": "NPU"}
@@ -46,10 +47,6 @@ class PlanError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.2f} MiB"
 
 
 def _usable(pool: api.PoolSpec) -> float:
@@ -92,9 +89,9 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
     if not fits:
         raise PlanError([
             f"pool `{pool.name}`: one node of {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB cannot hold an attention "
-            f"replica: dense weights {_gib(dense)} + one request's state {_gib(slot)} with a "
+            f"replica: dense weights {human_bytes(dense)} + one request's state {human_bytes(slot)} with a "
             f"{RESERVE_FRACTION:.0%} working reserve per device; need devices of at least "
-            f"{_gib((dense + one_seq) / pool.devicesPerNode / (1 - RESERVE_FRACTION))}"
+            f"{human_bytes((dense + one_seq) / pool.devicesPerNode / (1 - RESERVE_FRACTION))}"
         ])
     per_replica = fits[0]
     budget = int(per_replica * usable - dense)
@@ -103,14 +100,14 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
         seqs = max(1, budget // 2 // slot)
         warnings.append(
             f"serving.maxNumSeqs lowered from {spec.serving.maxNumSeqs} to {seqs}: each request's state takes "
-            f"{_gib(slot)} and states may use at most half of the {_gib(budget)} KV budget"
+            f"{human_bytes(slot)} and states may use at most half of the {human_bytes(budget)} KV budget"
         )
     pages = (budget - seqs * slot) // page
     capacity = pages * sizing.page_tokens(cfg)
     if capacity < ctx:
         warnings.append(
             f"KV capacity per attention replica is {capacity:,} tokens, below model.maxContextTokens {ctx:,}: "
-            f"pool `{pool.name}` leaves {_gib(budget)} per replica of {per_replica} device(s) after weights"
+            f"pool `{pool.name}` leaves {human_bytes(budget)} per replica of {per_replica} device(s) after weights"
         )
     auto = spec.autoscaling
     lo, hi = (auto.minReplicas, auto.maxReplicas) if auto.enabled else (spec.replicas, spec.replicas)
@@ -169,16 +166,16 @@ def _expert_devices(
         cap.append(floor(_usable(p) / column))
         if cap[-1] == 0:
             problems.append(
-                f"pool `{p.name}`: one {p.deviceMemoryGiB:g} GiB device ({_gib(_usable(p))} after the "
+                f"pool `{p.name}`: one {p.deviceMemoryGiB:g} GiB device ({human_bytes(_usable(p))} after the "
                 f"{RESERVE_FRACTION:.0%} working reserve) cannot hold one expert slot ({cfg.num_hidden_layers} MoE "
-                f"layers x {_gib(sizing.expert_bytes(cfg))} = {_gib(column)})"
+                f"layers x {human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(column)})"
             )
         elif avail[-1] <= 0:
             problems.append(f"pool `{p.name}`: attention replicas take all {p.maxNodes * p.devicesPerNode} devices, none left for experts")
     if problems:
         raise PlanError(problems)
     offer = [a * c for a, c in zip(avail, cap, strict=True)]
-    need = f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x {_gib(sizing.expert_bytes(cfg))} = {_gib(n_slots * column)})"
+    need = f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x {human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(n_slots * column)})"
     if sum(offer) < n_slots:
         msgs = []
         for p, a, c, o in zip(pools, avail, cap, offer, strict=True):

@@ -320,3 +320,11 @@ def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict:
         "kv_ratio_vs_v32": {f: kv_at[f] / v32[f] for f in FORMATS},
         "kv_ratio_vs_gqa8": {f: kv_at[f] / gqa8 for f in FORMATS},
     }
+
+
+def human_bytes(n: float) -> str:
+    """1.5 GiB, 12.00 MiB, 584 B: binary units, for messages and tables."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
