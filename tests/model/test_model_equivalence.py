@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from v4d.serving import sizing
 from v4d.serving.model.cache import KVCache, SeqCache
 
