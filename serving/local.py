@@ -31,13 +31,17 @@ def ensure_checkpoint(plan: Plan, log: Callable[[str], None] = print) -> Plan:
     """With an empty weights URI, make (once, cached) a random-weight checkpoint and point the plan at it."""
     if plan.weights_uri:
         return plan
-    from v4d.serving.checkpoint import make_checkpoint
+    from v4d.serving.checkpoint import write_checkpoint
     from v4d.serving.config import ModelConfig
+    from v4d.serving.model.model import Transformer, init_weights
 
     out = checkpoint_cache(plan.model if plan.model != "custom" else plan.name)
     if not (out / "config.json").exists():
         log(f"making a random-weight {plan.model} checkpoint in {out} ...")
-        make_checkpoint(ModelConfig.from_dict(plan.config), out)
+        cfg = ModelConfig.from_dict(plan.config)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_checkpoint(init_weights(Transformer(cfg)).state_dict(), cfg, tmp)
+        tmp.rename(out)  # complete checkpoints only: an interrupted run leaves no half-written cache
     return replace(plan, weights_uri=str(out))
 
 

@@ -22,7 +22,8 @@ from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded
-from v4d.serving.model.cache import PAGE_TOKENS, KVCache, SeqCache, page_bytes, slot_bytes
+from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
+from v4d.serving.sizing import page_tokens
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Engine:
             )
         self.kv = KVCache(self.cfg, num_pages, slots + snaps, dtype=dtype)
         self.kv_manager = KVManager(
-            num_pages, slots, PAGE_TOKENS, pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
+            num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )
         self.scheduler = Scheduler(
             self.kv_manager, limits.max_num_seqs, limits.max_batch_tokens, limits.max_queue,

@@ -26,9 +26,9 @@ APP = "v4d"
 SPEC = {
     "model": {"preset": "v4-tiny", "servedName": "v4-tiny", "maxContextTokens": 512},
     "pools": [
-        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 1, "maxNodes": 1,
+        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 0.008, "maxNodes": 1,
          "roles": ["attention", "experts"]},
-        {"name": "npu", "vendor": "ascend", "devicesPerNode": 2, "deviceMemoryGiB": 1, "maxNodes": 1,
+        {"name": "npu", "vendor": "ascend", "devicesPerNode": 2, "deviceMemoryGiB": 0.008, "maxNodes": 1,
          "roles": ["experts"]},
     ],
     "parallelism": {"redundantExperts": 16, "expertParallelSize": 2},
