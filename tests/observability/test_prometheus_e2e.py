@@ -166,7 +166,8 @@ def test_every_panel_and_rule_returns_data(prometheus, traffic):
 
 def test_contract_values_reflect_the_traffic(prometheus, traffic):
     def value(expr: str) -> float:
-        result = _query(prometheus, expr)
+        """The sum over all series of expr."""
+        result = _query(prometheus, f"sum({expr})")
         assert result, f"no data for {expr}"
         return float(result[0]["value"][1])
 
