@@ -1,0 +1,16 @@
+"""`v4d crd`: print the V4Deployment CustomResourceDefinition generated from the API types."""
+
+from __future__ import annotations
+
+import click
+from v4d.operator import crd as crd_mod
+
+
+@click.command("crd")
+@click.option("--write", is_flag=True, help="Also rewrite the committed copies under manifests/ and charts/.")
+def command(write: bool) -> None:
+    """Print the V4Deployment CustomResourceDefinition (apiextensions.k8s.io/v1) as YAML."""
+    click.echo(crd_mod.render_yaml(), nl=False)
+    if write:
+        for path in crd_mod.write_files():
+            click.echo(f"wrote {path}", err=True)

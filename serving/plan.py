@@ -1,0 +1,143 @@
+"""The deployment plan: everything the Serve app, `v4d serve` and the operator's renderer need.
+
+Produced by `v4d.operator.planner.plan(spec, cfg)`, serialised to JSON (a ConfigMap, the Serve app's
+`args`). Plain dataclasses, torch-free; `Plan.from_dict(plan.to_dict()) == plan`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Vendor = Literal["nvidia", "ascend"]
+Role = Literal["attention", "experts"]
+
+
+@dataclass
+class PoolPlan:
+    name: str
+    vendor: Vendor
+    resource_name: str  # Kubernetes extended resource, e.g. nvidia.com/gpu or huawei.com/Ascend910
+    ray_resource: Literal["GPU", "NPU"]
+    devices_per_node: int
+    device_memory_gib: float
+    nodes: int  # nodes this plan uses at `engine.replicas` attention replicas
+    devices: int  # devices this plan uses (attention replicas on this pool + expert shards)
+    roles: list[Role]
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    image: str | None = None
+
+
+@dataclass
+class EnginePlan:
+    pool: str  # the pool attention replicas run on
+    devices_per_replica: int
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    kv_budget_bytes: int  # per replica, after dense weights and the working reserve
+    capacity_tokens: int  # KV pages x page_tokens per replica
+    page_tokens: int
+    max_num_seqs: int  # state slots per replica
+    max_batch_tokens: int
+    max_queue: int
+    target_kv_utilization: float
+    upscale_delay_s: float
+    downscale_delay_s: float
+    num_pages: int = 0  # KV pages per replica (capacity_tokens // page_tokens)
+
+
+@dataclass
+class ExpertShard:
+    name: str  # "experts-<pool>-<i>"
+    pool: str
+    device: int  # index of the device among this pool's expert devices
+    slots: list[list[int]]  # [moe_layer][slot] -> logical expert id
+    weight_bytes: int
+    capacity: float = 1.0  # capacity weight the balance is measured against (slots per layer)
+
+
+@dataclass
+class ExpertCounts:
+    logical: int  # routed experts per MoE layer
+    physical: int  # slots per MoE layer over all shards
+    redundant: int  # physical - logical
+
+
+@dataclass
+class Balance:
+    max_over_mean: float  # worst layer's max/mean of per-device expected load / capacity weight
+
+
+@dataclass
+class KVPlan:
+    bytes_per_token: float  # amortised compressed-cache bytes per token, deployed format
+    capacity_tokens_per_replica: int
+
+
+@dataclass
+class ServingPlan:
+    port: int = 8000
+    api_key_secret: dict[str, str] | None = None  # {"name": ..., "key": ...}
+    api_key_env: str = "V4D_API_KEY"
+    max_queue: int = 256
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class Plan:
+    name: str
+    served_name: str
+    model: str  # preset name, or "custom"
+    config: dict[str, Any]  # ModelConfig.to_dict()
+    weights_uri: str  # "" -> `v4d serve` makes a random checkpoint
+    max_context_tokens: int
+    pools: list[PoolPlan]
+    engine: EnginePlan
+    shards: list[ExpertShard]
+    experts: ExpertCounts
+    balance: Balance
+    kv: KVPlan
+    serving: ServingPlan
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            **{
+                **d,
+                "pools": [PoolPlan(**p) for p in d["pools"]],
+                "engine": EnginePlan(**d["engine"]),
+                "shards": [ExpertShard(**s) for s in d["shards"]],
+                "experts": ExpertCounts(**d["experts"]),
+                "balance": Balance(**d["balance"]),
+                "kv": KVPlan(**d["kv"]),
+                "serving": ServingPlan(**d["serving"]),
+                "warnings": list(d.get("warnings", [])),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def pool(self, name: str) -> PoolPlan:
+        return next(p for p in self.pools if p.name == name)
+
+    def expert_map(self) -> list[list[list[tuple[str, int]]]]:
+        """[moe_layer][logical expert] -> [(shard name, slot index)] over every copy (for routing)."""
+        n_layers = len(self.shards[0].slots) if self.shards else 0
+        out: list[list[list[tuple[str, int]]]] = [[[] for _ in range(self.experts.logical)] for _ in range(n_layers)]
+        for shard in self.shards:
+            for layer, slots in enumerate(shard.slots):
+                for j, e in enumerate(slots):
+                    out[layer][e].append((shard.name, j))
+        return out
