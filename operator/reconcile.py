@@ -16,6 +16,9 @@ from typing import Any
 from v4d.operator import render, status
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics
+from v4d.operator.planner import PlanError, plan
+from v4d.operator.validate import SpecError
+from v4d.serving.plan import Plan
 
 
 class InvalidSpec(Exception):
@@ -24,19 +27,14 @@ class InvalidSpec(Exception):
         super().__init__(message)
 
 
-def make_plan(name: str, spec: dict[str, Any]) -> Any:
+def make_plan(name: str, spec: dict[str, Any]) -> Plan:
     """The spine's validation and planner; every problem becomes InvalidSpec naming the field."""
-    from v4d.operator.planner import PlanError, plan
-    from v4d.operator.validate import SpecError, parse_spec, resolve_model
-
     try:
-        typed = parse_spec(spec)
-        _, cfg = resolve_model(spec["model"])
-        return plan(typed, cfg, name=name)
+        return plan(spec, name=name)
     except SpecError as e:
         raise InvalidSpec("SpecInvalid", "; ".join(str(i) for i in e.issues)) from None
     except PlanError as e:
-        raise InvalidSpec("PlanInfeasible", str(e)) from None
+        raise InvalidSpec("PlanInfeasible", "; ".join(e.problems)) from None
 
 
 def _now() -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from v4d.operator import planner
 from v4d.operator.render import DEPLOYMENT_LABEL, ROLE_LABEL, WorkerGroup, as_dict
+from v4d.serving.plan import Plan
 
 CONDITIONS = ("Invalid", "Planned", "CapacityLimited", "Progressing", "Ready", "Degraded")
 HISTORY = 10  # scaling decisions kept in status.scalingHistory
@@ -18,17 +20,8 @@ HISTORY = 10  # scaling decisions kept in status.scalingHistory
 
 def plan_summary(plan: Any) -> dict[str, Any]:
     """`status.plan` (api.PlanSummary): devices per pool, expert slots, KV token capacity per replica."""
-    p = as_dict(plan)
-    return {
-        "model": p["model"],
-        "devices": {pool["name"]: int(pool["devices"]) for pool in p["pools"]},
-        "expertSlots": int(p["experts"]["physical"]),
-        "redundantExperts": int(p["experts"]["redundant"]),
-        "expertShards": len(p["shards"]),
-        "tokenCapacityPerReplica": int(p["kv"]["capacity_tokens_per_replica"]),
-        "maxOverMean": float(p["balance"]["max_over_mean"]),
-        "warnings": list(p.get("warnings") or []),
-    }
+    p = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+    return planner.summary(p).model_dump(mode="json")
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
