@@ -4,7 +4,6 @@
 # bundles it; see docs/operator.md). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/kube.sh build
 if [ ! -x .tools/bin/helm ]; then
   mkdir -p .tools/bin
   tmp=$(mktemp -d)
@@ -24,3 +23,4 @@ out.chmod(0o755)
 PYEOF
 fi
 .tools/bin/helm version --short >/dev/null
+scripts/kube.sh build
