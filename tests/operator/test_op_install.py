@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, wait_for
+from kubecluster import ROOT, wait_for
 
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "charts" / "v4d"

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import yaml
-from conftest import wait_for
 from kopf.testing import KopfRunner
+from kubecluster import wait_for
 from kubernetes.client.rest import ApiException
 from opspecs import manifest, tiny_spec
 from v4d.operator import handlers, render

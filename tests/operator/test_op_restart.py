@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import wait_for
+from kubecluster import wait_for
 from opspecs import manifest
 
 G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
