@@ -1,4 +1,4 @@
-"""End to end: a real Prometheus scrapes a running Serve app and the operator's metrics endpoint while
+"""End to end: a real Prometheus scrapes a running `v4d serve` and the operator's metrics endpoint while
 requests flow; every dashboard expression, template variable and recording rule must return data."""
 
 from __future__ import annotations
@@ -6,20 +6,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import openai
 import pytest
+import yaml
 from v4d.operator import dashboards, observability, rules
 from v4d.operator.metrics import OperatorMetrics, start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[2]
-PROM_PORT, OPERATOR_PORT, RAY_METRICS_PORT, SERVE_PORT = 9090, 8392, 8393, 8394
+PROM_PORT, OPERATOR_PORT, SERVE_PORT = 9090, 8392, 8350  # v4d serve: metrics on SERVE_PORT+1...
 ALL = ".*"  # what Grafana substitutes for a variable set to "All"
 
 
@@ -39,26 +42,45 @@ def _wait(what: str, check, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def serving():
-    """The Serve app on an embedded Ray cluster; yields the HTTP base URL."""
-    for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                 "RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}.items():
-        os.environ.setdefault(k, v)
-    import metrics_app
-    import ray
-    from ray import serve
+@dataclass
+class Served:
+    api: str  # OpenAI base URL
+    metrics: list[str]  # host:port of every Ray node's metrics export
 
-    ray.cloudpickle.register_pickle_by_value(metrics_app)  # replicas cannot import tests/
-    ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=RAY_METRICS_PORT, _system_config={"metrics_report_interval_ms": 1000})
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    """`v4d serve` on examples/local-tiny.yaml with a tiny queue, so bursts get 429s."""
+    d = tmp_path_factory.mktemp("serve")
+    manifest = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
+    manifest["spec"]["serving"].update({"maxNumSeqs": 2, "maxQueue": 1})
+    (d / "tiny.yaml").write_text(yaml.safe_dump(manifest))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    log = open(d / "serve.log", "w+")
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "v4d"), "serve", str(d / "tiny.yaml"), "--port",
+                             str(SERVE_PORT)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def output() -> str:
+        return (d / "serve.log").read_text()
+
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-        serve.run(metrics_app.build(), name="e2e", route_prefix="/")
-        yield f"http://127.0.0.1:{SERVE_PORT}/"
+        deadline = time.time() + 420
+        while "press Ctrl-C to stop" not in output():
+            assert proc.poll() is None, f"v4d serve exited with {proc.returncode}:\n{output()[-4000:]}"
+            assert time.time() < deadline, f"v4d serve not ready after 420 s:\n{output()[-4000:]}"
+            time.sleep(1)
+        metrics = re.findall(r"metrics \([^)]*\): http://(127\.0\.0\.1:\d+)/metrics", output())
+        assert metrics, output()
+        yield Served(api=f"http://127.0.0.1:{SERVE_PORT}/v1", metrics=metrics)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        proc.send_signal(signal.SIGINT)  # `v4d serve` shuts every Ray process down
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +94,14 @@ def operator_endpoint():
 
 
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory):
+def prometheus(tmp_path_factory, serving):
     """Debian's prometheus on 127.0.0.1 with our rules, scraping Ray and the operator every second."""
     d = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / observability.RULES_FILE)],
         "scrape_configs": [
-            {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{RAY_METRICS_PORT}"]}]},
+            {"job_name": "ray", "static_configs": [{"targets": serving.metrics}]},
             {"job_name": "v4d-operator", "static_configs": [{"targets": [f"127.0.0.1:{OPERATOR_PORT}"]}]},
         ],
     }
@@ -99,33 +121,55 @@ def prometheus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def traffic(serving, operator_endpoint):
-    """Requests flow (ok, 400 and 429) and the operator reconciles until the module ends."""
+    """Chat requests flow (bursts past the queue get 429, over-long ones 400) and the operator
+    reconciles, until the module ends."""
     stop = threading.Event()
-    counts = {200: 0, 400: 0, 429: 0}
+    counts: dict[str, int] = {"ok": 0, "429": 0, "400": 0}
+    client = openai.OpenAI(base_url=serving.api, api_key="unused", max_retries=0, timeout=120)
 
-    def run():
-        with httpx.Client(base_url=serving, timeout=30) as client:
-            while not stop.is_set():
-                for body in ({"prompt_tokens": 300, "max_tokens": 8}, {"max_tokens": 0}, {"max_tokens": 4, "overload": True}):
-                    r = client.post("/", json=body)
-                    counts[r.status_code] = counts.get(r.status_code, 0) + 1
-                m = operator_endpoint
+    def chat(max_tokens: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model="v4-tiny", messages=[{"role": "user", "content": "Count to ten."}],
+                max_tokens=max_tokens, temperature=0, stream=True)
+            for _ in stream:
+                pass
+            counts["ok"] += 1
+        except openai.RateLimitError:
+            counts["429"] += 1
+        except openai.BadRequestError:
+            counts["400"] += 1
+
+    def requests() -> None:
+        while not stop.is_set():
+            burst = [threading.Thread(target=chat, args=(6,)) for _ in range(5)]
+            for t in burst:
+                t.start()
+            chat(100_000)  # beyond maxContextTokens: 400 from the ingress
+            for t in burst:
+                t.join()
+
+    def reconciles() -> None:
+        m = operator_endpoint
+        while not stop.is_set():
+            with m.reconcile():
+                m.api_write("RayService")
+                m.api_write("ConfigMap")
+            try:
                 with m.reconcile():
-                    m.api_write("RayService")
-                    m.api_write("ConfigMap")
-                try:
-                    with m.reconcile():
-                        raise TimeoutError("apiserver timeout")
-                except TimeoutError:
-                    pass
-                m.set_objects({"Ready": 1, "Pending": 0})
-                time.sleep(0.2)
+                    raise TimeoutError("apiserver timeout")
+            except TimeoutError:
+                pass
+            m.set_objects({"Ready": 1, "Pending": 0})
+            stop.wait(0.5)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=f, daemon=True) for f in (requests, reconciles)]
+    for t in threads:
+        t.start()
     yield counts
     stop.set()
-    thread.join(timeout=60)
+    for t in threads:
+        t.join(timeout=150)
 
 
 def _query(prom: str, expr: str) -> list[dict]:
@@ -161,7 +205,7 @@ def test_every_panel_and_rule_returns_data(prometheus, traffic):
         _wait("every expression to return data", all_have_data, 150)
     except AssertionError:
         pytest.fail("no data for:\n" + "\n".join(missing) + f"\n(requests so far: {traffic})")
-    assert traffic[200] > 0 and traffic[400] > 0 and traffic[429] > 0
+    assert traffic["ok"] > 0 and traffic["400"] > 0 and traffic["429"] > 0, traffic
 
 
 def test_contract_values_reflect_the_traffic(prometheus, traffic):
@@ -172,19 +216,21 @@ def test_contract_values_reflect_the_traffic(prometheus, traffic):
         return float(result[0]["value"][1])
 
     _wait("recording rules", lambda: _query(prometheus, "v4d:generation_tokens:rate2m"), 120)
-    assert value('v4d:replicas_ready:sum{role="ingress"}') == 1
-    assert value('v4d:replicas_ready:sum{role="experts", pool="npu-b"}') == 2
-    assert value('v4d:kv_cache_usage:target{deployment="e2e", pool="gpu-a"}') == 0.7
-    assert value('v4d:autoscale_max_replicas:max{deployment="e2e"}') == 2
+    plan = {"deployment": "tiny", "engine_pool": "gpu", "target": 0.7, "max_replicas": 2}
+    assert value(f'v4d:replicas_ready:sum{{role="engine", pool="{plan["engine_pool"]}"}}') >= 1
+    assert value('v4d:replicas_ready:sum{role="experts"}') >= 2  # the plan splits experts over both pools
+    assert value(f'v4d:kv_cache_usage:target{{deployment="{plan["deployment"]}"}}') == plan["target"]
+    assert value(f'v4d:autoscale_max_replicas:max{{deployment="{plan["deployment"]}"}}') == plan["max_replicas"]
+    # continuous traffic: the 2-minute contract rates are positive
     assert value("v4d:generation_tokens:rate2m") > 0
-    assert value('v4d:requests_rejected:rate2m{reason="queue_full"}') > 0
-    assert value('v4d:request_errors:rate2m{kind="bad_request"}') > 0
+    assert value("v4d:prompt_tokens:rate2m") > 0
+    assert value("v4d:expert_tokens:rate2m") > 0
     assert value('v4d:operator_reconciles:rate5m{result="error"}') > 0
     assert value('v4d:operator_reconcile_errors:rate5m{reason="TimeoutError"}') > 0
-    # the expert shards see 1x, 2x, 3x the tokens on layers 0, 1, 2 and split them evenly
-    assert value('v4d:expert_balance:observed{layer="2"}') == pytest.approx(1.0, abs=0.2)
-    assert value('sum(v4d:expert_tokens:rate2m{layer="2"}) / sum(v4d:expert_tokens:rate2m{layer="0"})') \
-        == pytest.approx(3.0, rel=0.05)
+    # events that may be older than a rate window on a slow machine: over the whole run
+    assert value('max_over_time(v4d:ttft_seconds:p99[15m])') > 0
+    assert value('increase(ray_v4d_requests_rejected_total{reason="queue_full"}[15m])') > 0
+    assert value('increase(ray_vllm_request_success_total{finished_reason="length"}[15m])') > 0
 
 
 def test_template_variables_have_values(prometheus, traffic):
