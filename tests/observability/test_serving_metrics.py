@@ -60,13 +60,14 @@ def test_recorder_rejects_misuse():
         sm.ServingMetrics(model="m", deployment="d", role="decode")
 
 
-def test_importing_the_catalogue_does_not_import_ray():
+def test_catalogues_and_generators_import_neither_ray_torch_nor_kopf():
     import subprocess
     import sys
 
-    code = "import sys, v4d.serving.metrics, v4d.operator.metrics; print('ray' in sys.modules)"
+    code = ("import sys, v4d.serving.metrics, v4d.operator.metrics, v4d.operator.rules, v4d.operator.dashboards, "
+            "v4d.operator.observability; print(sorted({'ray', 'torch', 'kopf'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
