@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.layout import expert_of, official_layout, scale_name
+from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
 from v4d.serving.model.model import Transformer
 from v4d.serving.model.quant import unpack
 from v4d.serving.sizing import Tensor
@@ -57,7 +57,8 @@ class Checkpoint:
             raise CheckpointError(f"{cfg_path}: missing; a checkpoint directory needs config.json")
         self.config = ModelConfig.from_json(cfg_path)
         self.layout: dict[str, Tensor] = official_layout(self.config)
-        self.weight_map = self._weight_map()
+        # inference name -> shard file, and -> the tensor's key in that file
+        self.weight_map, self.file_keys = self._index()
         self.stats = ReadStats()
         missing = [n for n in self.layout if n not in self.weight_map]
         if missing:
@@ -65,24 +66,33 @@ class Checkpoint:
                 f"{self.path}: {len(missing)} tensors of the official layout are missing, e.g. {missing[:3]}"
             )
 
-    def _weight_map(self) -> dict[str, str]:
+    def _index(self) -> tuple[dict[str, str], dict[str, str]]:
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                by_key = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-            for shard in set(weight_map.values()):
+            for shard in set(by_key.values()):
                 if Path(shard).is_absolute() or ".." in Path(shard).parts:
                     raise CheckpointError(f"{index}: shard path {shard!r} must stay inside the checkpoint")
                 if not (self.path / shard).is_file():
                     raise CheckpointError(f"{index}: names shard {shard!r}, which does not exist")
-            return dict(weight_map)
-        single = self.path / SINGLE_FILE
-        if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}
-        raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        elif (self.path / SINGLE_FILE).is_file():
+            with safe_open(self.path / SINGLE_FILE, framework="pt") as f:
+                by_key = {key: SINGLE_FILE for key in f.keys()}
+        else:
+            raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        weight_map: dict[str, str] = {}
+        file_keys: dict[str, str] = {}
+        for key, shard in by_key.items():
+            name = inference_name(key)
+            if name is None:
+                continue
+            if name in file_keys:
+                raise CheckpointError(f"{self.path}: {file_keys[name]!r} and {key!r} both map to {name!r}")
+            weight_map[name], file_keys[name] = shard, key
+        return weight_map, file_keys
 
     def select(self, experts: Mapping[int, Collection[int]] | None = None, dense: bool = True) -> list[str]:
         """Names to read: dense (non-routed-expert) tensors if `dense`, plus routed experts.
@@ -124,7 +134,7 @@ class Checkpoint:
 
     def _read_one(self, f, shard: str, name: str, block: tuple[int, int]) -> torch.Tensor:
         spec = self.layout[name]
-        data = f.get_tensor(name)
+        data = f.get_tensor(self.file_keys[name])
         self.stats.tensors_read.append(name)
         if data.dtype not in (_INTS if spec.storage == "int32" else _QUANTISED | _FLOATS):
             raise CheckpointError(f"{shard}: {name} is stored as {data.dtype}, expected format {spec.storage}")
@@ -135,11 +145,11 @@ class Checkpoint:
                 raise CheckpointError(f"{shard}: {name} is quantised but {sname} is not in the checkpoint")
             # Official files keep a scale next to its weight; read it from wherever the index says.
             if self.weight_map[sname] == shard:
-                scale = f.get_tensor(sname)
+                scale = f.get_tensor(self.file_keys[sname])
             else:
                 self.stats.shards_opened.add(self.weight_map[sname])
                 with safe_open(self.path / self.weight_map[sname], framework="pt") as g:
-                    scale = g.get_tensor(sname)
+                    scale = g.get_tensor(self.file_keys[sname])
             self.stats.tensors_read.append(sname)
         try:
             value = unpack(data, scale, block)

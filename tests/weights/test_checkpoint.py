@@ -10,7 +10,7 @@ from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
 from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import Checkpoint, CheckpointError, load_state_dict
-from v4d.serving.model.quant import dequant_fp8, quant_fp8
+from v4d.serving.model.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -77,29 +77,67 @@ def test_dense_only_read_skips_every_routed_expert(ckpt_dir):
 
 
 def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
-    merged = {}
-    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in set(index.values()):
-        with safe_open(ckpt_dir / shard, framework="pt") as f:
-            merged.update({k: f.get_tensor(k) for k in f.keys()})
-    save_file(merged, tmp_path / "model.safetensors")
+    save_file(_single_file(ckpt_dir), tmp_path / "model.safetensors")
     TINY.to_json(tmp_path / "config.json")
     _, a = load_state_dict(tmp_path, progress=False)
     _, b = load_state_dict(ckpt_dir, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+HF_NAMES = {  # released name -> a Hugging Face style name the official converter also accepts
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "lm_head.weight",
+    "layers.1.attn_norm.weight": "model.layers.1.input_layernorm.weight",
+    "layers.2.attn.wq_a.weight": "model.layers.2.self_attn.q_a_proj.weight",
+    "layers.2.attn.wq_a.scale": "model.layers.2.self_attn.q_a_proj.weight_scale_inv",
+    "layers.2.ffn.gate.bias": "model.layers.2.mlp.gate.e_score_correction_bias",
+    "layers.2.ffn.experts.3.w1.weight": "model.layers.2.mlp.experts.3.gate_proj.weight",
+    "layers.2.ffn.experts.3.w1.scale": "model.layers.2.mlp.experts.3.gate_proj.weight_scale_inv",
+}
+
+
+def _single_file(ckpt_dir):
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = {}
+    for shard in set(index.values()):
+        with safe_open(ckpt_dir / shard, framework="pt") as f:
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
+    return merged
+
+
+def test_hugging_face_style_names_map_like_the_official_converter(tmp_path, ckpt_dir):
+    merged = _single_file(ckpt_dir)
+    renamed = {HF_NAMES.get(k, k): v for k, v in merged.items()}
+    renamed["mtp.0.embed.weight"] = merged["embed.weight"].clone()  # MTP copies of the shared tensors: dropped
+    renamed["mtp.0.head.weight"] = merged["head.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    TINY.to_json(tmp_path / "config.json")
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.file_keys["layers.2.attn.wq_a.scale"] == "model.layers.2.self_attn.q_a_proj.weight_scale_inv"
+    _, a = load_state_dict(tmp_path, progress=False)
+    _, b = load_state_dict(ckpt_dir, progress=False)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    renamed["embed.weight"] = merged["embed.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'embed.weight' and 'model.embed_tokens.weight' both map to 'embed.weight'"):
+        Checkpoint(tmp_path)
+
+
 def test_other_storage_formats_load(tmp_path, tiny_tensors):
     """BF16 copies of quantised weights (a dequantised conversion), FP8 routed experts (as in the Base
-    release) and an FP8 LM head all decode by their stored dtype."""
+    release), an FP8 LM head and float4_e2m1fn_x2 experts all decode by their stored dtype."""
     TINY.to_json(tmp_path / "config.json")
     plain = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tiny_tensors.items()}
     fp8 = ["layers.2.ffn.experts.1.w2.weight", "head.weight"]
     for name in fp8:
         plain[name], plain[scale_name(name)] = quant_fp8(tiny_tensors[name])
+    f4 = "layers.3.ffn.experts.2.w1.weight"  # torch's packed FP4 dtype (safetensors F4) instead of int8 bytes
+    packed, plain[scale_name(f4)] = quant_fp4(tiny_tensors[f4])
+    plain[f4] = packed.view(torch.uint8).view(torch.float4_e2m1fn_x2)
     save_file(plain, tmp_path / "model.safetensors")
     _, loaded = load_state_dict(tmp_path, progress=False)
     assert torch.equal(loaded["layers.2.attn.wq_a.weight"], plain["layers.2.attn.wq_a.weight"].float())
+    assert torch.equal(loaded[f4], dequant_fp4(packed, plain[scale_name(f4)]))
     for name in fp8:
         assert torch.equal(loaded[name], dequant_fp8(plain[name], plain[scale_name(name)]))
 
