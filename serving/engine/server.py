@@ -1,8 +1,11 @@
 """The attention-engine Serve deployment: one replica = one attention/KV data-parallel rank.
 
 Built from the plan (its `engine` section sizes the KV budget and batch limits) and the weights
-directory. With expert shards bound, the replica loads only dense weights and reaches routed
-experts through `RemoteExperts` over Serve handles; without, it holds every expert in-process.
+directory. With expert shards, the replica loads only dense weights and reaches routed experts
+through `RemoteExperts` over Serve handles; without, it holds every expert in-process. Shards are
+either bound into the same app (`shards` = `bind_shards(...)`) or run as their own Serve apps, one
+per shard named after it (`shard_apps=True`): then deleting the engine's app lets in-flight streams
+finish (Serve drains the engine) while the shards they need keep serving.
 It reports KV utilization and queue figures to the KV-pressure autoscaling policy.
 """
 
@@ -29,8 +32,14 @@ from v4d.serving.model.loader import load_model
 class EngineServer:
     """Serve deployment body: `generate` (streaming), `stats`, `abort`, `record_autoscaling_stats`."""
 
-    def __init__(self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None):
+    def __init__(
+        self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, shard_apps: bool = False
+    ):
         torch.set_num_threads(1)
+        if shard_apps:
+            from ray import serve
+
+            shards = {s["name"]: serve.get_deployment_handle(s["name"], app_name=s["name"]) for s in plan["shards"]}
         model = load_model(weights_dir, with_experts=not shards, progress=False)
         self.remote: RemoteExperts | None = None
         if shards:
@@ -62,9 +71,12 @@ class EngineServer:
 
 def bind_engine(
     plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, place: bool = True,
-    name: str = "engine",
+    name: str = "engine", shard_apps: bool = False,
 ) -> Any:
-    """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds."""
+    """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds.
+
+    `shards`: the shard applications of `bind_shards` to compose into this app; or `shard_apps=True`
+    when each shard was deployed as its own app (named after the shard) before this one."""
     from ray import serve
 
     eng = plan["engine"]
@@ -88,4 +100,4 @@ def bind_engine(
     }
     if place:
         options["ray_actor_options"] = pool_actor_options(plan, eng["pool"])
-    return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None)
+    return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None, shard_apps)

@@ -2,6 +2,7 @@
 remote experts equal LocalExperts, errors cross the handle typed, shard failures never hang, metrics
 reach Ray's Prometheus endpoint."""
 
+import threading
 import time
 import urllib.request
 
@@ -45,14 +46,19 @@ def make_plan(weights: str) -> dict:
 
 @pytest.fixture(scope="module")
 def app(serve_instance, tmp_path_factory):
+    """Each shard as its own Serve app (named after it), the engine app on top of them.
+    (Shards bound into the engine's app are what `v4d serve` runs: tests/serving.)"""
     torch.set_num_threads(1)
     weights = str(make_checkpoint(CFG, tmp_path_factory.mktemp("ckpt")))
     plan = make_plan(weights)
-    shards = bind_shards(plan, weights)
-    engine = serve.run(bind_engine(plan, weights, shards), name=APP, route_prefix=None)
-    handles = {n: serve.get_deployment_handle(n, APP) for n in SLOTS}
+    for name, shard in bind_shards(plan, weights).items():
+        serve.run(shard, name=name, route_prefix=None)
+    engine = serve.run(bind_engine(plan, weights, shard_apps=True), name=APP, route_prefix=None)
+    handles = {n: serve.get_deployment_handle(n, n) for n in SLOTS}
     yield plan, load_model(weights, progress=False), engine, handles
-    serve.delete(APP)
+    for name in [APP, *SLOTS]:
+        if name in serve.status().applications:
+            serve.delete(name)
 
 
 def greedy(model, prompt, n):
@@ -112,6 +118,21 @@ def test_engine_metrics_reach_the_prometheus_endpoint(app):
                  "ray_v4d_expert_tokens_total"):
         assert name in body, name
     assert 'role="engine"' in body and 'role="experts"' in body and 'pool="gpu-a"' in body
+
+
+def test_deleting_the_engine_app_finishes_inflight_streams(app):
+    _, model, engine, _ = app
+    prompt = [(7 + 13 * i) % CFG.vocab_size for i in range(12)]
+    req = {"request_id": "drain", "prompt_token_ids": prompt, "max_tokens": 8, "ignore_eos": True}
+    items = iter(engine.options(stream=True).generate.remote(req))
+    first = next(items)
+    deleter = threading.Thread(target=serve.delete, args=(APP,))
+    deleter.start()
+    rest = list(items)
+    deleter.join(timeout=120)
+    assert first["token_ids"] + [t for item in rest for t in item["token_ids"]] == greedy(model, prompt, 8)
+    assert rest[-1]["finish_reason"] == "length"
+    assert APP not in serve.status().applications
 
 
 def _kill_replica(deployment: str) -> None:
