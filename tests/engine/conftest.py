@@ -1,4 +1,4 @@
-"""One Ray + Serve instance for the engine's Serve tests (ports 8200 HTTP, 8201 metrics)."""
+"""One Ray + Serve instance for the engine's Serve tests (ports 8200 HTTP, 8201 metrics, 8202 on a retry)."""
 
 import os
 
@@ -27,7 +27,7 @@ def serve_instance():
         ray.init(**start)
     except Exception:  # a raylet that misses its 30 s registration on a saturated machine: once more
         ray.shutdown()
-        ray.init(**start)
+        ray.init(**{**start, "_metrics_export_port": METRICS_PORT + 1})
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     yield serve
     serve.shutdown()

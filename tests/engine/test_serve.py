@@ -19,8 +19,6 @@ from v4d.serving.experts import bind_shards
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 
-from tests.engine.conftest import METRICS_PORT
-
 CFG = TINY_FAST
 APP = "engine-test"
 E, LAYERS = CFG.n_routed_experts, CFG.num_hidden_layers + CFG.num_nextn_predict_layers
@@ -107,9 +105,10 @@ def test_engine_streams_the_in_process_greedy_output(app):
 
 
 def test_engine_metrics_reach_the_prometheus_endpoint(app):
+    port = ray.nodes()[0]["MetricsExportPort"]
     body = ""
     for _ in range(30):
-        body = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         if "ray_vllm_generation_tokens_total" in body and "ray_v4d_expert_tokens_total" in body:
             break
         time.sleep(1)
