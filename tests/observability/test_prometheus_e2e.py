@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -24,6 +25,7 @@ from v4d.operator.metrics import OperatorMetrics, start_metrics_server
 ROOT = Path(__file__).resolve().parents[2]
 PROM_PORT, OPERATOR_PORT, SERVE_PORT = 9090, 8392, 8350  # v4d serve: metrics on SERVE_PORT+1...
 ALL = ".*"  # what Grafana substitutes for a variable set to "All"
+RAY_START_TIMEOUT = "The current node timed out during startup"
 
 
 def _get(url: str, timeout: float = 5) -> bytes:
@@ -57,21 +59,25 @@ def serving(tmp_path_factory):
     (d / "tiny.yaml").write_text(yaml.safe_dump(manifest))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    log = open(d / "serve.log", "w+")
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "v4d"), "serve", str(d / "tiny.yaml"), "--port",
-                             str(SERVE_PORT)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    cmd = [sys.executable, "-c", "from v4d.operator.cli import main; main()", "serve", str(d / "tiny.yaml"),
+           "--port", str(SERVE_PORT)]
 
-    def output() -> str:
-        return (d / "serve.log").read_text()
+    def start(attempt: int) -> tuple[subprocess.Popen, Path]:
+        log = d / f"serve-{attempt}.log"
+        with open(log, "w") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), log
 
+    proc, log = start(1)
     try:
         deadline = time.time() + 420
-        while "press Ctrl-C to stop" not in output():
-            assert proc.poll() is None, f"v4d serve exited with {proc.returncode}:\n{output()[-4000:]}"
-            assert time.time() < deadline, f"v4d serve not ready after 420 s:\n{output()[-4000:]}"
+        while "press Ctrl-C to stop" not in log.read_text():
+            if proc.poll() is not None and RAY_START_TIMEOUT in log.read_text() and log.name == "serve-1.log":
+                proc, log = start(2)  # Ray's fixed 30 s raylet start wait can expire on a loaded machine
+            assert proc.poll() is None, f"v4d serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"v4d serve not ready after 420 s:\n{log.read_text()[-4000:]}"
             time.sleep(1)
-        metrics = re.findall(r"metrics \([^)]*\): http://(127\.0\.0\.1:\d+)/metrics", output())
-        assert metrics, output()
+        metrics = re.findall(r"metrics \([^)]*\): http://(127\.0\.0\.1:\d+)/metrics", log.read_text())
+        assert metrics, log.read_text()
         yield Served(api=f"http://127.0.0.1:{SERVE_PORT}/v1", metrics=metrics)
     finally:
         proc.send_signal(signal.SIGINT)  # `v4d serve` shuts every Ray process down
@@ -80,7 +86,6 @@ def serving(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,9 @@ def traffic(serving, operator_endpoint):
             counts["429"] += 1
         except openai.BadRequestError:
             counts["400"] += 1
+        except openai.APIError as e:  # counted, so a failure report shows what went wrong
+            key = f"{type(e).__name__}: {str(e)[:200]}"
+            counts[key] = counts.get(key, 0) + 1
 
     def requests() -> None:
         while not stop.is_set():
@@ -209,28 +217,31 @@ def test_every_panel_and_rule_returns_data(prometheus, traffic):
 
 
 def test_contract_values_reflect_the_traffic(prometheus, traffic):
-    def value(expr: str) -> float:
-        """The sum over all series of expr."""
+    def value(expr: str) -> float | None:
+        """The sum over all series of expr (None: no series)."""
         result = _query(prometheus, f"sum({expr})")
-        assert result, f"no data for {expr}"
-        return float(result[0]["value"][1])
+        return float(result[0]["value"][1]) if result else None
 
-    _wait("recording rules", lambda: _query(prometheus, "v4d:generation_tokens:rate2m"), 120)
-    plan = {"deployment": "tiny", "engine_pool": "gpu", "target": 0.7, "max_replicas": 2}
-    assert value(f'v4d:replicas_ready:sum{{role="engine", pool="{plan["engine_pool"]}"}}') >= 1
-    assert value('v4d:replicas_ready:sum{role="experts"}') >= 2  # the plan splits experts over both pools
-    assert value(f'v4d:kv_cache_usage:target{{deployment="{plan["deployment"]}"}}') == plan["target"]
-    assert value(f'v4d:autoscale_max_replicas:max{{deployment="{plan["deployment"]}"}}') == plan["max_replicas"]
-    # continuous traffic: the 2-minute contract rates are positive
-    assert value("v4d:generation_tokens:rate2m") > 0
-    assert value("v4d:prompt_tokens:rate2m") > 0
-    assert value("v4d:expert_tokens:rate2m") > 0
-    assert value('v4d:operator_reconciles:rate5m{result="error"}') > 0
-    assert value('v4d:operator_reconcile_errors:rate5m{reason="TimeoutError"}') > 0
-    # events that may be older than a rate window on a slow machine: over the whole run
-    assert value('max_over_time(v4d:ttft_seconds:p99[15m])') > 0
-    assert value('increase(ray_v4d_requests_rejected_total{reason="queue_full"}[15m])') > 0
-    assert value('increase(ray_vllm_request_success_total{finished_reason="length"}[15m])') > 0
+    def eventually(expr: str, check, timeout: float = 120) -> None:
+        """Rates need two scrapes after the event, and Ray exports with a delay: poll."""
+        try:
+            _wait(expr, lambda: (v := value(expr)) is not None and check(v), timeout)
+        except AssertionError:
+            pytest.fail(f"{expr} = {value(expr)} (requests so far: {traffic})")
+
+    tiny = {"deployment": "tiny", "engine_pool": "gpu", "target": 0.7, "max_replicas": 2}  # examples/local-tiny.yaml
+    eventually(f'v4d:replicas_ready:sum{{role="engine", pool="{tiny["engine_pool"]}"}}', lambda v: v >= 1)
+    eventually('v4d:replicas_ready:sum{role="experts"}', lambda v: v >= 2)  # experts split over both pools
+    eventually(f'v4d:kv_cache_usage:target{{deployment="{tiny["deployment"]}"}}', lambda v: v == tiny["target"])
+    eventually(f'v4d:autoscale_max_replicas:max{{deployment="{tiny["deployment"]}"}}',
+               lambda v: v == tiny["max_replicas"])
+    for rate in ("v4d:generation_tokens:rate2m", "v4d:prompt_tokens:rate2m", "v4d:expert_tokens:rate2m",
+                 'v4d:requests_rejected:rate2m{reason="queue_full"}',
+                 'v4d:requests_finished:rate2m{finished_reason="length"}',
+                 'v4d:operator_reconciles:rate5m{result="error"}',
+                 'v4d:operator_reconcile_errors:rate5m{reason="TimeoutError"}'):
+        eventually(rate, lambda v: v > 0)
+    eventually("max_over_time(v4d:ttft_seconds:p99[15m])", lambda v: 0 < v < 120)
 
 
 def test_template_variables_have_values(prometheus, traffic):
