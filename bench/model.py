@@ -85,11 +85,15 @@ def kv_held(contexts: list[int], chunk: int, fill_up_to: int) -> list[dict]:
 
         secs = timed(fill)
         window = sum(lc.window[0].nbytes for lc in kv.layers.values())
+        # bytes of entries the model actually wrote (non-zero rows of pages and rings), bf16 sizes
+        written = sum(int(t.flatten(0, -2).abs().sum(-1).gt(0).sum()) * t.shape[-1] * 2
+                      for lc in kv.layers.values() for t in (lc.window, lc.main, lc.index) if t is not None)
         held = len(seq.page_ids) * kv.page_nbytes + window
         tails = kv.slot_nbytes - window
         analytic = sizing.kv_bytes_at_context(cfg, n, "bf16")
         assert window == cfg.num_hidden_layers * cfg.sliding_window * main
         rows.append({"context": n, "pages": pages, "held_bytes": held, "analytic_bytes": analytic,
+                     "written_bytes": written if filled else None,
                      "held_per_token": held / n, "analytic_per_token": analytic / n,
                      "held_over_analytic": held / analytic, "compressor_tail_bytes": tails,
                      "filled": filled, "prefill_s": secs})
@@ -225,10 +229,11 @@ def main() -> None:
     kv = kv_held(contexts, chunk=2048, fill_up_to=args.fill_up_to)
     print("\nKV state held per token (bf16 cache, small config) vs sizing.kv_bytes_at_context")
     print(f"{'context':>8} {'pages':>6} {'held B/tok':>11} {'analytic B/tok':>15} {'held/analytic':>14} "
-          f"{'tails B':>9} {'filled':>7} {'prefill s':>10}")
+          f"{'written/analytic':>17} {'tails B':>9} {'prefill s':>10}")
     for r in kv:
+        written = f"{r['written_bytes'] / r['analytic_bytes']:.4f}" if r["filled"] else "not run"
         print(f"{r['context']:>8} {r['pages']:>6} {r['held_per_token']:>11.2f} {r['analytic_per_token']:>15.2f} "
-              f"{r['held_over_analytic']:>14.4f} {r['compressor_tail_bytes']:>9} {'yes' if r['filled'] else 'no':>7} "
+              f"{r['held_over_analytic']:>14.4f} {written:>17} {r['compressor_tail_bytes']:>9} "
               f"{r['prefill_s']:>10.1f}", flush=True)
     pre = prefill_growth(lengths, chunk=4096)
     print("\nAttention prefill time, one layer (s): hybrid (chunked) vs dense causal, same dims")
