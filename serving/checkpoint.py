@@ -51,6 +51,10 @@ def write_checkpoint(
 ) -> Path:
     """Quantise `tensors` (official names, logical values) per the layout and write a checkpoint."""
     layout, block = official_layout(cfg), tuple(cfg.weight_block_size)
+    tok = tokenizer or Tokenizer.train(cfg.vocab_size)
+    if (tok.bos_id, tok.eos_id) != (cfg.bos_token_id, cfg.eos_token_id):
+        raise ValueError(f"bos_token_id/eos_token_id: the config says {cfg.bos_token_id}/{cfg.eos_token_id}, "
+                         f"the tokenizer has {tok.bos_id}/{tok.eos_id}")
     missing = [n for n in layout if n not in tensors]
     extra = [n for n in tensors if n not in layout]
     if missing or extra:
@@ -86,7 +90,6 @@ def write_checkpoint(
         save_file(data, out / file, metadata={"format": "pt"})
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.to_json(out / CONFIG_FILE)
-    tok = tokenizer or Tokenizer.train(cfg.vocab_size)
     tok.save(out / TOKENIZER_FILE)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.raw.id_to_token(tok.bos_id),

@@ -1,6 +1,7 @@
 """Checkpoint writer and loader: official file format, sharding, dequantisation, subset reads."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -188,6 +189,17 @@ def test_progress_bar_counts_tensors(ckpt_dir, capsys):
     ckpt = Checkpoint(ckpt_dir)
     ckpt.read(ckpt.select({}, dense=False) + ["norm.weight", "head.weight"], progress=True)
     assert "2/2" in capsys.readouterr().err
+
+
+def test_writer_rejects_mismatches(tmp_path, tiny_tensors, tiny_tokenizer):
+    with pytest.raises(ValueError, match="bos_token_id/eos_token_id: the config says 5/1"):
+        write_checkpoint(tiny_tensors, replace(TINY, bos_token_id=5), tmp_path, tokenizer=tiny_tokenizer)
+    bad = dict(tiny_tensors, **{"norm.weight": torch.ones(7)})
+    with pytest.raises(ValueError, match=r"norm.weight: shape \(7,\), expected \(128,\)"):
+        write_checkpoint(bad, TINY, tmp_path, tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"missing \['embed.weight'\]"):
+        write_checkpoint({k: v for k, v in tiny_tensors.items() if k != "embed.weight"}, TINY, tmp_path,
+                         tokenizer=tiny_tokenizer)
 
 
 def test_parse_size():
