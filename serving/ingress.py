@@ -82,7 +82,14 @@ class Ingress:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model}'.", param="model", code="model_not_found")
 
     def _params(
-        self, n_prompt: int, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None, stop: list[str]
+        self,
+        n_prompt: int,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: list[str],
+        ignore_eos: bool = False,
     ) -> SamplingParams:
         limit = self.plan.max_context_tokens
         if n_prompt >= limit:
@@ -107,6 +114,7 @@ class Ingress:
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
             stop=stop,
+            ignore_eos=ignore_eos,
         )
 
     async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
@@ -178,7 +186,9 @@ class Ingress:
             self._check_model(req.model)
             prompt = req.prompt()
             ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops())
+            params = self._params(
+                len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
+            )
             gen = self._new_request("chatcmpl-", ids, params)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
@@ -199,7 +209,9 @@ class Ingress:
             bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
             if bad:
                 raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}", param="prompt")
-            params = self._params(len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops())
+            params = self._params(
+                len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
+            )
             gen = self._new_request("cmpl-", ids, params)
             evs = await self._start(gen, PlainParser())
             if req.stream:

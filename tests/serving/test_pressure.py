@@ -8,7 +8,7 @@ from conftest import APP
 from ray import serve
 
 MODEL = "v4-tiny"
-LONG = "The sea is wide and deep and full of fish. " * 30  # ~300 tokens: 3 of the 6 KV pages
+LONG = "The sea is wide and deep and full of fish. " * 30  # ~300 tokens: with the output 4 of the 8 KV pages
 
 
 def _engine_replicas() -> int:
