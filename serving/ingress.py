@@ -60,6 +60,8 @@ class Ingress:
         self.tok = Tokenizer.from_file(checkpoint)
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
         self.timeout_s = self.plan.serving.request_timeout_s
+        self.inflight = 0  # requests holding an engine stream
+        self.draining = False
 
     # -- plumbing --------------------------------------------------------------------------
     async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -119,10 +121,14 @@ class Ingress:
 
     async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
         """Submit to an engine and wait for its first item; return the request's event stream."""
+        if self.draining:
+            raise APIError(503, "The server is shutting down; retry on another instance.", code="shutting_down")
         stream = self.engine.generate.remote(gen.engine_request())
+        self.inflight += 1
         try:
             first = await asyncio.wait_for(anext(stream, None), self.timeout_s)
         except BaseException:
+            self.inflight -= 1
             stream.cancel()
             raise
         return self._events(stream, first, gen, parser)
@@ -147,6 +153,7 @@ class Ingress:
         except TimeoutError:
             raise APIError(504, f"No progress from the engine in {self.timeout_s:g} s.", code="timeout") from None
         finally:
+            self.inflight -= 1
             if not done:  # stop sequence, client gone, or error: free the engine's slot now
                 stream.cancel()
 
@@ -160,6 +167,14 @@ class Ingress:
 
     def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
         return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])
+
+    async def drain(self) -> int:
+        """Refuse new requests (503) from now on; return how many are still in flight.
+
+        Called (through the app handle) before shutting down, until it returns 0, so in-flight
+        streams finish while every deployment they need is still up."""
+        self.draining = True
+        return self.inflight
 
     # -- routes -----------------------------------------------------------------------------
     @app.get("/healthz")

@@ -116,8 +116,23 @@ def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None 
     serve.run(build_app(plan, api_key=key), name=app_name, route_prefix="/")
 
 
+def drain(app_name: str = APP_NAME, timeout_s: float = 60.0) -> bool:
+    """Stop admitting requests and wait for in-flight ones to finish; False if some were still running."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    deadline = time.monotonic() + timeout_s
+    while handle.drain.remote().result() > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> None:
-    """Run until SIGINT/SIGTERM, then shut Serve (in-flight streams finish) and every Ray process down."""
+    """Run until SIGINT/SIGTERM, then drain (in-flight streams finish), shut Serve and every Ray process down."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -135,7 +150,11 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
                 log(f"  metrics ({node}): {url}")
             log("press Ctrl-C to stop")
         stop.wait()
-        log("shutting down ...")
+        log("shutting down: finishing in-flight requests ...")
+        try:
+            drain(timeout_s=min(plan.serving.request_timeout_s, 120.0))
+        except Exception as e:  # the app never came up, or is already gone: nothing to drain
+            log(f"  (no drain: {type(e).__name__})")
     finally:
         local.shutdown()
         log("stopped")
