@@ -55,8 +55,9 @@ def test_kv_pressure_queues_rejects_and_autoscales(base_url, engine):
         time.sleep(1)
     engine_decisions = [d for d in decisions if d["deployment"] == "engine"]
     up = next(d for d in engine_decisions if d["direction"] == "up")
-    assert (up["from"], up["to"]) == (1, 2) and max(up["by_kv"], up["by_queue"]) == 2
-    assert any(d["direction"] == "down" and d["to"] == 1 for d in engine_decisions[engine_decisions.index(up):])
+    assert (up["from"], up["to"]) == (1, 2) and max(up["by_kv"], up["by_queue"]) >= 2, engine_decisions
+    after = engine_decisions[engine_decisions.index(up):]
+    assert any(d["direction"] == "down" and d["to"] == 1 for d in after), engine_decisions
     deadline = time.time() + 60
     while _engine_replicas() != 1 and time.time() < deadline:
         time.sleep(1)
