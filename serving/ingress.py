@@ -9,6 +9,7 @@ client that goes away cancels the engine request (the handle's response is cance
 
 
 import asyncio
+import hmac
 import os
 import time
 import uuid
@@ -76,7 +77,7 @@ class Ingress:
             return
         auth = request.headers.get("authorization", "")
         key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if key != self.api_key:
+        if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
 
     def _check_model(self, model: str) -> None:
