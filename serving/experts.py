@@ -129,3 +129,11 @@ def bind_shards(
             options["ray_actor_options"] = pool_actor_options(plan, spec["pool"])
         apps[spec["name"]] = dep.options(**options).bind(plan, spec["name"], weights_dir)
     return apps
+
+
+def shard_app_builder(args: dict[str, Any]) -> Any:
+    """Serve app builder for one shard deployed as its own app (serveConfigV2 `import_path:
+    v4d.serving.experts:shard_app_builder`, `args: {"plan": <plan dict>, "shard": <name>}`); the engine
+    then runs with `bind_engine(..., shard_apps=True)`."""
+    plan = args["plan"]
+    return bind_shards(plan, plan["weights_uri"])[args["shard"]]

@@ -15,7 +15,7 @@ from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.errors import ContextTooLong, ShardUnavailable
-from v4d.serving.experts import bind_shards
+from v4d.serving.experts import shard_app_builder
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 
@@ -49,8 +49,8 @@ def app(serve_instance, tmp_path_factory):
     torch.set_num_threads(1)
     weights = str(make_checkpoint(CFG, tmp_path_factory.mktemp("ckpt")))
     plan = make_plan(weights)
-    for name, shard in bind_shards(plan, weights).items():
-        serve.run(shard, name=name, route_prefix=None)
+    for name in SLOTS:
+        serve.run(shard_app_builder({"plan": plan, "shard": name}), name=name, route_prefix=None)
     engine = serve.run(bind_engine(plan, weights, shard_apps=True), name=APP, route_prefix=None)
     handles = {n: serve.get_deployment_handle(n, n) for n in SLOTS}
     yield plan, load_model(weights, progress=False), engine, handles
