@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,9 +71,6 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-_counter = itertools.count()
-
-
 @dataclass(eq=False)
 class Sequence:
     """Token ids are prompt + output; `num_computed` of them are in the KV cache.
@@ -99,7 +95,6 @@ class Sequence:
     last_token: float | None = None
     num_cached: int = 0  # prompt tokens served from the prefix cache
     shard_failures: int = 0  # steps that failed because experts were unreachable
-    order: int = field(default_factory=lambda: next(_counter))
 
     @property
     def token_ids(self) -> list[int]:
