@@ -1,0 +1,180 @@
+"""kopf handlers (thin): every trigger ends in `Reconciler.sync` of one V4Deployment.
+
+Run with `v4d operator` or `kopf run -m v4d.operator.handlers [-A | -n NS] [--standalone]`.
+Without the CLI, settings come from the environment: V4D_OPERATOR_METRICS_PORT,
+V4D_IMAGE_NVIDIA, V4D_IMAGE_ASCEND, V4D_RAY_VERSION, V4D_WEBHOOK_PORT / V4D_WEBHOOK_HOST /
+V4D_WEBHOOK_CERT / V4D_WEBHOOK_KEY. The kubeconfig is read at startup (KUBECONFIG, else
+~/.kube/config, else the in-cluster account), not at import, so KUBECONFIG set late still counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from v4d.operator import render
+from v4d.operator.kube import Kube
+from v4d.operator.metrics import OperatorMetrics, start_metrics_server
+from v4d.operator.reconcile import Reconciler
+
+PLURAL = "v4deployments"
+OWNED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+COALESCE_S = 0.2  # child events within this window trigger one reconcile of their owner
+log = logging.getLogger("v4d.operator")
+
+
+@dataclass
+class OperatorConfig:
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    images: dict[str, str] = field(default_factory=lambda: dict(render.RenderOptions().images))
+    ray_version: str = render.RenderOptions().ray_version
+    webhook_port: int | None = None
+    webhook_host: str | None = None
+    webhook_cert: str | None = None
+    webhook_key: str | None = None
+    max_workers: int = 8
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        env = os.environ
+        c = cls()
+        if env.get("V4D_OPERATOR_METRICS_PORT"):
+            c.metrics_port = int(env["V4D_OPERATOR_METRICS_PORT"])
+        for vendor in c.images:
+            c.images[vendor] = env.get(f"V4D_IMAGE_{vendor.upper()}", c.images[vendor])
+        c.ray_version = env.get("V4D_RAY_VERSION", c.ray_version)
+        if env.get("V4D_WEBHOOK_PORT"):
+            c.webhook_port = int(env["V4D_WEBHOOK_PORT"])
+        c.webhook_host = env.get("V4D_WEBHOOK_HOST") or None
+        c.webhook_cert = env.get("V4D_WEBHOOK_CERT") or None
+        c.webhook_key = env.get("V4D_WEBHOOK_KEY") or None
+        return c
+
+
+CONFIG: OperatorConfig | None = None  # set by `v4d operator` before kopf starts; else from env
+
+
+@dataclass
+class _State:
+    reconciler: Reconciler | None = None
+    metrics: OperatorMetrics | None = None
+    server: Any = None
+    pending: set[tuple[str, str]] = field(default_factory=set)
+
+
+STATE = _State()
+
+
+def _api_client() -> client.ApiClient:
+    try:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+    except config.ConfigException:
+        config.load_incluster_config()
+    return client.ApiClient()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    _api_client()  # loads the current kubeconfig (or in-cluster account) into the default config
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    cfg = CONFIG or OperatorConfig.from_env()
+    # kopf's bookkeeping goes to annotations (the status schema would prune status.kopf) and its
+    # own per-handler Events are off: the reconciler posts the Events that say what changed.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="v4d.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="v4d.dev")
+    settings.posting.enabled = False
+    settings.execution.max_workers = cfg.max_workers
+    if cfg.webhook_port:
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=cfg.webhook_port, host=cfg.webhook_host,
+            certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
+        settings.admission.managed = f"{PLURAL}.{render.GROUP}"
+    metrics = OperatorMetrics()
+    kube = Kube(_api_client(), on_write=metrics.api_write)
+    options = render.RenderOptions(images=cfg.images, ray_version=cfg.ray_version,
+                                   monitoring=kube.has_api("monitoring.coreos.com/v1", "PodMonitor"))
+    STATE.metrics = metrics
+    STATE.reconciler = Reconciler(kube=kube, metrics=metrics, options=options)
+    if cfg.metrics_port is not None:
+        STATE.server = start_metrics_server(metrics, cfg.metrics_port, cfg.metrics_addr)
+    log.info("v4d operator ready (PodMonitors: %s)", options.monitoring)
+
+
+@kopf.on.cleanup()
+def cleanup(**_: Any) -> None:
+    if STATE.server is not None:
+        STATE.server.shutdown()
+        STATE.server = None
+
+
+def _sync(namespace: str, name: str, body: Any = None) -> None:
+    assert STATE.reconciler is not None
+    try:
+        STATE.reconciler.sync(namespace, name)
+    except Exception as e:
+        if body is not None:
+            STATE.reconciler.event(body, "Warning", "ReconcileFailed", f"{type(e).__name__}: {e}")
+        raise
+
+
+@kopf.on.resume(render.GROUP, render.VERSION, PLURAL, backoff=2)
+@kopf.on.create(render.GROUP, render.VERSION, PLURAL, backoff=2)
+@kopf.on.update(render.GROUP, render.VERSION, PLURAL, field="spec", backoff=2)
+def reconcile(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+    _sync(namespace, name, body)
+
+
+@kopf.on.event(render.GROUP, render.VERSION, PLURAL)
+def deleted(type: str, uid: str, **_: Any) -> None:
+    """Children go by ownerReference garbage collection (no finalizer); forget in-memory state."""
+    if type == "DELETED" and STATE.reconciler is not None:
+        STATE.reconciler.forget(uid)
+
+
+async def _child_event(namespace: str, labels: dict[str, str]) -> None:
+    """A child changed (drift, KubeRay status, deletion): reconcile its owner, once per burst."""
+    owner = labels.get(render.DEPLOYMENT_LABEL)
+    if not owner:
+        return
+    key = (namespace, owner)
+    if key in STATE.pending:
+        return
+    STATE.pending.add(key)
+    try:
+        await asyncio.sleep(COALESCE_S)
+    finally:
+        STATE.pending.discard(key)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _sync, namespace, owner)
+    except Exception:  # logged; the next event or the owner's handler retries
+        log.exception("reconcile of %s/%s after a child event failed", namespace, owner)
+
+
+@kopf.on.event("ray.io", "v1", "rayservices", labels=OWNED)
+@kopf.on.event("", "v1", "configmaps", labels=OWNED)
+@kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=OWNED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=OWNED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
+async def child_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    await _child_event(namespace, labels)
+
+
+@kopf.on.validate(render.GROUP, render.VERSION, PLURAL)
+def admission(spec: dict[str, Any], **_: Any) -> None:
+    """The optional validating webhook: the same checks the reconciler runs, at admission time."""
+    from v4d.operator.validate import validate_spec
+
+    issues = validate_spec(dict(spec))
+    if issues:
+        raise kopf.AdmissionError("; ".join(str(i) for i in issues), code=422)
