@@ -114,7 +114,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
                         lambda b, a=(v, g): b.gated_pool(*a)))
     # Routed experts of one shard: every token picks k of the shard's experts.
     x = rnd(t, dm)
-    ids = torch.stack([torch.randperm(e_local, generator=gen, device=dev)[:k_act] for _ in range(t)])
+    ids = torch.rand(t, e_local, generator=gen, device=dev).argsort(1)[:, :k_act]      # k distinct
     wts = torch.rand(t, k_act, generator=gen, device=dev)
     w1, w3 = rnd(e_local, inter, dm, scale=dm**-0.5), rnd(e_local, inter, dm, scale=dm**-0.5)
     w2 = rnd(e_local, dm, inter, scale=inter**-0.5)

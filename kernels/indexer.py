@@ -67,53 +67,43 @@ def indexer_scores(
 
 
 @triton.jit
-def _ordered_keys(x):
-    """int32 keys ordered like the fp32 values; -inf and NaN get INT32_MIN (never selected)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return tl.where(x > float("-inf"), key, -2147483648)
-
-
-@triton.jit
-def _count_at_least(scores_ptr, rows, row_ok, S, ss, tau, BLOCK_S: tl.constexpr):
-    """Per row: how many keys are >= tau[row] (tau int64, [BLOCK_R])."""
-    n = tl.zeros_like(tau)
-    for s0 in range(0, S, BLOCK_S):
-        offs = s0 + tl.arange(0, BLOCK_S)
-        x = tl.load(scores_ptr + rows[:, None] * ss + offs[None, :],
-                    mask=row_ok[:, None] & (offs < S)[None, :], other=float("-inf"))
-        n += tl.sum((_ordered_keys(x).to(tl.int64) >= tau[:, None]).to(tl.int64), 1)
-    return n
-
-
-@triton.jit
 def _indexer_topk_kernel(scores_ptr, out_ptr, T, S, K, ss, so, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < T
-    # Per row, the largest tau in [INT32_MIN + 1, INT32_MAX] with count(key >= tau) >= K; the lower
-    # end when fewer than K scores are finite (then every finite score is taken).
+    # Per row, tau = the largest key in [INT32_MIN + 1, INT32_MAX] with count(key >= tau) >= K (the
+    # lower end when fewer than K scores are finite: then every finite score is taken).
+    # Passes 0..31 binary-search tau, pass 32 counts the keys above it (the ties still needed follow),
+    # pass 33 writes. One loop, so the key mapping and the row scan are written once.
     lo = tl.full([BLOCK_R], -2147483647, tl.int64)
     hi = tl.full([BLOCK_R], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) // 2
-        enough = _count_at_least(scores_ptr, rows, row_ok, S, ss, mid, BLOCK_S) >= K
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    ties_left = K - _count_at_least(scores_ptr, rows, row_ok, S, ss, lo + 1, BLOCK_S)
-    written = tl.zeros_like(lo)
-    for s0 in range(0, S, BLOCK_S):
-        offs = s0 + tl.arange(0, BLOCK_S)
-        x = tl.load(scores_ptr + rows[:, None] * ss + offs[None, :],
-                    mask=row_ok[:, None] & (offs < S)[None, :], other=float("-inf"))
-        key = _ordered_keys(x).to(tl.int64)
-        tie = (key == lo[:, None]).to(tl.int64)
-        tie_rank = tl.cumsum(tie, 1) - tie                    # earlier ties in this block
-        take = ((key > lo[:, None]) | ((tie == 1) & (tie_rank < ties_left[:, None]))).to(tl.int64)
-        pos = written[:, None] + tl.cumsum(take, 1) - 1
-        tl.store(out_ptr + rows[:, None] * so + pos, offs[None, :] + tl.zeros_like(pos).to(tl.int32),
-                 mask=take == 1)
-        written += tl.sum(take, 1)
-        ties_left -= tl.sum(tie * take, 1)
+    ties_left = tl.zeros([BLOCK_R], tl.int64)
+    written = tl.zeros([BLOCK_R], tl.int64)
+    for it in range(34):
+        tau = tl.where(it < 32, (lo + hi + 1) // 2, lo + 1)
+        n = tl.zeros([BLOCK_R], tl.int64)
+        for s0 in range(0, S, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            x = tl.load(scores_ptr + rows[:, None] * ss + offs[None, :],
+                        mask=row_ok[:, None] & (offs < S)[None, :], other=float("-inf"))
+            # int32 keys ordered like the floats; -inf and NaN get INT32_MIN (never selected).
+            bits = x.to(tl.int32, bitcast=True)
+            key = tl.where(x > float("-inf"), bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648).to(tl.int64)
+            n += tl.sum((key >= tau[:, None]).to(tl.int64), 1)
+            if it == 33:
+                tie = (key == lo[:, None]).to(tl.int64)
+                tie_rank = tl.cumsum(tie, 1) - tie                # earlier ties in this block
+                take = ((key > lo[:, None]) | ((tie == 1) & (tie_rank < ties_left[:, None]))).to(tl.int64)
+                pos = written[:, None] + tl.cumsum(take, 1) - 1
+                tl.store(out_ptr + rows[:, None] * so + pos, offs[None, :] + tl.zeros_like(pos).to(tl.int32),
+                         mask=take == 1)
+                written += tl.sum(take, 1)
+                ties_left -= tl.sum(tie * take, 1)
+        if it < 32:
+            enough = n >= K
+            lo = tl.where(enough, tau, lo)
+            hi = tl.where(enough, hi, tau - 1)
+        elif it == 32:
+            ties_left = K - n
 
 
 def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Routed experts: tokens sorted by expert, grouped GEMMs with the clamped SwiGLU, weighted combine.
 
 1. On the device, with no host sync: the (token, slot) pairs whose expert is local are sorted by
-   expert (stable argsort); per expert, a count and a start offset; tiles of BLOCK_M pairs, at most
-   min(P, P / BLOCK_M + E) of them, so the grid is sized without reading the counts back.
+   expert (stable argsort); per expert a count and a start offset; then a tile schedule of
+   BLOCK_M pairs per tile (expert, first row, end row). A GPU launch sizes the grid by the bound
+   min(P, P / BLOCK_M + E) and surplus tiles exit at once; on the CPU the exact count is read.
 2. `_expert_up_kernel`: per tile (one expert) and block of the intermediate dim, gathers the tile's
    token rows of x, multiplies by w1[e] and w3[e] over d and writes
-   h = silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim) in sorted order.
+   h = silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim) in sorted order (x's dtype, as the official
+   expert casts before w2).
 3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
    the pair's own row (token-major), so no atomics and the result is deterministic.
 4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype.
@@ -20,29 +22,17 @@ from v4d.kernels.launch import dot_dtype, interpreting, pow2
 
 
 @triton.jit
-def _tile_expert(tile_end_ptr, g, E, BLOCK_E: tl.constexpr):
-    """Expert owning tile g: how many experts' tiles end at or before g (E when g is past the end)."""
-    offs = tl.arange(0, BLOCK_E)
-    ends = tl.load(tile_end_ptr + offs, mask=offs < E, other=2147483647)
-    return tl.sum((ends <= g).to(tl.int32), 0)
-
-
-@triton.jit
 def _expert_up_kernel(
-    x_ptr, order_ptr, start_ptr, count_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr,
-    E, TOPK, Dm, Di, limit,
+    x_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr,
+    TOPK, Dm, Di, limit,
     sx, s1e, s1i, sh,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
 ):
     g = tl.program_id(0)
-    e = _tile_expert(tile_end_ptr, g, E, BLOCK_E)
-    if e < E:
-        n_tiles = (tl.load(count_ptr + e) + BLOCK_M - 1) // BLOCK_M
-        first = tl.load(tile_end_ptr + e) - n_tiles
-        seg_end = tl.load(start_ptr + e) + tl.load(count_ptr + e)
-        offs_m = tl.load(start_ptr + e) + (g - first) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seg_end
+    e = tl.load(tile_e_ptr + g)
+    if e >= 0:
+        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < tl.load(tile_end_ptr + g)
         tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0) // TOPK
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Di
@@ -70,20 +60,16 @@ def _expert_up_kernel(
 
 @triton.jit
 def _expert_down_kernel(
-    h_ptr, order_ptr, start_ptr, count_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr,
-    E, Dm, Di,
+    h_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr,
+    Dm, Di,
     sh, s2e, s2d, sy,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
 ):
     g = tl.program_id(0)
-    e = _tile_expert(tile_end_ptr, g, E, BLOCK_E)
-    if e < E:
-        n_tiles = (tl.load(count_ptr + e) + BLOCK_M - 1) // BLOCK_M
-        first = tl.load(tile_end_ptr + e) - n_tiles
-        seg_end = tl.load(start_ptr + e) + tl.load(count_ptr + e)
-        offs_m = tl.load(start_ptr + e) + (g - first) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seg_end
+    e = tl.load(tile_e_ptr + g)
+    if e >= 0:
+        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < tl.load(tile_end_ptr + g)
         pair = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Dm
@@ -103,16 +89,34 @@ def _expert_down_kernel(
 
 
 @triton.jit
-def _combine_kernel(ypair_ptr, ids_ptr, out_ptr, E, TOPK, Dm, sy, so,
-                    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0)
+def _combine_kernel(ypair_ptr, ids_ptr, out_ptr, T, E, TOPK, Dm, sy, so,
+                    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ids = tl.load(ids_ptr + t * TOPK + offs_j, mask=offs_j < TOPK, other=-1)
+    pair = offs_t[:, None] * TOPK + offs_j[None, :]                          # [t, j]
+    ids = tl.load(ids_ptr + pair, mask=(offs_t < T)[:, None] & (offs_j < TOPK)[None, :], other=-1)
     local = (ids >= 0) & (ids < E)
-    rows = tl.load(ypair_ptr + (t * TOPK + offs_j).to(tl.int64)[:, None] * sy + offs_n[None, :],
-                   mask=local[:, None] & (offs_n < Dm)[None, :], other=0.0)
-    tl.store(out_ptr + t * so + offs_n, tl.sum(rows, 0).to(out_ptr.dtype.element_ty), mask=offs_n < Dm)
+    rows = tl.load(ypair_ptr + pair.to(tl.int64)[:, :, None] * sy + offs_n[None, None, :],
+                   mask=local[:, :, None] & (offs_n < Dm)[None, None, :], other=0.0)
+    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
+             mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :])
+
+
+def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
+    """Tiles of BLOCK_M sorted pairs: (count, expert per tile (-1 for surplus tiles), first row,
+    end row). `bound` sizes the grid without a host sync; None reads the exact count back."""
+    count = torch.bincount(expert, minlength=e + 1)[:e]
+    start = torch.cumsum(count, 0) - count
+    tiles = torch.div(count + bm - 1, bm, rounding_mode="floor")
+    ends = torch.cumsum(tiles, 0)
+    n_tiles = int(ends[-1]) if bound is None else bound
+    g = torch.arange(n_tiles, device=expert.device)
+    te = torch.searchsorted(ends, g, right=True)                     # e for real tiles, e past them
+    ec = te.clamp(max=e - 1)
+    row = start[ec] + (g - (ends[ec] - tiles[ec])) * bm
+    tile_e = torch.where(te < e, te, -1).to(torch.int32)
+    return n_tiles, tile_e, row.to(torch.int32), (start[ec] + count[ec]).to(torch.int32)
 
 
 def moe_experts(
@@ -127,41 +131,41 @@ def moe_experts(
     t, d = x.shape
     topk = ids.shape[1]
     e, inter, _ = w1.shape
-    out = torch.empty_like(x)
+    out = torch.zeros_like(x)
     pairs = t * topk
     if pairs == 0 or e == 0:
-        return out.zero_()
+        return out
     x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
     flat = ids.reshape(-1).to(torch.int64)
     expert = torch.where((flat >= 0) & (flat < e), flat, e)          # e = not local
     order = torch.argsort(expert, stable=True).to(torch.int32)
-    count = torch.bincount(expert, minlength=e + 1)[:e]
-    start = (torch.cumsum(count, 0) - count).to(torch.int32)
-    if interpreting():
-        bm, bn, bk, warps = 16, 64, 64, 4
+    if interpreting():      # few programs and loop steps: the interpreter pays per op
+        bm, bn_up, bn_down, bk = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128
+        bound = None
     else:
-        bm, bn, bk, warps = 64, 64, 64, 4
-    tile_end = torch.cumsum(torch.div(count + bm - 1, bm, rounding_mode="floor"), 0).to(torch.int32)
-    count = count.to(torch.int32)
-    max_tiles = min(pairs, triton.cdiv(pairs, bm) + e)
+        bm, bn_up, bn_down, bk = 64, 64, 64, 64
+        bound = min(pairs, triton.cdiv(pairs, bm) + e)
+    n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
+    if n_tiles == 0:
+        return out
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)        # sorted order
     y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
     dot = dot_dtype(x)
-    _expert_up_kernel[(max_tiles, triton.cdiv(inter, bn))](
-        x, order, start, count, tile_end, w1, w3, h,
-        e, topk, d, inter, float(swiglu_limit),
+    _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
+        x, order, tile_e, tile_row, tile_end, w1, w3, h,
+        topk, d, inter, float(swiglu_limit),
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_E=pow2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, num_warps=4,
     )
-    _expert_down_kernel[(max_tiles, triton.cdiv(d, bn))](
-        h, order, start, count, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs,
-        e, d, inter,
+    _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
+        h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs,
+        d, inter,
         h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0),
-        BLOCK_E=pow2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, num_warps=4,
     )
-    block_n = min(pow2(d), 1024) if interpreting() else 256
-    _combine_kernel[(t, triton.cdiv(d, block_n))](
-        y_pairs, flat, out, e, topk, d, y_pairs.stride(0), out.stride(0),
-        BLOCK_J=pow2(topk), BLOCK_N=block_n, num_warps=4,
+    block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
+    _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
+        y_pairs, flat, out, t, e, topk, d, y_pairs.stride(0), out.stride(0),
+        BLOCK_T=block_t, BLOCK_J=pow2(topk), BLOCK_N=block_n, num_warps=4,
     )
     return out

@@ -4,7 +4,7 @@
 registers and writes pre, post and the Sinkhorn-normalised n x n comb in one pass (the n x n
 matrices live as a [tokens, n, n] tile; n is padded to a power of two with zeros).
 `hc_pre` (x = sum_k pre_k X_k) and `hc_post` (X'_k = post_k f + sum_j comb_jk X_j): one program per
-(token, block of d), all n streams at once.
+(block of tokens, block of d), all n streams at once.
 """
 
 from __future__ import annotations
@@ -79,36 +79,47 @@ def hc_split_sinkhorn(
 
 
 @triton.jit
-def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, N, Dm, sx_t, sx_n, sp, so,
-                   NP: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
+def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so,
+                   NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    X = tl.load(x_ptr + t * sx_t + k[:, None] * sx_n + offs_d[None, :],
-                mask=(k < N)[:, None] & (offs_d < Dm)[None, :], other=0.0).to(tl.float32)
-    w = tl.load(pre_ptr + t * sp + k, mask=k < N, other=0.0).to(tl.float32)
-    tl.store(o_ptr + t * so + offs_d, tl.sum(w[:, None] * X, 0).to(o_ptr.dtype.element_ty), mask=offs_d < Dm)
+    t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
+    X = tl.load(x_ptr + t3 * sx_t + k3 * sx_n + d3, mask=(t3 < T) & (k3 < N) & (d3 < Dm),
+                other=0.0).to(tl.float32)
+    w = tl.load(pre_ptr + offs_t[:, None] * sp + k[None, :], mask=(offs_t < T)[:, None] & (k < N)[None, :],
+                other=0.0).to(tl.float32)
+    out = tl.sum(w[:, :, None] * X, 1)
+    tl.store(o_ptr + offs_t[:, None] * so + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_t < T)[:, None] & (offs_d < Dm)[None, :])
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, N, Dm, sf, sx_t, sx_n, sp, sc_t, so_t, so_n,
-                    NP: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, T, Dm, sf, sx_t, sx_n, sp, sc_t, so_t, so_n,
+                    N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (k < N)[:, None] & (offs_d < Dm)[None, :]
-    X = tl.load(x_ptr + t * sx_t + k[:, None] * sx_n + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    f = tl.load(f_ptr + t * sf + offs_d, mask=offs_d < Dm, other=0.0).to(tl.float32)
-    post = tl.load(post_ptr + t * sp + k, mask=k < N, other=0.0).to(tl.float32)
-    comb = tl.load(comb_ptr + t * sc_t + k[:, None] * N + k[None, :],          # [j, k]
-                   mask=(k < N)[:, None] & (k < N)[None, :], other=0.0).to(tl.float32)
-    mixed = tl.sum(comb[:, :, None] * X[:, None, :], 0)                        # [k, d]
-    out = post[:, None] * f[None, :] + mixed
-    tl.store(o_ptr + t * so_t + k[:, None] * so_n + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=ok)
+    t_ok, d_ok = offs_t < T, offs_d < Dm
+    tk_ok = t_ok[:, None] & (k < N)[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    f = tl.load(f_ptr + offs_t[:, None] * sf + offs_d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + offs_t[:, None] * sp + k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
+    acc = post[:, :, None] * f[:, None, :]                                  # [t, k, d]
+    for j in tl.static_range(N):
+        c_j = tl.load(comb_ptr + offs_t[:, None] * sc_t + j * N + k[None, :], mask=tk_ok, other=0.0)
+        x_j = tl.load(x_ptr + offs_t[:, None] * sx_t + j * sx_n + offs_d[None, :], mask=td_ok, other=0.0)
+        acc += c_j.to(tl.float32)[:, :, None] * x_j.to(tl.float32)[:, None, :]
+    t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
+    tl.store(o_ptr + t3 * so_t + k3 * so_n + d3, acc.to(o_ptr.dtype.element_ty),
+             mask=(t3 < T) & (k3 < N) & (d3 < Dm))
 
 
-def _block_d(d: int) -> int:
-    return min(pow2(d, 16), 4096 if interpreting() else 512)
+def _blocks(t: int, d: int) -> tuple[int, int]:
+    """(tokens, channels) per program: whole small problems in the interpreter, one token on a GPU."""
+    if interpreting():
+        return min(pow2(t), 64), min(pow2(d, 16), 1024)
+    return 1, min(pow2(d, 16), 512)
 
 
 def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -117,10 +128,10 @@ def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, d, dtype=X.dtype, device=X.device)
     if t == 0 or d == 0:
         return out
-    block_d = _block_d(d)
-    _hc_pre_kernel[(t, triton.cdiv(d, block_d))](
-        X, pre, out, n, d, X.stride(0), X.stride(1), pre.stride(0), out.stride(0),
-        NP=pow2(n), BLOCK_D=block_d, num_warps=4,
+    bt, bd = _blocks(t, d)
+    _hc_pre_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+        X, pre, out, t, n, d, X.stride(0), X.stride(1), pre.stride(0), out.stride(0),
+        NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
     )
     return out
 
@@ -131,10 +142,10 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     out = torch.empty_like(X)
     if t == 0 or d == 0:
         return out
-    block_d = _block_d(d)
-    _hc_post_kernel[(t, triton.cdiv(d, block_d))](
-        f, X, post, comb, out, n, d, f.stride(0), X.stride(0), X.stride(1), post.stride(0), comb.stride(0),
+    bt, bd = _blocks(t, d)
+    _hc_post_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+        f, X, post, comb, out, t, d, f.stride(0), X.stride(0), X.stride(1), post.stride(0), comb.stride(0),
         out.stride(0), out.stride(1),
-        NP=pow2(n), BLOCK_D=block_d, num_warps=4,
+        N=n, NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
     )
     return out

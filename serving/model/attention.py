@@ -64,8 +64,8 @@ class Attention(nn.Module):
         # Round window entries to the storage type now, so a position reads the same value whether it
         # comes from this chunk or, later, from the ring.
         kv = self.rope(self.kv_norm(self.wkv(x)), pos).to(cache.window.dtype).to(x.dtype)
-        comp = self.compressor.project(x) if self.compressor else None
-        index = self.indexer.project(x, qr, pos) if self.indexer else None
+        comp = self.compressor.project(x) if self.compressor is not None else None
+        index = self.indexer.project(x, qr, pos) if self.indexer is not None else None
         o = torch.empty_like(q)
         for sp in spans:
             kv_all, idx = self._window(kv[sp.rows], sp, cache.window)
@@ -89,7 +89,9 @@ class Attention(nn.Module):
         ring[sp.slot, torch.arange(end - keep, end, device=dev) % w] = kv[t - keep :].to(ring.dtype)
         return torch.cat([old, kv]), idx
 
-    def _compressed(self, kv_all, idx, comp, index, sp: Span, cache: LayerCache):
+    def _compressed(self, kv_all: torch.Tensor, idx: torch.Tensor, comp: tuple[torch.Tensor, torch.Tensor],
+                    index: dict[str, torch.Tensor] | None, sp: Span, cache: LayerCache
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this layer's visible compressed entries (and their indices) to the window's."""
         t = idx.shape[0]
         kv_c, score = comp[0][sp.rows], comp[1][sp.rows]

@@ -104,3 +104,22 @@ def test_bad_batches_fail_clearly(tiny_fast):
         with torch.inference_mode():
             X, spans = tiny_fast.hidden([([1, 2], SeqCache(0, [0]))], kv)
             tiny_fast.mtp_logits(X, torch.tensor([2, 3]), spans, kv)
+
+
+def test_resuming_from_a_copied_slot_and_shared_pages_matches_a_full_pass(tiny_fast, tokens):
+    """Prefix sharing as the engine does it: copy the slot state after 128 tokens (one whole page),
+    continue two different suffixes from it, each with its own later pages."""
+    cfg = tiny_fast.cfg
+    kv = KVCache(cfg, 5, 3)
+    prefix, (s1, s2) = tokens[:128], (tokens[128:170], tokens[200:242])
+    tiny_fast([(prefix, SeqCache(0, [3]))], kv)
+    for dst in (1, 2):
+        for lc in kv.layers.values():
+            lc.window[dst] = lc.window[0]
+            for st in (lc.comp, lc.index_comp):
+                if st is not None:
+                    st.kv[dst], st.score[dst] = st.kv[0], st.score[0]
+    a, b = SeqCache(1, [3, 0], 128), SeqCache(2, [3, 4], 128)
+    got_a, got_b = tiny_fast([(s1, a), (s2, b)], kv, all_logits=True)
+    torch.testing.assert_close(got_a, tiny_fast.prefill_logits(torch.cat([prefix, s1]))[128:], **TOL)
+    torch.testing.assert_close(got_b, tiny_fast.prefill_logits(torch.cat([prefix, s2]))[128:], **TOL)
