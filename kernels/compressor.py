@@ -22,7 +22,7 @@ def _gated_pool_kernel(
     sv_b, sv_l, sg_b, sg_l, so_b,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)                 # row offsets can pass 2**31
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_l = tl.arange(0, BLOCK_L)
     ok = (offs_l < L)[:, None] & (offs_c < C)[None, :]

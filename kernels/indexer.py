@@ -3,10 +3,11 @@
 Scores: one program per (query token, block of keys); the key block is loaded once and reused by
 every block of indexer heads. Blocks wholly past the token's visible count only write -inf.
 
-Top-k: one program per row, a radix select without sorting. Scores map to int32 keys that order
-like the floats; a 32-step binary search finds the k-th largest key (each step counts the keys at
-or above a candidate), then one pass writes every index above it plus enough ties (lowest index
-first), in ascending index order. The result is a set; consumers do not depend on its order.
+Top-k: a select without sorting, one program per block of rows (one row on a GPU, all rows in the
+interpreter). Scores map to int32 keys that order like the floats; a 32-step binary search finds
+the k-th largest key (each step counts the keys at or above a candidate), then one pass writes
+every index above it plus enough ties (lowest index first), in ascending index order. The result is
+a set; consumers do not depend on its order.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _indexer_scores_kernel(
     sq_t, sq_h, sw_t, sw_h, sk, so_t,
     BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)                 # row offsets can pass 2**31
     s0 = tl.program_id(1) * BLOCK_S
     offs_s = s0 + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -68,7 +69,7 @@ def indexer_scores(
 
 @triton.jit
 def _indexer_topk_kernel(scores_ptr, out_ptr, T, S, K, ss, so, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < T
     # Per row, tau = the largest key in [INT32_MIN + 1, INT32_MAX] with count(key >= tau) >= K (the
     # lower end when fewer than K scores are finite: then every finite score is taken).

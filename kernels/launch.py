@@ -30,7 +30,3 @@ def dot_dtype(t: torch.Tensor) -> tl.dtype:
 
 def pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

@@ -91,7 +91,7 @@ def _expert_down_kernel(
 @triton.jit
 def _combine_kernel(ypair_ptr, ids_ptr, out_ptr, T, E, TOPK, Dm, sy, so,
                     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pair = offs_t[:, None] * TOPK + offs_j[None, :]                          # [t, j]

@@ -81,7 +81,7 @@ def hc_split_sinkhorn(
 @triton.jit
 def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so,
                    NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
@@ -97,7 +97,7 @@ def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so,
 @triton.jit
 def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, T, Dm, sf, sx_t, sx_n, sp, sc_t, so_t, so_n,
                     N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok, d_ok = offs_t < T, offs_d < Dm

@@ -24,7 +24,7 @@ def _sparse_attention_kernel(
     sq_t, sq_h, skv, sidx, so_t, so_h,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)                 # row offsets can pass 2**31
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok, d_ok = offs_h < H, offs_d < D

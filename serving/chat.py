@@ -94,9 +94,6 @@ class ToolCall:
     name: str
     arguments: str  # a JSON object, as in the OpenAI API
 
-    def to_openai(self, call_id: str) -> dict[str, Any]:
-        return {"id": call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)

@@ -23,6 +23,7 @@ from v4d.serving.sizing import params_total
 from v4d.serving.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DEFAULT_SHARD_SIZE = 4 << 30  # bytes; the released checkpoints use shards of a few GB
+MAX_RANDOM_PARAMS = 2_000_000_000  # random checkpoints are for demos and tests, not full-size presets
 
 
 def fake_quant(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -50,6 +51,10 @@ def write_checkpoint(
 ) -> Path:
     """Quantise `tensors` (official names, logical values) per the layout and write a checkpoint."""
     layout, block = official_layout(cfg), tuple(cfg.weight_block_size)
+    tok = tokenizer or Tokenizer.train(cfg.vocab_size)
+    if (tok.bos_id, tok.eos_id) != (cfg.bos_token_id, cfg.eos_token_id):
+        raise ValueError(f"bos_token_id/eos_token_id: the config says {cfg.bos_token_id}/{cfg.eos_token_id}, "
+                         f"the tokenizer has {tok.bos_id}/{tok.eos_id}")
     missing = [n for n in layout if n not in tensors]
     extra = [n for n in tensors if n not in layout]
     if missing or extra:
@@ -85,17 +90,12 @@ def write_checkpoint(
         save_file(data, out / file, metadata={"format": "pt"})
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.to_json(out / CONFIG_FILE)
-    tok = tokenizer or Tokenizer.train(cfg.vocab_size)
     tok.save(out / TOKENIZER_FILE)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.raw.id_to_token(tok.bos_id),
         "eos_token": tok.raw.id_to_token(tok.eos_id), "model_max_length": cfg.max_position_embeddings,
     }, indent=2, ensure_ascii=False))
     return out
-
-
-# Random checkpoints are for demos and tests; a full-size preset would not fit in memory.
-MAX_RANDOM_PARAMS = 2_000_000_000
 
 
 def make_checkpoint(

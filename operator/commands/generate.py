@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from v4d.serving.chat import encode_messages
+from v4d.serving.config import ModelConfig
 from v4d.serving.generate import generate
-from v4d.serving.model.loader import CheckpointError, load_model
+from v4d.serving.model.loader import CONFIG_FILE, CheckpointError, load_model
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -54,6 +56,12 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
         ids = tok.encode(text) if chat else [tok.bos_id, *tok.encode(text)]
     else:
         ids = _ids(token_ids)
+    try:
+        vocab = ModelConfig.from_json(Path(checkpoint_dir) / CONFIG_FILE).vocab_size
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{checkpoint_dir}: cannot read config.json ({e})") from None
+    if not all(0 <= i < vocab for i in ids):
+        raise click.BadParameter(f"token ids must be in 0..{vocab - 1}", param_hint="--token-ids")
     try:
         model = load_model(checkpoint_dir, progress=not as_json)
     except CheckpointError as e:

@@ -57,3 +57,24 @@ def expert_of(name: str, cfg: ModelConfig) -> tuple[int, int] | None:
 def scale_name(name: str) -> str:
     """`X.weight` -> `X.scale`: where the official files keep a quantised weight's scales."""
     return name.removesuffix(".weight") + ".scale"
+
+
+# Renames the official converter (`inference/convert.py`) applies to Hugging Face style names, so a
+# checkpoint saved as `model.layers.0.self_attn.q_a_proj.weight` + `...weight_scale_inv` maps onto
+# the same inference names as the released `layers.0.attn.wq_a.weight` + `...scale`.
+_HF_PARTS = {
+    "embed_tokens": "embed", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "self_attn": "attn", "mlp": "ffn",
+    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "lm_head": "head",
+    "weight_scale_inv": "scale", "e_score_correction_bias": "bias",
+}
+
+
+def inference_name(file_key: str) -> str | None:
+    """The inference (= model state_dict) name of a tensor in a checkpoint file, as the official
+    converter derives it; None for the MTP block's copies of the shared embedding and head, which
+    the converter drops too. Released names map to themselves."""
+    name = file_key.removeprefix("model.")
+    if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+        return None
+    return ".".join(_HF_PARTS.get(part, part) for part in name.split("."))

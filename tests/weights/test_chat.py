@@ -159,9 +159,8 @@ def test_encode_then_parse_round_trips_an_assistant_turn():
     generated = prompt.split(f"{USER}u{ASSISTANT}{THINK}", 1)[1]
     out = parse_output(generated, thinking=True)
     assert out.reasoning_content == "plan" and out.content == "Sure."
-    assert [c.to_openai(c0["id"]) for c, c0 in zip(out.tool_calls, CALLS, strict=True)] == [
-        {**c0, "function": {**c0["function"], "arguments": json.dumps(json.loads(c0["function"]["arguments"]))}}
-        for c0 in CALLS
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [
+        (c0["function"]["name"], json.loads(c0["function"]["arguments"])) for c0 in CALLS
     ]
 
 

@@ -1,6 +1,7 @@
 """Checkpoint writer and loader: official file format, sharding, dequantisation, subset reads."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
-from v4d.serving.model.layout import official_layout
+from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import Checkpoint, CheckpointError, load_state_dict
+from v4d.serving.model.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -27,7 +29,7 @@ def test_files_are_in_the_official_format(ckpt_dir, tiny_tokenizer):
     for shard in shards:
         with safe_open(ckpt_dir / shard, framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for k in f.keys():  # noqa: SIM118
+            for k in f.keys():
                 assert index["weight_map"][k] == shard
                 t = f.get_tensor(k)
                 dtypes[k] = t.dtype
@@ -76,24 +78,69 @@ def test_dense_only_read_skips_every_routed_expert(ckpt_dir):
 
 
 def test_single_file_checkpoint_without_index(tmp_path, ckpt_dir):
-    merged = {}
-    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in set(index.values()):
-        with safe_open(ckpt_dir / shard, framework="pt") as f:
-            merged.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    save_file(merged, tmp_path / "model.safetensors")
+    save_file(_single_file(ckpt_dir), tmp_path / "model.safetensors")
     TINY.to_json(tmp_path / "config.json")
     _, a = load_state_dict(tmp_path, progress=False)
     _, b = load_state_dict(ckpt_dir, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_bf16_copies_of_quantised_weights_load(tmp_path, tiny_tensors):
+HF_NAMES = {  # released name -> a Hugging Face style name the official converter also accepts
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "lm_head.weight",
+    "layers.1.attn_norm.weight": "model.layers.1.input_layernorm.weight",
+    "layers.2.attn.wq_a.weight": "model.layers.2.self_attn.q_a_proj.weight",
+    "layers.2.attn.wq_a.scale": "model.layers.2.self_attn.q_a_proj.weight_scale_inv",
+    "layers.2.ffn.gate.bias": "model.layers.2.mlp.gate.e_score_correction_bias",
+    "layers.2.ffn.experts.3.w1.weight": "model.layers.2.mlp.experts.3.gate_proj.weight",
+    "layers.2.ffn.experts.3.w1.scale": "model.layers.2.mlp.experts.3.gate_proj.weight_scale_inv",
+}
+
+
+def _single_file(ckpt_dir):
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = {}
+    for shard in set(index.values()):
+        with safe_open(ckpt_dir / shard, framework="pt") as f:
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
+    return merged
+
+
+def test_hugging_face_style_names_map_like_the_official_converter(tmp_path, ckpt_dir):
+    merged = _single_file(ckpt_dir)
+    renamed = {HF_NAMES.get(k, k): v for k, v in merged.items()}
+    renamed["mtp.0.embed.weight"] = merged["embed.weight"].clone()  # MTP copies of the shared tensors: dropped
+    renamed["mtp.0.head.weight"] = merged["head.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    TINY.to_json(tmp_path / "config.json")
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.file_keys["layers.2.attn.wq_a.scale"] == "model.layers.2.self_attn.q_a_proj.weight_scale_inv"
+    _, a = load_state_dict(tmp_path, progress=False)
+    _, b = load_state_dict(ckpt_dir, progress=False)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    renamed["embed.weight"] = merged["embed.weight"].clone()
+    save_file(renamed, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'embed.weight' and 'model.embed_tokens.weight' both map to 'embed.weight'"):
+        Checkpoint(tmp_path)
+
+
+def test_other_storage_formats_load(tmp_path, tiny_tensors):
+    """BF16 copies of quantised weights (a dequantised conversion), FP8 routed experts (as in the Base
+    release), an FP8 LM head and float4_e2m1fn_x2 experts all decode by their stored dtype."""
     TINY.to_json(tmp_path / "config.json")
     plain = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tiny_tensors.items()}
+    fp8 = ["layers.2.ffn.experts.1.w2.weight", "head.weight"]
+    for name in fp8:
+        plain[name], plain[scale_name(name)] = quant_fp8(tiny_tensors[name])
+    f4 = "layers.3.ffn.experts.2.w1.weight"  # torch's packed FP4 dtype (safetensors F4) instead of int8 bytes
+    packed, plain[scale_name(f4)] = quant_fp4(tiny_tensors[f4])
+    plain[f4] = packed.view(torch.uint8).view(torch.float4_e2m1fn_x2)
     save_file(plain, tmp_path / "model.safetensors")
     _, loaded = load_state_dict(tmp_path, progress=False)
     assert torch.equal(loaded["layers.2.attn.wq_a.weight"], plain["layers.2.attn.wq_a.weight"].float())
+    assert torch.equal(loaded[f4], dequant_fp4(packed, plain[scale_name(f4)]))
+    for name in fp8:
+        assert torch.equal(loaded[name], dequant_fp8(plain[name], plain[scale_name(name)]))
 
 
 def _corrupt(ckpt_dir, tmp_path, name, value=None):
@@ -101,7 +148,7 @@ def _corrupt(ckpt_dir, tmp_path, name, value=None):
     index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
         with safe_open(ckpt_dir / shard, framework="pt") as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            data = {k: f.get_tensor(k) for k in f.keys()}
         if name in data:
             del data[name]
             if value is not None:
@@ -119,7 +166,7 @@ def _corrupt(ckpt_dir, tmp_path, name, value=None):
     ("layers.3.attn.wkv.scale", None, "layers.3.attn.wkv.weight is quantised but layers.3.attn.wkv.scale is not"),
     ("layers.3.attn.wkv.weight", torch.zeros(200, 128, dtype=torch.float8_e4m3fn), "scale shape"),
     ("layers.3.attn_norm.weight", torch.zeros(64), r"layers.3.attn_norm.weight has shape \(64,\).*expected \(128,\)"),
-    ("layers.3.ffn.gate.bias", torch.zeros(16, dtype=torch.int8), "stored as torch.int8, expected format fp32"),
+    ("layers.0.ffn.gate.tid2eid", torch.zeros(1024, 2), "stored as torch.float32, expected format int32"),
 ])
 def test_bad_checkpoints_name_file_and_tensor(ckpt_dir, tmp_path, name, value, match):
     bad = _corrupt(ckpt_dir, tmp_path, name, value)
@@ -142,6 +189,17 @@ def test_progress_bar_counts_tensors(ckpt_dir, capsys):
     ckpt = Checkpoint(ckpt_dir)
     ckpt.read(ckpt.select({}, dense=False) + ["norm.weight", "head.weight"], progress=True)
     assert "2/2" in capsys.readouterr().err
+
+
+def test_writer_rejects_mismatches(tmp_path, tiny_tensors, tiny_tokenizer):
+    with pytest.raises(ValueError, match="bos_token_id/eos_token_id: the config says 5/1"):
+        write_checkpoint(tiny_tensors, replace(TINY, bos_token_id=5), tmp_path, tokenizer=tiny_tokenizer)
+    bad = dict(tiny_tensors, **{"norm.weight": torch.ones(7)})
+    with pytest.raises(ValueError, match=r"norm.weight: shape \(7,\), expected \(128,\)"):
+        write_checkpoint(bad, TINY, tmp_path, tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"missing \['embed.weight'\]"):
+        write_checkpoint({k: v for k, v in tiny_tensors.items() if k != "embed.weight"}, TINY, tmp_path,
+                         tokenizer=tiny_tokenizer)
 
 
 def test_parse_size():

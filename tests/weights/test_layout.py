@@ -3,7 +3,7 @@
 import math
 
 from v4d.serving.config import FLASH, PRO, TINY
-from v4d.serving.model.layout import expert_of, official_layout, scale_name
+from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
 
 
 def test_parameter_counts_match_the_checkpoint_audit():
@@ -42,3 +42,13 @@ def test_expert_of_and_scale_name():
     assert expert_of("mtp.0.ffn.experts.5.w2.weight", TINY) == (6, 5)
     assert expert_of("layers.3.ffn.shared_experts.w1.weight", TINY) is None
     assert scale_name("layers.3.attn.wq_a.weight") == "layers.3.attn.wq_a.scale"
+
+
+def test_inference_names_of_file_keys():
+    assert inference_name("layers.3.attn.wq_a.weight") == "layers.3.attn.wq_a.weight"  # released: identity
+    assert inference_name("mtp.0.hc_head_fn") == "mtp.0.hc_head_fn"
+    assert inference_name("model.layers.3.self_attn.q_b_proj.weight_scale_inv") == "layers.3.attn.wq_b.scale"
+    assert inference_name("model.layers.3.post_attention_layernorm.weight") == "layers.3.ffn_norm.weight"
+    assert inference_name("model.layers.3.mlp.shared_experts.down_proj.weight") == "layers.3.ffn.shared_experts.w2.weight"
+    assert inference_name("model.norm.weight") == "norm.weight"
+    assert inference_name("mtp.0.emb.tok_emb.weight") is None and inference_name("mtp.0.head.weight") is None
