@@ -9,6 +9,7 @@ client that goes away cancels the engine request (the handle's response is cance
 
 
 import asyncio
+import hmac
 import os
 import time
 import uuid
@@ -60,6 +61,8 @@ class Ingress:
         self.tok = Tokenizer.from_file(checkpoint)
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
         self.timeout_s = self.plan.serving.request_timeout_s
+        self.inflight = 0  # requests holding an engine stream
+        self.draining = False
 
     # -- plumbing --------------------------------------------------------------------------
     async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -74,7 +77,7 @@ class Ingress:
             return
         auth = request.headers.get("authorization", "")
         key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if key != self.api_key:
+        if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
 
     def _check_model(self, model: str) -> None:
@@ -82,7 +85,14 @@ class Ingress:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model}'.", param="model", code="model_not_found")
 
     def _params(
-        self, n_prompt: int, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None, stop: list[str]
+        self,
+        n_prompt: int,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: list[str],
+        ignore_eos: bool = False,
     ) -> SamplingParams:
         limit = self.plan.max_context_tokens
         if n_prompt >= limit:
@@ -107,14 +117,19 @@ class Ingress:
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
             stop=stop,
+            ignore_eos=ignore_eos,
         )
 
     async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
         """Submit to an engine and wait for its first item; return the request's event stream."""
+        if self.draining:
+            raise APIError(503, "The server is shutting down; retry on another instance.", code="shutting_down")
         stream = self.engine.generate.remote(gen.engine_request())
+        self.inflight += 1
         try:
             first = await asyncio.wait_for(anext(stream, None), self.timeout_s)
         except BaseException:
+            self.inflight -= 1
             stream.cancel()
             raise
         return self._events(stream, first, gen, parser)
@@ -139,6 +154,7 @@ class Ingress:
         except TimeoutError:
             raise APIError(504, f"No progress from the engine in {self.timeout_s:g} s.", code="timeout") from None
         finally:
+            self.inflight -= 1
             if not done:  # stop sequence, client gone, or error: free the engine's slot now
                 stream.cancel()
 
@@ -152,6 +168,14 @@ class Ingress:
 
     def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
         return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])
+
+    async def drain(self) -> int:
+        """Refuse new requests (503) from now on; return how many are still in flight.
+
+        Called (through the app handle) before shutting down, until it returns 0, so in-flight
+        streams finish while every deployment they need is still up."""
+        self.draining = True
+        return self.inflight
 
     # -- routes -----------------------------------------------------------------------------
     @app.get("/healthz")
@@ -178,7 +202,9 @@ class Ingress:
             self._check_model(req.model)
             prompt = req.prompt()
             ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops())
+            params = self._params(
+                len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
+            )
             gen = self._new_request("chatcmpl-", ids, params)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
@@ -199,7 +225,9 @@ class Ingress:
             bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
             if bad:
                 raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}", param="prompt")
-            params = self._params(len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops())
+            params = self._params(
+                len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
+            )
             gen = self._new_request("cmpl-", ids, params)
             evs = await self._start(gen, PlainParser())
             if req.stream:

@@ -61,33 +61,48 @@ class LocalCluster:
             self.cluster.shutdown()
 
 
-def start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
-    """Start head + one labelled node per pool; metrics export ports metrics_port, +1, ... (head first)."""
+def start_cluster(plan: Plan, metrics_port: int, attempts: int = 3) -> LocalCluster:
+    """Start head + one labelled node per pool; metrics export ports metrics_port, +1, ... (head first).
+
+    Ray gives a raylet a fixed 30 s to register; on a saturated machine that can lapse, so a failed
+    start is torn down and tried again."""
     os.environ.update(RAY_ENV)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_cluster(plan, metrics_port)
+        except Exception:
+            if attempt == attempts:
+                raise
+
+
+def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "object_store_memory": 200 * 2**20,
-            "include_dashboard": False,
-            "metrics_export_port": metrics_port,
-            "_system_config": {"metrics_report_interval_ms": 1000},
-        },
-    )
-    urls = {"head": f"http://127.0.0.1:{metrics_port}/metrics"}
-    for i, pool in enumerate(plan.pools, start=1):
+    cluster = Cluster(shutdown_at_exit=True)
+    try:
         cluster.add_node(
-            num_cpus=NODE_CPUS,
-            object_store_memory=100 * 2**20,
-            labels={POOL_LABEL: pool.name},
-            metrics_export_port=metrics_port + i,
+            num_cpus=1,
+            object_store_memory=200 * 2**20,
+            include_dashboard=False,
+            metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000},
         )
-        urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
+        urls = {"head": f"http://127.0.0.1:{metrics_port}/metrics"}
+        for i, pool in enumerate(plan.pools, start=1):
+            cluster.add_node(
+                num_cpus=NODE_CPUS,
+                object_store_memory=100 * 2**20,
+                labels={POOL_LABEL: pool.name},
+                metrics_export_port=metrics_port + i,
+            )
+            urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+    except Exception:
+        ray.shutdown()
+        cluster.shutdown()
+        raise
     return LocalCluster(cluster, urls)
 
 
@@ -97,11 +112,27 @@ def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None 
     from v4d.serving.app import build_app
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(plan, api_key=api_key), name=app_name, route_prefix="/")
+    key = api_key or os.environ.get(plan.serving.api_key_env) or None
+    serve.run(build_app(plan, api_key=key), name=app_name, route_prefix="/")
+
+
+def drain(app_name: str = APP_NAME, timeout_s: float = 60.0) -> bool:
+    """Stop admitting requests and wait for in-flight ones to finish; False if some were still running."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    deadline = time.monotonic() + timeout_s
+    while handle.drain.remote().result() > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> None:
-    """Run until SIGINT/SIGTERM, then shut Serve (in-flight streams finish) and every Ray process down."""
+    """Run until SIGINT/SIGTERM, then drain (in-flight streams finish), shut Serve and every Ray process down."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -119,7 +150,11 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
                 log(f"  metrics ({node}): {url}")
             log("press Ctrl-C to stop")
         stop.wait()
-        log("shutting down ...")
+        log("shutting down: finishing in-flight requests ...")
+        try:
+            drain(timeout_s=min(plan.serving.request_timeout_s, 120.0))
+        except Exception as e:  # the app never came up, or is already gone: nothing to drain
+            log(f"  (no drain: {type(e).__name__})")
     finally:
         local.shutdown()
         log("stopped")

@@ -21,11 +21,12 @@ import torch
 from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
-from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded
+from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
 from v4d.serving.sizing import page_tokens
 
 log = logging.getLogger(__name__)
+SHARD_RETRIES = 3  # failed steps (ShardUnavailable) a request survives before it fails
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Engine:
         self.loop_task: asyncio.Task | None = None
         self.num_steps = 0
         self._preempt_seen = 0
+        self.retry_backoff_s = 1.0
         self.layer_pages = {
             "csa": self.cfg.count_layers("csa"), "indexer": self.cfg.count_layers("csa"),
             "hca": self.cfg.count_layers("hca"),
@@ -189,6 +191,9 @@ class Engine:
                     self._observe("queue_time", now - seq.arrival)
             try:
                 logits = await asyncio.to_thread(self._forward, batch)
+            except ShardUnavailable as e:
+                await self._retry_later(batch, e)
+                continue
             except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the rest
                 log.exception("engine step failed")
                 for seq, _ in batch:
@@ -199,6 +204,20 @@ class Engine:
             for seq in self.scheduler.advance(batch):
                 self._append(seq, sample(last[id(seq)], seq.params, self.generators.get(seq.request_id)))
             await asyncio.sleep(0)
+
+    async def _retry_later(self, batch: list[tuple[Sequence, int]], error: ShardUnavailable) -> None:
+        """Experts unreachable mid-step: the step's cache writes are partial, so its sequences are
+        preempted (recomputed later, outputs unchanged) and retried after a backoff, while Serve
+        replaces the shard replica; after `SHARD_RETRIES` failed steps a request fails."""
+        log.warning("expert shard unavailable, retrying the step's requests: %s", error)
+        for seq, _ in reversed(batch):
+            seq.shard_failures += 1
+            if seq.shard_failures > SHARD_RETRIES:
+                self._fail(seq, error)
+            elif seq.status is Status.RUNNING:
+                self.scheduler.preempt(seq)
+        worst = max(seq.shard_failures for seq, _ in batch)
+        await asyncio.sleep(min(self.retry_backoff_s * 2 ** (worst - 1), 8.0))
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
         chunks = [

@@ -98,6 +98,7 @@ class Sequence:
     first_token: float | None = None
     last_token: float | None = None
     num_cached: int = 0  # prompt tokens served from the prefix cache
+    shard_failures: int = 0  # steps that failed because experts were unreachable
     order: int = field(default_factory=lambda: next(_counter))
 
     @property

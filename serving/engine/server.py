@@ -1,8 +1,11 @@
 """The attention-engine Serve deployment: one replica = one attention/KV data-parallel rank.
 
 Built from the plan (its `engine` section sizes the KV budget and batch limits) and the weights
-directory. With expert shards bound, the replica loads only dense weights and reaches routed
-experts through `RemoteExperts` over Serve handles; without, it holds every expert in-process.
+directory. With expert shards, the replica loads only dense weights and reaches routed experts
+through `RemoteExperts` over Serve handles; without, it holds every expert in-process. Shards are
+either bound into the same app (`shards` = `bind_shards(...)`) or run as their own Serve apps, one
+per shard named after it (`shard_apps=True`): then deleting the engine's app lets in-flight streams
+finish (Serve drains the engine) while the shards they need keep serving.
 It reports KV utilization and queue figures to the KV-pressure autoscaling policy.
 """
 
@@ -19,32 +22,25 @@ from v4d.serving.autoscale import (
     KVPressurePolicy,
     autoscaling_config,
 )
-from v4d.serving.config import ModelConfig
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.experts import plan_labels, pool_actor_options
 from v4d.serving.metrics import ServingMetrics
-
-
-def load_model(cfg: ModelConfig, weights_dir: str, with_experts: bool) -> torch.nn.Module:
-    """The model from an official-format checkpoint; without routed experts when they live on shards."""
-    from v4d.serving.model.loader import Checkpoint
-    from v4d.serving.model.model import Transformer
-
-    ckpt = Checkpoint(weights_dir)
-    model = Transformer(cfg, with_experts=with_experts)
-    names = ckpt.select(None if with_experts else {}, dense=True)
-    model.load_state_dict(ckpt.read(names, progress=False), strict=True)
-    return model.eval()
+from v4d.serving.model.loader import load_model
 
 
 class EngineServer:
     """Serve deployment body: `generate` (streaming), `stats`, `abort`, `record_autoscaling_stats`."""
 
-    def __init__(self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None):
+    def __init__(
+        self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, shard_apps: bool = False
+    ):
         torch.set_num_threads(1)
-        cfg = ModelConfig.from_dict(plan["config"])
-        model = load_model(cfg, weights_dir, with_experts=not shards)
+        if shard_apps:
+            from ray import serve
+
+            shards = {s["name"]: serve.get_deployment_handle(s["name"], app_name=s["name"]) for s in plan["shards"]}
+        model = load_model(weights_dir, with_experts=not shards, progress=False)
         self.remote: RemoteExperts | None = None
         if shards:
             self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(shards))
@@ -75,9 +71,12 @@ class EngineServer:
 
 def bind_engine(
     plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, place: bool = True,
-    name: str = "engine",
+    name: str = "engine", shard_apps: bool = False,
 ) -> Any:
-    """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds."""
+    """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds.
+
+    `shards`: the shard applications of `bind_shards` to compose into this app; or `shard_apps=True`
+    when each shard was deployed as its own app (named after the shard) before this one."""
     from ray import serve
 
     eng = plan["engine"]
@@ -95,9 +94,10 @@ def bind_engine(
         # Above running + waiting, so requests beyond the engine's queue reach it and get Overloaded
         # (429) instead of waiting unbounded in Serve's router.
         "max_ongoing_requests": int(eng["max_num_seqs"]) + int(eng["max_queue"]) + 8,
+        # On shutdown or downscale, in-flight streams may finish (up to the request timeout).
         "graceful_shutdown_wait_loop_s": 0.1,
-        "graceful_shutdown_timeout_s": 5.0,
+        "graceful_shutdown_timeout_s": float(plan.get("serving", {}).get("request_timeout_s", 60)),
     }
     if place:
         options["ray_actor_options"] = pool_actor_options(plan, eng["pool"])
-    return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None)
+    return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None, shard_apps)

@@ -145,7 +145,7 @@ class InProcessTransport:
 class ServeTransport:
     """Calls `ExpertShard.compute` on each shard deployment through its Serve handle, concurrently."""
 
-    def __init__(self, handles: Mapping[str, Any], timeout_s: float = 30.0):
+    def __init__(self, handles: Mapping[str, Any], timeout_s: float = 10.0):
         self.handles, self.timeout_s = dict(handles), timeout_s
 
     def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:

@@ -1,4 +1,4 @@
-"""One Ray + Serve instance for the engine's Serve tests (ports 8200 HTTP, 8201 metrics)."""
+"""One Ray + Serve instance for the engine's Serve tests (ports 8200 HTTP, 8201 metrics, 8202 on a retry)."""
 
 import os
 
@@ -13,7 +13,7 @@ def serve_instance():
     import ray
     from ray import serve
 
-    ray.init(
+    start = dict(
         num_cpus=2,
         object_store_memory=300 * 1024**2,
         include_dashboard=False,
@@ -23,6 +23,11 @@ def serve_instance():
         _temp_dir="/tmp/v4d-engine-ray",
         _system_config={"metrics_report_interval_ms": 1000},
     )
+    try:
+        ray.init(**start)
+    except Exception:  # a raylet that misses its 30 s registration on a saturated machine: once more
+        ray.shutdown()
+        ray.init(**{**start, "_metrics_export_port": METRICS_PORT + 1})
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     yield serve
     serve.shutdown()

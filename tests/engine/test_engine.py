@@ -5,10 +5,9 @@ import asyncio
 
 import pytest
 import torch
-
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
-from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded
+from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
 
@@ -18,7 +17,7 @@ PB, SB = page_bytes(CFG, "fp32"), slot_bytes(CFG, "fp32")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared 2-core box
     return init_weights(Transformer(CFG), seed=0).eval()
 
 
@@ -52,22 +51,22 @@ def prompt(n, start=3):
 
 
 def test_greedy_equals_model_single_and_batched(model):
-    prompts = [prompt(40), prompt(9, 100), prompt(75, 200)]
-    want = [greedy(model, p, 5) for p in prompts]
-    eng = engine(model, batch_tokens=32)  # 32-token budget: the 75-token prompt is prefilled in chunks
+    prompts = [prompt(24), prompt(9, 100), prompt(40, 200)]
+    want = [greedy(model, p, 4) for p in prompts]
+    eng = engine(model, batch_tokens=16)  # 16-token budget: prompts are prefilled in chunks
 
     async def run():
-        alone, items = await collect(eng, prompts[0], 5)
-        together = await asyncio.gather(*(collect(eng, p, 5) for p in prompts))
+        alone, items = await collect(eng, prompts[0], 4)
+        together = await asyncio.gather(*(collect(eng, p, 4) for p in prompts))
         return alone, items, together
 
     alone, items, together = asyncio.run(run())
     assert alone == want[0]
     assert [t for t, _ in together] == want
-    assert items[-1] == {"token_ids": [want[0][-1]], "finish_reason": "length", "num_prompt_tokens": 40,
-                         "num_output_tokens": 5}
+    assert items[-1] == {"token_ids": [want[0][-1]], "finish_reason": "length", "num_prompt_tokens": 24,
+                         "num_output_tokens": 4}
     s = eng.stats()
-    assert s["num_steps"] < 5 + 3 * 5  # concurrent requests shared steps
+    assert s["num_steps"] < 2 * (3 + 2 + 3 + 4)  # concurrent requests shared steps
     assert s["num_running"] == s["num_waiting"] == s["num_pages_in_use"] == s["num_state_slots_in_use"] == 0
 
 
@@ -80,22 +79,23 @@ def test_shared_prefix_skips_recompute_and_gives_the_same_tokens(model):
         first = await collect(eng, a, 3)
         return first, await collect(eng, b, 3)
 
-    (ta, _), (tb, _) = asyncio.run(run())
+    _, (tb, _) = asyncio.run(run())
     assert eng.stats()["prefix_cache_hits"] == 128  # b reused a's first page and state snapshot
-    assert ta == greedy(model, a, 3) and tb == greedy(model, b, 3)
+    assert tb == greedy(model, b, 3)
 
 
 def test_preemption_under_kv_pressure_keeps_outputs_exact(model):
-    # Two pages in all: two 100-token prompts fit, but both cannot grow past 128 tokens together.
-    prompts = [prompt(100), prompt(100, 50)]
+    # Two pages in all: each prompt takes one; when the long one grows past 128 tokens it needs a
+    # third, so the newest (the short one) is preempted, then recomputed once pages free up.
+    prompts = [prompt(124), prompt(6, 50)]
     eng = engine(model, pages=2, batch_tokens=256)
 
     async def run():
-        return await asyncio.gather(*(collect(eng, p, 40) for p in prompts))
+        return await asyncio.gather(*(collect(eng, p, 8) for p in prompts))
 
     out = asyncio.run(run())
     assert eng.stats()["num_preemptions"] >= 1
-    assert [t for t, _ in out] == [greedy(model, p, 40) for p in prompts]
+    assert [t for t, _ in out] == [greedy(model, p, 8) for p in prompts]
 
 
 def test_seeded_sampling_is_reproducible(model):
@@ -148,3 +148,34 @@ def test_errors(model):
             await g.aclose()
 
     asyncio.run(run())
+
+
+class FlakyExperts:
+    """The model's own experts behind a fault injector: the first `failures` calls raise."""
+
+    def __init__(self, inner, failures):
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ShardUnavailable("layer 0: no live copy of expert 3 (injected)")
+        return self.inner(*args)
+
+
+def test_unreachable_experts_are_retried_then_fail_cleanly(model):
+    p = prompt(20)
+    want = greedy(model, p, 4)
+    local = model.experts
+    try:
+        model.experts = FlakyExperts(local, failures=2)
+        eng = engine(model)
+        eng.retry_backoff_s = 0.01
+        tokens, _ = asyncio.run(collect(eng, p, 4))
+        assert tokens == want  # the failed steps were recomputed, output unchanged
+        model.experts = FlakyExperts(local, failures=10**9)
+        with pytest.raises(ShardUnavailable):
+            asyncio.run(collect(eng, p, 4))
+        assert eng.stats()["num_pages_in_use"] == 0 and not eng.seqs
+    finally:
+        model.experts = local

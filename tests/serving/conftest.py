@@ -24,7 +24,7 @@ APP = "v4d"
 # A tiny model over two pools. The KV budget is replaced below by a deliberately small one, so a
 # handful of requests fill it (queueing, 429s, autoscaling), while 4 concurrent short ones fit.
 SPEC = {
-    "model": {"preset": "v4-tiny", "servedName": "v4-tiny", "maxContextTokens": 512},
+    "model": {"preset": "v4-tiny", "servedName": "v4-tiny", "maxContextTokens": 1024},
     "pools": [
         {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 0.008, "maxNodes": 1,
          "roles": ["attention", "experts"]},
@@ -38,7 +38,7 @@ SPEC = {
     "serving": {"port": HTTP_PORT, "maxNumSeqs": 4, "maxBatchTokens": 256, "maxQueue": 4,
                 "requestTimeoutSeconds": 60},
 }
-SMALL_KV_PAGES = 6  # 128-token pages per engine replica
+SMALL_KV_PAGES = 8  # 128-token pages per engine replica
 
 
 def pytest_collection_modifyitems(items):

@@ -43,14 +43,14 @@ def test_thinking_mode_goes_to_reasoning_content(oai, anth):
                                     extra_body={"thinking": {"type": "enabled"}})
     # Random weights never close </think>: every generated token is reasoning.
     assert r.choices[0].message.model_extra["reasoning_content"] and not r.choices[0].message.content
-    m = anth.messages.create(model=MODEL, max_tokens=8, messages=USER, temperature=0,
+    m = anth.messages.create(model=MODEL, max_tokens=8, messages=USER, extra_body={"temperature": 0},
                              thinking={"type": "enabled", "budget_tokens": 1024})
     assert [b.type for b in m.content] == ["thinking"]
     assert m.content[0].thinking == r.choices[0].message.model_extra["reasoning_content"]
 
 
 def test_anthropic_messages_non_streaming_and_streaming_agree(anth, oai):
-    kw = dict(model=MODEL, max_tokens=10, messages=USER, temperature=0, thinking={"type": "disabled"})
+    kw = dict(model=MODEL, max_tokens=10, messages=USER, thinking={"type": "disabled"}, extra_body={"temperature": 0})
     m = anth.messages.create(**kw)
     assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 10
     assert [b.type for b in m.content] == ["text"]
@@ -72,10 +72,11 @@ def test_stop_sequences_cut_the_text(oai, anth):
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = oai.completions.create(**kw, stop=[stop]).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
-    m = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, temperature=0, thinking={"type": "disabled"})
+    m = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, thinking={"type": "disabled"},
+                             extra_body={"temperature": 0})
     text = m.content[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    m2 = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, temperature=0,
+    m2 = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, extra_body={"temperature": 0},
                               thinking={"type": "disabled"}, stop_sequences=[stop])
     assert m2.stop_reason == "stop_sequence" and m2.stop_sequence == stop
     assert (m2.content[0].text if m2.content else "") == text[: text.index(stop)]
@@ -93,9 +94,8 @@ def test_concurrent_requests_are_batched_and_match_sequential_greedy(base_url, e
     import openai
 
     prompts = ["The sea is", "Mountains are", "A small cat", "In the city"]
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
-
     async def one(p):
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
         r = await client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
         return r.choices[0].text
 

@@ -15,13 +15,35 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT = 8160
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet|gcs_server"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc): the Ray processes `v4d serve` started."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
 
 
 def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
-    before = _ray_processes()
     env = {**os.environ, "V4D_CACHE": str(cache_dir)}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "v4d"), "serve", str(ROOT / "examples/local-tiny.yaml"), "--port", str(PORT)],
@@ -45,10 +67,14 @@ def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
         r = client.chat.completions.create(model="v4-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens == 4
         assert "ray_" in httpx.get(metrics[0], timeout=10).text
+        ray_pids = _descendants(proc.pid)
+        assert len(ray_pids) >= 3, "expected gcs, raylets and workers under v4d serve"
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
     assert "stopped" in rest
-    time.sleep(1)
-    assert not (_ray_processes() - before), "Ray processes left behind"
+    deadline = time.time() + 30
+    while _alive(ray_pids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive(ray_pids), "Ray processes left behind"

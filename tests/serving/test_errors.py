@@ -37,7 +37,7 @@ def _anthropic_error(r: httpx.Response, status: int, kind: str) -> dict:
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"model": MODEL, "messages": MSG, "n": 2}, "n"),
         ({"model": MODEL, "messages": MSG, "max_tokens": 100000}, "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 1200}]}, "messages"),
     ],
 )
 def test_openai_bad_requests(base_url, body, param):
@@ -46,7 +46,7 @@ def test_openai_bad_requests(base_url, body, param):
 
 def test_context_and_unknown_model_errors(base_url):
     err = _openai_error(httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 100000}), 400)
-    assert err["code"] == "context_length_exceeded" and "512" in err["message"]
+    assert err["code"] == "context_length_exceeded" and "1024" in err["message"]
     err = _openai_error(httpx.post(f"{base_url}/v1/chat/completions", json={"model": "gpt-5", "messages": MSG}), 404, "model")
     assert err["code"] == "model_not_found"
     _anthropic_error(httpx.post(f"{base_url}/v1/messages", json={"model": "claude", "max_tokens": 5, "messages": MSG}), 404, "not_found_error")
@@ -60,7 +60,7 @@ def test_context_and_unknown_model_errors(base_url):
         ({"model": MODEL, "messages": MSG}, "max_tokens"),
         ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "not supported"),
         ({"model": MODEL, "max_tokens": 5, "messages": MSG, "temperature": 1.5}, "temperature"),
-        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 600}]}, "context length"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 1200}]}, "context length"),
     ],
 )
 def test_anthropic_bad_requests(base_url, body, needle):
@@ -75,7 +75,7 @@ def test_sdks_raise_their_own_error_types(oai, anth):
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="nope", messages=MSG)
     with pytest.raises(anthropic.BadRequestError) as e:
-        anth.messages.create(model=MODEL, max_tokens=5, messages=MSG, temperature=3.0)
+        anth.messages.create(model=MODEL, max_tokens=5, messages=MSG, extra_body={"temperature": 3.0})
     assert e.value.body["error"]["type"] == "invalid_request_error"
 
 

@@ -4,6 +4,7 @@ import threading
 import time
 
 import openai
+import pytest
 import ray
 from conftest import APP
 from ray import serve
@@ -50,16 +51,28 @@ def test_shard_killed_mid_stream_gives_a_retried_completion_or_a_clean_error(bas
 
 
 def test_graceful_shutdown_finishes_inflight_streams(base_url):
+    from v4d.serving.local import drain
+
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=90)
     stream = client.completions.create(model=MODEL, prompt="A long road", max_tokens=12, temperature=0, stream=True)
-    chunks = []
-    deleter = None
+    chunks, result = [], {}
+
+    def shut_down():  # what `v4d serve` does on SIGINT: drain, then delete
+        result["drained"] = drain(APP, timeout_s=90)
+        serve.delete(APP)
+
+    stopper = None
     for chunk in stream:
         chunks.append(chunk)
-        if deleter is None:
-            deleter = threading.Thread(target=serve.delete, args=(APP,))
-            deleter.start()
-    deleter.join(timeout=120)
+        if stopper is None:
+            stopper = threading.Thread(target=shut_down)
+            stopper.start()
+            time.sleep(0.5)
+            with pytest.raises(openai.InternalServerError) as e:  # no new work while draining
+                client.completions.create(model=MODEL, prompt="late", max_tokens=2)
+            assert e.value.status_code == 503
+    stopper.join(timeout=120)
+    assert result["drained"]
     assert chunks[-1].choices[0].finish_reason == "length"
     assert sum(1 for c in chunks if c.choices[0].text) >= 1
     assert APP not in serve.status().applications

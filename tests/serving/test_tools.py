@@ -65,7 +65,7 @@ def test_anthropic_tool_use_round_trip(scripted_url, anth, plan):
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21C"}]},
     ]
-    m2 = anth.messages.create(model=MODEL, max_tokens=4, messages=history, tools=tools, temperature=0)
+    m2 = anth.messages.create(model=MODEL, max_tokens=4, messages=history, tools=tools, extra_body={"temperature": 0})
     tok = Tokenizer.from_file(plan.weights_uri)
     oai_history = ASK + [
         {"role": "assistant", "content": "Let me check.", "reasoning_content": "The user wants the weather.",
