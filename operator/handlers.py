@@ -71,18 +71,28 @@ class _State:
 STATE = _State()
 
 
-def _api_client() -> client.ApiClient:
+def _configuration() -> client.Configuration:
+    """The current kubeconfig (KUBECONFIG as set now, else ~/.kube/config), else the in-cluster account.
+    (kopf's own login helper reads the kubeconfig path fixed when `kubernetes` was imported.)"""
+    cfg = client.Configuration()
     try:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     except config.ConfigException:
-        config.load_incluster_config()
-    return client.ApiClient()
+        config.load_incluster_config(client_configuration=cfg)
+    return cfg
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    _api_client()  # loads the current kubeconfig (or in-cluster account) into the default config
-    return kopf.login_via_client(**kwargs)
+def login(**_: Any) -> kopf.ConnectionInfo:
+    cfg = _configuration()
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+    )
 
 
 @kopf.on.startup()
@@ -100,7 +110,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
         settings.admission.managed = f"{PLURAL}.{render.GROUP}"
     metrics = OperatorMetrics()
-    kube = Kube(_api_client(), on_write=metrics.api_write)
+    api_config = _configuration()
+    api_config.connection_pool_maxsize = cfg.max_workers * 2  # one connection per reconcile thread
+    kube = Kube(client.ApiClient(api_config), on_write=metrics.api_write)
     options = render.RenderOptions(images=cfg.images, ray_version=cfg.ray_version,
                                    monitoring=kube.has_api("monitoring.coreos.com/v1", "PodMonitor"))
     STATE.metrics = metrics
