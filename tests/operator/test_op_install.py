@@ -66,7 +66,7 @@ def test_kubectl_apply_k(cluster, tmp_path):
 def test_helm_lint_and_template(helm, tmp_path):
     run([helm, "lint", "--strict", str(CHART)], tmp=tmp_path)
     out = run([helm, "template", "rel", str(CHART), "-n", "v4d", "--set", "replicaCount=2", "--set",
-               "serviceMonitor.enabled=true", "--set", "webhook.enabled=true", "--set",
+               "serviceMonitor.enabled=true", "--set", "webhook.enabled=true", "--set", "webhook.certSecret=tls", "--set",
                "watchNamespaces={team-a,team-b}"], tmp=tmp_path).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kinds = {d["kind"] for d in docs}
@@ -75,6 +75,8 @@ def test_helm_lint_and_template(helm, tmp_path):
     assert "--peering=v4d" in args and "--namespace=team-a" in args and "--webhook-port=9443" in args
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert any("validatingwebhookconfigurations" in r["resources"] for r in role["rules"])
+    no_cert = run([helm, "template", "rel", str(CHART), "--set", "webhook.enabled=true"], tmp=tmp_path, check=False)
+    assert no_cert.returncode != 0 and "webhook.certSecret is required" in no_cert.stderr
     plain = run([helm, "template", "rel", str(CHART)], tmp=tmp_path).stdout
     assert "ServiceMonitor" not in plain and "--peering" not in plain
     # values.schema.json rejects bad values.
