@@ -35,6 +35,7 @@ class OperatorConfig:
     images: dict[str, str] = field(default_factory=lambda: dict(render.RenderOptions().images))
     ray_version: str = render.RenderOptions().ray_version
     webhook_port: int | None = None
+    webhook_addr: str = "0.0.0.0"
     webhook_host: str | None = None
     webhook_cert: str | None = None
     webhook_key: str | None = None
@@ -106,7 +107,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = cfg.max_workers
     if cfg.webhook_port:
         settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0", port=cfg.webhook_port, host=cfg.webhook_host,
+            addr=cfg.webhook_addr, port=cfg.webhook_port, host=cfg.webhook_host,
             certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
         settings.admission.managed = f"{PLURAL}.{render.GROUP}"
     metrics = OperatorMetrics()

@@ -86,14 +86,15 @@ def test_helm_lint_and_template(helm, tmp_path):
 
 def test_helm_install(cluster, helm, tmp_path):
     ns = cluster.namespace("helm")
-    run([helm, "install", "v4d", str(CHART), "-n", ns, "--wait=false"], cluster, tmp=tmp_path)
+    # Release "rel": its cluster-scoped RBAC must not collide with the kubectl install's "v4d-operator".
+    run([helm, "install", "rel", str(CHART), "-n", ns, "--wait=false"], cluster, tmp=tmp_path)
     try:
         deploy = wait_for(lambda: cluster.api.call_api(
-            f"/apis/apps/v1/namespaces/{ns}/deployments/v4d-operator", "GET", auth_settings=["BearerToken"],
+            f"/apis/apps/v1/namespaces/{ns}/deployments/rel-v4d-operator", "GET", auth_settings=["BearerToken"],
             response_type="object", _return_http_data_only=True), what="operator Deployment")
         container = deploy["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == "v4d/operator:0.1.0" and container["args"][0] == "operator"
         listed = run([helm, "list", "-n", ns, "-o", "yaml"], cluster, tmp=tmp_path).stdout
         assert yaml.safe_load(listed)[0]["status"] == "deployed"
     finally:
-        run([helm, "uninstall", "v4d", "-n", ns], cluster, tmp=tmp_path)
+        run([helm, "uninstall", "rel", "-n", ns], cluster, tmp=tmp_path)
