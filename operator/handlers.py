@@ -148,10 +148,10 @@ def reconcile(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(render.GROUP, render.VERSION, PLURAL)
-def deleted(type: str, uid: str, **_: Any) -> None:
+def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
     """Children go by ownerReference garbage collection (no finalizer); forget in-memory state."""
     if type == "DELETED" and STATE.reconciler is not None:
-        STATE.reconciler.forget(uid)
+        STATE.reconciler.forget(namespace, name, uid)
 
 
 async def _child_event(namespace: str, labels: dict[str, str]) -> None:
@@ -181,13 +181,3 @@ async def _child_event(namespace: str, labels: dict[str, str]) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
 async def child_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
     await _child_event(namespace, labels)
-
-
-@kopf.on.validate(render.GROUP, render.VERSION, PLURAL)
-def admission(spec: dict[str, Any], **_: Any) -> None:
-    """The optional validating webhook: the same checks the reconciler runs, at admission time."""
-    from v4d.operator.validate import validate_spec
-
-    issues = validate_spec(dict(spec))
-    if issues:
-        raise kopf.AdmissionError("; ".join(str(i) for i in issues), code=422)
