@@ -34,7 +34,7 @@ def _indexer_scores_kernel(
     acc = tl.zeros([BLOCK_S], tl.float32)
     if s0 < n_vis:
         keys = tl.load(k_ptr + offs_s[:, None] * sk + offs_d[None, :],
-                       mask=visible[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32).to(DOT)
+                       mask=visible[:, None] & (offs_d < D)[None, :], other=0.0).to(DOT)
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             h_ok = offs_h < H
@@ -56,8 +56,12 @@ def indexer_scores(
     out = torch.empty(t, s, dtype=torch.float32, device=q.device)
     if t == 0 or s == 0:
         return out
-    block_s = min(pow2(s, 16), 256) if interpreting() else 64
-    block_h = min(pow2(h, 16), 64)
+    if interpreting():
+        block_s, block_h = min(pow2(s, 16), 256), min(pow2(h, 16), 64)
+    elif dot_dtype(q) == tl.float32:    # FMA dots: small tiles keep them out of local memory
+        block_s, block_h = 32, 16
+    else:
+        block_s, block_h = 64, min(pow2(h, 16), 64)
     _indexer_scores_kernel[(t, triton.cdiv(s, block_s))](
         q, w, k, n_visible, out,
         h, s, d,

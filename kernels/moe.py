@@ -43,11 +43,11 @@ def _expert_up_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Dm
             xb = tl.load(x_ptr + tok.to(tl.int64)[:, None] * sx + offs_k[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32).to(DOT)
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
             w_off = w_base + offs_k[:, None]
             w_ok = k_ok[:, None] & n_ok[None, :]
-            w1b = tl.load(w1_ptr + w_off, mask=w_ok, other=0.0).to(tl.float32).to(DOT)
-            w3b = tl.load(w3_ptr + w_off, mask=w_ok, other=0.0).to(tl.float32).to(DOT)
+            w1b = tl.load(w1_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
+            w3b = tl.load(w3_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
             acc1 += tl.dot(xb, w1b, input_precision="ieee")
             acc3 += tl.dot(xb, w3b, input_precision="ieee")
         if limit > 0:
@@ -79,9 +79,9 @@ def _expert_down_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Di
             hb = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_k[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32).to(DOT)
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
             w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                          other=0.0).to(tl.float32).to(DOT)
+                          other=0.0).to(DOT)
             acc += tl.dot(hb, w2b, input_precision="ieee")
         wt = tl.load(wt_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :], acc * wt[:, None],
@@ -140,10 +140,10 @@ def moe_experts(
     expert = torch.where((flat >= 0) & (flat < e), flat, e)          # e = not local
     order = torch.argsort(expert, stable=True).to(torch.int32)
     if interpreting():      # few programs and loop steps: the interpreter pays per op
-        bm, bn_up, bn_down, bk = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128
+        bm, bn_up, bn_down, bk, warps = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4
         bound = None
     else:
-        bm, bn_up, bn_down, bk = 64, 64, 64, 64
+        bm, bn_up, bn_down, bk, warps = 64, 64, 64, 64, 8     # 8 warps: no register spills (sm_90)
         bound = min(pairs, triton.cdiv(pairs, bm) + e)
     n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
     if n_tiles == 0:
@@ -155,13 +155,13 @@ def moe_experts(
         x, order, tile_e, tile_row, tile_end, w1, w3, h,
         topk, d, inter, float(swiglu_limit),
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, num_warps=warps,
     )
     _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
         h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs,
         d, inter,
         h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, num_warps=warps,
     )
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](

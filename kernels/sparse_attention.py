@@ -39,7 +39,7 @@ def _sparse_attention_kernel(
         ids = tl.load(idx_ptr + t * sidx + offs_k, mask=offs_k < K, other=-1)
         ok = ids >= 0
         rows = tl.load(kv_ptr + ids.to(tl.int64)[:, None] * skv + offs_d[None, :],
-                       mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
+                       mask=ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(rows), input_precision="ieee")
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))

@@ -33,7 +33,9 @@ PY
 
 status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
-  V4D_TEST_DEVICE=cuda "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" 2>&1 \
+  # (test_compiles_for_gpu.py is the GPU-less stand-in for what these tests do for real here)
+  V4D_TEST_DEVICE=cuda "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" \
+    --deselect tests/kernels/test_compiles_for_gpu.py 2>&1 \
     | tee "$DEST/tests.txt" || status=1
 else
   echo "pytest is not installed here: tests/kernels skipped; the bench below still checks every kernel" \

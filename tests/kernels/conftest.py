@@ -57,9 +57,20 @@ def kops(monkeypatch: pytest.MonkeyPatch) -> OnDevice:
     return OnDevice(ops)
 
 
-def tol(dtype: torch.dtype) -> dict:
+def _tol(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return {"atol": 1e-5, "rtol": 1e-5}
     if dtype == torch.float16:
         return {"atol": 3e-3, "rtol": 3e-3}
     return {"atol": 3e-2, "rtol": 3e-2}
+
+
+@pytest.fixture
+def tol():
+    """assert_close tolerances for a dtype (fixtures, not imports: several test dirs have a conftest)."""
+    return _tol
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE

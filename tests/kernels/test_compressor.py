@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tol
 from v4d.kernels import reference as ref
 
 
@@ -19,7 +18,7 @@ def csa_candidates(kv: torch.Tensor, gate: torch.Tensor, m: int = 4):
     return v, g
 
 
-def test_csa_prefill_overlapped(kops, dtype, gen):
+def test_csa_prefill_overlapped(kops, dtype, gen, tol):
     kv, gate = torch.randn(16, 2 * 40, generator=gen), torch.randn(16, 2 * 40, generator=gen)
     v, g = csa_candidates(kv, gate)
     v, g = v.to(dtype), g.to(dtype)
@@ -29,13 +28,13 @@ def test_csa_prefill_overlapped(kops, dtype, gen):
 
 
 @pytest.mark.parametrize("b", [1, 3], ids=["decode-close", "prefill"])
-def test_hca_128_token_pool(kops, dtype, gen, b):
+def test_hca_128_token_pool(kops, dtype, gen, b, tol):
     v = torch.randn(b, 128, 512, generator=gen).to(dtype)
     g = (torch.randn(b, 128, 512, generator=gen) * 4).to(dtype)
     torch.testing.assert_close(kops.gated_pool(v, g), ref.gated_pool(v, g), **tol(dtype))
 
 
-def test_ragged_and_fully_masked_channels(kops, gen):
+def test_ragged_and_fully_masked_channels(kops, gen, tol):
     v, g = torch.randn(5, 7, 33, generator=gen), torch.randn(5, 7, 33, generator=gen)
     g[2, :, :5] = float("-inf")
     g[3, :6] = float("-inf")

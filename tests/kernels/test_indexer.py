@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tol
 from v4d.kernels import reference as ref
 
 
@@ -12,7 +11,7 @@ def as_sets(idx: torch.Tensor) -> list[list[int]]:
 
 @pytest.mark.parametrize("t,h,d,s", [(5, 4, 32, 30), (3, 64, 128, 70), (6, 5, 24, 9)],
                          ids=["small", "v4-indexer-heads", "ragged"])
-def test_scores_match_reference(kops, dtype, gen, t, h, d, s):
+def test_scores_match_reference(kops, dtype, gen, t, h, d, s, tol):
     q = torch.randn(t, h, d, generator=gen).to(dtype)
     w = torch.randn(t, h, generator=gen).to(dtype)
     k = torch.randn(s, d, generator=gen).to(dtype)

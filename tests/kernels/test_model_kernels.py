@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import DEVICE
 from v4d.kernels import triton_backend
 from v4d.serving import sizing
 from v4d.serving.config import get_preset
@@ -23,7 +22,7 @@ OPS = ["sparse_attention", "indexer_scores", "indexer_topk", "gated_pool", "moe_
 @torch.inference_mode()
 def run(model: Transformer, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     pages = sizing.pages_for(model.cfg, len(ids))
-    kv = KVCache(model.cfg, pages, 1, device=DEVICE)
+    kv = KVCache(model.cfg, pages, 1, device=model.embed.weight.device)
     seq = SeqCache(0, list(range(pages)))
     out, pos = [], 0
     for n in chunks:
@@ -32,9 +31,9 @@ def run(model: Transformer, ids: torch.Tensor, chunks: list[int]) -> torch.Tenso
     return torch.cat(out).cpu()
 
 
-def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch):
+def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch, device: torch.device):
     cfg = replace(get_preset("v4-tiny-fast"), num_hidden_layers=3, compress_ratios=(0, 4, 16, 0))
-    model = init_weights(Transformer(cfg), seed=0).eval().to(DEVICE)
+    model = init_weights(Transformer(cfg), seed=0).eval().to(device)
     ids = torch.randint(0, cfg.vocab_size, (33,), generator=torch.Generator().manual_seed(0))
     chunks = [29, 1, 1, 1, 1]
 

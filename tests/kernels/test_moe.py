@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tol
 from v4d.kernels import reference as ref
 
 
@@ -18,7 +17,7 @@ def experts(gen, e, inter, d, dtype):
     [(13, 32, 48, 5, 3, 1.0), (4, 64, 32, 8, 6, 10.0), (21, 24, 40, 3, 2, 0.0)],
     ids=["ragged", "v4-topk6", "no-clamp"],
 )
-def test_matches_reference(kops, dtype, gen, t, d, inter, e, k, limit):
+def test_matches_reference(kops, dtype, gen, t, d, inter, e, k, limit, tol):
     x = torch.randn(t, d, generator=gen).to(dtype)
     ids = torch.randint(-1, e + 2, (t, k), generator=gen)         # -1 and >= e: not local
     ids[0] = -1                                                   # a token with no local expert
@@ -30,7 +29,7 @@ def test_matches_reference(kops, dtype, gen, t, d, inter, e, k, limit):
     assert (y[0] == 0).all()
 
 
-def test_one_expert_many_tiles_and_empty(kops, gen):
+def test_one_expert_many_tiles_and_empty(kops, gen, tol):
     w1, w3, w2 = experts(gen, 2, 16, 16, torch.float32)
     x = torch.randn(40, 16, generator=gen)
     ids = torch.zeros(40, 1, dtype=torch.int32)                   # 40 pairs on expert 0: 3 tiles

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tol
 from v4d.kernels import reference as ref
 
 
@@ -20,7 +19,7 @@ def test_split_sinkhorn(kops, gen, n, iters):
 
 
 @pytest.mark.parametrize("t,n,d", [(5, 4, 64), (3, 3, 40)], ids=["v4", "ragged"])
-def test_pre_and_post(kops, dtype, gen, t, n, d):
+def test_pre_and_post(kops, dtype, gen, t, n, d, tol):
     X = torch.randn(t, n, d, generator=gen).to(dtype)
     f = torch.randn(t, d, generator=gen).to(dtype)
     pre, post = torch.rand(t, n, generator=gen), torch.rand(t, n, generator=gen) * 2

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tol
 from v4d.kernels import reference as ref
 
 
@@ -11,7 +10,7 @@ from v4d.kernels import reference as ref
     [(5, 4, 64, 30, 20), (2, 16, 512, 160, 40), (7, 5, 24, 9, 3)],
     ids=["small", "v4-head-dim", "ragged"],
 )
-def test_matches_reference(kops, dtype, gen, t, h, d, n, k):
+def test_matches_reference(kops, dtype, gen, t, h, d, n, k, tol):
     q = torch.randn(t, h, d, generator=gen).to(dtype)
     kv = torch.randn(n, d, generator=gen).to(dtype)
     idx = torch.randint(-1, n, (t, k), generator=gen, dtype=torch.int32)
@@ -23,7 +22,7 @@ def test_matches_reference(kops, dtype, gen, t, h, d, n, k):
     assert torch.all(o[0] == 0)
 
 
-def test_window_plus_compressed_union_decode(kops, gen):
+def test_window_plus_compressed_union_decode(kops, gen, tol):
     """Decode-shaped call: a window ring of 8 plus 3 of 6 compressed entries, int64 indices."""
     win, n_comp, h, d = 8, 6, 8, 32
     kv = torch.randn(win + n_comp, d, generator=gen)
