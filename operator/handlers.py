@@ -35,6 +35,7 @@ class OperatorConfig:
     images: dict[str, str] = field(default_factory=lambda: dict(render.RenderOptions().images))
     ray_version: str = render.RenderOptions().ray_version
     webhook_port: int | None = None
+    webhook_addr: str = "0.0.0.0"
     webhook_host: str | None = None
     webhook_cert: str | None = None
     webhook_key: str | None = None
@@ -71,18 +72,28 @@ class _State:
 STATE = _State()
 
 
-def _api_client() -> client.ApiClient:
+def _configuration() -> client.Configuration:
+    """The current kubeconfig (KUBECONFIG as set now, else ~/.kube/config), else the in-cluster account.
+    (kopf's own login helper reads the kubeconfig path fixed when `kubernetes` was imported.)"""
+    cfg = client.Configuration()
     try:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     except config.ConfigException:
-        config.load_incluster_config()
-    return client.ApiClient()
+        config.load_incluster_config(client_configuration=cfg)
+    return cfg
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    _api_client()  # loads the current kubeconfig (or in-cluster account) into the default config
-    return kopf.login_via_client(**kwargs)
+def login(**_: Any) -> kopf.ConnectionInfo:
+    cfg = _configuration()
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+    )
 
 
 @kopf.on.startup()
@@ -96,11 +107,13 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = cfg.max_workers
     if cfg.webhook_port:
         settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0", port=cfg.webhook_port, host=cfg.webhook_host,
+            addr=cfg.webhook_addr, port=cfg.webhook_port, host=cfg.webhook_host,
             certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
         settings.admission.managed = f"{PLURAL}.{render.GROUP}"
     metrics = OperatorMetrics()
-    kube = Kube(_api_client(), on_write=metrics.api_write)
+    api_config = _configuration()
+    api_config.connection_pool_maxsize = cfg.max_workers * 2  # one connection per reconcile thread
+    kube = Kube(client.ApiClient(api_config), on_write=metrics.api_write)
     options = render.RenderOptions(images=cfg.images, ray_version=cfg.ray_version,
                                    monitoring=kube.has_api("monitoring.coreos.com/v1", "PodMonitor"))
     STATE.metrics = metrics
@@ -135,10 +148,10 @@ def reconcile(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(render.GROUP, render.VERSION, PLURAL)
-def deleted(type: str, uid: str, **_: Any) -> None:
+def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
     """Children go by ownerReference garbage collection (no finalizer); forget in-memory state."""
     if type == "DELETED" and STATE.reconciler is not None:
-        STATE.reconciler.forget(uid)
+        STATE.reconciler.forget(namespace, name, uid)
 
 
 async def _child_event(namespace: str, labels: dict[str, str]) -> None:
@@ -168,13 +181,3 @@ async def _child_event(namespace: str, labels: dict[str, str]) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
 async def child_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
     await _child_event(namespace, labels)
-
-
-@kopf.on.validate(render.GROUP, render.VERSION, PLURAL)
-def admission(spec: dict[str, Any], **_: Any) -> None:
-    """The optional validating webhook: the same checks the reconciler runs, at admission time."""
-    from v4d.operator.validate import validate_spec
-
-    issues = validate_spec(dict(spec))
-    if issues:
-        raise kopf.AdmissionError("; ".join(str(i) for i in issues), code=422)

@@ -49,6 +49,21 @@ def contains(live: Any, want: Any, ignore: frozenset[str] = frozenset()) -> bool
     return live == want
 
 
+def request(api: client.ApiClient, method: str, url: str, body: Any = None, content_type: str | None = None,
+            query: list[tuple[str, str]] | None = None) -> dict[str, Any] | None:
+    """One REST call; the decoded JSON body, or ApiException on a non-2xx status."""
+    headers = {"Accept": "application/json"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    params = api.param_serialize(method, url, query_params=query or [], header_params=headers, body=body,
+                                 auth_settings=["BearerToken"])
+    resp = api.call_api(*params)
+    data = resp.read()
+    if not 200 <= resp.status <= 299:
+        raise ApiException.from_response(http_resp=resp, body=data.decode("utf-8", "replace"), data=None)
+    return json.loads(data or b"null")
+
+
 class Kube:
     """Synchronous API access; `on_write(kind)` is called once per write request."""
 
@@ -58,18 +73,12 @@ class Kube:
 
     def _call(self, method: str, url: str, body: Any = None, content_type: str | None = None,
               query: list[tuple[str, str]] | None = None) -> dict[str, Any] | None:
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
         try:
-            data = self.api.call_api(url, method, query_params=query or [], header_params=headers, body=body,
-                                     auth_settings=["BearerToken"], _preload_content=False,
-                                     _return_http_data_only=True)
+            return request(self.api, method, url, body, content_type, query)
         except ApiException as exc:
             if exc.status == 404 and method == "GET":
                 return None
             raise
-        return json.loads(data.data or b"null")
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call("GET", path(kind, namespace, name))

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.rest import ApiException
 from v4d.operator import render, status
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics
@@ -51,9 +52,9 @@ class Reconciler:
     _phases: dict[str, str] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
-    def _lock(self, uid: str) -> threading.Lock:
+    def _lock(self, key: str) -> threading.Lock:
         with self._guard:
-            return self._locks.setdefault(uid, threading.Lock())
+            return self._locks.setdefault(key, threading.Lock())
 
     def _plan(self, uid: str, generation: int, name: str, spec: dict[str, Any]) -> Any:
         key = (uid, generation)
@@ -80,9 +81,9 @@ class Reconciler:
         }
         self.kube.create_event(ev)
 
-    def forget(self, uid: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str) -> None:
         with self._guard:
-            self._locks.pop(uid, None)
+            self._locks.pop(f"{namespace}/{name}", None)
             self._plans = {k: v for k, v in self._plans.items() if k[0] != uid}
             self._phases.pop(uid, None)
         self._publish_phases()
@@ -94,15 +95,18 @@ class Reconciler:
         self.metrics.set_objects(counts)
 
     def sync(self, namespace: str, name: str) -> str | None:
-        """Reconcile V4Deployment namespace/name; returns its phase (None when it is gone)."""
-        obj = self.kube.get("V4Deployment", namespace, name)
-        if obj is None or obj["metadata"].get("deletionTimestamp"):
-            return None
-        uid = obj["metadata"]["uid"]
-        with self._lock(uid), self.metrics.reconcile():
-            phase = self._sync(obj)
+        """Reconcile V4Deployment namespace/name; returns its phase (None when it is gone).
+
+        The object is read under the per-object lock, so a reconcile always starts from what the
+        previous one wrote (no status flapping between overlapping triggers)."""
+        with self._lock(f"{namespace}/{name}"):
+            obj = self.kube.get("V4Deployment", namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return None
+            with self.metrics.reconcile():
+                phase = self._sync(obj)
         with self._guard:
-            self._phases[uid] = phase
+            self._phases[obj["metadata"]["uid"]] = phase
         self._publish_phases()
         return phase
 
@@ -165,5 +169,10 @@ class Reconciler:
             if key not in new:
                 body[key] = None  # merge patch: drop what no longer applies
         meta = obj["metadata"]
-        self.kube.patch_status("V4Deployment", meta["namespace"], meta["name"], body)
+        try:
+            self.kube.patch_status("V4Deployment", meta["namespace"], meta["name"], body)
+        except ApiException as e:
+            if e.status == 404:  # deleted meanwhile: its children go by garbage collection
+                return False
+            raise
         return True

@@ -216,13 +216,9 @@ def _weights_volume(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     ]
 
 
-def _env(name: str, role: str, pool: str, vendor: str) -> list[dict[str, str]]:
-    return [
-        {"name": "V4D_DEPLOYMENT", "value": name},
-        {"name": "V4D_ROLE", "value": role},
-        {"name": "V4D_POOL", "value": pool},
-        {"name": "V4D_VENDOR", "value": vendor},
-    ]
+def _env(name: str, role: str, pool: str = "", vendor: str = "") -> list[dict[str, str]]:
+    values = {"V4D_DEPLOYMENT": name, "V4D_ROLE": role, "V4D_POOL": pool, "V4D_VENDOR": vendor}
+    return [{"name": k, "value": v} for k, v in values.items() if v]
 
 
 def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: tuple) -> dict[str, Any]:
@@ -280,7 +276,7 @@ def rayservice(plan: Any, meta: dict[str, Any], groups: list[WorkerGroup], optio
             "requests": {"cpu": options.head_cpu, "memory": options.head_memory},
             "limits": {"cpu": options.head_cpu, "memory": options.head_memory},
         },
-        "env": _env(meta["name"], "head", "", "") + wenv,
+        "env": _env(meta["name"], "head") + wenv,
         "ports": [
             {"name": "gcs", "containerPort": 6379},
             {"name": "dashboard", "containerPort": 8265},

@@ -158,19 +158,20 @@ _keepalive_thread: threading.Thread | None = None
 def _keepalive() -> None:
     while True:
         time.sleep(KEEPALIVE_S)
-        with _LIVE_LOCK:
-            live = list(_LIVE_GAUGES.values())
-        for spec, tags, value in live:
-            _ray_metric(spec).set(value, tags=tags)
+        with _LIVE_LOCK:  # held while setting, so a concurrent set() never gets overwritten by an old value
+            for spec, tags, value in _LIVE_GAUGES.values():
+                _ray_metric(spec).set(value, tags=tags)
 
 
-def _remember_gauge(spec: MetricSpec, tags: dict[str, str], value: float | None) -> None:
+def _set_gauge(spec: MetricSpec, tags: dict[str, str], value: float | None) -> None:
+    """Set (and keep alive) a gauge series; None stops keeping it alive."""
     global _keepalive_thread
     key = (spec.name, tuple(sorted(tags.items())))
     with _LIVE_LOCK:
         if value is None:
             _LIVE_GAUGES.pop(key, None)
             return
+        _ray_metric(spec).set(value, tags=tags)
         _LIVE_GAUGES[key] = (spec, tags, value)
         if _keepalive_thread is None:
             _keepalive_thread = threading.Thread(target=_keepalive, name="v4d-gauge-keepalive", daemon=True)
@@ -215,14 +216,12 @@ class Recorder:
     def set(self, value: float, tags: dict[str, Any] | None = None) -> None:
         """Set a gauge; the value is re-exported every KEEPALIVE_S until changed or cleared."""
         self._check(GAUGE)
-        full = self._tags(tags)
-        _ray_metric(self.spec).set(float(value), tags=full)
-        _remember_gauge(self.spec, full, float(value))
+        _set_gauge(self.spec, self._tags(tags), float(value))
 
     def clear(self, tags: dict[str, Any] | None = None) -> None:
         """Stop exporting a gauge series (it ages out of Ray's exporter within seconds)."""
         self._check(GAUGE)
-        _remember_gauge(self.spec, self._tags(tags), None)
+        _set_gauge(self.spec, self._tags(tags), None)
 
     def inc(self, value: float = 1.0, tags: dict[str, Any] | None = None) -> None:
         self._check(COUNTER)

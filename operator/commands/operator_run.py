@@ -53,6 +53,8 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
     cfg.webhook_cert = webhook_cert or cfg.webhook_cert
     cfg.webhook_key = webhook_key or cfg.webhook_key
     handlers.CONFIG = cfg
+    if cfg.webhook_port:
+        import v4d.operator.webhook  # noqa: F401 - registers the admission handler
     kopf.configure(verbose=verbose)
     kopf.run(
         clusterwide=not namespaces,

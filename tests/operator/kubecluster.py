@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from v4d.operator.kube import request
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
@@ -67,12 +68,8 @@ class Cluster:
         prefix = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
         plural = {"CustomResourceDefinition": "customresourcedefinitions", "Namespace": "namespaces"}[obj["kind"]]
         url = f"{prefix}/{plural}/{obj['metadata']['name']}"
-        data = self.api.call_api(url, "PATCH", query_params=[("fieldManager", manager), ("force", "true")],
-                                 header_params={"Content-Type": "application/apply-patch+yaml",
-                                                "Accept": "application/json"},
-                                 body=obj, auth_settings=["BearerToken"], _preload_content=False,
-                                 _return_http_data_only=True)
-        return json.loads(data.data)
+        return request(self.api, "PATCH", url, obj, "application/apply-patch+yaml",
+                       [("fieldManager", manager), ("force", "true")])
 
     def namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubecluster import ROOT, wait_for
+from v4d.operator.kube import request
 
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "charts" / "v4d"
@@ -52,21 +53,20 @@ def test_kustomize_builds_offline():
 
 def test_kubectl_apply_k(cluster, tmp_path):
     run(["kubectl", "apply", "-k", str(ROOT / "manifests")], cluster)
-    deploy = cluster.api.call_api("/apis/apps/v1/namespaces/v4d-system/deployments/v4d-operator", "GET",
-                                  auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
+    deploy = request(cluster.api, "GET", "/apis/apps/v1/namespaces/v4d-system/deployments/v4d-operator")
     assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == "v4d-operator"
     # The samples pass the CRD's real validation (server-side dry run).
     run(["kubectl", "apply", "--dry-run=server", "-n", "default", "-f", str(ROOT / "manifests" / "samples")], cluster)
     # A bad sample does not.
     bad = (ROOT / "manifests" / "samples" / "v4-flash-h200.yaml").read_text().replace("vendor: nvidia", "vendor: amd")
     proc = run(["kubectl", "apply", "--dry-run=server", "-n", "default", "-f", "-"], cluster, check=False, stdin=bad)
-    assert proc.returncode != 0 and "spec.pools[0].vendor" in proc.stderr
+    assert proc.returncode != 0 and "spec.pools.vendor" in proc.stderr
 
 
 def test_helm_lint_and_template(helm, tmp_path):
     run([helm, "lint", "--strict", str(CHART)], tmp=tmp_path)
     out = run([helm, "template", "rel", str(CHART), "-n", "v4d", "--set", "replicaCount=2", "--set",
-               "serviceMonitor.enabled=true", "--set", "webhook.enabled=true", "--set",
+               "serviceMonitor.enabled=true", "--set", "webhook.enabled=true", "--set", "webhook.certSecret=tls", "--set",
                "watchNamespaces={team-a,team-b}"], tmp=tmp_path).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kinds = {d["kind"] for d in docs}
@@ -75,6 +75,8 @@ def test_helm_lint_and_template(helm, tmp_path):
     assert "--peering=v4d" in args and "--namespace=team-a" in args and "--webhook-port=9443" in args
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert any("validatingwebhookconfigurations" in r["resources"] for r in role["rules"])
+    no_cert = run([helm, "template", "rel", str(CHART), "--set", "webhook.enabled=true"], tmp=tmp_path, check=False)
+    assert no_cert.returncode != 0 and "webhook.certSecret is required" in no_cert.stderr
     plain = run([helm, "template", "rel", str(CHART)], tmp=tmp_path).stdout
     assert "ServiceMonitor" not in plain and "--peering" not in plain
     # values.schema.json rejects bad values.
@@ -84,14 +86,14 @@ def test_helm_lint_and_template(helm, tmp_path):
 
 def test_helm_install(cluster, helm, tmp_path):
     ns = cluster.namespace("helm")
-    run([helm, "install", "v4d", str(CHART), "-n", ns, "--wait=false"], cluster, tmp=tmp_path)
+    # Release "rel": its cluster-scoped RBAC must not collide with the kubectl install's "v4d-operator".
+    run([helm, "install", "rel", str(CHART), "-n", ns, "--wait=false"], cluster, tmp=tmp_path)
     try:
-        deploy = wait_for(lambda: cluster.api.call_api(
-            f"/apis/apps/v1/namespaces/{ns}/deployments/v4d-operator", "GET", auth_settings=["BearerToken"],
-            response_type="object", _return_http_data_only=True), what="operator Deployment")
+        deploy = wait_for(lambda: request(cluster.api, "GET", f"/apis/apps/v1/namespaces/{ns}/deployments/rel-v4d-operator"),
+                          what="operator Deployment")
         container = deploy["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == "v4d/operator:0.1.0" and container["args"][0] == "operator"
         listed = run([helm, "list", "-n", ns, "-o", "yaml"], cluster, tmp=tmp_path).stdout
         assert yaml.safe_load(listed)[0]["status"] == "deployed"
     finally:
-        run([helm, "uninstall", "v4d", "-n", ns], cluster, tmp=tmp_path)
+        run([helm, "uninstall", "rel", "-n", ns], cluster, tmp=tmp_path)

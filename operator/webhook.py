@@ -1,0 +1,22 @@
+"""The optional validating admission webhook: the reconciler's checks, run at admission time.
+
+Imported only when the webhook is on (`v4d operator --webhook-port P`, or
+`kopf run -m v4d.operator.handlers -m v4d.operator.webhook` with V4D_WEBHOOK_PORT set): kopf refuses
+to start with admission handlers but no webhook server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from v4d.operator import render
+from v4d.operator.handlers import PLURAL
+from v4d.operator.validate import validate_spec
+
+
+@kopf.on.validate(render.GROUP, render.VERSION, PLURAL)
+def admission(spec: dict[str, Any], **_: Any) -> None:
+    issues = validate_spec(dict(spec))
+    if issues:
+        raise kopf.AdmissionError("; ".join(str(i) for i in issues), code=422)
