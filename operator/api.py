@@ -31,7 +31,9 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 class _Model(BaseModel):
     # strict: a string "3" is not an integer, as on the apiserver; unknown fields are errors, not pruned.
-    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, use_attribute_docstrings=True, populate_by_name=True
+    )
 
 
 # -- spec -------------------------------------------------------------------------------------
@@ -45,7 +47,9 @@ class WeightsSpec(_Model):
 class ModelSpec(_Model):
     preset: str | None = None
     """Built-in model: deepseek-v4-flash, deepseek-v4-pro, v4-tiny or v4-tiny-fast. Exactly one of preset and config."""
-    config: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    config: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """A full HF-style config.json (official key names) for a custom DeepSeek-V4-class model."""
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
     """Where the checkpoint comes from."""
@@ -142,8 +146,9 @@ class V4DeploymentSpec(_Model):
     """Accelerator pools; attention replicas and expert shards may live on different pools and vendors."""
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     """Expert placement knobs."""
-    replicas: int = Field(default=1, ge=0, le=1024)
-    """Attention engine replicas (the /scale subresource); the autoscaler moves it within [min, max]."""
+    replicas: int | None = Field(default=None, ge=0, le=1024)
+    """Attention engine replicas (the /scale subresource); unset means autoscaling.minReplicas when
+    autoscaling is enabled, else 1. With autoscaling it must lie within [minReplicas, maxReplicas]."""
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     """KV-pressure autoscaling of attention replicas."""
     serving: ServingSpec = Field(default_factory=ServingSpec)

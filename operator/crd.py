@@ -8,6 +8,7 @@ titles, no `additionalProperties: false`, and only non-empty scalar defaults.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
 
 def crd() -> dict[str, Any]:
     spec = openapi_schema(api.V4DeploymentSpec)
-    spec["description"] = "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
+    spec["description"] = (
+        "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
+    )
     status = openapi_schema(api.V4DeploymentStatus)
     status["description"] = "Observed state, written by the v4d operator."
     schema = {
@@ -135,6 +138,55 @@ def crd() -> dict[str, Any]:
             ],
         },
     }
+
+
+def _rows(node: dict[str, Any], path: str, required: bool) -> list[tuple[str, str, str, str]]:
+    kind = node.get("type", "")
+    if kind == "array" and node["items"].get("type") == "object":
+        kind = "[]object"
+    elif kind == "array":
+        kind = f"[]{node['items']['type']}"
+    elif kind == "object" and "additionalProperties" in node:
+        kind = f"map[string]{node['additionalProperties']['type']}"
+    rules = []
+    enum = node.get("enum") or node.get("items", {}).get("enum")
+    if enum:
+        rules.append(", ".join(f"`{e}`" for e in enum))
+    for key, op in (("minimum", ">"), ("maximum", "<")):
+        if key in node:
+            strict = node.get(f"exclusive{key[:3].title()}imum") is True
+            rules.append(f"{op if strict else op + '='} {node[key]:,}")
+    for key, label in (
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+        ("minLength", "length >="),
+        ("maxLength", "length <="),
+        ("pattern", "pattern"),
+    ):
+        if key in node:
+            rules.append(f"{label} `{node[key]}`" if key == "pattern" else f"{label} {node[key]}")
+    default = "required" if required else (f"`{json.dumps(node['default'])}`" if "default" in node else "")
+    meaning = node.get("description", "") + (f" ({', '.join(rules)})" if rules else "")
+    out = [(path, kind, default, meaning)]
+    children = node.get("properties") or node.get("items", {}).get("properties") or {}
+    child_required = set(node.get("required", []) or node.get("items", {}).get("required", []))
+    sep = "[]." if kind == "[]object" else "."
+    for name, child in children.items():
+        out += _rows(child, f"{path}{sep}{name}", name in child_required)
+    return out
+
+
+def reference_markdown() -> str:
+    """Field reference of spec and status (a markdown table per part), generated like the CRD."""
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    parts = []
+    for part in ("spec", "status"):
+        rows = _rows(schema["properties"][part], part, part == "spec")[1:]
+        parts.append(
+            "| field | type | default | meaning |\n|---|---|---|---|\n"
+            + "\n".join(f"| `{p}` | {t} | {d} | {m} |" for p, t, d, m in rows)
+        )
+    return "\n\n".join(parts) + "\n"
 
 
 def render_yaml() -> str:

@@ -25,9 +25,22 @@ class Placement:
     device: np.ndarray  # [L, R] device holding each physical slot
     device_load: np.ndarray  # [L, D] expected load on each device
 
-    def device_experts(self, layer: int, device: int) -> list[int]:
-        """Logical experts on `device` in `layer`, in slot order (ascending expert id)."""
-        return sorted(int(e) for e in self.phy2log[layer][self.device[layer] == device])
+    def slot_map(self, slots: np.ndarray | list[int]) -> list[list[list[int]]]:
+        """[device][layer] -> logical experts in slot order (ascending id); one sort for all layers."""
+        n_logical = self.logcnt.shape[1]
+        keyed = np.sort(self.device * n_logical + self.phy2log, axis=1) % n_logical
+        bounds = np.concatenate([[0], np.cumsum(slots)])
+        rows = keyed.tolist()
+        return [[row[bounds[d] : bounds[d + 1]] for row in rows] for d in range(len(slots))]
+
+
+def device_loads(item_load: np.ndarray, device: np.ndarray, n_devices: int) -> np.ndarray:
+    """[L, D] sum of item loads per device, per layer (one bincount over layer-offset device ids)."""
+    n_layers = item_load.shape[0]
+    flat = (device + n_devices * np.arange(n_layers)[:, None]).ravel()
+    return np.bincount(flat, weights=item_load.ravel(), minlength=n_layers * n_devices).reshape(
+        n_layers, n_devices
+    )
 
 
 def replicate(load: np.ndarray, n_physical: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,35 +81,39 @@ def pack(item_load: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> np.nda
 def _improve(item_load: np.ndarray, device: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> None:
     """Per layer, swap one item of the most loaded device with one elsewhere while that lowers the max.
 
-    All layers at once: mine [L, S] are the top device's items (padded), delta [L, S, R] the load
-    moved onto it by exchanging item a for item b.
+    Layers still improving are processed together: mine [L, S] are the top device's items (padded),
+    delta [L, S, R] the load moved onto it by exchanging item a for item b.
     """
-    n_layers, n_items = item_load.shape
-    rows = np.arange(n_layers)
+    n_items = item_load.shape[1]
     width = int(slots.max())
+    active = np.arange(item_load.shape[0])
     for _ in range(SWAP_ROUNDS):
-        load = np.zeros((n_layers, len(weight)))
-        np.add.at(load, (rows[:, None], device), item_load)
+        il, dev = item_load[active], device[active]
+        rows = np.arange(len(active))
+        load = device_loads(il, dev, len(weight))
         norm = load / weight
         top = np.argmax(norm, axis=1)
-        on_top = device == top[:, None]
+        on_top = dev == top[:, None]
         mine = np.argsort(~on_top, axis=1, kind="stable")[:, :width]
         mine_ok = on_top[rows[:, None], mine]
-        delta = item_load[:, None, :] - item_load[rows[:, None], mine][:, :, None]
+        delta = il[:, None, :] - il[rows[:, None], mine][:, :, None]
         new_top = (load[rows, top][:, None, None] + delta) / weight[top][:, None, None]
-        new_dst = (load[rows[:, None], device][:, None, :] - delta) / weight[device][:, None, :]
+        new_dst = (load[rows[:, None], dev][:, None, :] - delta) / weight[dev][:, None, :]
         worst = np.maximum(new_top, new_dst)
         worst[~mine_ok[:, :, None] | on_top[:, None, :]] = np.inf
-        flat = worst.reshape(n_layers, -1).argmin(axis=1)
-        a, b = np.divmod(flat, n_items)
+        a, b = np.divmod(worst.reshape(len(active), -1).argmin(axis=1), n_items)
         gain = worst[rows, a, b] < norm[rows, top] * (1 - 1e-12)
-        if not gain.any():
+        layers = active[gain]
+        ia, ib = mine[rows, a][gain], b[gain]
+        device[layers, ia], device[layers, ib] = device[layers, ib], top[gain]
+        active = layers
+        if len(active) == 0:
             return
-        lay, ia, ib = rows[gain], mine[rows, a][gain], b[gain]
-        device[lay, ia], device[lay, ib] = device[lay, ib], top[gain]
 
 
-def place(load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None) -> Placement:
+def place(
+    load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None
+) -> Placement:
     """Global EPLB policy: load [L, E] (token counts or rates), slots[d] per layer on device d."""
     load = np.asarray(load, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)
@@ -110,14 +127,17 @@ def place(load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] |
     item_load = load[rows, phy2log] / logcnt[rows, phy2log]
     device = pack(item_load, slots, weight)
     _improve(item_load, device, slots, weight)
-    device_load = np.zeros((n_layers, len(slots)))
-    np.add.at(device_load, (np.arange(n_layers)[:, None], device), item_load)
-    return Placement(phy2log, logcnt, device, device_load)
+    return Placement(phy2log, logcnt, device, device_loads(item_load, device, len(slots)))
 
 
 def max_over_mean(device_load: np.ndarray, weight: np.ndarray | list[float]) -> float:
-    """Worst layer's max over mean of device load / capacity weight (1.0 is perfect)."""
-    norm = np.asarray(device_load, dtype=np.float64) / np.asarray(weight, dtype=np.float64)
-    mean = norm.mean(axis=1)
-    ratio = np.divide(norm.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+    """Worst layer's max over mean of device load / capacity weight (1.0 is perfect).
+
+    The mean is the capacity-weighted one, total load / total weight: what every device would carry
+    per unit of capacity if the layer were perfectly balanced.
+    """
+    load = np.asarray(device_load, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    mean = load.sum(axis=1) / weight.sum()
+    ratio = np.divide((load / weight).max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
     return float(ratio.max())

@@ -34,6 +34,7 @@ from v4d.serving.plan import (
     PoolPlan,
     ServingPlan,
 )
+from v4d.serving.sizing import human_bytes
 
 RESERVE_FRACTION = 0.10
 RAY_RESOURCE = {"nvidia": "GPU", "ascend": "NPU"}
@@ -46,10 +47,6 @@ class PlanError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.2f} MiB"
 
 
 def _usable(pool: api.PoolSpec) -> float:
@@ -88,14 +85,18 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
     one_seq = sizing.pages_for(cfg, ctx) * page + slot
     usable = _usable(pool)
     sizes = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= pool.devicesPerNode]
-    fits = [d for d in sizes if d * usable >= dense + one_seq] or [d for d in sizes if d * usable > dense + slot]
+    fits = [d for d in sizes if d * usable >= dense + one_seq] or [
+        d for d in sizes if d * usable > dense + slot
+    ]
     if not fits:
-        raise PlanError([
-            f"pool `{pool.name}`: one node of {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB cannot hold an attention "
-            f"replica: dense weights {_gib(dense)} + one request's state {_gib(slot)} with a "
-            f"{RESERVE_FRACTION:.0%} working reserve per device; need devices of at least "
-            f"{_gib((dense + one_seq) / pool.devicesPerNode / (1 - RESERVE_FRACTION))}"
-        ])
+        raise PlanError(
+            [
+                f"pool `{pool.name}`: one node of {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB cannot hold an attention "
+                f"replica: dense weights {human_bytes(dense)} + one request's state {human_bytes(slot)} with a "
+                f"{RESERVE_FRACTION:.0%} working reserve per device; need devices of at least "
+                f"{human_bytes((dense + one_seq) / pool.devicesPerNode / (1 - RESERVE_FRACTION))}"
+            ]
+        )
     per_replica = fits[0]
     budget = int(per_replica * usable - dense)
     seqs = spec.serving.maxNumSeqs
@@ -103,24 +104,26 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
         seqs = max(1, budget // 2 // slot)
         warnings.append(
             f"serving.maxNumSeqs lowered from {spec.serving.maxNumSeqs} to {seqs}: each request's state takes "
-            f"{_gib(slot)} and states may use at most half of the {_gib(budget)} KV budget"
+            f"{human_bytes(slot)} and states may use at most half of the {human_bytes(budget)} KV budget"
         )
     pages = (budget - seqs * slot) // page
     capacity = pages * sizing.page_tokens(cfg)
     if capacity < ctx:
         warnings.append(
             f"KV capacity per attention replica is {capacity:,} tokens, below model.maxContextTokens {ctx:,}: "
-            f"pool `{pool.name}` leaves {_gib(budget)} per replica of {per_replica} device(s) after weights"
+            f"pool `{pool.name}` leaves {human_bytes(budget)} per replica of {per_replica} device(s) after weights"
         )
     auto = spec.autoscaling
-    lo, hi = (auto.minReplicas, auto.maxReplicas) if auto.enabled else (spec.replicas, spec.replicas)
-    replicas = min(max(spec.replicas, lo), hi) if auto.enabled else spec.replicas
+    replicas = spec.replicas if spec.replicas is not None else (auto.minReplicas if auto.enabled else 1)
+    lo, hi = (auto.minReplicas, auto.maxReplicas) if auto.enabled else (replicas, replicas)
     per_node = pool.devicesPerNode // per_replica
     if ceil(hi / per_node) > pool.maxNodes:
-        raise PlanError([
-            f"pool `{pool.name}`: {_shape(pool)} cannot hold {hi} attention replica(s) of {per_replica} device(s) "
-            f"({per_node} per node), need at least {ceil(hi / per_node)} nodes"
-        ])
+        raise PlanError(
+            [
+                f"pool `{pool.name}`: {_shape(pool)} cannot hold {hi} attention replica(s) of {per_replica} device(s) "
+                f"({per_node} per node), need at least {ceil(hi / per_node)} nodes"
+            ]
+        )
     engine = EnginePlan(
         pool=pool.name,
         devices_per_replica=per_replica,
@@ -147,7 +150,11 @@ def _expert_load(expert_load: Any, n_layers: int, n_experts: int) -> np.ndarray:
         return np.ones((n_layers, n_experts))
     load = np.asarray(expert_load, dtype=np.float64)
     if load.shape != (n_layers, n_experts):
-        raise PlanError([f"expert_load: expected shape ({n_layers}, {n_experts}) (MoE layers x experts), got {load.shape}"])
+        raise PlanError(
+            [
+                f"expert_load: expected shape ({n_layers}, {n_experts}) (MoE layers x experts), got {load.shape}"
+            ]
+        )
     if not np.isfinite(load).all() or (load < 0).any():
         raise PlanError(["expert_load: entries must be finite and non-negative"])
     load = load.copy()
@@ -169,16 +176,18 @@ def _expert_devices(
         cap.append(floor(_usable(p) / column))
         if cap[-1] == 0:
             problems.append(
-                f"pool `{p.name}`: one {p.deviceMemoryGiB:g} GiB device ({_gib(_usable(p))} after the "
+                f"pool `{p.name}`: one {p.deviceMemoryGiB:g} GiB device ({human_bytes(_usable(p))} after the "
                 f"{RESERVE_FRACTION:.0%} working reserve) cannot hold one expert slot ({cfg.num_hidden_layers} MoE "
-                f"layers x {_gib(sizing.expert_bytes(cfg))} = {_gib(column)})"
+                f"layers x {human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(column)})"
             )
         elif avail[-1] <= 0:
-            problems.append(f"pool `{p.name}`: attention replicas take all {p.maxNodes * p.devicesPerNode} devices, none left for experts")
+            problems.append(
+                f"pool `{p.name}`: attention replicas take all {p.maxNodes * p.devicesPerNode} devices, none left for experts"
+            )
     if problems:
         raise PlanError(problems)
     offer = [a * c for a, c in zip(avail, cap, strict=True)]
-    need = f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x {_gib(sizing.expert_bytes(cfg))} = {_gib(n_slots * column)})"
+    need = f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x {human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(n_slots * column)})"
     if sum(offer) < n_slots:
         msgs = []
         for p, a, c, o in zip(pools, avail, cap, offer, strict=True):
@@ -194,16 +203,30 @@ def _expert_devices(
     if ep is None:
         frac = n_slots / sum(offer)
         used = [min(a, ceil(a * frac)) for a in avail]
+        if sum(used) > n_slots:  # only with very small slots: keep at least one slot per device
+            used = distribute(n_slots, offer, used, least=0)
     else:
         if ep > sum(avail):
-            raise PlanError([f"parallelism.expertParallelSize: {ep} devices requested, the expert pools offer {sum(avail)}"])
+            raise PlanError(
+                [
+                    f"parallelism.expertParallelSize: {ep} devices requested, the expert pools offer {sum(avail)}"
+                ]
+            )
         if ep > n_slots:
-            raise PlanError([f"parallelism.expertParallelSize: {ep} devices exceed the {n_slots} expert slots per layer; "
-                             "raise parallelism.redundantExperts or lower expertParallelSize"])
+            raise PlanError(
+                [
+                    f"parallelism.expertParallelSize: {ep} devices exceed the {n_slots} expert slots per layer; "
+                    "raise parallelism.redundantExperts or lower expertParallelSize"
+                ]
+            )
         used = distribute(ep, offer, avail, least=0)
         if sum(u * c for u, c in zip(used, cap, strict=True)) < n_slots:
-            raise PlanError([f"parallelism.expertParallelSize: {ep} devices hold only "
-                             f"{sum(u * c for u, c in zip(used, cap, strict=True))} slots per layer, {need} needed"])
+            raise PlanError(
+                [
+                    f"parallelism.expertParallelSize: {ep} devices hold only "
+                    f"{sum(u * c for u, c in zip(used, cap, strict=True))} slots per layer, {need} needed"
+                ]
+            )
     return [(p, u, c) for p, u, c in zip(pools, used, cap, strict=True)]
 
 
@@ -217,7 +240,9 @@ def _plan_experts(
     devices = [(p, i, c) for p, used, c in groups for i in range(used)]
     for p, used, _ in groups:
         if used == 0:
-            warnings.append(f"pool `{p.name}` has role experts but gets no expert device at this expertParallelSize")
+            warnings.append(
+                f"pool `{p.name}` has role experts but gets no expert device at this expertParallelSize"
+            )
     slots = distribute(n_slots, [c for _, _, c in devices], [c for _, _, c in devices])
     placement = eplb.place(load, slots)
     column = n_layers * sizing.expert_bytes(cfg)
@@ -226,11 +251,11 @@ def _plan_experts(
             name=f"experts-{p.name}-{i}",
             pool=p.name,
             device=i,
-            slots=[placement.device_experts(layer, d) for layer in range(n_layers)],
+            slots=slot_map,
             weight_bytes=s * column,
             capacity=float(s),
         )
-        for d, ((p, i, _), s) in enumerate(zip(devices, slots, strict=True))
+        for (p, i, _), s, slot_map in zip(devices, slots, placement.slot_map(slots), strict=True)
     ]
     return shards, {p.name: used for p, used, _ in groups}, eplb.max_over_mean(placement.device_load, slots)
 
@@ -255,20 +280,22 @@ def plan(
         devices = expert_devices.get(p.name, 0)
         if p.name == engine.plan.pool:
             devices += engine.plan.replicas * engine.plan.devices_per_replica
-        pools.append(PoolPlan(
-            name=p.name,
-            vendor=p.vendor,
-            resource_name=p.resourceName or api.DEFAULT_RESOURCE[p.vendor],
-            ray_resource=RAY_RESOURCE[p.vendor],
-            devices_per_node=p.devicesPerNode,
-            device_memory_gib=p.deviceMemoryGiB,
-            nodes=ceil(devices / p.devicesPerNode),
-            devices=devices,
-            roles=list(p.roles),
-            node_selector=dict(p.nodeSelector),
-            tolerations=[t.model_dump(exclude_none=True) for t in p.tolerations],
-            image=p.image,
-        ))
+        pools.append(
+            PoolPlan(
+                name=p.name,
+                vendor=p.vendor,
+                resource_name=p.resourceName or api.DEFAULT_RESOURCE[p.vendor],
+                ray_resource=RAY_RESOURCE[p.vendor],
+                devices_per_node=p.devicesPerNode,
+                device_memory_gib=p.deviceMemoryGiB,
+                nodes=ceil(devices / p.devicesPerNode),
+                devices=devices,
+                roles=list(p.roles),
+                node_selector=dict(p.nodeSelector),
+                tolerations=[t.model_dump(exclude_none=True) for t in p.tolerations],
+                image=p.image,
+            )
+        )
     n_slots = cfg.n_routed_experts + spec.parallelism.redundantExperts
     secret = spec.serving.apiKeySecretRef
     return Plan(
@@ -281,9 +308,14 @@ def plan(
         pools=pools,
         engine=engine.plan,
         shards=shards,
-        experts=ExpertCounts(logical=cfg.n_routed_experts, physical=n_slots, redundant=n_slots - cfg.n_routed_experts),
+        experts=ExpertCounts(
+            logical=cfg.n_routed_experts, physical=n_slots, redundant=n_slots - cfg.n_routed_experts
+        ),
         balance=Balance(max_over_mean=round(balance, 6)),
-        kv=KVPlan(bytes_per_token=sizing.kv_bytes_per_token(cfg), capacity_tokens_per_replica=engine.plan.capacity_tokens),
+        kv=KVPlan(
+            bytes_per_token=sizing.kv_bytes_per_token(cfg),
+            capacity_tokens_per_replica=engine.plan.capacity_tokens,
+        ),
         serving=ServingPlan(
             port=spec.serving.port,
             api_key_secret=secret.model_dump() if secret else None,

@@ -8,7 +8,7 @@ Semantic rules read the raw dict defensively, so schema and semantic errors are 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,13 @@ from v4d.operator import api
 from v4d.serving.config import PRESETS, ModelConfig
 
 # Ports the Ray head of every deployment already binds (GCS, client, dashboard, agent, metrics export).
-RAY_PORTS = {6379: "Ray GCS", 10001: "Ray client", 8265: "Ray dashboard", 52365: "Ray dashboard agent",
-             8080: "Ray metrics export"}
+RAY_PORTS = {
+    6379: "Ray GCS",
+    10001: "Ray client",
+    8265: "Ray dashboard",
+    52365: "Ray dashboard agent",
+    8080: "Ray metrics export",
+}
 MAX_NAME = 40  # RayService/Service names derived from it must stay within 63 characters
 _PATTERN_HINTS = {
     api.DNS_LABEL: "a DNS label (lowercase letters, digits and '-', starting and ending with a letter or digit)",
@@ -55,16 +60,27 @@ def _path(prefix: str, loc: tuple[Any, ...]) -> str:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
 
 
 def _message(err: dict[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     expected_type = {
-        "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "string_type": "a string",
-        "bool_type": "a boolean", "dict_type": "an object", "list_type": "a list", "model_type": "an object",
+        "int_type": "an integer",
+        "int_from_float": "an integer",
+        "float_type": "a number",
+        "string_type": "a string",
+        "bool_type": "a boolean",
+        "dict_type": "an object",
+        "list_type": "a list",
+        "model_type": "an object",
         "model_attributes_type": "an object",
     }
     if kind in expected_type:
@@ -76,13 +92,21 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return f"expected one of {', '.join(allowed)}, got {got!r}"
-    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-              "less_than": ("<", "lt")}
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
     if kind in bounds:
         op, key = bounds[kind]
         return f"must be {op} {ctx[key]:g}, got {got!r}"
     if kind == "string_too_short":
-        return "must not be empty" if ctx.get("min_length") == 1 else f"must have at least {ctx['min_length']} characters"
+        return (
+            "must not be empty"
+            if ctx.get("min_length") == 1
+            else f"must have at least {ctx['min_length']} characters"
+        )
     if kind == "string_too_long":
         return f"must have at most {ctx['max_length']} characters, got {len(got)}"
     if kind == "too_short":
@@ -123,6 +147,27 @@ def resolve_model(model: dict[str, Any]) -> tuple[str, ModelConfig]:
     return "custom", ModelConfig.from_dict(model["config"])
 
 
+def _config_type_issues(config: dict[str, Any]) -> list[Issue]:
+    """Numbers and strings of a custom config.json must have the types of the official keys."""
+    issues = []
+    for f in fields(ModelConfig):
+        if f.name not in config or f.default is MISSING or f.default is None:
+            continue
+        value, want = config[f.name], type(f.default)
+        ok = {
+            int: _int(value) is not None,
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            bool: isinstance(value, bool),
+            str: isinstance(value, str),
+        }.get(want, True)
+        if not ok:
+            name = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[want]
+            issues.append(
+                Issue(f"spec.model.config.{f.name}", f"expected {name}, got {_type_name(value)} {value!r}")
+            )
+    return issues
+
+
 def _model_issues(model: dict[str, Any]) -> list[Issue]:
     issues: list[Issue] = []
     preset, config = model.get("preset"), model.get("config")
@@ -133,20 +178,31 @@ def _model_issues(model: dict[str, Any]) -> list[Issue]:
     cfg = None
     if isinstance(preset, str):
         if preset not in PRESETS:
-            issues.append(Issue("spec.model.preset", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}"))
+            issues.append(
+                Issue("spec.model.preset", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+            )
         else:
             cfg = PRESETS[preset]
     elif isinstance(config, dict):
-        try:
-            cfg = ModelConfig.from_dict(config)
-        except (ValueError, TypeError) as e:
-            key, sep, msg = str(e).partition(": ")
-            issues.append(Issue(f"spec.model.config.{key}", msg) if sep and " " not in key
-                          else Issue("spec.model.config", str(e)))
+        issues += _config_type_issues(config)
+        if not issues:
+            try:
+                cfg = ModelConfig.from_dict(config)
+            except (ValueError, TypeError) as e:
+                key, sep, msg = str(e).partition(": ")
+                issues.append(
+                    Issue(f"spec.model.config.{key}", msg)
+                    if sep and " " not in key
+                    else Issue("spec.model.config", str(e))
+                )
     ctx = _int(model.get("maxContextTokens"))
     if cfg is not None and ctx is not None and ctx > cfg.max_position_embeddings:
-        issues.append(Issue("spec.model.maxContextTokens",
-                            f"{ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}"))
+        issues.append(
+            Issue(
+                "spec.model.maxContextTokens",
+                f"{ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
+            )
+        )
     uri = _dict(model.get("weights")).get("uri")
     if isinstance(uri, str) and uri:
         issues += [Issue("spec.model.weights.uri", m) for m in _uri_problems(uri)]
@@ -158,8 +214,10 @@ def _uri_problems(uri: str) -> list[str]:
     if not sep:
         return [f"expected pvc://<claim>/<path>, hostpath:///<path> or file:///<path>, got {uri!r}"]
     if scheme not in api.WEIGHT_SCHEMES:
-        return [f"scheme {scheme + '://'!r} is not supported yet; expected pvc://, hostpath:// or file:// "
-                "(copy the checkpoint into a PVC first)"]
+        return [
+            f"scheme {scheme + '://'!r} is not supported yet; expected pvc://, hostpath:// or file:// "
+            "(copy the checkpoint into a PVC first)"
+        ]
     if scheme == "pvc":
         claim = rest.split("/", 1)[0]
         if not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", claim):
@@ -180,7 +238,12 @@ def _pool_issues(pools: list[Any]) -> list[Issue]:
         name = pool.get("name")
         if isinstance(name, str):
             if name in seen:
-                issues.append(Issue(f"spec.pools[{i}].name", f"duplicate pool name {name!r} (also spec.pools[{seen[name]}])"))
+                issues.append(
+                    Issue(
+                        f"spec.pools[{i}].name",
+                        f"duplicate pool name {name!r} (also spec.pools[{seen[name]}])",
+                    )
+                )
             seen.setdefault(name, i)
         roles = [r for r in _list(pool.get("roles")) if isinstance(r, str)]
         for r in sorted({r for r in roles if roles.count(r) > 1}):
@@ -192,8 +255,12 @@ def _pool_issues(pools: list[Any]) -> list[Issue]:
         if isinstance(resource, str) and vendor in ("nvidia", "ascend"):
             for prefix, owner in _VENDOR_OF_RESOURCE.items():
                 if resource.startswith(prefix) and owner != vendor:
-                    issues.append(Issue(f"spec.pools[{i}].resourceName",
-                                        f"{resource!r} is a {owner} resource but the pool's vendor is {vendor!r}"))
+                    issues.append(
+                        Issue(
+                            f"spec.pools[{i}].resourceName",
+                            f"{resource!r} is a {owner} resource but the pool's vendor is {vendor!r}",
+                        )
+                    )
         for j, tol in enumerate(_list(pool.get("tolerations"))):
             tol = _dict(tol)
             path = f"spec.pools[{i}].tolerations[{j}]"
@@ -207,8 +274,12 @@ def _pool_issues(pools: list[Any]) -> list[Issue]:
                 issues.append(Issue("spec.pools", f"no pool has role {role!r}; {why} need one"))
     if len(attention_pools) > 1:
         names = [_dict(pools[i]).get("name") for i in attention_pools]
-        issues.append(Issue(f"spec.pools[{attention_pools[1]}].roles",
-                            f"attention runs on one pool only; pools {', '.join(map(repr, names))} all have it"))
+        issues.append(
+            Issue(
+                f"spec.pools[{attention_pools[1]}].roles",
+                f"attention runs on one pool only; pools {', '.join(map(repr, names))} all have it",
+            )
+        )
     return issues
 
 
@@ -218,17 +289,33 @@ def _scaling_issues(spec: dict[str, Any]) -> list[Issue]:
     lo, hi = _int(auto.get("minReplicas", 1)), _int(auto.get("maxReplicas", 1))
     if lo is not None and hi is not None and lo > hi:
         issues.append(Issue("spec.autoscaling.minReplicas", f"must be <= maxReplicas ({lo} > {hi})"))
-    replicas = _int(spec.get("replicas", 1))
-    if auto.get("enabled") is True and None not in (lo, hi, replicas) and lo <= hi and not lo <= replicas <= hi:
-        issues.append(Issue("spec.replicas", f"{replicas} is outside autoscaling [minReplicas, maxReplicas] = [{lo}, {hi}]"))
+    replicas = _int(spec.get("replicas"))  # unset: the planner starts at minReplicas
+    if (
+        auto.get("enabled") is True
+        and None not in (lo, hi, replicas)
+        and lo <= hi
+        and not lo <= replicas <= hi
+    ):
+        issues.append(
+            Issue(
+                "spec.replicas",
+                f"{replicas} is outside autoscaling [minReplicas, maxReplicas] = [{lo}, {hi}]",
+            )
+        )
     serving = _dict(spec.get("serving"))
     port = _int(serving.get("port"))
     if port in RAY_PORTS:
-        issues.append(Issue("spec.serving.port", f"{port} is taken by the {RAY_PORTS[port]} on every Ray head"))
+        issues.append(
+            Issue("spec.serving.port", f"{port} is taken by the {RAY_PORTS[port]} on every Ray head")
+        )
     seqs, batch = _int(serving.get("maxNumSeqs", 64)), _int(serving.get("maxBatchTokens", 8192))
     if seqs is not None and batch is not None and batch < seqs:
-        issues.append(Issue("spec.serving.maxBatchTokens",
-                            f"must be >= maxNumSeqs ({batch} < {seqs}): every running sequence decodes a token per step"))
+        issues.append(
+            Issue(
+                "spec.serving.maxBatchTokens",
+                f"must be >= maxNumSeqs ({batch} < {seqs}): every running sequence decodes a token per step",
+            )
+        )
     return issues
 
 
@@ -255,7 +342,9 @@ def validate_manifest(doc: Any) -> list[Issue]:
         issues.append(Issue("kind", f"expected {api.KIND!r}, got {doc.get('kind')!r}"))
     name = _dict(doc.get("metadata")).get("name")
     if not isinstance(name, str) or not re.match(api.DNS_LABEL, name) or len(name) > MAX_NAME:
-        issues.append(Issue("metadata.name", f"expected a DNS label of at most {MAX_NAME} characters, got {name!r}"))
+        issues.append(
+            Issue("metadata.name", f"expected a DNS label of at most {MAX_NAME} characters, got {name!r}")
+        )
     if "spec" not in doc:
         return issues + [Issue("spec", "required field is missing")]
     return issues + validate_spec(doc["spec"])

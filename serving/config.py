@@ -136,6 +136,9 @@ class ModelConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the key when the config cannot describe a V4 model."""
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         expect = self.num_hidden_layers + self.num_nextn_predict_layers
         if len(self.compress_ratios) != expect:
             raise ValueError(
@@ -155,6 +158,13 @@ class ModelConfig:
             raise ValueError("index_head_dim: must be at least qk_rope_head_dim")
         if self.scoring_func != "sqrtsoftplus":
             raise ValueError(f"scoring_func: only 'sqrtsoftplus' is supported, got {self.scoring_func!r}")
+
+
+_POSITIVE = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
+    "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings",
+)
 
 
 def _schedule(first: list[int], n_layers: int, mtp: int = 1) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ uses for it. Conventions (they reproduce the sheet, deepseek-v4.md §1.2 and §3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import ceil, lcm, prod
 from typing import Literal
 
@@ -118,13 +119,23 @@ def block_tensors(cfg: ModelConfig, layer: int) -> list[Tensor]:
         ]
     ts.append(Tensor(f"{p}.ffn.gate.weight", (E, d), "bf16", "router"))
     if cfg.is_hash_layer(layer):
-        ts.append(Tensor(f"{p}.ffn.gate.tid2eid", (cfg.vocab_size, cfg.num_experts_per_tok), "int32", "router", is_param=False))
+        ts.append(
+            Tensor(
+                f"{p}.ffn.gate.tid2eid",
+                (cfg.vocab_size, cfg.num_experts_per_tok),
+                "int32",
+                "router",
+                is_param=False,
+            )
+        )
     else:
         ts.append(Tensor(f"{p}.ffn.gate.bias", (E,), "fp32", "router"))
     expert_fmt: Storage = "fp4" if cfg.expert_dtype == "fp4" else "fp8"
     for w, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
         ts.append(Tensor(f"{p}.ffn.experts.*.{w}.weight", shape, expert_fmt, "routed", copies=E))
-        ts.append(Tensor(f"{p}.ffn.shared_experts.{w}.weight", shape, "fp8", "shared", copies=cfg.n_shared_experts))
+        ts.append(
+            Tensor(f"{p}.ffn.shared_experts.{w}.weight", shape, "fp8", "shared", copies=cfg.n_shared_experts)
+        )
     mix, hc_dim = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * d
     ts += [Tensor(f"{p}.{n}_norm.weight", (d,), "bf16", "norm") for n in ("attn", "ffn")]
     for site in ("attn", "ffn"):
@@ -145,7 +156,8 @@ def _hc_head(cfg: ModelConfig, prefix: str) -> list[Tensor]:
     ]
 
 
-def model_tensors(cfg: ModelConfig, mtp: bool = False) -> list[Tensor]:
+@lru_cache(maxsize=32)
+def model_tensors(cfg: ModelConfig, mtp: bool = False) -> tuple[Tensor, ...]:
     """Every tensor of the model; with `mtp`, also the MTP blocks (they share embedding and head)."""
     V, d = cfg.vocab_size, cfg.hidden_size
     ts = [Tensor("embed.weight", (V, d), "bf16", "embed")]
@@ -164,7 +176,7 @@ def model_tensors(cfg: ModelConfig, mtp: bool = False) -> list[Tensor]:
                 *(Tensor(f"{p}{n}.weight", (d,), "bf16", "norm") for n in ("enorm", "hnorm", "norm")),
                 *_hc_head(cfg, p),
             ]
-    return ts
+    return tuple(ts)
 
 
 # -- parameters -------------------------------------------------------------------------------
@@ -308,7 +320,9 @@ def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict:
         "expert_bytes": {f: expert_bytes(cfg, f) for f in FORMATS},
         "dense_bytes": {f: dense_bytes(cfg, f) for f in FORMATS},
         "layers": {k: kinds.count(k) for k in ("swa", "csa", "hca")},
-        "kv_entry_bytes": {f: {"main": main_entry_bytes(cfg, f), "indexer": indexer_entry_bytes(cfg, f)} for f in FORMATS},
+        "kv_entry_bytes": {
+            f: {"main": main_entry_bytes(cfg, f), "indexer": indexer_entry_bytes(cfg, f)} for f in FORMATS
+        },
         "kv_bytes_per_token_by_kind": {f: kv_bytes_per_token_by_kind(cfg, f) for f in FORMATS},
         "kv_bytes_per_token": {f: kv_bytes_per_token(cfg, f) for f in FORMATS},
         "context_tokens": n,
@@ -320,3 +334,11 @@ def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict:
         "kv_ratio_vs_v32": {f: kv_at[f] / v32[f] for f in FORMATS},
         "kv_ratio_vs_gqa8": {f: kv_at[f] / gqa8 for f in FORMATS},
     }
+
+
+def human_bytes(n: float) -> str:
+    """1.5 GiB, 12.00 MiB, 584 B: binary units, for messages and tables."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"

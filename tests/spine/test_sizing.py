@@ -119,7 +119,9 @@ def test_pages_hold_exactly_the_per_token_bytes(cfg):
         # n whole pages hold exactly the compressed part of kv_bytes_at_context.
         n = 5 * tokens
         window = cfg.num_hidden_layers * cfg.sliding_window * sizing.main_entry_bytes(cfg, fmt)
-        assert sizing.kv_bytes_at_context(cfg, n, fmt) - window == sizing.pages_for(cfg, n) * sizing.page_bytes(cfg, fmt)
+        assert sizing.kv_bytes_at_context(cfg, n, fmt) - window == sizing.pages_for(
+            cfg, n
+        ) * sizing.page_bytes(cfg, fmt)
 
 
 def test_pro_page_layout():
@@ -129,8 +131,16 @@ def test_pro_page_layout():
 
 def test_model_info_has_the_cli_keys():
     info = sizing.model_info(TINY, 4096)
-    for key in ("params_total", "params_total_with_mtp", "params_active", "weight_bytes", "kv_bytes_per_token",
-                "kv_bytes_at_context", "kv_ratio_vs_v32", "kv_ratio_vs_gqa8"):
+    for key in (
+        "params_total",
+        "params_total_with_mtp",
+        "params_active",
+        "weight_bytes",
+        "kv_bytes_per_token",
+        "kv_bytes_at_context",
+        "kv_ratio_vs_v32",
+        "kv_ratio_vs_gqa8",
+    ):
         assert key in info
     assert set(info["kv_bytes_at_context"]) == {"deployed", "bf16"}
     assert info["context_tokens"] == 4096

@@ -1,0 +1,79 @@
+"""Plan dataclasses: the contract's shape and a lossless dict/JSON round trip (docs/contracts.md "Plan")."""
+
+import json
+
+from v4d.operator.planner import plan
+from v4d.serving.plan import Plan
+
+from .conftest import load_example
+
+
+def test_plan_round_trips_through_json():
+    p = plan(load_example("pro-h200-ascend.yaml")["spec"], name="pro")
+    text = p.to_json()
+    back = Plan.from_json(text)
+    assert back == p
+    assert back.to_dict() == json.loads(text)
+
+
+def test_plan_dict_has_the_contract_keys():
+    d = plan(load_example("local-tiny.yaml")["spec"], name="tiny").to_dict()
+    assert set(d) >= {
+        "name",
+        "served_name",
+        "model",
+        "config",
+        "weights_uri",
+        "max_context_tokens",
+        "pools",
+        "engine",
+        "shards",
+        "experts",
+        "balance",
+        "kv",
+        "serving",
+        "warnings",
+    }
+    assert set(d["pools"][0]) >= {
+        "name",
+        "vendor",
+        "resource_name",
+        "ray_resource",
+        "devices_per_node",
+        "device_memory_gib",
+        "nodes",
+        "devices",
+        "roles",
+        "node_selector",
+        "tolerations",
+        "image",
+    }
+    assert set(d["engine"]) >= {
+        "pool",
+        "devices_per_replica",
+        "replicas",
+        "min_replicas",
+        "max_replicas",
+        "kv_budget_bytes",
+        "capacity_tokens",
+        "page_tokens",
+        "max_num_seqs",
+        "max_batch_tokens",
+        "max_queue",
+        "target_kv_utilization",
+        "upscale_delay_s",
+        "downscale_delay_s",
+    }
+    assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
+    assert set(d["experts"]) == {"logical", "physical", "redundant"}
+    assert set(d["kv"]) == {"bytes_per_token", "capacity_tokens_per_replica"}
+    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s"}
+
+
+def test_expert_map_lists_every_copy():
+    p = plan(load_example("local-tiny.yaml")["spec"], name="tiny")
+    m = p.expert_map()
+    assert len(m) == 6 and all(len(layer) == 16 for layer in m)
+    for layer in m:
+        assert sum(len(copies) for copies in layer) == p.experts.physical
+        assert all(copies for copies in layer)
