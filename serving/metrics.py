@@ -17,6 +17,8 @@ this module stays cheap for the operator, the dashboard generator and the docs.
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +145,38 @@ BY_NAME: dict[str, MetricSpec] = {m.name: m for m in SERVING_METRICS}
 # One Ray metric object per name per process (Ray aggregates by tags, not by object).
 _RAY_METRICS: dict[str, Any] = {}
 
+# Ray 2.60's metrics agent evicts a gauge series ~2 export intervals after its last set() (so series of
+# dead workers age out). A value set once (a target, a ready flag, 0 % KV on an idle engine) would
+# vanish, so every gauge set in this process is re-set each KEEPALIVE_S until `clear()`ed; when the
+# process dies its series age out, which is what `replica_ready` relies on.
+KEEPALIVE_S = 1.0
+_LIVE_GAUGES: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[MetricSpec, dict[str, str], float]] = {}
+_LIVE_LOCK = threading.Lock()
+_keepalive_thread: threading.Thread | None = None
+
+
+def _keepalive() -> None:
+    while True:
+        time.sleep(KEEPALIVE_S)
+        with _LIVE_LOCK:  # held while setting, so a concurrent set() never gets overwritten by an old value
+            for spec, tags, value in _LIVE_GAUGES.values():
+                _ray_metric(spec).set(value, tags=tags)
+
+
+def _set_gauge(spec: MetricSpec, tags: dict[str, str], value: float | None) -> None:
+    """Set (and keep alive) a gauge series; None stops keeping it alive."""
+    global _keepalive_thread
+    key = (spec.name, tuple(sorted(tags.items())))
+    with _LIVE_LOCK:
+        if value is None:
+            _LIVE_GAUGES.pop(key, None)
+            return
+        _ray_metric(spec).set(value, tags=tags)
+        _LIVE_GAUGES[key] = (spec, tags, value)
+        if _keepalive_thread is None:
+            _keepalive_thread = threading.Thread(target=_keepalive, name="v4d-gauge-keepalive", daemon=True)
+            _keepalive_thread.start()
+
 
 def _ray_metric(spec: MetricSpec) -> Any:
     metric = _RAY_METRICS.get(spec.name)
@@ -180,8 +214,14 @@ class Recorder:
             raise TypeError(f"metric {self.spec.name} is a {self.spec.kind}, not a {kind}")
 
     def set(self, value: float, tags: dict[str, Any] | None = None) -> None:
+        """Set a gauge; the value is re-exported every KEEPALIVE_S until changed or cleared."""
         self._check(GAUGE)
-        _ray_metric(self.spec).set(float(value), tags=self._tags(tags))
+        _set_gauge(self.spec, self._tags(tags), float(value))
+
+    def clear(self, tags: dict[str, Any] | None = None) -> None:
+        """Stop exporting a gauge series (it ages out of Ray's exporter within seconds)."""
+        self._check(GAUGE)
+        _set_gauge(self.spec, self._tags(tags), None)
 
     def inc(self, value: float = 1.0, tags: dict[str, Any] | None = None) -> None:
         self._check(COUNTER)

@@ -1,0 +1,171 @@
+"""Routed experts: tokens sorted by expert, grouped GEMMs with the clamped SwiGLU, weighted combine.
+
+1. On the device, with no host sync: the (token, slot) pairs whose expert is local are sorted by
+   expert (stable argsort); per expert a count and a start offset; then a tile schedule of
+   BLOCK_M pairs per tile (expert, first row, end row). A GPU launch sizes the grid by the bound
+   min(P, P / BLOCK_M + E) and surplus tiles exit at once; on the CPU the exact count is read.
+2. `_expert_up_kernel`: per tile (one expert) and block of the intermediate dim, gathers the tile's
+   token rows of x, multiplies by w1[e] and w3[e] over d and writes
+   h = silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim) in sorted order (x's dtype, as the official
+   expert casts before w2).
+3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
+   the pair's own row (token-major), so no atomics and the result is deterministic.
+4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from v4d.kernels.launch import dot_dtype, interpreting, pow2
+
+
+@triton.jit
+def _expert_up_kernel(
+    x_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr,
+    TOPK, Dm, Di, limit,
+    sx, s1e, s1i, sh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+):
+    g = tl.program_id(0)
+    e = tl.load(tile_e_ptr + g)
+    if e >= 0:
+        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < tl.load(tile_end_ptr + g)
+        tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0) // TOPK
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Di
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_base = e.to(tl.int64) * s1e + offs_n[None, :] * s1i
+        for k0 in range(0, Dm, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < Dm
+            xb = tl.load(x_ptr + tok.to(tl.int64)[:, None] * sx + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+            w_off = w_base + offs_k[:, None]
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            w1b = tl.load(w1_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
+            w3b = tl.load(w3_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
+            acc1 += tl.dot(xb, w1b, input_precision="ieee")
+            acc3 += tl.dot(xb, w3b, input_precision="ieee")
+        if limit > 0:
+            acc1 = tl.minimum(acc1, limit)
+            acc3 = tl.minimum(tl.maximum(acc3, -limit), limit)
+        h = acc1 * tl.sigmoid(acc1) * acc3
+        tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    h_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr,
+    Dm, Di,
+    sh, s2e, s2d, sy,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+):
+    g = tl.program_id(0)
+    e = tl.load(tile_e_ptr + g)
+    if e >= 0:
+        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < tl.load(tile_end_ptr + g)
+        pair = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Dm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_base = e.to(tl.int64) * s2e + offs_n[None, :] * s2d
+        for k0 in range(0, Di, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < Di
+            hb = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+            w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                          other=0.0).to(DOT)
+            acc += tl.dot(hb, w2b, input_precision="ieee")
+        wt = tl.load(wt_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :], acc * wt[:, None],
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(ypair_ptr, ids_ptr, out_ptr, T, E, TOPK, Dm, sy, so,
+                    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair = offs_t[:, None] * TOPK + offs_j[None, :]                          # [t, j]
+    ids = tl.load(ids_ptr + pair, mask=(offs_t < T)[:, None] & (offs_j < TOPK)[None, :], other=-1)
+    local = (ids >= 0) & (ids < E)
+    rows = tl.load(ypair_ptr + pair.to(tl.int64)[:, :, None] * sy + offs_n[None, None, :],
+                   mask=local[:, :, None] & (offs_n < Dm)[None, None, :], other=0.0)
+    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
+             mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :])
+
+
+def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
+    """Tiles of BLOCK_M sorted pairs: (count, expert per tile (-1 for surplus tiles), first row,
+    end row). `bound` sizes the grid without a host sync; None reads the exact count back."""
+    count = torch.bincount(expert, minlength=e + 1)[:e]
+    start = torch.cumsum(count, 0) - count
+    tiles = torch.div(count + bm - 1, bm, rounding_mode="floor")
+    ends = torch.cumsum(tiles, 0)
+    n_tiles = int(ends[-1]) if bound is None else bound
+    g = torch.arange(n_tiles, device=expert.device)
+    te = torch.searchsorted(ends, g, right=True)                     # e for real tiles, e past them
+    ec = te.clamp(max=e - 1)
+    row = start[ec] + (g - (ends[ec] - tiles[ec])) * bm
+    tile_e = torch.where(te < e, te, -1).to(torch.int32)
+    return n_tiles, tile_e, row.to(torch.int32), (start[ec] + count[ec]).to(torch.int32)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    swiglu_limit: float,
+) -> torch.Tensor:
+    t, d = x.shape
+    topk = ids.shape[1]
+    e, inter, _ = w1.shape
+    out = torch.zeros_like(x)
+    pairs = t * topk
+    if pairs == 0 or e == 0:
+        return out
+    x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
+    flat = ids.reshape(-1).to(torch.int64)
+    expert = torch.where((flat >= 0) & (flat < e), flat, e)          # e = not local
+    order = torch.argsort(expert, stable=True).to(torch.int32)
+    if interpreting():      # few programs and loop steps: the interpreter pays per op
+        bm, bn_up, bn_down, bk, warps = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4
+        bound = None
+    else:
+        bm, bn_up, bn_down, bk, warps = 64, 64, 64, 64, 8     # 8 warps: no register spills (sm_90)
+        bound = min(pairs, triton.cdiv(pairs, bm) + e)
+    n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
+    if n_tiles == 0:
+        return out
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)        # sorted order
+    y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
+    dot = dot_dtype(x)
+    _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
+        x, order, tile_e, tile_row, tile_end, w1, w3, h,
+        topk, d, inter, float(swiglu_limit),
+        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, num_warps=warps,
+    )
+    _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
+        h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs,
+        d, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, num_warps=warps,
+    )
+    block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
+    _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
+        y_pairs, flat, out, t, e, topk, d, y_pairs.stride(0), out.stride(0),
+        BLOCK_T=block_t, BLOCK_J=pow2(topk), BLOCK_N=block_n, num_warps=4,
+    )
+    return out

@@ -1,0 +1,170 @@
+"""The one ops interface the model calls: Triton kernels on CUDA, torch references elsewhere.
+
+Dispatch is decided per call from the tensors' device and `V4D_KERNELS`:
+  unset / "auto"  Triton when the tensors are on a CUDA device and Triton imports, else reference
+                  (CPU, Ascend NPU, ...);
+  "reference"     always the torch reference;
+  "triton"        always Triton; for CPU tensors that means the Triton interpreter, which this
+                  module switches on (TRITON_INTERPRET=1) before the kernels are first imported.
+Shapes are checked here, once for both paths, so bad input fails the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+from v4d.kernels import reference
+
+MODES = ("auto", "reference", "triton")
+_triton_backend: ModuleType | None = None
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("V4D_KERNELS", "auto") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"V4D_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _load_triton(device: torch.device) -> ModuleType:
+    """Import the kernel modules once; the interpreter flag is read when `@triton.jit` runs."""
+    global _triton_backend
+    if _triton_backend is None:
+        if device.type != "cuda":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from v4d.kernels import triton_backend
+
+        _triton_backend = triton_backend
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "V4D_KERNELS=triton with CPU tensors needs the Triton interpreter, but the kernels were "
+            "already compiled for a GPU in this process; set TRITON_INTERPRET=1 before start-up"
+        )
+    return _triton_backend
+
+
+def backend(device: torch.device) -> ModuleType:
+    """The module (reference or Triton launchers, same function names) serving `device`."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return reference
+    if mode == "auto" and (device.type != "cuda" or not triton_available()):
+        return reference
+    if not triton_available():
+        raise RuntimeError("V4D_KERNELS=triton but the triton package is not installed")
+    return _load_triton(device)
+
+
+def _expect(ok: bool, op: str, what: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{op}: expected {what}, got {got}")
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """o[T,H,D]: softmax with a per-head sink over kv rows idx[t] (-1 = masked), values = keys."""
+    op = "sparse_attention"
+    _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
+    t, h, d = q.shape
+    _expect(kv.dim() == 2 and kv.shape[1] == d, op, f"kv of shape [N,{d}]", _shape(kv))
+    _expect(idx.dim() == 2 and idx.shape[0] == t, op, f"idx of shape [{t},K]", _shape(idx))
+    _expect(idx.dtype in (torch.int32, torch.int64), op, "idx int32 or int64", idx.dtype)
+    _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
+    return backend(q.device).sparse_attention(q, kv, idx, sink, float(scale))
+
+
+def indexer_scores(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor
+) -> torch.Tensor:
+    """scores[T,S] (fp32) = sum_h w[t,h] relu(q[t,h] . k[s]); -inf where s >= n_visible[t]."""
+    op = "indexer_scores"
+    _expect(q.dim() == 3, op, "q of shape [T,Hi,Di]", _shape(q))
+    t, h, d = q.shape
+    _expect(_shape(w) == [t, h], op, f"w of shape [{t},{h}]", _shape(w))
+    _expect(k.dim() == 2 and k.shape[1] == d, op, f"k of shape [S,{d}]", _shape(k))
+    _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
+    _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
+    return backend(q.device).indexer_scores(q, w, k, n_visible)
+
+
+def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """idx[T,k] int32 of the k best finite scores per row (as a set), -1 in unused slots."""
+    op = "indexer_topk"
+    _expect(scores.dim() == 2, op, "scores of shape [T,S]", _shape(scores))
+    _expect(isinstance(k, int) and k >= 0, op, "k a non-negative int", k)
+    return backend(scores.device).indexer_topk(scores, k)
+
+
+def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """[B,C]: per-channel softmax over L of gates weighting values (-inf gate = padded slot)."""
+    op = "gated_pool"
+    _expect(values.dim() == 3, op, "values of shape [B,L,C]", _shape(values))
+    _expect(gates.shape == values.shape, op, f"gates of shape {_shape(values)}", _shape(gates))
+    return backend(values.device).gated_pool(values, gates)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    swiglu_limit: float,
+) -> torch.Tensor:
+    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here)."""
+    op = "moe_experts"
+    _expect(x.dim() == 2, op, "x of shape [T,d]", _shape(x))
+    t, d = x.shape
+    _expect(ids.dim() == 2 and ids.shape[0] == t, op, f"ids of shape [{t},k]", _shape(ids))
+    _expect(not ids.is_floating_point(), op, "integer ids", ids.dtype)
+    _expect(weights.shape == ids.shape, op, f"weights of shape {_shape(ids)}", _shape(weights))
+    _expect(w1.dim() == 3 and w1.shape[2] == d, op, f"w1 of shape [E,I,{d}]", _shape(w1))
+    e, i, _ = w1.shape
+    _expect(w3.shape == w1.shape, op, f"w3 of shape {[e, i, d]}", _shape(w3))
+    _expect(_shape(w2) == [e, d, i], op, f"w2 of shape {[e, d, i]}", _shape(w2))
+    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit))
+
+
+def hc_split_sinkhorn(
+    mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, n: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre[T,n], post[T,n], comb[T,n,n] (fp32) from the mHC mixes (deepseek-v4.md §4 steps 3-5)."""
+    op = "hc_split_sinkhorn"
+    m = (2 + n) * n
+    _expect(mixes.dim() == 2 and mixes.shape[1] == m, op, f"mixes of shape [T,{m}]", _shape(mixes))
+    _expect(_shape(hc_scale) == [3], op, "hc_scale of shape [3]", _shape(hc_scale))
+    _expect(_shape(hc_base) == [m], op, f"hc_base of shape [{m}]", _shape(hc_base))
+    _expect(iters >= 1, op, "iters >= 1", iters)
+    return backend(mixes.device).hc_split_sinkhorn(mixes, hc_scale, hc_base, n, iters, float(eps))
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """x[T,d] = sum_k pre[t,k] X[t,k]."""
+    op = "hc_pre"
+    _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
+    _expect(_shape(pre) == _shape(X)[:2], op, f"pre of shape {_shape(X)[:2]}", _shape(pre))
+    return backend(X.device).hc_pre(X, pre)
+
+
+def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'[T,n,d] = post[t,k] f[t] + sum_j comb[t,j,k] X[t,j] (X's dtype)."""
+    op = "hc_post"
+    _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
+    t, n, d = X.shape
+    _expect(_shape(f) == [t, d], op, f"f of shape [{t},{d}]", _shape(f))
+    _expect(_shape(post) == [t, n], op, f"post of shape [{t},{n}]", _shape(post))
+    _expect(_shape(comb) == [t, n, n], op, f"comb of shape [{t},{n},{n}]", _shape(comb))
+    return backend(X.device).hc_post(f, X, post, comb)

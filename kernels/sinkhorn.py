@@ -1,0 +1,151 @@
+"""mHC: the fused split + Sinkhorn-Knopp of the mixes, and the stream mixing around a sub-layer.
+
+`hc_split_sinkhorn`: one program per block of tokens holds each token's (2+n)*n mixes in
+registers and writes pre, post and the Sinkhorn-normalised n x n comb in one pass (the n x n
+matrices live as a [tokens, n, n] tile; n is padded to a power of two with zeros).
+`hc_pre` (x = sum_k pre_k X_k) and `hc_post` (X'_k = post_k f + sum_j comb_jk X_j): one program per
+(block of tokens, block of d), all n streams at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from v4d.kernels.launch import interpreting, pow2
+
+
+@triton.jit
+def _split_sinkhorn_kernel(
+    mix_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr,
+    T, sm, eps,
+    N: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    j = tl.arange(0, NP)
+    ok2 = t_ok[:, None] & (j < N)[None, :]
+    a_pre = tl.load(scale_ptr).to(tl.float32)
+    a_post = tl.load(scale_ptr + 1).to(tl.float32)
+    a_res = tl.load(scale_ptr + 2).to(tl.float32)
+
+    m_pre = tl.load(mix_ptr + offs_t[:, None] * sm + j[None, :], mask=ok2, other=0.0).to(tl.float32)
+    b_pre = tl.load(base_ptr + j, mask=j < N, other=0.0).to(tl.float32)
+    pre = tl.sigmoid(m_pre * a_pre + b_pre[None, :]) + eps
+    tl.store(pre_ptr + offs_t[:, None] * N + j[None, :], pre, mask=ok2)
+    m_post = tl.load(mix_ptr + offs_t[:, None] * sm + N + j[None, :], mask=ok2, other=0.0).to(tl.float32)
+    b_post = tl.load(base_ptr + N + j, mask=j < N, other=0.0).to(tl.float32)
+    post = 2.0 * tl.sigmoid(m_post * a_post + b_post[None, :])
+    tl.store(post_ptr + offs_t[:, None] * N + j[None, :], post, mask=ok2)
+
+    r = tl.arange(0, NP)[None, :, None]
+    c = tl.arange(0, NP)[None, None, :]
+    cell = r * N + c                                      # [1, NP, NP] position in the n x n block
+    in_nn = (r < N) & (c < N)
+    ok3 = t_ok[:, None, None] & in_nn
+    m_res = tl.load(mix_ptr + offs_t[:, None, None] * sm + 2 * N + cell, mask=ok3, other=0.0).to(tl.float32)
+    b_res = tl.load(base_ptr + 2 * N + cell, mask=in_nn, other=0.0).to(tl.float32)
+    z = tl.where(in_nn, m_res * a_res + b_res, float("-inf"))
+    row_max = tl.max(z, 2)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)    # padded rows
+    ez = tl.exp(z - row_max[:, :, None])
+    row_sum = tl.sum(ez, 2)
+    comb = tl.where(in_nn, ez / tl.maximum(row_sum, 1e-30)[:, :, None] + eps, 0.0)
+    comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
+    for _ in range(ITERS - 1):
+        comb = comb / (tl.sum(comb, 2)[:, :, None] + eps)
+        comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
+    tl.store(comb_ptr + offs_t[:, None, None] * (N * N) + cell, comb, mask=ok3)
+
+
+def hc_split_sinkhorn(
+    mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, n: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = mixes.shape[0]
+    dev = mixes.device
+    pre = torch.empty(t, n, dtype=torch.float32, device=dev)
+    post = torch.empty(t, n, dtype=torch.float32, device=dev)
+    comb = torch.empty(t, n, n, dtype=torch.float32, device=dev)
+    if t == 0:
+        return pre, post, comb
+    mixes = mixes.contiguous()
+    block_t = min(pow2(t), 256) if interpreting() else 32
+    _split_sinkhorn_kernel[(triton.cdiv(t, block_t),)](
+        mixes, hc_scale.float().contiguous(), hc_base.float().contiguous(), pre, post, comb,
+        t, mixes.stride(0), eps,
+        N=n, NP=pow2(n), ITERS=iters, BLOCK_T=block_t, num_warps=4,
+    )
+    return pre, post, comb
+
+
+@triton.jit
+def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so,
+                   NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, NP)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
+    X = tl.load(x_ptr + t3 * sx_t + k3 * sx_n + d3, mask=(t3 < T) & (k3 < N) & (d3 < Dm),
+                other=0.0).to(tl.float32)
+    w = tl.load(pre_ptr + offs_t[:, None] * sp + k[None, :], mask=(offs_t < T)[:, None] & (k < N)[None, :],
+                other=0.0).to(tl.float32)
+    out = tl.sum(w[:, :, None] * X, 1)
+    tl.store(o_ptr + offs_t[:, None] * so + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_t < T)[:, None] & (offs_d < Dm)[None, :])
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, T, Dm, sf, sx_t, sx_n, sp, sc_t, so_t, so_n,
+                    N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, NP)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok, d_ok = offs_t < T, offs_d < Dm
+    tk_ok = t_ok[:, None] & (k < N)[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    f = tl.load(f_ptr + offs_t[:, None] * sf + offs_d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + offs_t[:, None] * sp + k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
+    acc = post[:, :, None] * f[:, None, :]                                  # [t, k, d]
+    for j in tl.static_range(N):
+        c_j = tl.load(comb_ptr + offs_t[:, None] * sc_t + j * N + k[None, :], mask=tk_ok, other=0.0)
+        x_j = tl.load(x_ptr + offs_t[:, None] * sx_t + j * sx_n + offs_d[None, :], mask=td_ok, other=0.0)
+        acc += c_j.to(tl.float32)[:, :, None] * x_j.to(tl.float32)[:, None, :]
+    t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
+    tl.store(o_ptr + t3 * so_t + k3 * so_n + d3, acc.to(o_ptr.dtype.element_ty),
+             mask=(t3 < T) & (k3 < N) & (d3 < Dm))
+
+
+def _blocks(t: int, d: int) -> tuple[int, int]:
+    """(tokens, channels) per program: whole small problems in the interpreter, one token on a GPU."""
+    if interpreting():
+        return min(pow2(t), 64), min(pow2(d, 16), 1024)
+    return 1, min(pow2(d, 16), 512)
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    t, n, d = X.shape
+    X, pre = X.contiguous(), pre.contiguous()
+    out = torch.empty(t, d, dtype=X.dtype, device=X.device)
+    if t == 0 or d == 0:
+        return out
+    bt, bd = _blocks(t, d)
+    _hc_pre_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+        X, pre, out, t, n, d, X.stride(0), X.stride(1), pre.stride(0), out.stride(0),
+        NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+    )
+    return out
+
+
+def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    t, n, d = X.shape
+    f, X, post, comb = f.contiguous(), X.contiguous(), post.contiguous(), comb.contiguous()
+    out = torch.empty_like(X)
+    if t == 0 or d == 0:
+        return out
+    bt, bd = _blocks(t, d)
+    _hc_post_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+        f, X, post, comb, out, t, d, f.stride(0), X.stride(0), X.stride(1), post.stride(0), comb.stride(0),
+        out.stride(0), out.stride(1),
+        N=n, NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+    )
+    return out

@@ -1,0 +1,81 @@
+"""`v4d generate CHECKPOINT_DIR`: run a checkpoint in-process (no Ray) and print what it generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from v4d.serving.chat import encode_messages
+from v4d.serving.config import ModelConfig
+from v4d.serving.generate import generate
+from v4d.serving.model.loader import CONFIG_FILE, CheckpointError, load_model
+from v4d.serving.tokenizer import Tokenizer
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,2,3, got {text!r}",
+                                 param_hint="--token-ids") from None
+    if not ids:
+        raise click.BadParameter("at least one token id is required", param_hint="--token-ids")
+    return ids
+
+
+@click.command("generate")
+@click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", help="Prompt text (tokenized after a BOS token).")
+@click.option("--token-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--chat", is_flag=True, help="Wrap --prompt as one user turn of the V4 chat format.")
+@click.option("--thinking", is_flag=True, help="With --chat: thinking mode (pre-fills <think>).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after the end-of-sentence token.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"token_ids": [...], "logits": [[...], ...]}: the fp32 logits of the prompt\'s '
+                   "last position and of each generated step.")
+def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat: bool, thinking: bool,
+            max_new_tokens: int, temperature: float, seed: int, ignore_eos: bool, as_json: bool) -> None:
+    """Load CHECKPOINT_DIR, generate from a prompt (greedy by default), print text and token ids."""
+    if (prompt is None) == (token_ids is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --token-ids 1,2,3")
+    if (chat or thinking) and prompt is None:
+        raise click.UsageError("--chat and --thinking need --prompt")
+    try:
+        tok = Tokenizer.from_file(checkpoint_dir)
+    except FileNotFoundError:
+        tok = None
+    if prompt is not None:
+        if tok is None:
+            raise click.UsageError(f"{checkpoint_dir} has no tokenizer.json; use --token-ids")
+        text = encode_messages([{"role": "user", "content": prompt}], thinking=thinking) if chat else prompt
+        ids = tok.encode(text) if chat else [tok.bos_id, *tok.encode(text)]
+    else:
+        ids = _ids(token_ids)
+    try:
+        vocab = ModelConfig.from_json(Path(checkpoint_dir) / CONFIG_FILE).vocab_size
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{checkpoint_dir}: cannot read config.json ({e})") from None
+    if not all(0 <= i < vocab for i in ids):
+        raise click.BadParameter(f"token ids must be in 0..{vocab - 1}", param_hint="--token-ids")
+    try:
+        model = load_model(checkpoint_dir, progress=not as_json)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        out = generate(model, ids, max_new_tokens, eos_id=None if ignore_eos else model.cfg.eos_token_id,
+                       temperature=temperature, seed=seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"prompt_token_ids": ids, "token_ids": out.token_ids,
+                               "finish_reason": out.finish_reason,
+                               "logits": [v.tolist() for v in out.logits]}))
+        return
+    if tok is not None:
+        click.echo(tok.decode(out.token_ids))
+    click.echo(f"token ids: {out.token_ids} (finish: {out.finish_reason})")

@@ -1,0 +1,38 @@
+"""`v4d serve FILE [--port P]`: validate and plan a manifest, then serve it on an embedded Ray cluster."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("serve")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--port", type=int, default=None, help="HTTP port of the APIs (default: spec.serving.port). "
+              "Ray's metrics are exported on the following ports (head, then one per pool).")
+def command(file: str, port: int | None) -> None:
+    """Serve the V4Deployment in FILE locally until Ctrl-C (SIGINT) or SIGTERM.
+
+    One labelled Ray node per pool stands in for the pool's accelerators; an empty weights URI gets
+    a random-weight checkpoint (made once, cached under ~/.cache/v4d/checkpoints/<preset>).
+    """
+    from v4d.operator.planner import PlanError, plan
+    from v4d.operator.validate import SpecError, load_manifest
+
+    try:
+        name, spec = load_manifest(file)
+        p = plan(spec, name=name)
+    except SpecError as e:
+        for issue in e.issues:
+            click.echo(f"error: {issue}", err=True)
+        sys.exit(1)
+    except PlanError as e:
+        click.echo(f"error: cannot plan {file}: {e}", err=True)
+        sys.exit(1)
+    for w in p.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+    from v4d.serving.local import serve_forever
+
+    serve_forever(p, port or p.serving.port, log=lambda s: click.echo(s, err=False))

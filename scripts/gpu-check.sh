@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU check of the Triton kernels: the kernel tests on CUDA (compiled kernels, fp32/fp16/bf16),
+# then bench/kernels.py (Flash and Pro shapes, decode and prefill; under five minutes on one GPU).
+# Run from anywhere on a machine with an NVIDIA GPU:   scripts/gpu-check.sh
+# Writes gpu-check.log, tests.txt, bench-kernels.txt and kernels.json under $OUT if set,
+# else under bench/results/. Exit status 0 only if the tests and the bench's checks pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-bench/results}"
+mkdir -p "$DEST"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
+
+# A bare GPU machine has torch and triton but no installed v4d: map the import root onto this
+# checkout (v4d.kernels = kernels/, v4d.serving = serving/) through a throwaway package folder.
+if ! "$PY" -c "import v4d.kernels.ops, v4d.serving.config" 2>/dev/null; then
+  SHIM="$(mktemp -d)"
+  mkdir -p "$SHIM/v4d"
+  : > "$SHIM/v4d/__init__.py"
+  ln -s "$PWD/kernels" "$SHIM/v4d/kernels"
+  ln -s "$PWD/serving" "$SHIM/v4d/serving"
+  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
+unset TRITON_INTERPRET V4D_KERNELS
+
+"$PY" - <<'PY' 2>&1 | tee "$DEST/gpu-check.log" || exit 1
+import sys, torch, triton
+assert torch.cuda.is_available(), "no CUDA device visible"
+print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
+      "device", torch.cuda.get_device_name())
+PY
+
+status=0
+if "$PY" -c "import pytest" 2>/dev/null; then
+  # (test_compiles_for_gpu.py is the GPU-less stand-in for what these tests do for real here)
+  V4D_TEST_DEVICE=cuda "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" \
+    --deselect tests/kernels/test_compiles_for_gpu.py 2>&1 \
+    | tee "$DEST/tests.txt" || status=1
+else
+  echo "pytest is not installed here: tests/kernels skipped; the bench below still checks every kernel" \
+       "against the torch reference at the bench shapes" | tee "$DEST/tests.txt"
+fi
+"$PY" bench/kernels.py --out "$DEST/kernels.json" 2>&1 | tee "$DEST/bench-kernels.txt" || status=1
+echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL); results in $DEST" | tee -a "$DEST/gpu-check.log"
+exit $status

@@ -1,0 +1,217 @@
+"""Autoscaling policies for Serve (`AutoscalingConfig.policy`): engines on KV pressure, shards on load.
+
+Serve calls a policy every control-loop tick with an `AutoscalingContext` and applies its answer. Both
+policies here keep their own stabilization windows in `policy_state` (so they are plain functions of
+their inputs, testable without Serve) and are deployed with Serve's own delays set to 0. Every change
+of target is recorded, with the figures that drove it, in Ray's internal KV under
+`v4d/autoscaling/<app>` (bounded history), where the ingress serves it at `GET /v4d/autoscaling`.
+
+Engines: desired = max(ceil(current * max_kv / target_kv), ceil(total_waiting / target_waiting)),
+using the hottest replica's KV utilization (a mean hides a saturated rank). Shards: desired =
+ceil(total expert tokens/s / target_tokens_per_s). Scale up after `upscale_delay_s` of consistent
+demand, down after `downscale_delay_s`, to the largest target seen while waiting to go down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+KV_UTILIZATION = "kv_cache_utilization"
+NUM_WAITING = "num_waiting"
+NUM_RUNNING = "num_running"
+EXPERT_TOKENS_PER_S = "expert_tokens_per_s"
+HISTORY = 50
+_NAMESPACE = "v4d"
+
+
+def decisions_key(app: str) -> str:
+    return f"v4d/autoscaling/{app}"
+
+
+def record_decision(app: str, decision: dict[str, Any], history: int = HISTORY) -> None:
+    """Append `decision` to the app's bounded history in Ray's internal KV (no-op outside Ray)."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return
+    key = decisions_key(app)
+    decisions = read_decisions(app)[-(history - 1) :] + [decision]
+    internal_kv._internal_kv_put(key, json.dumps(decisions), overwrite=True, namespace=_NAMESPACE)
+
+
+def read_decisions(app: str) -> list[dict[str, Any]]:
+    """The recorded decisions of `app`, oldest first."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return []
+    raw = internal_kv._internal_kv_get(decisions_key(app), namespace=_NAMESPACE)
+    return json.loads(raw) if raw else []
+
+
+def stabilize(
+    state: dict[str, Any], now: float, current: int, desired: int, upscale_delay_s: float, downscale_delay_s: float
+) -> tuple[int, dict[str, Any]]:
+    """Hold `current` until `desired` has pointed the same way for the direction's delay.
+
+    `state` carries the pending direction, since when, and (going down) the largest target asked
+    for meanwhile. Returns the target to apply now and the new state.
+    """
+    direction = "up" if desired > current else "down" if desired < current else None
+    if direction is None:
+        return current, {}
+    if state.get("direction") != direction:
+        state = {"direction": direction, "since": now, "peak": desired}
+    peak = max(state["peak"], desired) if direction == "down" else desired
+    state = {**state, "peak": peak}
+    delay = upscale_delay_s if direction == "up" else downscale_delay_s
+    if now - state["since"] + 1e-6 >= delay:
+        return peak, {}
+    return current, state
+
+
+def kv_desired(
+    current: int, kv: list[float], waiting: list[float], target_kv: float, target_waiting: float
+) -> tuple[int, dict[str, Any]]:
+    """Engines wanted for these per-replica figures, and the figures (for the decision record)."""
+    kv_max = max(kv, default=0.0)
+    total_waiting = sum(waiting)
+    by_kv = math.ceil(current * kv_max / target_kv - 1e-9)
+    by_queue = math.ceil(total_waiting / target_waiting) if total_waiting else 0
+    figures = {
+        "kv_max": round(kv_max, 4),
+        "kv_mean": round(sum(kv) / len(kv), 4) if kv else 0.0,
+        "waiting": total_waiting,
+        "target_kv": target_kv,
+        "target_waiting": target_waiting,
+        "by_kv": by_kv,
+        "by_queue": by_queue,
+    }
+    return max(by_kv, by_queue, 1), figures
+
+
+def load_desired(tokens_per_s: list[float], target_tokens_per_s: float) -> tuple[int, dict[str, Any]]:
+    total = sum(tokens_per_s)
+    figures = {"tokens_per_s": round(total, 2), "target_tokens_per_s": target_tokens_per_s}
+    return max(1, math.ceil(total / target_tokens_per_s - 1e-9)), figures
+
+
+class _Policy:
+    """Common tick: read metrics of running replicas, ask `desire`, stabilize, bound, record."""
+
+    metrics: tuple[str, ...] = ()
+
+    def __init__(self, upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0):
+        self.upscale_delay_s, self.downscale_delay_s = upscale_delay_s, downscale_delay_s
+
+    def desire(self, current: int, values: dict[str, list[float]]) -> tuple[int, dict[str, Any]]:
+        raise NotImplementedError
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        current = ctx.target_num_replicas
+        metrics = ctx.aggregated_metrics or {}
+        running = set(ctx.running_replicas)
+        values = {
+            name: [v for rid, v in (metrics.get(name) or {}).items() if rid in running] for name in self.metrics
+        }
+        if not values[self.metrics[0]]:
+            return current, ctx.policy_state  # no figures yet: hold
+        wanted, figures = self.desire(max(ctx.current_num_replicas, 1), values)
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        desired = min(max(wanted, lo), hi)
+        now = ctx.current_time or time.time()
+        pending = (ctx.policy_state or {}).get("pending", {})
+        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
+        state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision")}
+        decision = None
+        if target != current:
+            decision = {
+                "time": now,
+                "deployment": ctx.deployment_name,
+                "from": current,
+                "to": target,
+                "direction": "up" if target > current else "down",
+                "wanted": wanted,
+                "min": lo,
+                "max": hi,
+                **figures,
+            }
+            state["last_decision"] = decision
+            record_decision(ctx.app_name or "default", decision)
+        self.emit(target, wanted, hi, decision)
+        return target, state
+
+    def emit(self, target: int, wanted: int, hi: int, decision: dict[str, Any] | None) -> None:
+        """Export the tick's figures (ray.util.metrics; the Serve controller is a Ray worker)."""
+
+
+class KVPressurePolicy(_Policy):
+    """Attention engines: KV-cache utilization (hottest replica) against the target, plus the waiting queue.
+
+    `labels` (model, deployment, pool, vendor) tag the autoscaler metrics it exports.
+    """
+
+    metrics = (KV_UTILIZATION, NUM_WAITING)
+
+    def __init__(
+        self,
+        target_kv_utilization: float = 0.7,
+        target_waiting: float = 4.0,
+        labels: dict[str, str] | None = None,
+        **delays: float,
+    ):
+        super().__init__(**delays)
+        self.target_kv, self.target_waiting = target_kv_utilization, target_waiting
+        self.labels = labels
+        self._metrics: Any = None
+
+    def desire(self, current, values):
+        return kv_desired(current, values[KV_UTILIZATION], values[NUM_WAITING], self.target_kv, self.target_waiting)
+
+    def emit(self, target, wanted, hi, decision):
+        if self.labels is None:
+            return
+        if self._metrics is None:
+            from v4d.serving.metrics import ServingMetrics
+
+            self._metrics = ServingMetrics(role="autoscaler", replica="", **self.labels)
+            self._metrics.ready()
+        m = self._metrics
+        m.autoscale_target_replicas.set(target)
+        m.autoscale_desired_replicas.set(wanted)
+        m.autoscale_max_replicas.set(hi)
+        if decision:
+            m.autoscale_decisions.inc(tags={"direction": decision["direction"]})
+
+
+class ExpertLoadPolicy(_Policy):
+    """Expert shard replicas: routed token-expert pairs per second against a per-replica target."""
+
+    metrics = (EXPERT_TOKENS_PER_S,)
+
+    def __init__(self, target_tokens_per_s: float = 2000.0, **delays: float):
+        super().__init__(**delays)
+        self.target = target_tokens_per_s
+
+    def desire(self, current, values):
+        return load_desired(values[EXPERT_TOKENS_PER_S], self.target)
+
+
+def autoscaling_config(
+    policy: type[_Policy], min_replicas: int, max_replicas: int, initial: int, interval_s: float = 1.0, **kwargs: Any
+) -> dict[str, Any]:
+    """A Serve `autoscaling_config` running `policy`; Serve's own delays are 0 (the policy stabilizes)."""
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "initial_replicas": initial,
+        "metrics_interval_s": interval_s,
+        "look_back_period_s": max(2 * interval_s, 2.0),
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 0,
+        "aggregation_function": "max",
+        "policy": {"policy_function": f"{policy.__module__}:{policy.__name__}", "policy_kwargs": kwargs},
+    }

@@ -1,0 +1,108 @@
+"""Continuous batching: decode first, then chunked prefill, under max_num_seqs / max_batch_tokens.
+
+Every step each running sequence that is decoding gets one token; the remaining token budget goes to
+prefill chunks of running sequences, then to admitting waiting ones (FIFO). A sequence is admitted
+only when a state slot and pages for all its tokens fit; a decode that needs a new page it cannot
+get preempts the newest running sequence (its pages are freed and it is requeued at the front to
+be recomputed). Requests that could never fit are refused up front (ContextTooLong), and a full
+waiting queue refuses new ones (Overloaded), so memory is never over-committed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from v4d.serving.engine.kv_manager import KVManager
+from v4d.serving.engine.sequence import Sequence, Status
+from v4d.serving.errors import ContextTooLong, Overloaded
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVManager,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        max_queue: int,
+        max_context_tokens: int,
+        retry_after_s: float = 1.0,
+    ):
+        self.kv = kv
+        self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
+        self.max_context_tokens = min(max_context_tokens, kv.capacity_tokens)
+        self.retry_after_s = retry_after_s
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.max_total_tokens > self.max_context_tokens:
+            raise ContextTooLong(self.max_context_tokens, seq.max_total_tokens)
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(self.retry_after_s)
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next batch: (sequence, number of its uncomputed tokens to run now)."""
+        batch: list[tuple[Sequence, int]] = []
+        budget = self.max_batch_tokens
+        for seq in list(self.running):  # decodes, oldest first
+            if seq.status is not Status.RUNNING or seq.num_remaining != 1 or budget == 0:
+                continue
+            while not self.kv.grow(seq, seq.num_tokens):
+                self.preempt(self.running[-1])
+                if seq.status is not Status.RUNNING:
+                    break
+            else:
+                batch.append((seq, 1))
+                budget -= 1
+        for seq in self.running:  # unfinished prefills
+            if budget and seq.num_remaining > 1:
+                n = self._chunk(seq, budget)
+                batch.append((seq, n))
+                budget -= n
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.kv.admit(seq):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = self._chunk(seq, budget)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def advance(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """After the forward: mark the chunks computed; returns the sequences whose logits are due a sample."""
+        due = []
+        for seq, n in batch:
+            seq.num_computed += n
+            self.kv.maybe_snapshot(seq)
+            if seq.num_remaining == 0:
+                due.append(seq)
+        return due
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prefill chunk size; it stops at the prefix-snapshot boundary so the state there can be cached."""
+        n = min(seq.num_remaining, budget)
+        b = self.kv.snapshot_boundary(seq)
+        if seq.num_computed < b:
+            n = min(n, b - seq.num_computed)
+        return n
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s cache and requeue it first; it will recompute prompt + output so far."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.status, seq.num_computed, seq.num_cached = Status.WAITING, 0, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.kv.free(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,167 @@
+"""Routed experts on remote shards: an `ExpertBackend` over the plan's slot map and a transport.
+
+Per MoE layer, `RemoteExperts` maps every (token, logical expert) pair to one physical copy (a shard
+and its local slot), splitting an expert's pairs evenly over its redundant copies, least-loaded shard
+first. Each shard gets the rows it needs with local ids (-1 where a pair lives elsewhere), computes
+its weighted sum, and the partial outputs are added up. The transport is the only part that moves
+tensors: `ServeTransport` calls the shard deployments through Ray Serve handles, all at once; an
+all-to-all collective on accelerators can implement the same `dispatch`. A failed shard's pairs are
+re-split over the remaining copies; with none left the step fails with ShardUnavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from v4d.serving.errors import ShardUnavailable
+
+log = logging.getLogger(__name__)
+
+Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x [T_s, d], local ids [T_s, k], weights [T_s, k]
+
+
+class Transport(Protocol):
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+        """Run each shard's call concurrently; a shard's value is its output [T_s, d] or the error it raised."""
+        ...
+
+
+@dataclass(frozen=True)
+class SlotMap:
+    """copies[layer][expert] = ((shard name, local slot), ...) from the plan's shards."""
+
+    shards: tuple[str, ...]
+    copies: dict[int, dict[int, tuple[tuple[str, int], ...]]]
+
+    @classmethod
+    def from_shards(cls, shards: Sequence[Any]) -> SlotMap:
+        """`shards`: plan ExpertShard objects or dicts with `name` and `slots` ([moe_layer][slot] -> expert)."""
+        copies: dict[int, dict[int, list[tuple[str, int]]]] = {}
+        names = []
+        for sh in shards:
+            name, slots = (sh["name"], sh["slots"]) if isinstance(sh, dict) else (sh.name, sh.slots)
+            names.append(name)
+            for layer, experts in enumerate(slots):
+                for slot, e in enumerate(experts):
+                    copies.setdefault(layer, {}).setdefault(int(e), []).append((name, slot))
+        return cls(tuple(names), {la: {e: tuple(c) for e, c in m.items()} for la, m in copies.items()})
+
+
+class RemoteExperts:
+    """`ExpertBackend` (layer, x[T,d], ids[T,k], weights[T,k]) -> y[T,d] over a transport."""
+
+    def __init__(self, slot_map: SlotMap, transport: Transport, suspect_s: float = 10.0):
+        self.map, self.transport, self.suspect_s = slot_map, transport, suspect_s
+        self.failed_at: dict[str, float] = {}  # shard -> last failure (avoided while alternatives exist)
+        self.load = dict.fromkeys(slot_map.shards, 0)  # token-expert pairs served per shard
+
+    def balance(self) -> float:
+        """max / mean of the pairs served per shard (1.0 = perfectly even)."""
+        mean = sum(self.load.values()) / max(len(self.load), 1)
+        return max(self.load.values(), default=0) / mean if mean else 1.0
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        pairs = (ids >= 0).flatten().nonzero().flatten()
+        excluded: set[str] = set()
+        while pairs.numel():
+            assign = self._assign(layer, ids, pairs, excluded)
+            calls, rows = self._calls(x, ids, weights, assign)
+            results = self.transport.dispatch(layer, calls)
+            retry = []
+            for shard, out in results.items():
+                if isinstance(out, BaseException):
+                    log.warning("expert shard %s failed on layer %d: %r", shard, layer, out)
+                    self.failed_at[shard] = time.monotonic()
+                    excluded.add(shard)
+                    retry.append(assign[shard][0])
+                else:
+                    y.index_add_(0, rows[shard], out.to(y.dtype))
+                    self.load[shard] += assign[shard][0].numel()
+            pairs = torch.cat(retry) if retry else pairs[:0]
+        return y
+
+    def _assign(
+        self, layer: int, ids: torch.Tensor, pairs: torch.Tensor, excluded: set[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """shard -> (flat pair indices, local slots) for `pairs` of `ids`, balancing redundant copies."""
+        table = self.map.copies.get(layer)
+        if table is None:
+            raise ShardUnavailable(f"layer {layer}: no expert shard holds this MoE layer")
+        flat = ids.flatten()[pairs]
+        load: dict[str, int] = {}
+        out: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        now = time.monotonic()
+        for e in flat.unique().tolist():
+            live = [c for c in table.get(e, ()) if c[0] not in excluded]
+            if not live:
+                raise ShardUnavailable(f"layer {layer}: no live copy of expert {e} (failed: {sorted(excluded)})")
+            healthy = [c for c in live if now - self.failed_at.get(c[0], -1e9) > self.suspect_s] or live
+            sel = pairs[flat == e]
+            healthy.sort(key=lambda c: load.get(c[0], 0))
+            for (shard, slot), part in zip(healthy, sel.tensor_split(len(healthy)), strict=False):
+                if part.numel():
+                    load[shard] = load.get(shard, 0) + part.numel()
+                    idx, slots = out.setdefault(shard, ([], []))
+                    idx.append(part)
+                    slots.append(torch.full_like(part, slot))
+        return {s: (torch.cat(i), torch.cat(sl)) for s, (i, sl) in out.items()}
+
+    @staticmethod
+    def _calls(x, ids, weights, assign) -> tuple[dict[str, Call], dict[str, torch.Tensor]]:
+        k = ids.shape[1]
+        calls, rows = {}, {}
+        for shard, (pairs, slots) in assign.items():
+            local = torch.full_like(ids.flatten(), -1)
+            local[pairs] = slots
+            local = local.view_as(ids)
+            tok = (pairs // k).unique()
+            rows[shard] = tok
+            calls[shard] = (x[tok], local[tok], weights[tok])
+        return calls, rows
+
+
+class InProcessTransport:
+    """Shards in this process (objects with `compute(layer, x, local_ids, weights)`), called in turn."""
+
+    def __init__(self, shards: Mapping[str, Any]):
+        self.shards = dict(shards)
+
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+        out: dict[str, torch.Tensor | BaseException] = {}
+        for shard, args in calls.items():
+            try:
+                out[shard] = self.shards[shard].compute(layer, *args)
+            except Exception as e:  # noqa: BLE001
+                out[shard] = e
+        return out
+
+
+class ServeTransport:
+    """Calls `ExpertShard.compute` on each shard deployment through its Serve handle, concurrently."""
+
+    def __init__(self, handles: Mapping[str, Any], timeout_s: float = 10.0):
+        self.handles, self.timeout_s = dict(handles), timeout_s
+
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+        pending = {}
+        for shard, (x, local, w) in calls.items():
+            try:
+                pending[shard] = self.handles[shard].compute.remote(layer, x, local, w)
+            except Exception as e:  # noqa: BLE001 - a shard's failure is reported, not raised
+                pending[shard] = e
+        out: dict[str, torch.Tensor | BaseException] = {}
+        for shard, resp in pending.items():
+            if isinstance(resp, BaseException):
+                out[shard] = resp
+                continue
+            try:
+                out[shard] = resp.result(timeout_s=self.timeout_s)
+            except Exception as e:  # noqa: BLE001
+                out[shard] = e
+        return out

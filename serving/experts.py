@@ -1,0 +1,131 @@
+"""Expert shards: one Serve deployment per planned shard, holding its routed experts of every MoE layer.
+
+A shard's experts come from the checkpoint through the subset loader (only its experts are read).
+Any engine sends it (layer, x[T,d], local ids[T,k], weights[T,k]) with ids indexing the shard's
+slots of that layer (-1 = not here); it returns the weighted sum of its experts' outputs. It counts
+the token-expert pairs it serves per layer, for metrics and for its own autoscaling.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from v4d.kernels import ops
+from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
+from v4d.serving.config import ModelConfig
+from v4d.serving.metrics import ServingMetrics
+
+POOL_LABEL = "v4d.dev/pool"
+
+
+def expert_prefix(cfg: ModelConfig, layer: int) -> str:
+    """Official tensor-name prefix of MoE layer `layer` (main layer i, or num_hidden_layers + k for MTP k)."""
+    L = cfg.num_hidden_layers
+    return f"layers.{layer}" if layer < L else f"mtp.{layer - L}"
+
+
+class ShardExperts:
+    """Stacked w1/w3/w2 [slots, ...] per MoE layer for one shard's slot map ([layer][slot] -> expert)."""
+
+    def __init__(self, cfg: ModelConfig, slots: list[list[int]], tensors: Mapping[str, torch.Tensor]):
+        self.cfg, self.slots = cfg, [list(map(int, s)) for s in slots]
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer, experts in enumerate(self.slots):
+            if not experts:
+                continue
+            p = expert_prefix(cfg, layer)
+            self.weights[layer] = tuple(
+                torch.stack([tensors[f"{p}.ffn.experts.{e}.{w}.weight"] for e in experts]) for w in ("w1", "w3", "w2")
+            )
+
+    @classmethod
+    def from_checkpoint(cls, cfg: ModelConfig, slots: list[list[int]], path: str) -> ShardExperts:
+        from v4d.serving.model.loader import Checkpoint
+
+        ckpt = Checkpoint(path)
+        wanted = {layer: set(map(int, experts)) for layer, experts in enumerate(slots) if experts}
+        return cls(cfg, slots, ckpt.read(ckpt.select(wanted, dense=False), progress=False))
+
+    def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if layer not in self.weights:
+            raise ValueError(f"layer {layer}: this shard holds no experts of it")
+        n = len(self.slots[layer])
+        if local_ids.numel() and int(local_ids.max()) >= n:
+            raise ValueError(f"local_ids: layer {layer} has {n} slots here, got id {int(local_ids.max())}")
+        w1, w3, w2 = self.weights[layer]
+        return ops.moe_experts(x, local_ids, weights, w1, w3, w2, self.cfg.swiglu_limit)
+
+
+class ExpertShard:
+    """Serve deployment body for one shard (bind one per shard with `bind_shards`)."""
+
+    def __init__(self, plan: dict[str, Any], shard: str, weights_dir: str, window_s: float = 10.0):
+        torch.set_num_threads(1)
+        cfg = ModelConfig.from_dict(plan["config"])
+        spec = next(s for s in plan["shards"] if s["name"] == shard)
+        self.name, self.window_s = shard, window_s
+        self.experts = ShardExperts.from_checkpoint(cfg, spec["slots"], weights_dir)
+        self.tokens: dict[int, int] = {}
+        self.recent: deque[tuple[float, int]] = deque()
+        self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec["pool"]))
+        self.metrics.ready()
+
+    def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n = int((local_ids >= 0).sum())
+        self.tokens[layer] = self.tokens.get(layer, 0) + n
+        self.recent.append((time.monotonic(), n))
+        self.metrics.expert_tokens.inc(n, tags={"shard": self.name, "layer": str(layer)})
+        return self.experts.compute(layer, x, local_ids, weights)
+
+    def tokens_per_s(self) -> float:
+        cutoff = time.monotonic() - self.window_s
+        while self.recent and self.recent[0][0] < cutoff:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / self.window_s
+
+    def stats(self) -> dict[str, Any]:
+        return {"shard": self.name, "tokens_per_layer": dict(self.tokens), "tokens_per_s": self.tokens_per_s()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {EXPERT_TOKENS_PER_S: self.tokens_per_s()}
+
+
+def plan_labels(plan: dict[str, Any], pool: str) -> dict[str, str]:
+    """Metric labels (model, deployment, pool, vendor) for a component running in `pool`."""
+    vendor = next((p.get("vendor", "") for p in plan.get("pools", []) if p["name"] == pool), "")
+    return {"model": plan["served_name"], "deployment": plan["name"], "pool": pool, "vendor": vendor}
+
+
+def pool_actor_options(plan: dict[str, Any], pool: str, num_cpus: float = 0.1) -> dict[str, Any]:
+    """Place a replica on its pool's nodes (Ray node label `v4d.dev/pool`, set locally and by KubeRay)."""
+    return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}}
+
+
+def bind_shards(
+    plan: dict[str, Any], weights_dir: str, target_tokens_per_s: float = 2000.0, place: bool = True
+) -> dict[str, Any]:
+    """One bound Serve application per planned shard, named after it and scaling on its token load."""
+    from ray import serve
+
+    eng = plan["engine"]
+    apps = {}
+    for spec in plan["shards"]:
+        dep = serve.deployment(ExpertShard, name=spec["name"])
+        options: dict[str, Any] = {
+            "autoscaling_config": autoscaling_config(
+                ExpertLoadPolicy, 1, max(1, int(eng.get("max_replicas", 1))), 1,
+                target_tokens_per_s=target_tokens_per_s,
+                upscale_delay_s=float(eng.get("upscale_delay_s", 30)),
+                downscale_delay_s=float(eng.get("downscale_delay_s", 600)),
+            ),
+            "graceful_shutdown_wait_loop_s": 0.1,
+            "graceful_shutdown_timeout_s": 1.0,
+        }
+        if place:
+            options["ray_actor_options"] = pool_actor_options(plan, spec["pool"])
+        apps[spec["name"]] = dep.options(**options).bind(plan, spec["name"], weights_dir)
+    return apps

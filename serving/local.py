@@ -1,0 +1,160 @@
+"""`v4d serve` without Kubernetes: an embedded Ray cluster shaped like the plan's pools.
+
+One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group:
+CPU stands in for the accelerators, placement by label is exactly that of the KubeRay deployment,
+and `build_app` is the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from v4d.serving.plan import Plan
+
+POOL_LABEL = "v4d.dev/pool"
+# Ray on a shared development box (toolchain.md §1.3): no token file, loopback only, no telemetry.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+NODE_CPUS = 8  # logical CPUs per pool node: room for every replica (0.1 CPU each) the autoscaler adds
+APP_NAME = "v4d"
+
+
+def checkpoint_cache(preset: str) -> Path:
+    return Path(os.environ.get("V4D_CACHE", Path.home() / ".cache" / "v4d")) / "checkpoints" / preset
+
+
+def ensure_checkpoint(plan: Plan, log: Callable[[str], None] = print) -> Plan:
+    """With an empty weights URI, make (once, cached) a random-weight checkpoint and point the plan at it."""
+    if plan.weights_uri:
+        return plan
+    from v4d.serving.checkpoint import write_checkpoint
+    from v4d.serving.config import ModelConfig
+    from v4d.serving.model.model import Transformer, init_weights
+
+    out = checkpoint_cache(plan.model if plan.model != "custom" else plan.name)
+    if not (out / "config.json").exists():
+        log(f"making a random-weight {plan.model} checkpoint in {out} ...")
+        cfg = ModelConfig.from_dict(plan.config)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_checkpoint(init_weights(Transformer(cfg)).state_dict(), cfg, tmp)
+        tmp.rename(out)  # complete checkpoints only: an interrupted run leaves no half-written cache
+    return replace(plan, weights_uri=str(out))
+
+
+@dataclass
+class LocalCluster:
+    cluster: object  # ray.cluster_utils.Cluster
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # node ("head" or pool) -> URL
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.cluster.shutdown()
+
+
+def start_cluster(plan: Plan, metrics_port: int, attempts: int = 3) -> LocalCluster:
+    """Start head + one labelled node per pool; metrics export ports metrics_port, +1, ... (head first).
+
+    Ray gives a raylet a fixed 30 s to register; on a saturated machine that can lapse, so a failed
+    start is torn down and tried again."""
+    os.environ.update(RAY_ENV)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_cluster(plan, metrics_port)
+        except Exception:
+            if attempt == attempts:
+                raise
+
+
+def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(shutdown_at_exit=True)
+    try:
+        cluster.add_node(
+            num_cpus=1,
+            object_store_memory=200 * 2**20,
+            include_dashboard=False,
+            metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000},
+        )
+        urls = {"head": f"http://127.0.0.1:{metrics_port}/metrics"}
+        for i, pool in enumerate(plan.pools, start=1):
+            cluster.add_node(
+                num_cpus=NODE_CPUS,
+                object_store_memory=100 * 2**20,
+                labels={POOL_LABEL: pool.name},
+                metrics_export_port=metrics_port + i,
+            )
+            urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+    except Exception:
+        ray.shutdown()
+        cluster.shutdown()
+        raise
+    return LocalCluster(cluster, urls)
+
+
+def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None = None) -> None:
+    """Start Serve's HTTP proxy on 127.0.0.1:port and run the plan's application (blocks until healthy)."""
+    from ray import serve
+    from v4d.serving.app import build_app
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    key = api_key or os.environ.get(plan.serving.api_key_env) or None
+    serve.run(build_app(plan, api_key=key), name=app_name, route_prefix="/")
+
+
+def drain(app_name: str = APP_NAME, timeout_s: float = 60.0) -> bool:
+    """Stop admitting requests and wait for in-flight ones to finish; False if some were still running."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    deadline = time.monotonic() + timeout_s
+    while handle.drain.remote().result() > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> None:
+    """Run until SIGINT/SIGTERM, then drain (in-flight streams finish), shut Serve and every Ray process down."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    plan = ensure_checkpoint(plan, log)
+    log(f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})")
+    local = start_cluster(plan, port + 1)
+    try:
+        if not stop.is_set():
+            log(f"deploying {plan.served_name}: {plan.engine.replicas} engine replica(s), {len(plan.shards)} expert shard(s)")
+            deploy(plan, port)
+            log(f"ready: model {plan.served_name}")
+            log(f"  OpenAI API:     http://127.0.0.1:{port}/v1")
+            log(f"  Anthropic API:  http://127.0.0.1:{port}  (POST /v1/messages)")
+            for node, url in local.metrics_urls.items():
+                log(f"  metrics ({node}): {url}")
+            log("press Ctrl-C to stop")
+        stop.wait()
+        log("shutting down: finishing in-flight requests ...")
+        try:
+            drain(timeout_s=min(plan.serving.request_timeout_s, 120.0))
+        except Exception as e:  # the app never came up, or is already gone: nothing to drain
+            log(f"  (no drain: {type(e).__name__})")
+    finally:
+        local.shutdown()
+        log("stopped")

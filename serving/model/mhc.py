@@ -1,0 +1,37 @@
+"""mHC: the 4-stream residual around every sub-layer, and the reduction-only head (deepseek-v4.md §4).
+
+The parameters live on the owning module under the official names (`hc_attn_fn`, `hc_ffn_base`,
+`hc_head_scale`, ...); these functions hold the math. Mixing runs in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from v4d.kernels import ops
+from v4d.serving.model.norm import rms_normalize
+
+
+def _mixes(X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """The 24-wide (or 4-wide at the head) projection of the RMS-normalised flattened streams."""
+    return F.linear(rms_normalize(X.flatten(1), norm_eps), fn.float())
+
+
+def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+           iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X: [T, n, d] streams -> (sub-layer input [T, d], post [T, n], comb [T, n, n])."""
+    n = X.shape[1]
+    pre, post, comb = ops.hc_split_sinkhorn(_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
+    return ops.hc_pre(X.float(), pre).to(X.dtype), post, comb
+
+
+def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k f + sum_j comb[j, k] X_j."""
+    return ops.hc_post(f.float(), X.float(), post, comb).to(X.dtype)
+
+
+def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+            norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """Reduction-only mHC before the final norm: sigmoid weights, no Sinkhorn. [T, n, d] -> [T, d]."""
+    pre = torch.sigmoid(_mixes(X, fn, norm_eps) * scale + base) + hc_eps
+    return ops.hc_pre(X.float(), pre).to(X.dtype)

@@ -1,0 +1,120 @@
+"""Mixture of experts (deepseek-v4.md §5): sqrt-softplus router, hash routing, shared expert.
+
+Routed experts run behind `ExpertBackend` (tokens + chosen ids + weights in, combined output out),
+so the serving engine can send them to remote shards and kernels can swap in a grouped GEMM.
+`LocalExperts` runs the model's own experts in process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from v4d.kernels import ops
+from v4d.serving.config import ModelConfig
+
+
+class ExpertBackend(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, d], ids [T, k] (-1 = skip), weights [T, k] -> sum_j weights * expert_ids(x): [T, d]."""
+        ...
+
+
+class Gate(nn.Module):
+    """Router. Scores s = sqrt(softplus(x . e)) in fp32; the bias (non-hash layers) only shifts the
+    choice; hash layers take the experts from `tid2eid[token id]`. Weights are the unbiased scores of
+    the chosen experts, normalised to sum 1, times `routed_scaling_factor`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.topk, self.scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.hash = cfg.is_hash_layer(layer)
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if self.hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int32))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weights [T, k] fp32, ids [T, k] int64)."""
+        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
+        if self.hash:
+            ids = self.tid2eid[input_ids].long()
+        else:
+            ids = (scores + self.bias).topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        return weights / weights.sum(-1, keepdim=True) * self.scale, ids
+
+
+class Expert(nn.Module):
+    """SwiGLU FFN: w2(silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim)); a limit of 0 disables the clamp."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, with_experts: bool = True):
+        super().__init__()
+        self.layer, self.swiglu_limit = layer, cfg.swiglu_limit
+        self.gate = Gate(cfg, layer)
+        n = cfg.n_routed_experts if with_experts else 0
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(n))
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
+        weights, ids = self.gate(x, input_ids)
+        y = backend(self.layer, x, ids, weights)
+        # The shared expert runs unclamped in the official code (its swiglu_limit is left at 0).
+        s = self.shared_experts
+        one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        y = y + ops.moe_experts(x, one, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
+                                s.w1.weight[None], s.w3.weight[None], s.w2.weight[None], 0.0)
+        return y.to(x.dtype)
+
+
+class LocalExperts:
+    """In-process backend over the model's own `MoE.experts`.
+
+    The grouped op wants stacked [E, I, d] weights. To avoid a copy per call, each expert's
+    parameters are re-pointed at slices of one stacked tensor; `load_state_dict` copies into them
+    in place. If anything replaces the parameters (assign-loading, `.to()`), the stack is rebuilt.
+    """
+
+    def __init__(self, moes: Mapping[int, MoE]):
+        self.moes = dict(moes)
+        self._stacks: dict[int, tuple[list[int], tuple[torch.Tensor, ...]]] = {}
+
+    def _params(self, layer: int) -> list[nn.Parameter]:
+        return [getattr(e, name).weight for name in ("w1", "w3", "w2") for e in self.moes[layer].experts]
+
+    def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        params = self._params(layer)
+        ptrs = [p.data_ptr() for p in params]
+        cached = self._stacks.get(layer)
+        if cached is not None and cached[0] == ptrs:
+            return cached[1]
+        experts = self.moes[layer].experts
+        if not len(experts):
+            raise ValueError(f"layer {layer}: this model was built without routed experts (with_experts=False)")
+        stacks = []
+        # Normal (not inference) tensors, so a later load_state_dict can still copy into them.
+        with torch.inference_mode(False), torch.no_grad():
+            for name in ("w1", "w3", "w2"):
+                stack = torch.stack([getattr(e, name).weight.detach() for e in experts])
+                for e, view in zip(experts, stack, strict=True):
+                    getattr(e, name).weight = nn.Parameter(view, requires_grad=False)
+                stacks.append(stack)
+        self._stacks[layer] = ([p.data_ptr() for p in self._params(layer)], tuple(stacks))
+        return self._stacks[layer][1]
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = self.stacked(layer)
+        return ops.moe_experts(x, ids, weights, w1, w3, w2, self.moes[layer].swiglu_limit)

@@ -1,0 +1,85 @@
+"""The autoscaling policies as pure functions of synthetic Serve contexts."""
+
+from types import SimpleNamespace
+
+from v4d.serving.autoscale import (
+    EXPERT_TOKENS_PER_S,
+    KV_UTILIZATION,
+    NUM_WAITING,
+    ExpertLoadPolicy,
+    KVPressurePolicy,
+    kv_desired,
+    stabilize,
+)
+
+
+def ctx(target, kv=None, waiting=None, now=0.0, state=None, lo=1, hi=4, metrics=None):
+    replicas = [f"r{i}" for i in range(target)]
+    metrics = metrics or {
+        KV_UTILIZATION: dict(zip(replicas, kv or [], strict=False)),
+        NUM_WAITING: dict(zip(replicas, waiting or [0] * target, strict=False)),
+    }
+    return SimpleNamespace(
+        target_num_replicas=target, current_num_replicas=target, running_replicas=replicas,
+        aggregated_metrics=metrics, policy_state=state or {}, current_time=now,
+        capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
+        app_name="app", deployment_name="engine",
+    )
+
+
+def test_kv_desired_uses_the_hottest_replica_and_the_queue():
+    # mean 0.5 would say "2 is enough"; the hot replica at 0.95 asks for 3
+    assert kv_desired(2, [0.95, 0.05], [0, 0], 0.7, 4)[0] == 3
+    assert kv_desired(2, [0.3, 0.3], [0, 0], 0.7, 4)[0] == 1
+    n, figures = kv_desired(1, [0.2], [9], 0.7, 4)
+    assert n == 3 and figures["by_queue"] == 3 and figures["waiting"] == 9
+
+
+def test_stabilize_up_after_delay_down_after_longer_delay_to_peak():
+    t, s = stabilize({}, 0.0, 1, 3, 5, 30)
+    assert t == 1 and s["direction"] == "up"
+    t, s = stabilize(s, 4.0, 1, 3, 5, 30)
+    assert t == 1
+    t, s = stabilize(s, 5.0, 1, 3, 5, 30)
+    assert (t, s) == (3, {})
+    t, s = stabilize({}, 10.0, 3, 1, 5, 30)
+    t, s = stabilize(s, 20.0, 3, 2, 5, 30)  # demand came back a bit: go down only to 2
+    t, s = stabilize(s, 40.0, 3, 1, 5, 30)
+    assert t == 2
+    # a flip of direction restarts the window
+    _, s = stabilize({}, 0.0, 2, 1, 5, 30)
+    _, s = stabilize(s, 29.0, 2, 3, 5, 30)
+    assert s["direction"] == "up" and s["since"] == 29.0
+
+
+def test_kv_policy_scales_up_then_down_with_stabilization_and_records():
+    p = KVPressurePolicy(target_kv_utilization=0.7, target_waiting=4, upscale_delay_s=2, downscale_delay_s=10)
+    n, state = p(ctx(1, kv=[0.95], now=100))
+    assert n == 1 and state["pending"]["direction"] == "up"
+    n, state = p(ctx(1, kv=[0.96], now=102, state=state))
+    assert n == 2
+    d = state["last_decision"]
+    assert (d["from"], d["to"], d["direction"], d["kv_max"], d["deployment"]) == (1, 2, "up", 0.96, "engine")
+    n, state = p(ctx(2, kv=[0.9, 0.9], now=103, state=state))  # still hot: up to 3 after the delay
+    n, state = p(ctx(2, kv=[0.9, 0.9], now=105, state=state))
+    assert n == 3
+    n, state = p(ctx(3, kv=[0.0, 0.0, 0.0], now=106, state=state))  # load gone: hold for 10 s
+    assert n == 3
+    n, state = p(ctx(3, kv=[0.0, 0.0, 0.0], now=115, state=state))
+    assert n == 3
+    n, state = p(ctx(3, kv=[0.0, 0.0, 0.0], now=116, state=state))
+    assert n == 1 and state["last_decision"]["direction"] == "down"
+
+
+def test_policy_respects_bounds_and_holds_without_metrics():
+    p = KVPressurePolicy(upscale_delay_s=0, downscale_delay_s=0)
+    assert p(ctx(2, kv=[1.0, 1.0], hi=3))[0] == 3
+    assert p(ctx(2, kv=[0.0, 0.0], lo=2))[0] == 2
+    assert p(ctx(2, metrics={}, state={"x": 1})) == (2, {"x": 1})
+
+
+def test_expert_load_policy():
+    p = ExpertLoadPolicy(target_tokens_per_s=100, upscale_delay_s=0, downscale_delay_s=0)
+    c = ctx(1, metrics={EXPERT_TOKENS_PER_S: {"r0": 250.0}})
+    n, state = p(c)
+    assert n == 3 and state["last_decision"]["tokens_per_s"] == 250.0

@@ -1,0 +1,31 @@
+"""Triton mHC split/Sinkhorn and stream mixing (interpreter) against the reference."""
+
+import pytest
+import torch
+from v4d.kernels import reference as ref
+
+
+@pytest.mark.parametrize("n,iters", [(4, 20), (4, 1), (3, 7)], ids=["v4", "one-round", "padded-n"])
+def test_split_sinkhorn(kops, gen, n, iters):
+    t = 37
+    mixes = torch.randn(t, (2 + n) * n, generator=gen) * 2
+    scale, base = torch.rand(3, generator=gen) + 0.5, torch.randn((2 + n) * n, generator=gen)
+    got = kops.hc_split_sinkhorn(mixes, scale, base, n, iters, 1e-6)
+    want = ref.hc_split_sinkhorn(mixes, scale, base, n, iters, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2].sum(-2), torch.ones(t, n), atol=1e-4, rtol=0)  # (s / (s + eps))
+
+
+@pytest.mark.parametrize("t,n,d", [(5, 4, 64), (3, 3, 40)], ids=["v4", "ragged"])
+def test_pre_and_post(kops, dtype, gen, t, n, d, tol):
+    X = torch.randn(t, n, d, generator=gen).to(dtype)
+    f = torch.randn(t, d, generator=gen).to(dtype)
+    pre, post = torch.rand(t, n, generator=gen), torch.rand(t, n, generator=gen) * 2
+    comb = torch.softmax(torch.randn(t, n, n, generator=gen), -1)
+    x = kops.hc_pre(X, pre)
+    Xn = kops.hc_post(f, X, post, comb)
+    assert x.dtype == dtype and Xn.dtype == dtype
+    torch.testing.assert_close(x, ref.hc_pre(X, pre), **tol(dtype))
+    torch.testing.assert_close(Xn, ref.hc_post(f, X, post, comb), **tol(dtype))

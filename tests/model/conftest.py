@@ -1,0 +1,33 @@
+"""Shared random-weight models for the model tests (built once per session, fp32, one thread)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from v4d.serving.config import get_preset
+from v4d.serving.model.model import Transformer, init_weights
+
+# Small ops on a shared 2-core machine run far faster single-threaded.
+torch.set_num_threads(1)
+
+
+def build(name: str, seed: int = 0, **overrides) -> Transformer:
+    from dataclasses import replace
+
+    cfg = replace(get_preset(name), **overrides) if overrides else get_preset(name)
+    return init_weights(Transformer(cfg), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Transformer:
+    return build("v4-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_fast() -> Transformer:
+    return build("v4-tiny-fast")
+
+
+@pytest.fixture(scope="session")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 1024, (420,), generator=torch.Generator().manual_seed(1))

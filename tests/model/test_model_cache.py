@@ -1,0 +1,57 @@
+"""KV cache layout and byte accounting: exact sizes, agreement with the size math, page ownership."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from v4d.serving import sizing
+from v4d.serving.config import PRESETS, get_preset
+from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("fmt", ["deployed", "bf16"])
+def test_layout_bytes_agree_with_the_size_math(name, fmt):
+    cfg = get_preset(name)
+    assert page_bytes(cfg, fmt) == sizing.page_bytes(cfg, fmt)
+    assert slot_bytes(cfg, fmt) == sizing.slot_bytes(cfg, fmt)
+
+
+def test_sheet_figures():
+    # deepseek-v4.md §3.1/§3.4: Pro page 30 x 32 x (584 + 68) + 31 x 584; Flash state ~14.7 MiB
+    assert page_bytes(get_preset("deepseek-v4-pro"), "deployed") == 30 * 32 * (584 + 68) + 31 * 584
+    flash = get_preset("deepseek-v4-flash")
+    assert slot_bytes(flash, "deployed") == 43 * 128 * 584 + 20 * 2 * 128 * 512 * 4 + 21 * 2 * 8 * (1024 + 256) * 4
+    assert round(slot_bytes(flash, "deployed") / 2**20, 1) == 14.7
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")])
+def test_allocated_tensors_are_exactly_the_accounted_bytes(dtype, fmt):
+    cfg = get_preset("v4-tiny")
+    kv = KVCache(cfg, num_pages=3, num_slots=2, dtype=dtype)
+    assert kv.page_nbytes == page_bytes(cfg, fmt)
+    assert kv.slot_nbytes == slot_bytes(cfg, fmt)
+    total = sum(t.nbytes for lc in kv.layers.values() for t in (lc.window, lc.main, lc.index) if t is not None)
+    total += sum(s.kv.nbytes + s.score.nbytes for lc in kv.layers.values() for s in (lc.comp, lc.index_comp) if s)
+    assert total == 3 * page_bytes(cfg, fmt) + 2 * slot_bytes(cfg, fmt)
+    # a page is 128 positions: 32 CSA entries + 32 indexer keys, 1 HCA entry
+    assert kv.layer(2).main.shape[1:] == (32, cfg.head_dim) and kv.layer(2).index.shape[1:] == (32, 32)
+    assert kv.layer(3).main.shape[1:] == (1, cfg.head_dim) and kv.layer(0).main is None
+    mtp = KVCache(cfg, 3, 2, dtype=dtype, with_mtp=True)
+    assert mtp.slot_nbytes == slot_bytes(cfg, fmt, with_mtp=True) == kv.slot_nbytes + 128 * cfg.head_dim * dtype.itemsize
+
+
+def test_a_sequence_writes_only_its_own_pages_and_slot(tiny, tokens):
+    cfg = tiny.cfg
+    kv = KVCache(cfg, num_pages=6, num_slots=3)
+    seq = SeqCache(slot=1, page_ids=[4, 1, 5])
+    tiny([(tokens[:300], seq)], kv)
+    assert seq.num_tokens == 300
+    for layer, lc in kv.layers.items():
+        assert not lc.window[[0, 2]].any() and lc.window[1].any()
+        if lc.main is not None:
+            assert not lc.main[[0, 2, 3]].any()
+            per_page = lc.main.shape[1]
+            n = 300 // cfg.compress_ratios[layer]
+            for k, page in enumerate(seq.page_ids):  # closed entries only, in the sequence's page order
+                assert lc.main[page].abs().sum(-1).gt(0).sum() == min(max(n - k * per_page, 0), per_page)

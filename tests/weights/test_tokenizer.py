@@ -1,0 +1,58 @@
+"""The shipped byte-level BPE: deterministic training, chat special tokens, lossless round trips."""
+
+import pytest
+from v4d.serving.chat import ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, USER, encode_messages
+from v4d.serving.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+def test_vocab_size_and_config_ids(tok):
+    assert tok.vocab_size == 1024
+    assert (tok.bos_id, tok.eos_id) == (0, 1)  # ModelConfig bos_token_id / eos_token_id
+
+
+def test_training_is_deterministic(tok, tmp_path):
+    tok.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.train(1024)
+    assert again.raw.to_str() == tok.raw.to_str()
+    assert Tokenizer.from_file(tmp_path).raw.to_str() == tok.raw.to_str()
+
+
+def test_special_tokens_are_single_ids_in_a_chat_prompt(tok):
+    prompt = encode_messages([{"role": "user", "content": "What is 17 + 25?"}], thinking=True)
+    ids = tok.encode(prompt)
+    specials = {tok.raw.token_to_id(s): s for s in SPECIAL_TOKENS}
+    assert len(specials) == len(SPECIAL_TOKENS) and max(specials) < len(SPECIAL_TOKENS)
+    assert [specials[i] for i in ids if i in specials] == [BOS, USER, ASSISTANT, THINK]
+    assert tok.decode(ids) == prompt
+    assert tok.encode(END_THINK + EOS) == [tok.raw.token_to_id(END_THINK), 1]
+
+
+@pytest.mark.parametrize("text", ["The lighthouse keeper lit the lamp.", "naïve café 日本語 🙂 \t\n  spaces",
+                                  '{"city": "Tokyo", "days": 3}', ""])
+def test_any_text_round_trips(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_corpus_words_compress(tok):
+    text = "The lighthouse keeper climbed the stair every evening."
+    assert len(tok.encode(text)) < len(text.encode()) / 2.5
+
+
+def test_incremental_decoding_waits_for_whole_characters(tok):
+    stream, out = tok.stream(), []
+    for i in tok.encode("日本 ok"):
+        piece = stream.step(tok.raw, i)
+        if piece is not None:
+            out.append(piece)
+    assert "".join(out) == "日本 ok"
+    assert all("\ufffd" not in p for p in out)
+
+
+def test_too_small_vocab_is_rejected():
+    with pytest.raises(ValueError, match="vocab_size"):
+        Tokenizer.train(100)
