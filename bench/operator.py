@@ -20,12 +20,19 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("kubecluster", ROOT / "tests" / "operator" / "kubecluster.py")
-kc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kc)
-_spec = importlib.util.spec_from_file_location("opspecs", ROOT / "tests" / "operator" / "opspecs.py")
-opspecs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(opspecs)
+
+
+def _load(name: str):
+    """The tests' control-plane and spec helpers (one implementation for tests and bench)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "operator" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+kc = _load("kubecluster")
+opspecs = _load("opspecs")
 
 G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
 
@@ -36,6 +43,15 @@ def breakdown(writes: list[dict]) -> dict[str, int]:
         ref = ev.get("objectRef") or {}
         c[f"{ev['verb']} {ref.get('resource')}{'/' + ref['subresource'] if ref.get('subresource') else ''}"] += 1
     return dict(sorted(c.items()))
+
+
+def settle(cluster, still: float = 5.0) -> None:
+    """Until the operator has written nothing for `still` seconds (the tail of the burst)."""
+    count, since = len(cluster.writes()), time.monotonic()
+    while time.monotonic() - since < still:
+        time.sleep(0.5)
+        if (now := len(cluster.writes())) != count:
+            count, since = now, time.monotonic()
 
 
 def main() -> None:
@@ -70,7 +86,7 @@ def main() -> None:
         t_created = time.monotonic() - t0
         kc.wait_for(converged, timeout=1800, interval=1, what=f"{args.n} deployments reconciled")
         t_converged = time.monotonic() - t0
-        time.sleep(2)
+        settle(cluster)
         reconcile_writes = cluster.writes()[before:]
 
         # Resync with nothing to do: touch every RayService (a label the operator does not own).
@@ -96,6 +112,7 @@ def main() -> None:
             "writes_per_object": round(len(reconcile_writes) / args.n, 2),
             "writes_by_kind": breakdown(reconcile_writes),
             "resync_writes": len(resync_writes),
+            "resync_writes_by_kind": breakdown(resync_writes),
             "resync_window_seconds": round(t_touch, 2),
             "idle_seconds": args.idle,
             "writes_per_idle_minute": round(len(idle_writes) * 60.0 / args.idle, 2),

@@ -125,8 +125,9 @@ class Reconciler:
 
         children = render.render(plan, spec, {"name": name, "namespace": namespace, "uid": meta["uid"]},
                                  self.options)
-        for child in children:
-            self._apply(obj, child)
+        changes = [c for c in (self._apply(child) for child in children) if c]
+        if changes:  # one Event per reconcile that wrote, saying what and how
+            self.event(obj, "Normal", "Applied", "; ".join(changes))
 
         n = render.names(name)
         rs = self.kube.get("RayService", namespace, n["rayservice"])
@@ -144,22 +145,22 @@ class Reconciler:
                 self.event(obj, "Warning", "CapacityLimited", limited["message"])
         return new["phase"]
 
-    def _apply(self, owner: dict[str, Any], child: dict[str, Any]) -> None:
+    def _apply(self, child: dict[str, Any]) -> str | None:
+        """Apply `child` unless the live object already holds it; a description of the change, if any."""
         meta = child["metadata"]
         live = self.kube.get(child["kind"], meta["namespace"], meta["name"])
         if live is not None and self.kube.holds(live, child):
-            return
+            return None
         self.kube.apply(child)
         what = f"{child['kind']} {meta['name']}"
         if live is None:
-            self.event(owner, "Normal", "Created", f"created {what}")
-        elif child["kind"] == "RayService":
+            return f"created {what}"
+        if child["kind"] == "RayService":
             in_place = self.kube.holds(live["spec"].get("rayClusterConfig"), child["spec"]["rayClusterConfig"],
                                        ignore=("replicas", "minReplicas", "maxReplicas"))
-            how = "in place (serveConfigV2/replicas only)" if in_place else "cluster spec changed: KubeRay rolls out a new cluster"
-            self.event(owner, "Normal", "Updated", f"updated {what} {how}")
-        else:
-            self.event(owner, "Normal", "Updated", f"updated {what}")
+            return f"updated {what} " + ("in place (serveConfigV2/replicas only)" if in_place
+                                         else "(cluster spec changed: KubeRay rolls out a new cluster)")
+        return f"updated {what}"
 
     def _write_status(self, obj: dict[str, Any], previous: dict[str, Any], new: dict[str, Any]) -> bool:
         if previous == new:

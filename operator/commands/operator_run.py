@@ -19,6 +19,7 @@ import click
 @click.option("--ray-version", default=None, help="rayVersion written into each RayService.")
 @click.option("--webhook-port", type=int, default=None,
               help="Serve the validating admission webhook on this port and register it with the cluster.")
+@click.option("--webhook-addr", default="0.0.0.0", show_default=True, help="Address the webhook server binds.")
 @click.option("--webhook-host", default=None,
               help="Host name the apiserver reaches the webhook at (e.g. the webhook Service's DNS name).")
 @click.option("--webhook-cert", default=None, help="TLS certificate file for the webhook (default: self-signed).")
@@ -26,7 +27,7 @@ import click
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr: str, health_port: int | None,
             peering: str | None, image_nvidia: str | None, image_ascend: str | None, ray_version: str | None,
-            webhook_port: int | None, webhook_host: str | None, webhook_cert: str | None,
+            webhook_port: int | None, webhook_addr: str, webhook_host: str | None, webhook_cert: str | None,
             webhook_key: str | None, verbose: bool) -> None:
     """Reconcile V4Deployments into KubeRay RayServices.
 
@@ -49,6 +50,7 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
         cfg.images["ascend"] = image_ascend
     cfg.ray_version = ray_version or cfg.ray_version
     cfg.webhook_port = webhook_port or cfg.webhook_port
+    cfg.webhook_addr = webhook_addr
     cfg.webhook_host = webhook_host or cfg.webhook_host
     cfg.webhook_cert = webhook_cert or cfg.webhook_cert
     cfg.webhook_key = webhook_key or cfg.webhook_key

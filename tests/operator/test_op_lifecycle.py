@@ -124,7 +124,7 @@ def test_lifecycle(cluster, operator):
                   and get_v4d(cluster, ns, "demo")["status"], what="status with plan")
     assert st["phase"] == "Deploying" and st["plan"]["expertShards"] == 2
     assert condition(get_v4d(cluster, ns, "demo"), "Planned")["status"] == "True"
-    assert ("Normal", "Created", "created RayService demo") in events(cluster, ns, "demo")
+    assert any(t == "Normal" and r == "Applied" and "created RayService demo" in m for t, r, m in events(cluster, ns, "demo"))
 
     # KubeRay reports the app healthy -> Ready with replicas aggregated per role.
     custom.patch_namespaced_custom_object_status("ray.io", "v1", ns, "rayservices", "demo",
@@ -146,7 +146,7 @@ def test_lifecycle(cluster, operator):
     rs2 = wait_for(lambda: (r := get_rs(cluster, ns, "demo")) and "max_queue: 7" in r["spec"]["serveConfigV2"] and r,
                    what="serveConfigV2 update")
     assert rs2["spec"]["rayClusterConfig"] == cluster_before
-    wait_for(lambda: any(r == "Updated" and "in place" in m for _, r, m in events(cluster, ns, "demo")),
+    wait_for(lambda: any(r == "Applied" and "updated RayService demo in place" in m for _, r, m in events(cluster, ns, "demo")),
              what="in-place update Event")
 
     # /scale: attention replicas 1 -> 2 through the scale subresource (what HPA/KEDA do).
