@@ -148,6 +148,6 @@ def test_crd_schema_rejects_what_the_api_rejects(generated):
 
 
 def test_docs_field_reference_is_current():
-    doc = (crd.REPO / "docs" / "spine.md").read_text()
+    doc = (crd.REPO / "README.md").read_text()
     block = doc.split("<!-- crd-reference:start -->\n", 1)[1].split("<!-- crd-reference:end -->", 1)[0]
-    assert block == crd.reference_markdown(), "docs/spine.md is stale: paste `v4d crd --markdown`"
+    assert block == crd.reference_markdown(), "README.md is stale: paste `v4d crd --markdown`"
