@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
 from v4d.serving import sizing
 from v4d.serving.config import TINY, ModelConfig
 from v4d.serving.model.attention import Span

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from v4d.kernels.launch import interpreting, pow2
 
 

@@ -16,6 +16,7 @@ import os
 from types import ModuleType
 
 import torch
+
 from v4d.kernels import reference
 
 MODES = ("auto", "reference", "triton")

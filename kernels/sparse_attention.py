@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from v4d.kernels.launch import dot_dtype, interpreting, pow2
 
 LOG2E = 1.4426950408889634

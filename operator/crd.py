@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from v4d.operator import api
 
 # Committed copies the tests compare against `render_yaml()` (the chart installs the second).

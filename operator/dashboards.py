@@ -17,6 +17,7 @@ from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
+
 from v4d.operator.rules import ALL_RULES
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")

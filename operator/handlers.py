@@ -17,6 +17,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+
 from v4d.operator import render
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics, start_metrics_server

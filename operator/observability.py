@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from v4d.operator import dashboards, rules
 from v4d.operator.metrics import OPERATOR_METRICS
 from v4d.serving.metrics import SERVING_METRICS, MetricSpec

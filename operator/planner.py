@@ -20,6 +20,7 @@ from math import ceil, floor
 from typing import Any
 
 import numpy as np
+
 from v4d.operator import api, eplb
 from v4d.operator.validate import parse_spec, resolve_model
 from v4d.serving import sizing

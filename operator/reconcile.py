@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.rest import ApiException
+
 from v4d.operator import render, status
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics

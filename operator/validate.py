@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+
 from v4d.operator import api
 from v4d.serving.config import PRESETS, ModelConfig
 

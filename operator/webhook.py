@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+
 from v4d.operator import render
 from v4d.operator.handlers import PLURAL
 from v4d.operator.validate import validate_spec

@@ -22,6 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+
 from v4d.kernels import triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)

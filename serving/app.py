@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from ray.serve import Application
+
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.experts import bind_shards
 from v4d.serving.ingress import Ingress

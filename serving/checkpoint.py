@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
 from v4d.serving.config import ModelConfig, get_preset
 from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import CONFIG_FILE, INDEX_FILE

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from v4d.kernels import ops
 from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
 from v4d.serving.config import ModelConfig

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
 from v4d.serving.api.errors import APIError, from_exception
 from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events

@@ -31,16 +31,15 @@ def ensure_checkpoint(plan: Plan, log: Callable[[str], None] = print) -> Plan:
     """With an empty weights URI, make (once, cached) a random-weight checkpoint and point the plan at it."""
     if plan.weights_uri:
         return plan
-    from v4d.serving.checkpoint import write_checkpoint
+    from v4d.serving.checkpoint import make_checkpoint
     from v4d.serving.config import ModelConfig
-    from v4d.serving.model.model import Transformer, init_weights
 
     out = checkpoint_cache(plan.model if plan.model != "custom" else plan.name)
     if not (out / "config.json").exists():
         log(f"making a random-weight {plan.model} checkpoint in {out} ...")
         cfg = ModelConfig.from_dict(plan.config)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_checkpoint(init_weights(Transformer(cfg)).state_dict(), cfg, tmp)
+        make_checkpoint(cfg, tmp)
         tmp.rename(out)  # complete checkpoints only: an interrupted run leaves no half-written cache
     return replace(plan, weights_uri=str(out))
 
@@ -109,6 +108,7 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
 def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None = None) -> None:
     """Start Serve's HTTP proxy on 127.0.0.1:port and run the plan's application (blocks until healthy)."""
     from ray import serve
+
     from v4d.serving.app import build_app
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
+
 from v4d.serving.chat import BOS, EOS, SPECIAL_TOKENS
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"

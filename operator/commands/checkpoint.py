@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from v4d.operator.commands.model_info import load_model
 from v4d.serving.checkpoint import DEFAULT_SHARD_SIZE, make_checkpoint, parse_size
 

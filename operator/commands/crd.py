@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from v4d.operator import crd as crd_mod
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+
 from v4d.serving.chat import encode_messages
 from v4d.serving.config import ModelConfig
 from v4d.serving.generate import generate

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from v4d.serving.config import PRESETS, ModelConfig
 from v4d.serving.sizing import human_bytes, model_info
 

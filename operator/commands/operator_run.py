@@ -37,6 +37,7 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
     import logging
 
     import kopf
+
     from v4d.operator import handlers
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,

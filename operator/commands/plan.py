@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from v4d.operator.planner import PlanError, plan
 from v4d.operator.validate import SpecError, load_manifest
 from v4d.serving.plan import Plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+
 from v4d.operator.validate import SpecError, load_manifest
 
 

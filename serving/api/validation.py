@@ -6,6 +6,7 @@ import json
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
 from v4d.serving.api.errors import APIError, bad_request
 
 M = TypeVar("M", bound=BaseModel)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
+
 from v4d.serving.autoscale import (
     KV_UTILIZATION,
     NUM_RUNNING,

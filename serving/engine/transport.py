@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
 from v4d.serving.errors import ShardUnavailable
 
 log = logging.getLogger(__name__)

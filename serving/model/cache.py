@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
 

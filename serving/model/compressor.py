@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from v4d.kernels import ops
 from v4d.serving.model.cache import CompressorState
 from v4d.serving.model.norm import RMSNorm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from v4d.kernels import ops
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache, read_entries, write_entries

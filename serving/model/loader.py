@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
+
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
 from v4d.serving.model.model import Transformer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from v4d.kernels import ops
 from v4d.serving.model.norm import rms_normalize
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.attention import Span

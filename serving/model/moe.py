@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from v4d.kernels import ops
 from v4d.serving.config import ModelConfig
 

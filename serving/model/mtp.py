@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.attention import Span
 from v4d.serving.model.block import Block

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+
 from v4d.serving.config import ModelConfig
 
 

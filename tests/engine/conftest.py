@@ -7,7 +7,8 @@ import pytest
 SERVE_PORT, METRICS_PORT = 8200, 8201
 
 
-@pytest.fixture(scope="session")
+# Package scope: later test directories start Ray clusters of their own.
+@pytest.fixture(scope="package")
 def serve_instance():
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     import ray

@@ -4,6 +4,7 @@ import time
 
 from ray import serve
 from ray.experimental import internal_kv
+
 from v4d.serving.autoscale import (
     KV_UTILIZATION,
     NUM_WAITING,

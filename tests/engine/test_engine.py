@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 import torch
+
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable

@@ -1,6 +1,7 @@
 """Scheduler + KV manager as pure Python: batching, chunked prefill, preemption, admission, prefix sharing."""
 
 import pytest
+
 from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status

@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 from ray import serve
+
 from v4d.serving.checkpoint import make_checkpoint
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.server import bind_engine

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from v4d.kernels import ops
 from v4d.serving.config import TINY
 from v4d.serving.engine.transport import InProcessTransport, RemoteExperts, SlotMap

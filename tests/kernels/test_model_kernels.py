@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from v4d.kernels import triton_backend
 from v4d.serving import sizing
 from v4d.serving.config import get_preset

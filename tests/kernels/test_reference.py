@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from v4d.kernels import reference as ref
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from v4d.kernels import reference as ref
 
 

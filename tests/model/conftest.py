@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from v4d.serving.config import get_preset
 from v4d.serving.model.model import Transformer, init_weights
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from v4d.serving import sizing
 from v4d.serving.config import PRESETS, get_preset
 from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from v4d.serving import sizing
 from v4d.serving.config import get_preset
 from v4d.serving.model.mhc import hc_pre

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from grafana_foundation_sdk.models.dashboard import Dashboard
+
 from v4d.operator import dashboards, observability, rules
 from v4d.operator.metrics import OPERATOR_METRICS
 from v4d.serving.metrics import SERVING_METRICS

@@ -4,6 +4,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from v4d.operator.metrics import OPERATOR_METRICS, OperatorMetrics, start_metrics_server
 
 PORT = 8391

@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+
 from v4d.operator import dashboards, observability, rules
 from v4d.operator.metrics import OperatorMetrics, start_metrics_server
 

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
+
 from v4d.operator import observability, rules
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from v4d.serving import metrics as sm
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
 from v4d.operator.kube import request
 
 ROOT = Path(__file__).resolve().parents[2]

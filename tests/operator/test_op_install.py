@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubecluster import ROOT, wait_for
+
 from v4d.operator.kube import request
 
 HELM = ROOT / ".tools" / "bin" / "helm"

@@ -13,6 +13,7 @@ from kopf.testing import KopfRunner
 from kubecluster import wait_for
 from kubernetes.client.rest import ApiException
 from opspecs import manifest, tiny_spec
+
 from v4d.operator import handlers, render
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 from opspecs import sample, tiny_spec
+
 from v4d.operator import render, status
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan

@@ -13,6 +13,7 @@ import os
 from dataclasses import replace
 
 import pytest
+
 from v4d.serving.local import RAY_ENV
 
 os.environ.update(RAY_ENV)
@@ -94,6 +95,7 @@ def scripted_url(base_url, plan):
     import ray
     import scripted
     from ray import serve
+
     from v4d.serving.ingress import Ingress
 
     ray.cloudpickle.register_pickle_by_value(scripted)  # replicas cannot import the tests folder

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from ray import serve
+
 from v4d.serving.chat import EOS
 from v4d.serving.errors import ShardUnavailable
 from v4d.serving.tokenizer import Tokenizer

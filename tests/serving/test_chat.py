@@ -4,6 +4,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
 

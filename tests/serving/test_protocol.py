@@ -9,6 +9,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
+
 from v4d.serving.api import anthropic_api, openai_api
 from v4d.serving.api.errors import APIError
 from v4d.serving.api.generation import (

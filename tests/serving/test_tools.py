@@ -6,6 +6,7 @@ import anthropic
 import openai
 import pytest
 from conftest import API_KEY
+
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
 

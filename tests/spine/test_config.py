@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from v4d.serving.config import FLASH, PRESETS, PRO, TINY, ModelConfig, get_preset
 
 

@@ -6,6 +6,7 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
+
 from v4d.operator import crd
 from v4d.operator.cli import main
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from v4d.operator import eplb
 
 from .eplb_reference import reference_max_over_mean, zipf_loads

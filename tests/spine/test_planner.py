@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from v4d.operator import api
 from v4d.operator.cli import main
 from v4d.operator.planner import RESERVE_FRACTION, PlanError, plan, summary

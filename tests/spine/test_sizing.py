@@ -1,6 +1,7 @@
 """Size math reproduces the fact sheet (/work/shared/docs/deepseek-v4.md §1 and §3) from the configs alone."""
 
 import pytest
+
 from v4d.serving import sizing
 from v4d.serving.config import FLASH, PRO, TINY, TINY_FAST
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import yaml
 from click.testing import CliRunner
+
 from v4d.operator.cli import main
 from v4d.operator.validate import Issue, validate_manifest, validate_spec
 from v4d.serving.config import TINY

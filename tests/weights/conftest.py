@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from v4d.serving.config import TINY
 from v4d.serving.model.layout import official_layout
 from v4d.serving.tokenizer import Tokenizer

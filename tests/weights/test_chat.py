@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from v4d.serving.chat import (
     ASSISTANT,
     BOS,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
 from v4d.serving.model.layout import official_layout, scale_name

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from v4d.serving.model.quant import (
     FP4_VALUES,
     dequant_fp4,

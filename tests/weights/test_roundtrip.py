@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+
 from v4d.kernels import ops
 from v4d.operator.cli import main
 from v4d.serving.checkpoint import fake_quant, make_checkpoint

@@ -1,6 +1,7 @@
 """The shipped byte-level BPE: deterministic training, chat special tokens, lossless round trips."""
 
 import pytest
+
 from v4d.serving.chat import ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, USER, encode_messages
 from v4d.serving.tokenizer import Tokenizer
 
