@@ -4,7 +4,8 @@ Serve calls a policy every control-loop tick with an `AutoscalingContext` and ap
 policies here keep their own stabilization windows in `policy_state` (so they are plain functions of
 their inputs, testable without Serve) and are deployed with Serve's own delays set to 0. Every change
 of target is recorded, with the figures that drove it, in Ray's internal KV under
-`v4d/autoscaling/<app>` (bounded history), where the ingress serves it at `GET /v4d/autoscaling`.
+`v4d/autoscaling/<app>` (bounded history), where the ingress serves it at `GET /v4d/autoscaling`;
+under KubeRay engine decisions also go to the `<deployment>-autoscaling` ConfigMap for the operator.
 
 Engines: desired = max(ceil(current * max_kv / target_kv), ceil(total_waiting / target_waiting)),
 using the hottest replica's KV utilization (a mean hides a saturated rank). Shards: desired =
@@ -15,9 +16,12 @@ demand, down after `downscale_delay_s`, to the largest target seen while waiting
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from typing import Any
+
+from v4d.serving.decision_publish import ConfigMapTarget, publish
 
 KV_UTILIZATION = "kv_cache_utilization"
 NUM_WAITING = "num_waiting"
@@ -40,6 +44,13 @@ def record_decision(app: str, decision: dict[str, Any], history: int = HISTORY) 
     key = decisions_key(app)
     decisions = read_decisions(app)[-(history - 1) :] + [decision]
     internal_kv._internal_kv_put(key, json.dumps(decisions), overwrite=True, namespace=_NAMESPACE)
+    target = ConfigMapTarget.in_cluster()
+    engine = [d for d in decisions if "kv_mean" in d]  # the operator shows attention replicas only
+    if target is not None and "kv_mean" in decision:
+        try:
+            publish(target, engine)
+        except OSError as e:  # the policy must keep scaling even when the apiserver is unreachable
+            logging.getLogger(__name__).warning("could not publish the autoscaling decision: %s", e)
 
 
 def read_decisions(app: str) -> list[dict[str, Any]]:
