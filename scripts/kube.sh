@@ -3,7 +3,7 @@
 # etcd + kube-apiserver + kube-controller-manager 1.20.2 (no scheduler or kubelet: pods never run).
 #
 #   scripts/kube.sh build   build kube-apiserver/-controller-manager once from Debian's `kubernetes`
-#                           source package; cached outside the repo in ${V4D_CACHE:-~/.cache/v4d}/k8s
+#                           source package; cached outside the repo in ${V4D_KUBE_CACHE:-~/.cache/v4d/k8s}
 #   scripts/kube.sh start   start etcd + apiserver + controller-manager, write a kubeconfig, wait for readyz
 #   scripts/kube.sh stop    stop them (recorded PIDs)
 #   scripts/kube.sh env     print `export KUBECONFIG=...`
@@ -12,7 +12,8 @@
 # State lives in ${V4D_KUBE_DIR:-<repo>/.cache/kube} (wiped on start).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CACHE=${V4D_CACHE:-$HOME/.cache/v4d}/k8s
+# Its own variable: tests point V4D_CACHE (model checkpoints) at temp dirs, which must not force a rebuild.
+CACHE=${V4D_KUBE_CACHE:-$HOME/.cache/v4d/k8s}
 BIN=$CACHE/bin
 RUN=${V4D_KUBE_DIR:-$ROOT/.cache/kube}
 K8S_VERSION=1.20.2
