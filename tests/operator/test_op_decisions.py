@@ -6,6 +6,8 @@ of a real apiserver; the operator's side (`status.autoscaling_view`) reads it ba
 
 import json
 
+import yaml
+
 from v4d.operator import status
 from v4d.serving.autoscale import kv_desired
 from v4d.serving.decision_publish import ConfigMapTarget, publish
@@ -21,9 +23,8 @@ def test_engine_decisions_reach_the_status_view(cluster):
     ns = cluster.namespace("dec")
     name = "demo-autoscaling"
     cluster.core().create_namespaced_config_map(ns, {"metadata": {"name": name}})
-    conf = cluster.api.configuration
-    token = conf.api_key["authorization"].removeprefix("Bearer ").strip()
-    target = ConfigMapTarget(conf.host, token, ns, name)
+    token = yaml.safe_load(cluster.kubeconfig.read_text())["users"][0]["user"]["token"]
+    target = ConfigMapTarget(cluster.api.configuration.host, token, ns, name)
 
     up = decision(1_767_000_000.0, 1, 2, kv=[0.95], waiting=[3])
     down = decision(1_767_000_600.0, 2, 1, kv=[0.1, 0.2], waiting=[0, 0])
