@@ -12,6 +12,8 @@ from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnav
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
 
+from .reference import greedy
+
 CFG = TINY_FAST
 PB, SB = page_bytes(CFG, "fp32"), slot_bytes(CFG, "fp32")
 
@@ -26,17 +28,6 @@ def engine(model, pages=8, seqs=4, snaps=1, batch_tokens=64, queue=8, context=40
     budget = (seqs + snaps) * SB + pages * PB
     return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps))
 
-
-def greedy(model, prompt, n):
-    """The in-process model's greedy continuation: one prefill, then one token at a time."""
-    kv, seq = model.scratch_cache(len(prompt) + n)
-    logits = model.forward([(prompt, seq)], kv)[0]
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        if i + 1 < n:
-            logits = model.forward([([out[-1]], seq)], kv)[0]
-    return out
 
 
 async def collect(eng, prompt, n, **kw):

@@ -20,6 +20,8 @@ from v4d.serving.experts import shard_app_builder
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 
+from .reference import greedy
+
 CFG = TINY_FAST
 APP = "engine-test"
 E, LAYERS = CFG.n_routed_experts, CFG.num_hidden_layers + CFG.num_nextn_predict_layers
@@ -59,16 +61,6 @@ def app(serve_instance, tmp_path_factory):
         if name in serve.status().applications:
             serve.delete(name)
 
-
-def greedy(model, prompt, n):
-    kv, seq = model.scratch_cache(len(prompt) + n)
-    logits = model.forward([(prompt, seq)], kv)[0]
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        if i + 1 < n:
-            logits = model.forward([([out[-1]], seq)], kv)[0]
-    return out
 
 
 def stream(engine, prompt, n):

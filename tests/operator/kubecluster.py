@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -134,3 +135,12 @@ def connect_and_install() -> Cluster:
     wait_for(lambda: client.CoreV1Api(api).read_namespaced_service_account("default", "default"),
              timeout=60, what="the controller-manager (default ServiceAccount)")
     return c
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the operator's graceful exit), then SIGKILL if it is still running after 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kubecluster import wait_for
+from kubecluster import stop_process, wait_for
 from opspecs import manifest
 
 G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
@@ -66,8 +66,4 @@ def test_killed_and_restarted_operator_converges(cluster, tmp_path):
             for _kind, name, uid in children:
                 assert name.startswith(uids[uid])  # each child belongs to the deployment it is named after
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from kubecluster import wait_for
+from kubecluster import stop_process, wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from opspecs import manifest, tiny_spec
@@ -43,11 +42,7 @@ def test_webhook_rejects_semantically_invalid_specs(cluster, tmp_path):
         wait_for(lambda: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "accepted"),
                  timeout=60, what="RayService of the accepted spec")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         try:  # failurePolicy Fail: never leave it behind for the other tests
             admission.delete_validating_webhook_configuration(WEBHOOK)
         except ApiException as e:
