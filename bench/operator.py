@@ -22,17 +22,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
+def _load(path: str):
     """The tests' control-plane and spec helpers (one implementation for tests and bench)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "operator" / f"{name}.py")
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-kc = _load("kubecluster")
-opspecs = _load("opspecs")
+kc = _load("kubecluster.py")
+opspecs = _load("operator/opspecs.py")
 
 G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
 

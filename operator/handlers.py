@@ -17,14 +17,16 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from v4d.operator import render
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics, start_metrics_server
-from v4d.operator.reconcile import Reconciler
+from v4d.operator.reconcile import Reconciler, api_message
 
 PLURAL = "v4deployments"
 OWNED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+BACKOFF_S = 2  # seconds between retries of a failed reconcile
 COALESCE_S = 0.2  # child events within this window trigger one reconcile of their owner
 log = logging.getLogger("v4d.operator")
 
@@ -132,18 +134,23 @@ def cleanup(**_: Any) -> None:
 
 
 def _sync(namespace: str, name: str, body: Any = None) -> None:
+    """Reconcile; a refusal by the apiserver becomes a kopf TemporaryError in the apiserver's own words
+    (retried after BACKOFF_S, logged without a traceback), with a Warning Event on the object."""
     assert STATE.reconciler is not None
     try:
         STATE.reconciler.sync(namespace, name)
     except Exception as e:
+        detail = f"{type(e).__name__}: {api_message(e) if isinstance(e, ApiException) else e}"
         if body is not None:
-            STATE.reconciler.event(body, "Warning", "ReconcileFailed", f"{type(e).__name__}: {e}")
+            STATE.reconciler.event(body, "Warning", "ReconcileFailed", detail)
+        if isinstance(e, ApiException):
+            raise kopf.TemporaryError(detail, delay=BACKOFF_S) from e
         raise
 
 
-@kopf.on.resume(render.GROUP, render.VERSION, PLURAL, backoff=2)
-@kopf.on.create(render.GROUP, render.VERSION, PLURAL, backoff=2)
-@kopf.on.update(render.GROUP, render.VERSION, PLURAL, field="spec", backoff=2)
+@kopf.on.resume(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
+@kopf.on.create(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
+@kopf.on.update(render.GROUP, render.VERSION, PLURAL, field="spec", backoff=BACKOFF_S)
 def reconcile(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
     _sync(namespace, name, body)
 
@@ -170,6 +177,8 @@ async def _child_event(namespace: str, labels: dict[str, str]) -> None:
         STATE.pending.discard(key)
     try:
         await asyncio.get_running_loop().run_in_executor(None, _sync, namespace, owner)
+    except kopf.TemporaryError as e:  # the owner's handler retries with backoff
+        log.error("reconcile of %s/%s after a child event failed: %s", namespace, owner, e)
     except Exception:  # logged; the next event or the owner's handler retries
         log.exception("reconcile of %s/%s after a child event failed", namespace, owner)
 

@@ -8,6 +8,7 @@ deployment costs no writes however often it is reconciled.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ def make_plan(name: str, spec: dict[str, Any]) -> Plan:
         raise InvalidSpec("SpecInvalid", "; ".join(str(i) for i in e.issues)) from None
     except PlanError as e:
         raise InvalidSpec("PlanInfeasible", "; ".join(e.problems)) from None
+
+
+def api_message(e: ApiException) -> str:
+    """The apiserver's own sentence for a refused request (its Status body), else the HTTP reason."""
+    try:
+        return json.loads(e.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{e.status} {e.reason}"
 
 
 def _now() -> str:
@@ -89,6 +98,11 @@ class Reconciler:
             self._phases.pop(uid, None)
         self._publish_phases()
 
+    def _record_phase(self, uid: str, phase: str) -> None:
+        with self._guard:
+            self._phases[uid] = phase
+        self._publish_phases()
+
     def _publish_phases(self) -> None:
         counts: dict[str, int] = {}
         for phase in list(self._phases.values()):
@@ -106,9 +120,7 @@ class Reconciler:
                 return None
             with self.metrics.reconcile():
                 phase = self._sync(obj)
-        with self._guard:
-            self._phases[obj["metadata"]["uid"]] = phase
-        self._publish_phases()
+        self._record_phase(obj["metadata"]["uid"], phase)
         return phase
 
     def _sync(self, obj: dict[str, Any]) -> str:
@@ -126,7 +138,17 @@ class Reconciler:
 
         children = render.render(plan, spec, {"name": name, "namespace": namespace, "uid": meta["uid"]},
                                  self.options)
-        changes = [c for c in (self._apply(child) for child in children) if c]
+        changes = []
+        for child in children:
+            try:
+                if change := self._apply(child):
+                    changes.append(change)
+            except ApiException as e:  # recorded in status, then raised so kopf retries with backoff
+                what = f"{child['kind']} {child['metadata']['name']}"
+                new = status.apply_failed_status(f"applying {what}: {api_message(e)}", generation, previous, _now())
+                self._write_status(obj, previous, new)
+                self._record_phase(meta["uid"], new["phase"])
+                raise
         if changes:  # one Event per reconcile that wrote, saying what and how
             self.event(obj, "Normal", "Applied", "; ".join(changes))
 

@@ -153,13 +153,13 @@ ALERTS: tuple[dict, ...] = (
                      "description": "The busiest expert shard gets {{ $value | humanize }}x the mean tokens "
                                     "of a layer; re-plan placement with the measured load."}},
     {"alert": "V4DEngineErrors",
-     "expr": "sum by (namespace, deployment) (v4d:request_errors:rate2m{kind=~\"internal|shard_unavailable\"})\n"
+     "expr": "sum by (namespace, deployment) (v4d:request_errors:rate2m{kind=~\"internal|shard_unavailable|unavailable|timeout\"})\n"
              "/ (sum by (namespace, deployment) (v4d:requests_finished:rate2m)\n"
              "   + sum by (namespace, deployment) (v4d:request_errors:rate2m)) > 0.05",
      "for": "5m", "labels": {"severity": "critical"},
      "annotations": {"summary": "{{ $labels.deployment }}: engine errors",
-                     "description": "{{ $value | humanizePercentage }} of requests fail with an internal or "
-                                    "shard error."}},
+                     "description": "{{ $value | humanizePercentage }} of requests fail on the server side "
+                                    "(internal error, shard or replica unavailable, timeout)."}},
     {"alert": "V4DServingMetricsAbsent",
      "expr": f"sum({_m('v4d_operator_objects')}) > 0 unless on () count({_m('v4d:replica_ready')})",
      "for": "10m", "labels": {"severity": "warning"},

@@ -111,6 +111,16 @@ def invalid_status(message: str, reason: str, generation: int, previous: dict[st
             "observedGeneration": generation, "conditions": conds}
 
 
+def apply_failed_status(message: str, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
+    """Status when the apiserver refused a child (quota, RBAC, an admission webhook): Degraded with the
+    apiserver's words; the rest of the status stays, and the operator retries with backoff."""
+    prev = {c["type"]: c for c in previous.get("conditions") or []}
+    conds = [prev[t] for t in CONDITIONS if t in prev and t != "Degraded"]
+    conds.append(_condition("Degraded", True, "ApplyFailed", message, generation, prev, now))
+    return {**{k: v for k, v in previous.items() if k != "kopf"}, "phase": "Degraded",
+            "observedGeneration": generation, "conditions": conds}
+
+
 def compute(*, name: str, generation: int, plan: Any, groups: list[WorkerGroup],
             rayservice: dict[str, Any] | None, autoscaling_cm: dict[str, Any] | None,
             previous: dict[str, Any], now: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ apiVersion: v1
 kind: Config
 clusters:
 - name: v4d-local
-  cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}
+  cluster: {server: "https://127.0.0.1:6443", certificate-authority: "$RUN/pki/serving.crt"}
 users:
 - name: user
   user: {token: "$2"}
@@ -110,6 +110,10 @@ start() {
   rm -rf "$RUN"
   mkdir -p "$RUN/etcd-data" "$RUN/pki"
   openssl genrsa -out "$RUN/pki/sa.key" 2048 2>/dev/null
+  # Our own serving certificate, so that kubeconfigs verify it (no insecure-skip-tls-verify, no warnings).
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=v4d-local-apiserver \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc" \
+    -keyout "$RUN/pki/serving.key" -out "$RUN/pki/serving.crt" 2>/dev/null
   local token optoken
   token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   optoken=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -134,7 +138,8 @@ EOF
      --initial-cluster v4d=http://127.0.0.1:2380 >etcd.log 2>&1) &
   echo $! >"$RUN/etcd.pid"
   (cd "$RUN" && exec "$BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
-     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port=6443 --cert-dir=pki \
+     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port=6443 \
+     --tls-cert-file=pki/serving.crt --tls-private-key-file=pki/serving.key \
      --token-auth-file=pki/tokens.csv --authorization-mode=RBAC \
      --service-account-issuer=https://kubernetes.default.svc --service-account-key-file=pki/sa.key \
      --service-account-signing-key-file=pki/sa.key --service-cluster-ip-range=10.96.0.0/24 \

@@ -18,7 +18,7 @@ import torch
 from v4d.kernels import ops
 from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
 from v4d.serving.config import ModelConfig
-from v4d.serving.metrics import ServingMetrics
+from v4d.serving.metrics import ServingMetrics, plan_labels
 
 POOL_LABEL = "v4d.dev/pool"
 
@@ -93,12 +93,6 @@ class ExpertShard:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {EXPERT_TOKENS_PER_S: self.tokens_per_s()}
-
-
-def plan_labels(plan: dict[str, Any], pool: str) -> dict[str, str]:
-    """Metric labels (model, deployment, pool, vendor) for a component running in `pool`."""
-    vendor = next((p.get("vendor", "") for p in plan.get("pools", []) if p["name"] == pool), "")
-    return {"model": plan["served_name"], "deployment": plan["name"], "pool": pool, "vendor": vendor}
 
 
 def pool_actor_options(plan: dict[str, Any], pool: str, num_cpus: float = 0.1) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
-from v4d.serving.api.errors import APIError, from_exception
+from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
 from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events
 from v4d.serving.api.validation import parse_body
+from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.plan import Plan
 from v4d.serving.tokenizer import Tokenizer
 
@@ -64,6 +65,8 @@ class Ingress:
         self.timeout_s = self.plan.serving.request_timeout_s
         self.inflight = 0  # requests holding an engine stream
         self.draining = False
+        self.metrics = ServingMetrics(role="ingress", **plan_labels(plan, ""))  # the head node: no pool
+        self.metrics.ready()
 
     # -- plumbing --------------------------------------------------------------------------
     async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -71,7 +74,14 @@ class Ingress:
             self._authorize(request)
             return await handler()
         except Exception as e:  # every failure leaves in the API's own error shape
-            return _error_response(from_exception(e), flavor)
+            return _error_response(self._failed(e), flavor)
+
+    def _failed(self, e: Exception) -> APIError:
+        """The client's error for `e`, counted unless the engine counted it when it refused the request."""
+        err = from_exception(e)
+        if not engine_counted(e):
+            self.metrics.request_errors.inc(tags={"kind": error_kind(err)})
+        return err
 
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -159,13 +169,12 @@ class Ingress:
             if not done:  # stop sequence, client gone, or error: free the engine's slot now
                 stream.cancel()
 
-    @staticmethod
-    async def _sse(chunks: AsyncIterator[str], on_error: Callable[[APIError], str]) -> AsyncIterator[str]:
+    async def _sse(self, chunks: AsyncIterator[str], on_error: Callable[[APIError], str]) -> AsyncIterator[str]:
         try:
             async for c in chunks:
                 yield c
         except Exception as e:
-            yield on_error(from_exception(e))
+            yield on_error(self._failed(e))
 
     def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
         return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])

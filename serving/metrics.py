@@ -16,9 +16,9 @@ this module stays cheap for the operator, the dashboard generator and the docs.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,8 @@ def _spec(name: str, kind: str, help: str, attr: str, by: str, **kw: Any) -> Met
 
 FINISHED_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "kv_capacity")
-ERROR_KINDS = ("bad_request", "context_too_long", "shard_unavailable", "internal")
+ERROR_KINDS = ("bad_request", "unauthorized", "not_found", "context_too_long", "shard_unavailable", "unavailable",
+               "timeout", "internal")
 DIRECTIONS = ("up", "down")
 KV_PAGE_KINDS = ("csa", "hca", "indexer")
 
@@ -155,12 +156,26 @@ _LIVE_LOCK = threading.Lock()
 _keepalive_thread: threading.Thread | None = None
 
 
+_keepalive_stop = threading.Event()
+
+
 def _keepalive() -> None:
-    while True:
-        time.sleep(KEEPALIVE_S)
+    import ray
+
+    while not _keepalive_stop.wait(KEEPALIVE_S):
+        if not ray.is_initialized():  # after ray.shutdown() there is no exporter to keep anything alive in
+            continue
         with _LIVE_LOCK:  # held while setting, so a concurrent set() never gets overwritten by an old value
             for spec, tags, value in _LIVE_GAUGES.values():
                 _ray_metric(spec).set(value, tags=tags)
+
+
+def _stop_keepalive() -> None:
+    """At exit, before the interpreter and Ray's C++ metrics are torn down: a daemon thread still
+    recording into them then crashes the process (SIGSEGV) after its work is done."""
+    _keepalive_stop.set()
+    if _keepalive_thread is not None:
+        _keepalive_thread.join(timeout=5 * KEEPALIVE_S)
 
 
 def _set_gauge(spec: MetricSpec, tags: dict[str, str], value: float | None) -> None:
@@ -176,6 +191,7 @@ def _set_gauge(spec: MetricSpec, tags: dict[str, str], value: float | None) -> N
         if _keepalive_thread is None:
             _keepalive_thread = threading.Thread(target=_keepalive, name="v4d-gauge-keepalive", daemon=True)
             _keepalive_thread.start()
+            atexit.register(_stop_keepalive)  # runs before Ray's own atexit shutdown (registered earlier)
 
 
 def _ray_metric(spec: MetricSpec) -> Any:
@@ -248,6 +264,12 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (driver, controller, plain actor)
         return ""
+
+
+def plan_labels(plan: dict[str, Any], pool: str) -> dict[str, str]:
+    """Metric labels (model, deployment, pool, vendor) for a component running in `pool`."""
+    vendor = next((p.get("vendor", "") for p in plan.get("pools", []) if p["name"] == pool), "")
+    return {"model": plan["served_name"], "deployment": plan["name"], "pool": pool, "vendor": vendor}
 
 
 class ServingMetrics:

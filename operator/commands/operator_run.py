@@ -34,14 +34,10 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
     Uses the current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster service account.
     The same handlers run under `kopf run -m v4d.operator.handlers`.
     """
-    import logging
-
     import kopf
 
     from v4d.operator import handlers
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = handlers.OperatorConfig.from_env()
     cfg.metrics_port = metrics_port if metrics_port is not None else cfg.metrics_port
     cfg.metrics_addr = metrics_addr
@@ -58,7 +54,7 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
     handlers.CONFIG = cfg
     if cfg.webhook_port:
         import v4d.operator.webhook  # noqa: F401 - registers the admission handler
-    kopf.configure(verbose=verbose)
+    kopf.configure(verbose=verbose)  # one log handler on the root logger: ours log through it too
     kopf.run(
         clusterwide=not namespaces,
         namespaces=list(namespaces),

@@ -63,6 +63,21 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def engine_counted(exc: BaseException) -> bool:
+    """Whether the engine already counted this failure in its metrics (it refused the request itself)."""
+    return any(isinstance(e, (engine_errors.Overloaded, engine_errors.ContextTooLong)) for e in (exc, _root_cause(exc)))
+
+
+def error_kind(err: APIError) -> str:
+    """The `kind` label of v4d:request_errors_total for an answered error."""
+    if err.code == "context_length_exceeded":
+        return "context_too_long"
+    if err.status == 503:
+        return "shard_unavailable" if err.code == "shard_unavailable" else "unavailable"
+    return {401: "unauthorized", 404: "not_found", 504: "timeout"}.get(
+        err.status, "bad_request" if err.status < 500 else "internal")
+
+
 def from_exception(exc: BaseException) -> APIError:
     """Map an exception raised by the engine (possibly through a Ray handle) to an APIError."""
     if isinstance(exc, APIError):
@@ -84,6 +99,8 @@ def from_exception(exc: BaseException) -> APIError:
             return APIError(400, str(e.message), param=e.param)
         if isinstance(e, engine_errors.ShardUnavailable):
             return APIError(503, f"An expert shard is unavailable: {e}", code="shard_unavailable")
+    if isinstance(cause, TimeoutError):
+        return APIError(504, "No answer from the engine in time; retry the request.", code="timeout")
     name = type(cause).__name__
     if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError"):
         return APIError(503, f"A serving replica is unavailable ({name}); retry the request.", code="unavailable")

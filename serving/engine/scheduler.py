@@ -10,11 +10,16 @@ waiting queue refuses new ones (Overloaded), so memory is never over-committed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.sequence import Sequence, Status
 from v4d.serving.errors import ContextTooLong, Overloaded
+
+MAX_RETRY_AFTER_S = 60.0
+FINISH_WINDOW = 32  # recent finishes the drain-rate estimate of Retry-After uses
 
 
 class Scheduler:
@@ -26,11 +31,13 @@ class Scheduler:
         max_queue: int,
         max_context_tokens: int,
         retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.kv = kv
         self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
         self.max_context_tokens = min(max_context_tokens, kv.capacity_tokens)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.clock = retry_after_s, clock
+        self._finish_times: deque[float] = deque(maxlen=FINISH_WINDOW)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -39,8 +46,17 @@ class Scheduler:
         if seq.max_total_tokens > self.max_context_tokens:
             raise ContextTooLong(self.max_context_tokens, seq.max_total_tokens)
         if len(self.waiting) >= self.max_queue:
-            raise Overloaded(self.retry_after_s)
+            raise Overloaded(self.retry_after())
         self.waiting.append(seq)
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait: the queue's length over the recent finish rate, so the
+        hint grows with real backlog (at least `retry_after_s`, at most MAX_RETRY_AFTER_S)."""
+        times = self._finish_times
+        span = self.clock() - times[0] if times else 0.0
+        if len(times) < 2 or span <= 0:
+            return self.retry_after_s
+        return min(MAX_RETRY_AFTER_S, max(self.retry_after_s, len(self.waiting) * span / len(times)))
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next batch: (sequence, number of its uncomputed tokens to run now)."""
@@ -106,3 +122,4 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        self._finish_times.append(self.clock())

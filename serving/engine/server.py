@@ -25,8 +25,8 @@ from v4d.serving.autoscale import (
 )
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
-from v4d.serving.experts import plan_labels, pool_actor_options
-from v4d.serving.metrics import ServingMetrics
+from v4d.serving.experts import pool_actor_options
+from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.model.loader import load_model
 
 

@@ -120,7 +120,25 @@ def test_overloaded_when_waiting_queue_full():
     s.add(seq(4, rid="y"))
     with pytest.raises(Overloaded) as e:
         s.add(seq(4, rid="z"))
-    assert e.value.retry_after_s > 0
+    assert e.value.retry_after_s == s.retry_after_s == 1.0  # nothing finished yet: the configured floor
+
+
+def test_retry_after_follows_the_backlog_over_the_finish_rate():
+    now = [0.0]
+    s = make(max_queue=8)
+    s.clock = lambda: now[0]
+    for i in range(2):  # two finishes 4 s apart: one every 2 s over the window [0, 4]
+        q = seq(4, rid=f"done{i}")
+        s.add(q)
+        now[0] = 4.0 * i
+        s.finish(q, "stop")
+    for i in range(8):
+        s.add(seq(4, rid=f"w{i}"))
+    with pytest.raises(Overloaded) as e:
+        s.add(seq(4, rid="refused"))
+    assert e.value.retry_after_s == pytest.approx(8 * 4.0 / 2)  # 8 waiting, a finish every 2 s
+    now[0] = 4000.0  # nothing finished for an hour: the hint is capped, never unbounded
+    assert s.retry_after() == 60.0
 
 
 def test_context_too_long_when_it_can_never_fit():

@@ -19,9 +19,9 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from kubecluster import stop_process
 
 from v4d.operator import dashboards, observability, rules
-from v4d.operator.metrics import OperatorMetrics, start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_PORT, OPERATOR_PORT, SERVE_PORT = 9090, 8392, 8350  # v4d serve: metrics on SERVE_PORT+1...
@@ -90,13 +90,38 @@ def serving(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def operator_endpoint():
-    """The operator's metrics registry and HTTP endpoint, as `v4d operator` serves them."""
-    m = OperatorMetrics()
-    server = start_metrics_server(m, OPERATOR_PORT, addr="127.0.0.1")
-    yield m
-    server.shutdown()
-    server.server_close()
+def operator_endpoint(cluster, tmp_path_factory):
+    """`v4d operator` on the real control plane, serving its metrics on OPERATOR_PORT; yields the
+    namespace of the deployment that reconciles.
+
+    It reconciles examples/local-tiny.yaml in one namespace (writes children) and in another whose
+    ResourceQuota forbids Services, where every reconcile fails with the apiserver's 403
+    (ForbiddenException) and kopf retries.
+    """
+    good, quota = cluster.namespace("obs"), cluster.namespace("obs-quota")
+    cluster.core().create_namespaced_resource_quota(
+        quota, {"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}})
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", "-n", good, "-n", quota,
+                                 "--metrics-port", str(OPERATOR_PORT), "--metrics-addr", "127.0.0.1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        manifest = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
+        manifest["spec"]["model"]["weights"]["uri"] = "pvc://tiny-weights/ckpt"
+        for ns in (good, quota):
+            cluster.custom().create_namespaced_custom_object("serving.v4d.dev", "v1alpha1", ns, "v4deployments",
+                                                             manifest)
+        _wait("the operator's metrics endpoint",
+              lambda: proc.poll() is None and b"v4d_operator_reconciles_total" in _get(
+                  f"http://127.0.0.1:{OPERATOR_PORT}/metrics"), 60)
+        yield good
+    finally:
+        stop_process(proc)
+        for ns in (good, quota):  # the quota's object would keep failing under the operator tests' operator
+            cluster.core().delete_namespace(ns)
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +152,8 @@ def prometheus(tmp_path_factory, serving):
 
 @pytest.fixture(scope="module")
 def traffic(serving, operator_endpoint):
-    """Chat requests flow (bursts past the queue get 429, over-long ones 400) and the operator
-    reconciles, until the module ends."""
+    """Chat requests flow (bursts past the queue get 429, over-long ones 400) until the module ends,
+    while the operator reconciles."""
     stop = threading.Event()
     counts: dict[str, int] = {"ok": 0, "429": 0, "400": 0}
     client = openai.OpenAI(base_url=serving.api, api_key="unused", max_retries=0, timeout=120)
@@ -158,27 +183,11 @@ def traffic(serving, operator_endpoint):
             for t in burst:
                 t.join()
 
-    def reconciles() -> None:
-        m = operator_endpoint
-        while not stop.is_set():
-            with m.reconcile():
-                m.api_write("RayService")
-                m.api_write("ConfigMap")
-            try:
-                with m.reconcile():
-                    raise TimeoutError("apiserver timeout")
-            except TimeoutError:
-                pass
-            m.set_objects({"Ready": 1, "Pending": 0})
-            stop.wait(0.5)
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (requests, reconciles)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=requests, daemon=True)
+    thread.start()
     yield counts
     stop.set()
-    for t in threads:
-        t.join(timeout=150)
+    thread.join(timeout=150)
 
 
 def _query(prom: str, expr: str) -> list[dict]:
@@ -217,7 +226,7 @@ def test_every_panel_and_rule_returns_data(prometheus, traffic):
     assert traffic["ok"] > 0 and traffic["400"] > 0 and traffic["429"] > 0, traffic
 
 
-def test_contract_values_reflect_the_traffic(prometheus, traffic):
+def test_contract_values_reflect_the_traffic(prometheus, traffic, operator_endpoint, cluster):
     def value(expr: str) -> float | None:
         """The sum over all series of expr (None: no series)."""
         result = _query(prometheus, f"sum({expr})")
@@ -236,13 +245,22 @@ def test_contract_values_reflect_the_traffic(prometheus, traffic):
     eventually(f'v4d:kv_cache_usage:target{{deployment="{tiny["deployment"]}"}}', lambda v: v == tiny["target"])
     eventually(f'v4d:autoscale_max_replicas:max{{deployment="{tiny["deployment"]}"}}',
                lambda v: v == tiny["max_replicas"])
+    # A serving change once Prometheus has seen the operator's first writes: an in-place RayService update.
+    _wait("the operator's writes scraped",
+          lambda: _query(prometheus, 'v4d_operator_api_writes_total{kind="RayService"}'), 60)
+    cluster.custom().patch_namespaced_custom_object("serving.v4d.dev", "v1alpha1", operator_endpoint,
+                                                    "v4deployments", "tiny", {"spec": {"serving": {"maxNumSeqs": 4}}})
     for rate in ("v4d:generation_tokens:rate2m", "v4d:prompt_tokens:rate2m", "v4d:expert_tokens:rate2m",
                  'v4d:requests_rejected:rate2m{reason="queue_full"}',
                  'v4d:requests_finished:rate2m{finished_reason="length"}',
+                 'v4d:request_errors:rate2m{kind="context_too_long", pool=""}',  # the ingress's own 400s
                  'v4d:operator_reconciles:rate5m{result="error"}',
-                 'v4d:operator_reconcile_errors:rate5m{reason="TimeoutError"}'):
+                 'v4d:operator_reconcile_errors:rate5m{reason="ForbiddenException"}',  # the quota's 403
+                 'v4d:operator_api_writes:rate5m{kind="RayService"}'):
         eventually(rate, lambda v: v > 0)
     eventually("max_over_time(v4d:ttft_seconds:p99[15m])", lambda v: 0 < v < 120)
+    eventually('v4d:operator_objects:sum{phase="Deploying"}', lambda v: v == 1)  # applied, nothing serves yet
+    eventually('v4d:operator_objects:sum{phase="Degraded"}', lambda v: v == 1)  # its Service refused
 
 
 def test_template_variables_have_values(prometheus, traffic):

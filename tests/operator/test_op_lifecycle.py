@@ -227,3 +227,24 @@ def test_many_objects_reconcile_together(cluster, operator):
     assert per_object < 20, f"{per_object:.1f} writes per object"
     assert quiet_writes(cluster, 3) == []
     print(f"{n} objects reconciled in {elapsed:.1f}s, {per_object:.1f} writes per object")
+
+
+def test_refused_child_is_reported_and_retried(cluster, operator):
+    """The apiserver refuses a child (a ResourceQuota allows no Services): Degraded with the apiserver's
+    words and a Warning Event; once the quota is lifted the retries converge with nothing lost."""
+    ns = cluster.namespace("quota")
+    core, custom = cluster.core(), cluster.custom()
+    core.create_namespaced_resource_quota(ns, {"metadata": {"name": "no-services"},
+                                               "spec": {"hard": {"services": "0"}}})
+    custom.create_namespaced_custom_object(G, V, ns, P, manifest("refused"))
+    obj = wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("reason") == "ApplyFailed"
+                   and o, timeout=60, what="Degraded: ApplyFailed")
+    deg = condition(obj, "Degraded")
+    assert obj["status"]["phase"] == "Degraded" and deg["status"] == "True"
+    assert deg["message"].startswith("applying Service ") and "exceeded quota" in deg["message"], deg
+    wait_for(lambda: any(t == "Warning" and r == "ReconcileFailed" and "exceeded quota" in m
+                         for t, r, m in events(cluster, ns, "refused")), what="ReconcileFailed Event")
+    core.delete_namespaced_resource_quota("no-services", ns)
+    wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("status") == "False"
+             and o["status"]["phase"] == "Deploying", timeout=90, interval=1, what="converged after the quota went")
+    assert [s.metadata.name for s in core.list_namespaced_service(ns).items] == [render.names("refused")["api"]]

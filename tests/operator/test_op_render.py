@@ -197,6 +197,21 @@ def test_status_aggregates_kuberay_and_autoscaling():
     assert cond["Planned"]["lastTransitionTime"] == "t0"
 
 
+
+def test_refused_apply_degrades_and_keeps_the_rest():
+    spec = tiny_spec()
+    p = plan(spec, name="demo")
+    st = status.compute(name="demo", generation=1, plan=p, groups=render.layout(p, spec), rayservice=None,
+                        autoscaling_cm=None, previous={}, now="t0")
+    bad = status.apply_failed_status("applying Service demo-api: exceeded quota", 2, st, "t1")
+    cond = {c["type"]: c for c in bad["conditions"]}
+    assert bad["phase"] == "Degraded" and bad["observedGeneration"] == 2 and bad["plan"] == st["plan"]
+    assert cond["Degraded"] == {"type": "Degraded", "status": "True", "reason": "ApplyFailed",
+                                "message": "applying Service demo-api: exceeded quota", "lastTransitionTime": "t1",
+                                "observedGeneration": 2}
+    assert cond["Planned"] == {c["type"]: c for c in st["conditions"]}["Planned"]
+    assert set(cond) == set(status.CONDITIONS)
+
 def test_contains_ignores_server_defaults_but_sees_drift():
     want = {"a": {"b": [1, {"c": "x"}]}, "d": "e"}
     assert contains({"a": {"b": [1, {"c": "x", "default": 0}]}, "d": "e", "extra": 1}, want)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from kubecluster import stop_process, wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -35,9 +34,21 @@ def test_webhook_rejects_semantically_invalid_specs(cluster, tmp_path):
                  what="ValidatingWebhookConfiguration registered")
         custom = cluster.custom()
         bad = tiny_spec(autoscaling={"enabled": True, "minReplicas": 3, "maxReplicas": 2}, replicas=3)
-        with pytest.raises(ApiException) as err:
-            custom.create_namespaced_custom_object(G, V, ns, P, manifest("rejected", bad))
-        assert "spec.autoscaling.minReplicas" in err.value.body and "admission webhook" in err.value.body
+        attempts = iter(range(1000))
+
+        def rejected() -> ApiException | None:
+            """The apiserver enforces a just-registered webhook a moment later: retry until it does."""
+            name = f"rejected-{next(attempts)}"
+            try:
+                custom.create_namespaced_custom_object(G, V, ns, P, manifest(name, bad))
+            except ApiException as e:
+                return e
+            custom.delete_namespaced_custom_object(G, V, ns, P, name)
+            return None
+
+        err = wait_for(rejected, timeout=30, interval=0.5, what="the webhook rejecting an invalid spec")
+        assert "admission webhook" in err.body, err.body
+        assert "spec.autoscaling.minReplicas" in err.body
         custom.create_namespaced_custom_object(G, V, ns, P, manifest("accepted"))
         wait_for(lambda: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "accepted"),
                  timeout=60, what="RayService of the accepted spec")

@@ -10,8 +10,9 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
+from v4d.serving import errors as engine_errors
 from v4d.serving.api import anthropic_api, openai_api
-from v4d.serving.api.errors import APIError
+from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
 from v4d.serving.api.generation import (
     Finished,
     ReasoningDelta,
@@ -171,3 +172,31 @@ def test_anthropic_request_converts_to_openai_shaped_conversation():
     assert json.loads(p.messages[2]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert p.messages[3] == {"role": "tool", "tool_call_id": "t1", "content": "sunny"}
     assert p.tools[0]["function"]["name"] == "get_weather" and p.thinking
+
+
+class _Wrapped(Exception):
+    """What a Ray handle raises: the replica's exception in `.cause`."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@pytest.mark.parametrize(("exc", "status", "kind", "counted_by_engine"), [
+    (engine_errors.Overloaded(2.0), 429, None, True),  # a rejection (v4d:requests_rejected_total)
+    (_Wrapped(engine_errors.ContextTooLong(4096, 5000)), 400, "context_too_long", True),
+    (_Wrapped(engine_errors.ShardUnavailable("shard-1 down")), 503, "shard_unavailable", False),
+    (APIError(400, "prompt too long", code="context_length_exceeded"), 400, "context_too_long", False),
+    (APIError(401, "no key", code="invalid_api_key"), 401, "unauthorized", False),
+    (APIError(404, "no model", code="model_not_found"), 404, "not_found", False),
+    (TimeoutError(), 504, "timeout", False),
+    (_Wrapped(type("ActorDiedError", (Exception,), {})()), 503, "unavailable", False),
+    (_Wrapped(ZeroDivisionError("boom")), 500, "internal", False),
+])
+def test_errors_map_to_status_and_metric_kind(exc, status, kind, counted_by_engine):
+    """The ingress answers `status` and counts `kind`, unless the engine already counted its own refusal."""
+    err = from_exception(exc)
+    assert err.status == status
+    assert engine_counted(exc) is counted_by_engine
+    if kind is not None:
+        assert error_kind(err) == kind

@@ -20,8 +20,8 @@ from kubernetes.client.rest import ApiException
 
 from v4d.operator.kube import request
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "operator" / "data"
 RUN_DIR = ROOT / ".cache" / "kube"
 CRD_FILES = [ROOT / "manifests" / "crd" / "serving.v4d.dev_v4deployments.yaml",
              ROOT / "manifests" / "kopf" / "kopf-peering-crds.yaml"]
