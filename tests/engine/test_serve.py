@@ -99,15 +99,15 @@ def test_engine_streams_the_in_process_greedy_output(app):
 
 def test_engine_metrics_reach_the_prometheus_endpoint(app):
     port = ray.nodes()[0]["MetricsExportPort"]
+    names = ("ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_generation_tokens_total",
+             "ray_vllm_time_to_first_token_seconds_bucket", "ray_v4d_kv_pages_in_use", "ray_v4d_expert_tokens_total")
     body = ""
-    for _ in range(30):
+    for _ in range(60):  # metric kinds reach the export in different cycles: wait for all of them
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if "ray_vllm_generation_tokens_total" in body and "ray_v4d_expert_tokens_total" in body:
+        if all(name in body for name in names):
             break
         time.sleep(1)
-    for name in ("ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_generation_tokens_total",
-                 "ray_vllm_time_to_first_token_seconds_bucket", "ray_v4d_kv_pages_in_use",
-                 "ray_v4d_expert_tokens_total"):
+    for name in names:
         assert name in body, name
     assert 'role="engine"' in body and 'role="experts"' in body and 'pool="gpu-a"' in body
 
