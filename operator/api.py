@@ -115,6 +115,10 @@ class AutoscalingSpec(_Model):
     """Pressure must last this long before scaling up."""
     downscaleStabilizationSeconds: int = Field(default=300, ge=0, le=86400)
     """Pressure must stay low this long before scaling down."""
+    timeToReadySeconds: int = Field(default=0, ge=0, le=3600)
+    """How long a new attention replica takes to serve (node, image, weights). The autoscaler projects
+    the KV-cache trend this far ahead and scales when the projection crosses the target; 0 reacts to
+    the current utilization only."""
 
 
 class SecretKeyRef(_Model):

@@ -141,6 +141,7 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
         upscale_delay_s=float(auto.upscaleStabilizationSeconds),
         downscale_delay_s=float(auto.downscaleStabilizationSeconds),
         num_pages=pages,
+        time_to_ready_s=float(auto.timeToReadySeconds),
     )
     return _Engine(engine, hi * per_replica)
 

@@ -8,7 +8,10 @@ of target is recorded, with the figures that drove it, in Ray's internal KV unde
 under KubeRay engine decisions also go to the `<deployment>-autoscaling` ConfigMap for the operator.
 
 Engines: desired = max(ceil(current * max_kv / target_kv), ceil(total_waiting / target_waiting)),
-using the hottest replica's KV utilization (a mean hides a saturated rank). Shards: desired =
+using the hottest replica's KV utilization (a mean hides a saturated rank). With a time-to-ready,
+max_kv is projected forward along its rising trend (least squares over the last TREND_WINDOW_S at
+the current replica count), so a replica is asked for while the one that is coming can still arrive
+before saturation rather than after it. Shards: desired =
 ceil(total expert tokens/s / target_tokens_per_s). Scale up after `upscale_delay_s` of consistent
 demand, down after `downscale_delay_s`, to the largest target seen while waiting to go down.
 """
@@ -28,6 +31,7 @@ NUM_WAITING = "num_waiting"
 NUM_RUNNING = "num_running"
 EXPERT_TOKENS_PER_S = "expert_tokens_per_s"
 HISTORY = 50
+TREND_WINDOW_S = 60.0  # KV samples the look-ahead fits its slope to
 _NAMESPACE = "v4d"
 
 
@@ -84,13 +88,28 @@ def stabilize(
     return current, state
 
 
+def kv_slope(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope (utilization per second) of (time, kv) samples; 0 with under 2 distinct times."""
+    if len(samples) < 2:
+        return 0.0
+    n = len(samples)
+    mt = sum(t for t, _ in samples) / n
+    mk = sum(k for _, k in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return sum((t - mt) * (k - mk) for t, k in samples) / var if var > 0 else 0.0
+
+
 def kv_desired(
-    current: int, kv: list[float], waiting: list[float], target_kv: float, target_waiting: float
+    current: int, kv: list[float], waiting: list[float], target_kv: float, target_waiting: float,
+    kv_projected: float | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Engines wanted for these per-replica figures, and the figures (for the decision record)."""
+    """Engines wanted for these per-replica figures, and the figures (for the decision record).
+
+    `kv_projected`: the hottest replica's utilization one time-to-ready ahead (look-ahead), if known."""
     kv_max = max(kv, default=0.0)
     total_waiting = sum(waiting)
-    by_kv = math.ceil(current * kv_max / target_kv - 1e-9)
+    kv_drive = max(kv_max, kv_projected or 0.0)
+    by_kv = math.ceil(current * kv_drive / target_kv - 1e-9)
     by_queue = math.ceil(total_waiting / target_waiting) if total_waiting else 0
     figures = {
         "kv_max": round(kv_max, 4),
@@ -101,6 +120,8 @@ def kv_desired(
         "by_kv": by_kv,
         "by_queue": by_queue,
     }
+    if kv_projected is not None:
+        figures["kv_projected"] = round(kv_projected, 4)
     return max(by_kv, by_queue, 1), figures
 
 
@@ -118,7 +139,10 @@ class _Policy:
     def __init__(self, upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0):
         self.upscale_delay_s, self.downscale_delay_s = upscale_delay_s, downscale_delay_s
 
-    def desire(self, current: int, values: dict[str, list[float]]) -> tuple[int, dict[str, Any]]:
+    def desire(
+        self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """Replicas wanted and the figures behind it; `memory` persists across ticks (policy_state)."""
         raise NotImplementedError
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
@@ -130,13 +154,14 @@ class _Policy:
         }
         if not values[self.metrics[0]]:
             return current, ctx.policy_state  # no figures yet: hold
-        wanted, figures = self.desire(max(ctx.current_num_replicas, 1), values)
+        now = ctx.current_time or time.time()
+        memory = dict((ctx.policy_state or {}).get("memory") or {})
+        wanted, figures = self.desire(max(ctx.current_num_replicas, 1), values, now, memory)
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         desired = min(max(wanted, lo), hi)
-        now = ctx.current_time or time.time()
         pending = (ctx.policy_state or {}).get("pending", {})
         target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
-        state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision")}
+        state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision"), "memory": memory}
         decision = None
         if target != current:
             decision = {
@@ -172,15 +197,25 @@ class KVPressurePolicy(_Policy):
         target_kv_utilization: float = 0.7,
         target_waiting: float = 4.0,
         labels: dict[str, str] | None = None,
+        time_to_ready_s: float = 0.0,
         **delays: float,
     ):
         super().__init__(**delays)
         self.target_kv, self.target_waiting = target_kv_utilization, target_waiting
         self.labels = labels
+        self.time_to_ready_s = time_to_ready_s
         self._metrics: Any = None
 
-    def desire(self, current, values):
-        return kv_desired(current, values[KV_UTILIZATION], values[NUM_WAITING], self.target_kv, self.target_waiting)
+    def desire(self, current, values, now, memory):
+        kv, waiting = values[KV_UTILIZATION], values[NUM_WAITING]
+        projected = None
+        if self.time_to_ready_s > 0:
+            # A replica count change moves every replica's utilization: the trend restarts with it.
+            samples = [(t, k) for t, k, n in memory.get("kv", []) if now - t <= TREND_WINDOW_S and n == current]
+            samples.append((now, max(kv, default=0.0)))
+            memory["kv"] = [(t, k, current) for t, k in samples]
+            projected = min(1.0, samples[-1][1] + max(0.0, kv_slope(samples)) * self.time_to_ready_s)
+        return kv_desired(current, kv, waiting, self.target_kv, self.target_waiting, kv_projected=projected)
 
     def emit(self, target, wanted, hi, decision):
         if self.labels is None:
@@ -207,7 +242,7 @@ class ExpertLoadPolicy(_Policy):
         super().__init__(**delays)
         self.target = target_tokens_per_s
 
-    def desire(self, current, values):
+    def desire(self, current, values, now, memory):
         return load_desired(values[EXPERT_TOKENS_PER_S], self.target)
 
 

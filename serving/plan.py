@@ -47,6 +47,7 @@ class EnginePlan:
     upscale_delay_s: float
     downscale_delay_s: float
     num_pages: int = 0  # KV pages per replica (capacity_tokens // page_tokens)
+    time_to_ready_s: float = 0.0  # autoscaler look-ahead (spec.autoscaling.timeToReadySeconds)
 
 
 @dataclass

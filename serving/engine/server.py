@@ -91,6 +91,7 @@ def bind_engine(
             labels=plan_labels(plan, eng["pool"]),
             upscale_delay_s=float(eng["upscale_delay_s"]),
             downscale_delay_s=float(eng["downscale_delay_s"]),
+            time_to_ready_s=float(eng.get("time_to_ready_s", 0.0)),
         ),
         # Above running + waiting, so requests beyond the engine's queue reach it and get Overloaded
         # (429) instead of waiting unbounded in Serve's router.

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from v4d.serving.autoscale import (
     EXPERT_TOKENS_PER_S,
     KV_UTILIZATION,
@@ -9,6 +11,7 @@ from v4d.serving.autoscale import (
     ExpertLoadPolicy,
     KVPressurePolicy,
     kv_desired,
+    kv_slope,
     stabilize,
 )
 
@@ -83,3 +86,36 @@ def test_expert_load_policy():
     c = ctx(1, metrics={EXPERT_TOKENS_PER_S: {"r0": 250.0}})
     n, state = p(c)
     assert n == 3 and state["last_decision"]["tokens_per_s"] == 250.0
+
+
+def test_kv_slope_is_the_least_squares_trend():
+    assert kv_slope([(0, 0.2), (10, 0.3), (20, 0.4)]) == pytest.approx(0.01)
+    assert kv_slope([(5, 0.9)]) == 0.0 and kv_slope([(5, 0.1), (5, 0.9)]) == 0.0
+
+
+def test_look_ahead_scales_before_saturation_on_a_rising_trend():
+    """KV rising 1 %/s at 30-50 %: reacting to the current figure holds 1 replica; with a 60 s
+    time-to-ready the projection (50 % + 60 %) crosses the 70 % target, so a second one is asked for now."""
+    rising = [(100 + t, 0.3 + 0.01 * t) for t in range(0, 21, 2)]
+    for ttr, expected in ((0.0, 1), (60.0, 2)):
+        p = KVPressurePolicy(target_kv_utilization=0.7, time_to_ready_s=ttr, upscale_delay_s=0, downscale_delay_s=30)
+        state, n = {}, 1
+        for now, kv in rising:
+            n, state = p(ctx(1, kv=[kv], now=now, state=state))
+        assert n == expected
+    d = state["last_decision"]
+    assert d["kv_max"] < 0.7 < d["kv_projected"] and d["direction"] == "up"
+
+
+def test_look_ahead_ignores_flat_or_falling_load_and_restarts_after_a_scale():
+    p = KVPressurePolicy(target_kv_utilization=0.7, time_to_ready_s=120, upscale_delay_s=0, downscale_delay_s=600)
+    state = {}
+    for t in range(0, 30, 2):  # flat at 60 %: no trend, no scale
+        n, state = p(ctx(2, kv=[0.6, 0.5], now=float(t), state=state))
+    assert n == 2
+    for t in range(30, 60, 2):  # falling: never projected below what is measured
+        n, state = p(ctx(2, kv=[0.6 - 0.01 * (t - 30), 0.1], now=float(t), state=state))
+    assert n == 2 and state["memory"]["kv"][-1][1] < 0.6
+    # Samples taken at another replica count do not bend the trend at this one.
+    n, state = p(ctx(3, kv=[0.4, 0.4, 0.4], now=60.0, state=state))
+    assert [c for _, _, c in state["memory"]["kv"]] == [3]

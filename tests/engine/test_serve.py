@@ -11,12 +11,13 @@ import ray
 import torch
 from ray import serve
 
+from v4d.serving.autoscale import read_decisions
 from v4d.serving.checkpoint import make_checkpoint
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.errors import ContextTooLong, ShardUnavailable
-from v4d.serving.experts import shard_app_builder
+from v4d.serving.experts import bind_shards, shard_app_builder
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 
@@ -155,3 +156,35 @@ def test_shard_failure_retries_on_a_copy_or_fails_fast(app):
     else:
         torch.testing.assert_close(y, model.experts(1, x, only_a, w), rtol=1e-5, atol=1e-5)
     assert time.monotonic() - t0 < 30
+
+
+def test_expert_shard_scales_on_its_token_load(app):
+    """bind_shards' ExpertLoadPolicy in a live app: token load over the per-replica target adds a
+    replica; when the load stops (10 s window) and the downscale delay (5 s) passes, it goes back."""
+    plan, _, _, _ = app
+    name = "experts-gpu-a-scaling"
+    one = {**plan, "engine": {**plan["engine"], "max_replicas": 2},
+           "shards": [{**plan["shards"][0], "name": name}]}
+    serve.run(bind_shards(one, plan["weights_uri"], target_tokens_per_s=5.0)[name], name=name, route_prefix=None)
+    handle = serve.get_deployment_handle(name, name)
+
+    def running() -> int:
+        return serve.status().applications[name].deployments[name].replica_states.get("RUNNING", 0)
+
+    try:
+        assert running() == 1
+        x, ids, w = torch.randn(8, CFG.hidden_size), torch.tensor([[0, 1]] * 8), torch.rand(8, 2)
+        deadline = time.monotonic() + 60
+        while running() < 2:  # 16 token-expert pairs a call: far over 5/s
+            assert time.monotonic() < deadline, "no scale-up under token load"
+            handle.compute.remote(1, x, ids, w).result()
+            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while running() > 1:
+            assert time.monotonic() < deadline, "no scale-down once the load stopped"
+            time.sleep(0.5)
+        decisions = [(d["from"], d["to"]) for d in read_decisions(name)]
+        assert decisions == [(1, 2), (2, 1)], decisions
+        assert read_decisions(name)[0]["tokens_per_s"] > 5.0
+    finally:
+        serve.delete(name)

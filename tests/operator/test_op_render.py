@@ -119,6 +119,7 @@ def _cluster_without_replicas(rs):
     ({"serving": {**tiny_spec()["serving"], "maxQueue": 7}}, True),
     ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2, "targetKVCacheUtilization": 0.5}}, True),
     ({"replicas": 2}, True),
+    ({"autoscaling": {**tiny_spec()["autoscaling"], "timeToReadySeconds": 600}}, True),
     ({"model": {**tiny_spec()["model"], "servedName": "other"}}, True),
     ({"pools": [{**tiny_spec()["pools"][0], "nodeSelector": {"zone": "b"}}, tiny_spec()["pools"][1]]}, False),
     ({"pools": [tiny_spec()["pools"][0], {**tiny_spec()["pools"][1], "image": "custom:1"}]}, False),

@@ -63,6 +63,7 @@ def test_plan_dict_has_the_contract_keys():
         "target_kv_utilization",
         "upscale_delay_s",
         "downscale_delay_s",
+        "time_to_ready_s",
     }
     assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
     assert set(d["experts"]) == {"logical", "physical", "redundant"}
@@ -77,3 +78,11 @@ def test_expert_map_lists_every_copy():
     for layer in m:
         assert sum(len(copies) for copies in layer) == p.experts.physical
         assert all(copies for copies in layer)
+
+
+def test_autoscaling_spec_reaches_the_engine_plan():
+    spec = load_example("flash-h200.yaml")["spec"]
+    e = plan(spec, name="flash").engine
+    a = spec["autoscaling"]
+    assert (e.target_kv_utilization, e.upscale_delay_s, e.downscale_delay_s, e.time_to_ready_s) == (
+        a["targetKVCacheUtilization"], a["upscaleStabilizationSeconds"], a["downscaleStabilizationSeconds"], 600)
