@@ -1,5 +1,6 @@
-"""Session fixture: a real control plane (etcd + kube-apiserver + kube-controller-manager 1.20, see
-kubecluster.py) with the V4Deployment, KubeRay RayService and kopf peering CRDs installed.
+"""Session-wide: a real control plane (etcd + kube-apiserver + kube-controller-manager 1.20, see
+kubecluster.py) with the V4Deployment, KubeRay RayService and kopf peering CRDs installed, for the
+operator and observability tests; and how the pytest process leaves.
 
 Under CI (CI=true) a control plane that cannot start fails the tests; elsewhere they are skipped
 with the reason (run scripts/setup-kube.sh once to build it).
@@ -8,6 +9,7 @@ with the reason (run scripts/setup-kube.sh once to build it).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from kubecluster import ROOT, connect_and_install, start, stop, wait_for
@@ -28,3 +30,23 @@ def cluster():
         yield connect_and_install()
     finally:
         stop()
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Once pytest has reported, leave with its exit status and without the interpreter's teardown.
+
+    This process is a Ray driver for the engine and metrics tests, and Ray's native (gRPC) threads
+    outlive ray.shutdown(); tearing the interpreter down under them killed one CI run with SIGSEGV
+    after every test had passed. Nothing is left to decide at this point: the summary is printed."""
+    if _EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[_EXIT_STATUS])
