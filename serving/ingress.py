@@ -44,7 +44,11 @@ def _error_response(err: APIError, flavor: Flavor) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods answer in the API's shape too (not FastAPI's {"detail": ...})."""
     flavor = "anthropic" if request.url.path.rstrip("/").endswith("/v1/messages") else "openai"
-    return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), flavor)
+    err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    metrics = getattr(request.app.state, "metrics", None)  # set by the Ingress replica of this process
+    if metrics is not None:
+        metrics.request_errors.inc(tags={"kind": error_kind(err)})
+    return _error_response(err, flavor)
 
 
 @serve.deployment(
@@ -67,6 +71,7 @@ class Ingress:
         self.draining = False
         self.metrics = ServingMetrics(role="ingress", **plan_labels(plan, ""))  # the head node: no pool
         self.metrics.ready()
+        app.state.metrics = self.metrics  # for the router's own errors (unknown route, wrong method)
 
     # -- plumbing --------------------------------------------------------------------------
     async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:

@@ -180,6 +180,10 @@ def traffic(serving, operator_endpoint):
             for t in burst:
                 t.start()
             chat(100_000)  # beyond maxContextTokens: 400 from the ingress
+            try:
+                client.get("/no-such-route", cast_to=object)  # 404 from the router
+            except openai.NotFoundError:
+                counts["404"] = counts.get("404", 0) + 1
             for t in burst:
                 t.join()
 
@@ -254,6 +258,7 @@ def test_contract_values_reflect_the_traffic(prometheus, traffic, operator_endpo
                  'v4d:requests_rejected:rate2m{reason="queue_full"}',
                  'v4d:requests_finished:rate2m{finished_reason="length"}',
                  'v4d:request_errors:rate2m{kind="context_too_long", pool=""}',  # the ingress's own 400s
+                 'v4d:request_errors:rate2m{kind="not_found", pool=""}',  # and the router's 404s
                  'v4d:operator_reconciles:rate5m{result="error"}',
                  'v4d:operator_reconcile_errors:rate5m{reason="ForbiddenException"}',  # the quota's 403
                  'v4d:operator_api_writes:rate5m{kind="RayService"}'):

@@ -1,0 +1,75 @@
+"""With the Prometheus Operator's PodMonitor API served, `v4d operator` adds an owned PodMonitor that
+selects the deployment's Ray pods; without it (every other test here), none.
+
+The Prometheus Operator's CRDs are not available here, so the API is served by a stand-in CRD of
+our own with the real group, version, kind and an open schema: what is tested is the operator's
+discovery, rendering, server-side apply and ownership, not the Prometheus Operator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kubecluster import stop_process, wait_for
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from opspecs import manifest
+
+G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+CRD = "podmonitors.monitoring.coreos.com"
+STAND_IN = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": CRD},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"plural": "podmonitors", "singular": "podmonitor", "kind": "PodMonitor", "listKind": "PodMonitorList"},
+        "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+            "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}
+
+
+def test_pod_monitor_when_the_prometheus_operator_api_exists(cluster, tmp_path):
+    ext = client.ApiextensionsV1Api(cluster.api)
+    cluster.apply(STAND_IN)
+    wait_for(lambda: any(c.type == "Established" and c.status == "True"
+                         for c in ext.read_custom_resource_definition(CRD).status.conditions or []),
+             what="PodMonitor API established")
+    ns = cluster.namespace("mon")
+    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
+    log = tmp_path / "operator.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", "-n", ns],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        obj = cluster.custom().create_namespaced_custom_object(G, V, ns, P, manifest("watched"))
+        pm = wait_for(lambda: cluster.custom().get_namespaced_custom_object(
+            "monitoring.coreos.com", "v1", ns, "podmonitors", "watched"), timeout=60, what="PodMonitor")
+        assert pm["spec"]["selector"] == {"matchLabels": {"v4d.dev/deployment": "watched"}}
+        assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "15s"}]
+        assert pm["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+        rs = cluster.custom().get_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "watched")
+        pods = [rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+                *(g["template"] for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"])]
+        for pod in pods:  # the PodMonitor's selector and port name find every Ray pod's metrics
+            assert pod["metadata"]["labels"]["v4d.dev/deployment"] == "watched"
+            assert any(p.get("name") == "metrics" for c in pod["spec"]["containers"] for p in c.get("ports", []))
+        assert "PodMonitors: True" in log.read_text()
+    finally:
+        stop_process(proc)
+        ext.delete_custom_resource_definition(CRD)  # the other operator tests run without the API
+
+        def gone() -> bool:
+            try:
+                ext.read_custom_resource_definition(CRD)
+            except ApiException as e:
+                if e.status == 404:
+                    return True
+                raise
+            return False
+
+        wait_for(gone, timeout=60, what="stand-in CRD deleted")
