@@ -26,7 +26,8 @@ from v4d.operator.reconcile import Reconciler, api_message
 
 PLURAL = "v4deployments"
 OWNED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
-BACKOFF_S = 2  # seconds between retries of a failed reconcile
+BACKOFF_S = 2  # first retry of a failed reconcile; doubled per retry up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 120
 COALESCE_S = 0.2  # child events within this window trigger one reconcile of their owner
 log = logging.getLogger("v4d.operator")
 
@@ -70,6 +71,7 @@ class _State:
     metrics: OperatorMetrics | None = None
     server: Any = None
     pending: set[tuple[str, str]] = field(default_factory=set)
+    failures: dict[tuple[str, str], str] = field(default_factory=dict)  # last failure Event per object
 
 
 STATE = _State()
@@ -133,26 +135,35 @@ def cleanup(**_: Any) -> None:
         STATE.server = None
 
 
-def _sync(namespace: str, name: str, body: Any = None) -> None:
+def backoff(retry: int) -> float:
+    """Seconds before retry number `retry` (0 = the first) of a failed reconcile: 2, 4, 8, ... 120."""
+    return float(min(MAX_BACKOFF_S, BACKOFF_S * 2 ** min(retry, 16)))
+
+
+def _sync(namespace: str, name: str, body: Any = None, retry: int = 0) -> None:
     """Reconcile; a refusal by the apiserver becomes a kopf TemporaryError in the apiserver's own words
-    (retried after BACKOFF_S, logged without a traceback), with a Warning Event on the object."""
+    (retried with exponential backoff, logged without a traceback). A Warning Event says each new
+    failure once, not at every retry."""
     assert STATE.reconciler is not None
+    key = (namespace, name)
     try:
         STATE.reconciler.sync(namespace, name)
     except Exception as e:
         detail = f"{type(e).__name__}: {api_message(e) if isinstance(e, ApiException) else e}"
-        if body is not None:
+        if body is not None and STATE.failures.get(key) != detail:
+            STATE.failures[key] = detail
             STATE.reconciler.event(body, "Warning", "ReconcileFailed", detail)
         if isinstance(e, ApiException):
-            raise kopf.TemporaryError(detail, delay=BACKOFF_S) from e
+            raise kopf.TemporaryError(detail, delay=backoff(retry)) from e
         raise
+    STATE.failures.pop(key, None)
 
 
 @kopf.on.resume(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
 @kopf.on.create(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
 @kopf.on.update(render.GROUP, render.VERSION, PLURAL, field="spec", backoff=BACKOFF_S)
-def reconcile(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-    _sync(namespace, name, body)
+def reconcile(namespace: str, name: str, body: kopf.Body, retry: int, **_: Any) -> None:
+    _sync(namespace, name, body, retry)
 
 
 @kopf.on.event(render.GROUP, render.VERSION, PLURAL)
@@ -160,6 +171,7 @@ def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
     """Children go by ownerReference garbage collection (no finalizer); forget in-memory state."""
     if type == "DELETED" and STATE.reconciler is not None:
         STATE.reconciler.forget(namespace, name, uid)
+        STATE.failures.pop((namespace, name), None)
 
 
 async def _child_event(namespace: str, labels: dict[str, str]) -> None:

@@ -244,6 +244,15 @@ def test_refused_child_is_reported_and_retried(cluster, operator):
     assert deg["message"].startswith("applying Service ") and "exceeded quota" in deg["message"], deg
     wait_for(lambda: any(t == "Warning" and r == "ReconcileFailed" and "exceeded quota" in m
                          for t, r, m in events(cluster, ns, "refused")), what="ReconcileFailed Event")
+
+    def refused_applies() -> int:
+        return sum(1 for w in cluster.writes() if w["objectRef"].get("namespace") == ns
+                   and w["objectRef"].get("resource") == "services" and w["responseStatus"]["code"] == 403)
+
+    # Retried with backoff (2, 4, 8 s ...), and the same failure is one Event, not one per retry.
+    wait_for(lambda: refused_applies() >= 3, timeout=30, what="three refused applies")
+    assert [r for _, r, _ in events(cluster, ns, "refused")].count("ReconcileFailed") == 1
+    assert [handlers.backoff(n) for n in (0, 1, 2, 6, 50)] == [2, 4, 8, 120, 120]
     core.delete_namespaced_resource_quota("no-services", ns)
     wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("status") == "False"
              and o["status"]["phase"] == "Deploying", timeout=90, interval=1, what="converged after the quota went")
