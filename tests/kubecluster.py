@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ class Cluster:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.core().create_namespace({"metadata": {"name": name}})
         return name
+
+    def start_operator(self, log: Path, *args: str) -> subprocess.Popen:
+        """`v4d operator ARGS` as a process, with the operator's own identity (its writes are audited
+        apart from the tests'), logging to `log`. Stop it with `stop_process`."""
+        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)}
+        with open(log, "a") as out:
+            return subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", *args], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
 
     def writes(self, user: str = "v4d-operator") -> list[dict[str, Any]]:
         """Write requests by `user` so far (create/update/patch/delete), from the audit log."""

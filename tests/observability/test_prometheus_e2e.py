@@ -102,11 +102,8 @@ def operator_endpoint(cluster, tmp_path_factory):
     cluster.core().create_namespaced_resource_quota(
         quota, {"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}})
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", "-n", good, "-n", quota,
-                                 "--metrics-port", str(OPERATOR_PORT), "--metrics-addr", "127.0.0.1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = cluster.start_operator(log, "-n", good, "-n", quota, "--metrics-port", str(OPERATOR_PORT),
+                                  "--metrics-addr", "127.0.0.1")
     try:
         manifest = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
         manifest["spec"]["model"]["weights"]["uri"] = "pvc://tiny-weights/ckpt"

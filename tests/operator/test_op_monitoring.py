@@ -7,11 +7,6 @@ discovery, rendering, server-side apply and ownership, not the Prometheus Operat
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from kubecluster import stop_process, wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -40,11 +35,8 @@ def test_pod_monitor_when_the_prometheus_operator_api_exists(cluster, tmp_path):
                          for c in ext.read_custom_resource_definition(CRD).status.conditions or []),
              what="PodMonitor API established")
     ns = cluster.namespace("mon")
-    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     log = tmp_path / "operator.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", "-n", ns],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = cluster.start_operator(log, "-n", ns)
     try:
         obj = cluster.custom().create_namespaced_custom_object(G, V, ns, P, manifest("watched"))
         pm = wait_for(lambda: cluster.custom().get_namespaced_custom_object(

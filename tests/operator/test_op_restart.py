@@ -3,14 +3,10 @@ it converges with exactly one set of children per V4Deployment and no orphans.""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from kubecluster import stop_process, wait_for
 from opspecs import manifest
@@ -20,10 +16,7 @@ CHILD_KINDS = ("RayService", "ConfigMap", "Service", "ServiceAccount", "Role", "
 
 
 def start_operator(cluster, log):
-    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
-    v4d = str(Path(sys.executable).parent / "v4d")
-    return subprocess.Popen([v4d, "operator", "--metrics-port", "8402",
-                             "--metrics-addr", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return cluster.start_operator(log, "--metrics-port", "8402", "--metrics-addr", "127.0.0.1")
 
 
 def owned_children(cluster, ns):
@@ -42,28 +35,28 @@ def test_killed_and_restarted_operator_converges(cluster, tmp_path):
     custom = cluster.custom()
     n = 12
     rng = random.Random(int(time.time()))
-    with open(tmp_path / "operator.log", "w") as log:
+    log = tmp_path / "operator.log"
+    proc = start_operator(cluster, log)
+    try:
+        time.sleep(rng.uniform(1.0, 4.0))  # still starting, or mid-burst: both are fair game
+        for i in range(n):
+            custom.create_namespaced_custom_object(G, V, ns, P, manifest(f"k{i:02d}"))
+            if i == n // 2:
+                time.sleep(rng.uniform(0.0, 1.5))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
         proc = start_operator(cluster, log)
-        try:
-            time.sleep(rng.uniform(1.0, 4.0))  # still starting, or mid-burst: both are fair game
-            for i in range(n):
-                custom.create_namespaced_custom_object(G, V, ns, P, manifest(f"k{i:02d}"))
-                if i == n // 2:
-                    time.sleep(rng.uniform(0.0, 1.5))
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait(10)
-            proc = start_operator(cluster, log)
-            objs = wait_for(lambda: (items := custom.list_namespaced_custom_object(G, V, ns, P)["items"])
-                            and all((o.get("status") or {}).get("phase") == "Deploying" for o in items) and items,
-                            timeout=180, interval=1, what="convergence after the restart")
-            uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
-            children = owned_children(cluster, ns)
-            assert all(uid in uids for _, _, uid in children), "orphaned children"
-            per_kind = Counter(kind for kind, _, _ in children)
-            assert per_kind["RayService"] == n and per_kind["Service"] == n
-            assert per_kind["ConfigMap"] == 2 * n and per_kind["ServiceAccount"] == n  # plan + autoscaling
-            assert len({(k, name) for k, name, _ in children}) == len(children)
-            for _kind, name, uid in children:
-                assert name.startswith(uids[uid])  # each child belongs to the deployment it is named after
-        finally:
-            stop_process(proc)
+        objs = wait_for(lambda: (items := custom.list_namespaced_custom_object(G, V, ns, P)["items"])
+                        and all((o.get("status") or {}).get("phase") == "Deploying" for o in items) and items,
+                        timeout=180, interval=1, what="convergence after the restart")
+        uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
+        children = owned_children(cluster, ns)
+        assert all(uid in uids for _, _, uid in children), "orphaned children"
+        per_kind = Counter(kind for kind, _, _ in children)
+        assert per_kind["RayService"] == n and per_kind["Service"] == n
+        assert per_kind["ConfigMap"] == 2 * n and per_kind["ServiceAccount"] == n  # plan + autoscaling
+        assert len({(k, name) for k, name, _ in children}) == len(children)
+        for _kind, name, uid in children:
+            assert name.startswith(uids[uid])  # each child belongs to the deployment it is named after
+    finally:
+        stop_process(proc)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 from kubecluster import stop_process, wait_for
 from kubernetes import client
@@ -23,12 +20,10 @@ def test_webhook_rejects_semantically_invalid_specs(cluster, tmp_path):
                     "-out", str(cert)], check=True, capture_output=True)
     ns = cluster.namespace("hook")
     admission = client.AdmissionregistrationV1Api(cluster.api)
-    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     # A process, not KopfRunner: importing the webhook module registers its handler for good.
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", "--namespace", ns,
-                             "--webhook-port", "8410", "--webhook-addr", "127.0.0.1", "--webhook-host", "127.0.0.1",
-                             "--webhook-cert", str(cert), "--webhook-key", str(key)],
-                            env=env, stdout=open(tmp_path / "operator.log", "w"), stderr=subprocess.STDOUT)
+    proc = cluster.start_operator(tmp_path / "operator.log", "--namespace", ns, "--webhook-port", "8410",
+                                  "--webhook-addr", "127.0.0.1", "--webhook-host", "127.0.0.1",
+                                  "--webhook-cert", str(cert), "--webhook-key", str(key))
     try:
         wait_for(lambda: admission.read_validating_webhook_configuration(WEBHOOK), timeout=60,
                  what="ValidatingWebhookConfiguration registered")
