@@ -158,7 +158,8 @@ EOF
     log "apiserver did not become ready; last log lines:"; tail -20 "$RUN/apiserver.log" >&2 || true
     stop; exit 1
   fi
-  # The controller-manager gives ownerReference GC, namespace deletion and the default ServiceAccount.
+  # The controller-manager gives ownerReference GC, namespace deletion, ResourceQuota status (quota
+  # admission enforces a quota only once its status is filled in) and the default ServiceAccount.
   (cd "$RUN" && exec "$BIN/kube-controller-manager" --kubeconfig=kubeconfig --leader-elect=false \
      --bind-address=127.0.0.1 --secure-port=10257 --port=0 \
      --service-account-private-key-file=pki/sa.key --use-service-account-credentials=false \

@@ -79,6 +79,14 @@ class Cluster:
         self.core().create_namespace({"metadata": {"name": name}})
         return name
 
+    def forbid_services(self, ns: str) -> None:
+        """A ResourceQuota allowing no Services in `ns`, returned once it is enforced: quota admission
+        ignores a quota until kube-controller-manager has filled in its `status.hard`."""
+        self.core().create_namespaced_resource_quota(ns, {"metadata": {"name": "no-services"},
+                                                          "spec": {"hard": {"services": "0"}}})
+        wait_for(lambda: (self.core().read_namespaced_resource_quota("no-services", ns).status.hard or {})
+                 .get("services") == "0", what=f"the quota in {ns} to be enforced")
+
     def start_operator(self, log: Path, *args: str) -> subprocess.Popen:
         """`v4d operator ARGS` as a process, with the operator's own identity (its writes are audited
         apart from the tests'), logging to `log`. Stop it with `stop_process`."""

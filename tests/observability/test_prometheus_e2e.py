@@ -99,8 +99,7 @@ def operator_endpoint(cluster, tmp_path_factory):
     (ForbiddenException) and kopf retries.
     """
     good, quota = cluster.namespace("obs"), cluster.namespace("obs-quota")
-    cluster.core().create_namespaced_resource_quota(
-        quota, {"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}})
+    cluster.forbid_services(quota)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     proc = cluster.start_operator(log, "-n", good, "-n", quota, "--metrics-port", str(OPERATOR_PORT),
                                   "--metrics-addr", "127.0.0.1")

@@ -234,8 +234,7 @@ def test_refused_child_is_reported_and_retried(cluster, operator):
     words and a Warning Event; once the quota is lifted the retries converge with nothing lost."""
     ns = cluster.namespace("quota")
     core, custom = cluster.core(), cluster.custom()
-    core.create_namespaced_resource_quota(ns, {"metadata": {"name": "no-services"},
-                                               "spec": {"hard": {"services": "0"}}})
+    cluster.forbid_services(ns)
     custom.create_namespaced_custom_object(G, V, ns, P, manifest("refused"))
     obj = wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("reason") == "ApplyFailed"
                    and o, timeout=60, what="Degraded: ApplyFailed")
