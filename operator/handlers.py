@@ -3,13 +3,14 @@
 Run with `v4d operator` or `kopf run -m v4d.operator.handlers [-A | -n NS] [--standalone]`.
 Without the CLI, settings come from the environment: V4D_OPERATOR_METRICS_PORT,
 V4D_IMAGE_NVIDIA, V4D_IMAGE_ASCEND, V4D_RAY_VERSION, V4D_WEBHOOK_PORT / V4D_WEBHOOK_HOST /
-V4D_WEBHOOK_CERT / V4D_WEBHOOK_KEY. The kubeconfig is read at startup (KUBECONFIG, else
+V4D_WEBHOOK_CERT / V4D_WEBHOOK_KEY, V4D_DISCOVERY_INTERVAL. The kubeconfig is read at startup (KUBECONFIG, else
 ~/.kube/config, else the in-cluster account), not at import, so KUBECONFIG set late still counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ OWNED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
 BACKOFF_S = 2  # first retry of a failed reconcile; doubled per retry up to MAX_BACKOFF_S
 MAX_BACKOFF_S = 120
 COALESCE_S = 0.2  # child events within this window trigger one reconcile of their owner
+MONITORING_API = ("monitoring.coreos.com/v1", "PodMonitor")
 log = logging.getLogger("v4d.operator")
 
 
@@ -44,6 +46,7 @@ class OperatorConfig:
     webhook_cert: str | None = None
     webhook_key: str | None = None
     max_workers: int = 8
+    discovery_interval: float = 60.0  # seconds between checks for the Prometheus Operator's API
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -59,6 +62,8 @@ class OperatorConfig:
         c.webhook_host = env.get("V4D_WEBHOOK_HOST") or None
         c.webhook_cert = env.get("V4D_WEBHOOK_CERT") or None
         c.webhook_key = env.get("V4D_WEBHOOK_KEY") or None
+        if env.get("V4D_DISCOVERY_INTERVAL"):
+            c.discovery_interval = float(env["V4D_DISCOVERY_INTERVAL"])
         return c
 
 
@@ -72,6 +77,8 @@ class _State:
     server: Any = None
     pending: set[tuple[str, str]] = field(default_factory=set)
     failures: dict[tuple[str, str], str] = field(default_factory=dict)  # last failure Event per object
+    known: set[tuple[str, str]] = field(default_factory=set)  # V4Deployments seen, to resync all at once
+    discovery: asyncio.Task | None = None
 
 
 STATE = _State()
@@ -120,7 +127,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     api_config.connection_pool_maxsize = cfg.max_workers * 2  # one connection per reconcile thread
     kube = Kube(client.ApiClient(api_config), on_write=metrics.api_write)
     options = render.RenderOptions(images=cfg.images, ray_version=cfg.ray_version,
-                                   monitoring=kube.has_api("monitoring.coreos.com/v1", "PodMonitor"))
+                                   monitoring=kube.has_api(*MONITORING_API))
     STATE.metrics = metrics
     STATE.reconciler = Reconciler(kube=kube, metrics=metrics, options=options)
     if cfg.metrics_port is not None:
@@ -128,8 +135,42 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("v4d operator ready (PodMonitors: %s)", options.monitoring)
 
 
+@kopf.on.startup()
+async def start_discovery(**_: Any) -> None:
+    cfg = CONFIG or OperatorConfig.from_env()
+    STATE.discovery = asyncio.create_task(_rediscover(cfg.discovery_interval))
+
+
+async def _rediscover(interval: float) -> None:
+    """Re-check for the Prometheus Operator's PodMonitor API every `interval` seconds: installed after
+    the operator started, every known V4Deployment gets its PodMonitor without an operator restart."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        reconciler = STATE.reconciler
+        assert reconciler is not None
+        try:
+            served = await loop.run_in_executor(None, reconciler.kube.has_api, *MONITORING_API)
+        except Exception as e:  # the apiserver is briefly unreachable: try again next round
+            log.warning("checking for the PodMonitor API failed: %s", e)
+            continue
+        if served == reconciler.options.monitoring:
+            continue
+        log.info("PodMonitor API %s: resyncing %d V4Deployments", "appeared" if served else "went away",
+                 len(STATE.known))
+        reconciler.options = dataclasses.replace(reconciler.options, monitoring=served)
+        for namespace, name in sorted(STATE.known):
+            try:
+                await loop.run_in_executor(None, _sync, namespace, name)
+            except Exception as e:  # the object's own handler retries with backoff
+                log.error("resync of %s/%s failed: %s", namespace, name, e)
+
+
 @kopf.on.cleanup()
 def cleanup(**_: Any) -> None:
+    if STATE.discovery is not None:
+        STATE.discovery.cancel()
+        STATE.discovery = None
     if STATE.server is not None:
         STATE.server.shutdown()
         STATE.server = None
@@ -146,6 +187,7 @@ def _sync(namespace: str, name: str, body: Any = None, retry: int = 0) -> None:
     failure once, not at every retry."""
     assert STATE.reconciler is not None
     key = (namespace, name)
+    STATE.known.add(key)
     try:
         STATE.reconciler.sync(namespace, name)
     except Exception as e:
@@ -172,6 +214,7 @@ def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
     if type == "DELETED" and STATE.reconciler is not None:
         STATE.reconciler.forget(namespace, name, uid)
         STATE.failures.pop((namespace, name), None)
+        STATE.known.discard((namespace, name))
 
 
 async def _child_event(namespace: str, labels: dict[str, str]) -> None:

@@ -24,11 +24,13 @@ import click
               help="Host name the apiserver reaches the webhook at (e.g. the webhook Service's DNS name).")
 @click.option("--webhook-cert", default=None, help="TLS certificate file for the webhook (default: self-signed).")
 @click.option("--webhook-key", default=None, help="TLS private key file for the webhook.")
+@click.option("--discovery-interval", type=float, default=None,
+              help="Seconds between checks for the Prometheus Operator's PodMonitor API [default: 60].")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr: str, health_port: int | None,
             peering: str | None, image_nvidia: str | None, image_ascend: str | None, ray_version: str | None,
             webhook_port: int | None, webhook_addr: str, webhook_host: str | None, webhook_cert: str | None,
-            webhook_key: str | None, verbose: bool) -> None:
+            webhook_key: str | None, discovery_interval: float | None, verbose: bool) -> None:
     """Reconcile V4Deployments into KubeRay RayServices.
 
     Uses the current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster service account.
@@ -51,6 +53,7 @@ def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr:
     cfg.webhook_host = webhook_host or cfg.webhook_host
     cfg.webhook_cert = webhook_cert or cfg.webhook_cert
     cfg.webhook_key = webhook_key or cfg.webhook_key
+    cfg.discovery_interval = discovery_interval or cfg.discovery_interval
     handlers.CONFIG = cfg
     if cfg.webhook_port:
         import v4d.operator.webhook  # noqa: F401 - registers the admission handler
