@@ -16,8 +16,13 @@ from v4d.operator.handlers import PLURAL
 from v4d.operator.validate import validate_spec
 
 
-@kopf.on.validate(render.GROUP, render.VERSION, PLURAL)
-def admission(spec: dict[str, Any], **_: Any) -> None:
+@kopf.on.validate(render.GROUP, render.VERSION, PLURAL, operations={"CREATE", "UPDATE"})
+def admission(spec: dict[str, Any], old: dict[str, Any] | None, operation: str, **_: Any) -> None:
+    """Rejects a spec that would be `Invalid`. Deletion is never refused, nor an update that leaves the
+    spec as it was (labels, annotations, finalizers), so an object that was invalid before the webhook
+    existed can still be labelled and deleted."""
+    if operation == "UPDATE" and old is not None and old.get("spec") == dict(spec):
+        return
     issues = validate_spec(dict(spec))
     if issues:
         raise kopf.AdmissionError("; ".join(str(i) for i in issues), code=422)
