@@ -31,8 +31,8 @@ def test_webhook_rejects_semantically_invalid_specs(cluster, tmp_path):
                                   "--webhook-addr", "127.0.0.1", "--webhook-host", "127.0.0.1",
                                   "--webhook-cert", str(cert), "--webhook-key", str(key))
     try:
-        hook = wait_for(lambda: admission.read_validating_webhook_configuration(WEBHOOK), timeout=60,
-                        what="ValidatingWebhookConfiguration registered")
+        hook = wait_for(lambda: (h := admission.read_validating_webhook_configuration(WEBHOOK)).webhooks and h,
+                        timeout=60, what="ValidatingWebhookConfiguration registered")  # kopf adds webhooks after creating it
         assert {tuple(sorted(r.operations)) for w in hook.webhooks for r in w.rules} == {("CREATE", "UPDATE")}
         attempts = iter(range(1000))
 
