@@ -101,24 +101,26 @@ def autoscaling_view(cm: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _override(previous: dict[str, Any], phase: str, generation: int, now: str, reason: str, message: str,
+              set_to: dict[str, bool]) -> dict[str, Any]:
+    """`previous` with phase `phase` and the conditions in `set_to` set (one reason and message); the
+    other conditions and the rest of the status stay. Conditions keep the CONDITIONS order."""
+    prev = {c["type"]: c for c in previous.get("conditions") or []}
+    conds = [_condition(t, set_to[t], reason, message, generation, prev, now) if t in set_to else prev[t]
+             for t in CONDITIONS if t in set_to or t in prev]
+    return {**{k: v for k, v in previous.items() if k != "kopf"}, "phase": phase,
+            "observedGeneration": generation, "conditions": conds}
+
+
 def invalid_status(message: str, reason: str, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
     """Status of a spec that cannot be planned: nothing is applied, the rest of the status stays."""
-    prev = {c["type"]: c for c in previous.get("conditions") or []}
-    conds = [_condition("Invalid", True, reason, message, generation, prev, now),
-             _condition("Planned", False, reason, message, generation, prev, now)]
-    conds += [prev[t] for t in CONDITIONS if t in prev and t not in ("Invalid", "Planned")]
-    return {**{k: v for k, v in previous.items() if k != "kopf"}, "phase": "Failed",
-            "observedGeneration": generation, "conditions": conds}
+    return _override(previous, "Failed", generation, now, reason, message, {"Invalid": True, "Planned": False})
 
 
 def apply_failed_status(message: str, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
     """Status when the apiserver refused a child (quota, RBAC, an admission webhook): Degraded with the
     apiserver's words; the rest of the status stays, and the operator retries with backoff."""
-    prev = {c["type"]: c for c in previous.get("conditions") or []}
-    conds = [prev[t] for t in CONDITIONS if t in prev and t != "Degraded"]
-    conds.append(_condition("Degraded", True, "ApplyFailed", message, generation, prev, now))
-    return {**{k: v for k, v in previous.items() if k != "kopf"}, "phase": "Degraded",
-            "observedGeneration": generation, "conditions": conds}
+    return _override(previous, "Degraded", generation, now, "ApplyFailed", message, {"Degraded": True})
 
 
 def compute(*, name: str, generation: int, plan: Any, groups: list[WorkerGroup],
