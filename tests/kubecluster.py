@@ -144,14 +144,19 @@ def connect_and_install() -> Cluster:
         for doc in yaml.safe_load_all(path.read_text()):
             c.apply(doc)
     c.apply(kuberay_crd())
-    ext = client.ApiextensionsV1Api(api)
     for name in ("v4deployments.serving.v4d.dev", "rayservices.ray.io", "clusterkopfpeerings.kopf.dev"):
-        wait_for(lambda n=name: any(cond.type == "Established" and cond.status == "True"
-                                    for cond in ext.read_custom_resource_definition(n).status.conditions or []),
-                 what=f"CRD {name} established")
+        wait_established(api, name)
     wait_for(lambda: client.CoreV1Api(api).read_namespaced_service_account("default", "default"),
              timeout=60, what="the controller-manager (default ServiceAccount)")
     return c
+
+
+def wait_established(api: client.ApiClient, crd: str) -> None:
+    """Until the apiserver serves the API of CRD `crd` (its Established condition)."""
+    ext = client.ApiextensionsV1Api(api)
+    wait_for(lambda: any(c.type == "Established" and c.status == "True"
+                         for c in ext.read_custom_resource_definition(crd).status.conditions or []),
+             what=f"CRD {crd} established")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

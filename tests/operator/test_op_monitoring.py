@@ -8,7 +8,7 @@ discovery, rendering, server-side apply and ownership, not the Prometheus Operat
 
 from __future__ import annotations
 
-from kubecluster import stop_process, wait_for
+from kubecluster import stop_process, wait_established, wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from opspecs import manifest
@@ -40,9 +40,7 @@ def test_pod_monitor_when_the_prometheus_operator_api_appears(cluster, tmp_path)
                  .get("phase") == "Deploying", timeout=60, what="reconciled without the PodMonitor API")
         assert "PodMonitors: False" in log.read_text()
         cluster.apply(STAND_IN)  # the Prometheus Operator is installed now
-        wait_for(lambda: any(c.type == "Established" and c.status == "True"
-                             for c in ext.read_custom_resource_definition(CRD).status.conditions or []),
-                 what="PodMonitor API established")
+        wait_established(cluster.api, CRD)
         pm = wait_for(lambda: cluster.custom().get_namespaced_custom_object(
             "monitoring.coreos.com", "v1", ns, "podmonitors", "watched"), timeout=60, what="PodMonitor")
         assert "PodMonitor API appeared: resyncing" in log.read_text()
