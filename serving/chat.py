@@ -13,8 +13,11 @@ V4 ships no Jinja template; its `encoding` module defines the format, which this
 - Tool calls are DSML: one `invoke` per call, `parameter` elements with `string="true"` (verbatim
   text) or `string="false"` (a JSON value).
 
-`encode_messages` renders OpenAI-style messages; `parse_output` and the streaming
-`OutputParser` split generated text into reasoning, content and tool calls.
+`encode_messages` renders OpenAI-style messages as a `Prompt`: the template's own markers are
+`Special` pieces (encoded as special tokens), everything a client wrote is plain text (encoded as
+ordinary tokens even where it spells `<｜User｜>` or `</think>`), so a message cannot forge a turn,
+a tool call or the end of thinking. `parse_output` and the streaming `OutputParser` split generated
+text into reasoning, content and tool calls.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,9 @@ SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK, END_THINK, DSML, LATEST_REMI
 TOOLS_OPEN = f"<{DSML}tool_calls>"
 TOOLS_CLOSE = f"</{DSML}tool_calls>"
 INVOKE_CLOSE = f"</{DSML}invoke>"
+# Template text with {fields} for client text (see `_fill`).
+INVOKE_OPEN = f'<{DSML}invoke name="{{name}}">\n'
+PARAMETER = f'<{DSML}parameter name="{{name}}" string="{{is_str}}">{{value}}</{DSML}parameter>'
 
 # Prepended to the first message in thinking mode at the highest effort ("Think Max").
 REASONING_EFFORT_MAX = (
@@ -77,7 +84,7 @@ Otherwise, output directly after {end_think} with tool calls or final response.
 {schemas}
 
 You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
-"""
+""".format(dsml=DSML, think=THINK, end_think=END_THINK, schemas="{schemas}")  # {schemas}: client text
 RESPONSE_FORMAT_TEMPLATE = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
 
 
@@ -87,6 +94,44 @@ class ChatFormatError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+class Special(str):
+    """A special token the template writes; every other piece of a `Prompt` is plain text."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered chat prompt: `Special` markers and plain text (all client text), in order."""
+
+    pieces: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """The prompt as V4's encoder writes it (special tokens as their strings)."""
+        return "".join(self.pieces)
+
+
+_SPECIAL = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+
+
+def _fill(template: str, **fields: str) -> list[str]:
+    """Pieces of the format's own text (its special-token strings become `Special`), with each
+    {field} filled by plain text. Client text must only ever enter a prompt through fields."""
+    pieces: list[str] = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        pieces += [Special(p) if p in SPECIAL_TOKENS else p for p in _SPECIAL.split(literal) if p]
+        if field is not None:
+            pieces.append(fields[field])
+    return pieces
+
+
+def _join(sep: str, groups: list[list[str]]) -> list[str]:
+    """`sep.join` over lists of pieces."""
+    out: list[str] = []
+    for i, group in enumerate(groups):
+        out += ([sep] if i else []) + group
+    return out
 
 
 @dataclass(frozen=True)
@@ -115,7 +160,7 @@ def _text(content: Any, param: str) -> str:
     raise ChatFormatError(param, f"expected a string or a list of text blocks, got {type(content).__name__}")
 
 
-def render_tool_calls(calls: list[dict[str, Any]], param: str = "tool_calls") -> str:
+def render_tool_calls(calls: list[dict[str, Any]], param: str = "tool_calls") -> list[str]:
     """OpenAI-style tool calls as a DSML block (without the leading blank line)."""
     invokes = []
     for i, call in enumerate(calls):
@@ -133,22 +178,22 @@ def render_tool_calls(calls: list[dict[str, Any]], param: str = "tool_calls") ->
         if not isinstance(args, dict):
             raise ChatFormatError(f"{param}[{i}].function.arguments", "must be a JSON object")
         params = [
-            f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
-            f"{v if isinstance(v, str) else _json(v)}</{DSML}parameter>"
+            _fill(PARAMETER, name=str(k), is_str="true" if isinstance(v, str) else "false",
+                  value=v if isinstance(v, str) else _json(v))
             for k, v in args.items()
         ]
-        invokes.append(f'<{DSML}invoke name="{name}">\n' + "\n".join(params) + f"\n{INVOKE_CLOSE}")
-    return f"{TOOLS_OPEN}\n" + "\n".join(invokes) + f"\n{TOOLS_CLOSE}"
+        invokes.append(_fill(INVOKE_OPEN, name=name) + _join("\n", params) + _fill(f"\n{INVOKE_CLOSE}"))
+    return _fill(f"{TOOLS_OPEN}\n") + _join("\n", invokes) + _fill(f"\n{TOOLS_CLOSE}")
 
 
-def render_tools(tools: list[dict[str, Any]]) -> str:
+def render_tools(tools: list[dict[str, Any]]) -> list[str]:
     schemas = []
     for i, tool in enumerate(tools):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not fn.get("name"):
             raise ChatFormatError(f"tools[{i}].function.name", "each tool needs a function with a name")
         schemas.append(_json(fn))
-    return TOOLS_TEMPLATE.format(dsml=DSML, think=THINK, end_think=END_THINK, schemas="\n".join(schemas))
+    return _fill(TOOLS_TEMPLATE, schemas="\n".join(schemas))
 
 
 def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -190,7 +235,7 @@ def encode_messages(
     reasoning_effort: str | None = None,
     response_format: dict[str, Any] | None = None,
     add_bos: bool = True,
-) -> str:
+) -> Prompt:
     """Render an OpenAI-style conversation as a V4 prompt, ending where the model continues.
 
     Roles: system, developer, user, assistant (content, reasoning_content, tool_calls; `prefix: true`
@@ -220,41 +265,42 @@ def encode_messages(
         msgs = [m for i, m in enumerate(msgs) if i >= last_user or m["role"] != "developer"]
         last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "developer")), default=-1)
 
-    prompt = BOS if add_bos else ""
+    pieces = [Special(BOS)] if add_bos else []
     if thinking and EFFORTS.get(reasoning_effort or "high"):
-        prompt += REASONING_EFFORT_MAX
+        pieces.append(REASONING_EFFORT_MAX)
     for i, m in enumerate(msgs):
-        prompt += _render(m, i, thinking, keep_reasoning, last_user, i == len(msgs) - 1)
+        pieces += _render(m, i, thinking, keep_reasoning, last_user, i == len(msgs) - 1)
         nxt = msgs[i + 1]["role"] if i + 1 < len(msgs) else None
         if m["role"] in ("user", "developer") and nxt in (None, "assistant"):
             opens_thinking = thinking and (keep_reasoning or i >= last_user)
-            prompt += ASSISTANT + (THINK if opens_thinking else END_THINK)
-    return prompt
+            pieces += [Special(ASSISTANT), Special(THINK if opens_thinking else END_THINK)]
+    return Prompt(tuple(p for p in pieces if p))
 
 
-def _render(m: dict[str, Any], i: int, thinking: bool, keep_reasoning: bool, last_user: int, last: bool) -> str:
+def _render(m: dict[str, Any], i: int, thinking: bool, keep_reasoning: bool, last_user: int, last: bool) -> list[str]:
     role, param = m["role"], f"messages[{m.get('_index', i)}]"
     if role in ("system", "developer"):
         text = _text(m.get("content"), f"{param}.content")
         if role == "developer" and not text:
             raise ChatFormatError(f"{param}.content", "a developer message needs content")
+        pieces = [Special(USER), text] if role == "developer" else [text]
         if m.get("tools"):
-            text += "\n\n" + render_tools(m["tools"])
+            pieces += ["\n\n", *render_tools(m["tools"])]
         if m.get("response_format"):
-            text += "\n\n" + RESPONSE_FORMAT_TEMPLATE.format(schema=_json(m["response_format"]))
-        return (USER + text) if role == "developer" else text
+            pieces += ["\n\n", *_fill(RESPONSE_FORMAT_TEMPLATE, schema=_json(m["response_format"]))]
+        return pieces
     if role == "user":
-        return USER + m["content"]
+        return [Special(USER), m["content"]]
     # assistant
-    out = ""
+    out: list[str] = []
     if thinking and (keep_reasoning or i > last_user):
         reasoning = m.get("reasoning_content") or m.get("reasoning") or ""
-        out += _text(reasoning, f"{param}.reasoning_content") + END_THINK
-    out += _text(m.get("content"), f"{param}.content")
+        out += [_text(reasoning, f"{param}.reasoning_content"), Special(END_THINK)]
+    out.append(_text(m.get("content"), f"{param}.content"))
     if m.get("tool_calls"):
-        out += "\n\n" + render_tool_calls(m["tool_calls"], f"{param}.tool_calls")
+        out += ["\n\n", *render_tool_calls(m["tool_calls"], f"{param}.tool_calls")]
     if not (last and m.get("prefix")):
-        out += EOS
+        out.append(Special(EOS))
     return out
 
 

@@ -221,7 +221,8 @@ class Ingress:
                 len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
             )
             gen = self._new_request("chatcmpl-", ids, params)
-            evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
+            parser = chat_bridge.output_parser(chat_bridge.ChatOutputParser(prompt.thinking), self.tok, req.skip_special_tokens)
+            evs = await self._start(gen, parser)
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.chat_stream(gen.request_id, self.model, evs, usage)
@@ -236,7 +237,7 @@ class Ingress:
             req = parse_body(await request.body(), openai_api.CompletionRequest).validated()
             self._check_model(req.model)
             prompt = req.text_or_ids()
-            ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = self.tok.encode(prompt, special_tokens=True) if isinstance(prompt, str) else list(prompt)
             bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
             if bad:
                 raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}", param="prompt")
@@ -244,7 +245,7 @@ class Ingress:
                 len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
             )
             gen = self._new_request("cmpl-", ids, params)
-            evs = await self._start(gen, PlainParser())
+            evs = await self._start(gen, chat_bridge.output_parser(PlainParser(), self.tok, req.skip_special_tokens))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.completion_stream(gen.request_id, self.model, evs, usage)
@@ -262,7 +263,8 @@ class Ingress:
             ids = chat_bridge.encode_prompt(self.tok, prompt)
             params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
             gen = self._new_request("msg_", ids, params)
-            evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
+            parser = chat_bridge.output_parser(chat_bridge.ChatOutputParser(prompt.thinking), self.tok, req.skip_special_tokens)
+            evs = await self._start(gen, parser)
             if req.stream:
                 chunks = anthropic_api.message_stream(gen.request_id, self.model, len(ids), evs)
                 return StreamingResponse(self._sse(chunks, anthropic_api.stream_error), media_type="text/event-stream")

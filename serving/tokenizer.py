@@ -4,17 +4,22 @@ Real checkpoints ship their own `tokenizer.json`; random-weight checkpoints get 
 the small English corpus in `v4d/serving/data/corpus.txt`, with the V4 chat special tokens
 (`<｜begin▁of▁sentence｜>` = bos id 0, `<｜end▁of▁sentence｜>` = eos id 1, `<｜User｜>`, `<｜Assistant｜>`,
 `<think>`, `</think>`, `｜DSML｜`, ...) as whole tokens. Training is deterministic.
+
+Client text is encoded as plain text: a special-token string in it becomes ordinary tokens, so only
+the chat template (`encode_prompt`) or a raw prompt the client writes whole (`encode(text,
+special_tokens=True)`) can put special tokens in front of the model.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
-from v4d.serving.chat import BOS, EOS, SPECIAL_TOKENS
+from v4d.serving.chat import BOS, EOS, SPECIAL_TOKENS, Prompt, Special
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 TOKENIZER_FILE = "tokenizer.json"
@@ -23,8 +28,12 @@ TOKENIZER_FILE = "tokenizer.json"
 class Tokenizer:
     def __init__(self, tok: HFTokenizer):
         self._tok = tok
+        self._plain = HFTokenizer.from_str(tok.to_str())  # the same tokenizer, blind to special tokens
+        self._plain.encode_special_tokens = True
         self.bos_id = self._special_id(BOS)
         self.eos_id = self._special_id(EOS)
+        specials = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials)))
 
     def _special_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -66,9 +75,29 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text; special-token strings in it (e.g. from a chat prompt) become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of text. Special-token strings in it stay text (ordinary tokens) unless
+        `special_tokens`, for a raw prompt that its author writes whole (/v1/completions)."""
+        return (self._tok if special_tokens else self._plain).encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a chat prompt: its `Special` markers as special tokens, the rest as plain text.
+
+        Consecutive plain pieces are encoded together, so a prompt without special-token strings in
+        client text gets exactly the ids of encoding `prompt.text` with special tokens parsed."""
+        ids: list[int] = []
+        text = ""
+        for piece in prompt.pieces:
+            if isinstance(piece, Special):
+                ids += self.encode(text) + [self._special_id(piece)]
+                text = ""
+            else:
+                text += piece
+        return ids + self.encode(text)
+
+    def strip_special(self, text: str) -> str:
+        """Text without special-token strings (`skip_special_tokens` on text already parsed)."""
+        return self._specials.sub("", text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

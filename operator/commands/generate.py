@@ -53,8 +53,10 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
     if prompt is not None:
         if tok is None:
             raise click.UsageError(f"{checkpoint_dir} has no tokenizer.json; use --token-ids")
-        text = encode_messages([{"role": "user", "content": prompt}], thinking=thinking) if chat else prompt
-        ids = tok.encode(text) if chat else [tok.bos_id, *tok.encode(text)]
+        if chat:
+            ids = tok.encode_prompt(encode_messages([{"role": "user", "content": prompt}], thinking=thinking))
+        else:
+            ids = [tok.bos_id, *tok.encode(prompt, special_tokens=True)]
     else:
         ids = _ids(token_ids)
     try:

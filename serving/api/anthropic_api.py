@@ -153,6 +153,7 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     seed: int | None = None  # not in Anthropic's API; honoured when sent (extra_body)
+    skip_special_tokens: bool = True  # as on the OpenAI endpoints (not in Anthropic's API)
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 from v4d.serving import chat
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import ReasoningDelta, TextDelta, ToolCall
+from v4d.serving.api.generation import OutputParser, ReasoningDelta, TextDelta, ToolCall
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -26,12 +26,12 @@ class ChatPrompt:
 
 def encode_prompt(tok: Tokenizer, prompt: ChatPrompt) -> list[int]:
     try:
-        text = chat.encode_messages(
+        rendered = chat.encode_messages(
             prompt.messages, prompt.tools, prompt.thinking, prompt.reasoning_effort, prompt.response_format
         )
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param=e.param.replace("[", ".").replace("]", "")) from None
-    return tok.encode(text)
+    return tok.encode_prompt(rendered)
 
 
 def decoder(tok: Tokenizer) -> Callable[[list[int]], str]:
@@ -64,3 +64,32 @@ class ChatOutputParser:
 
     def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
         return self._events(self._parser.finish())
+
+
+class SkipSpecial:
+    """`skip_special_tokens`: the wrapped parser sees special tokens (`</think>`, DSML, EOS), the
+    client's text does not: special-token strings are removed from its text and reasoning events."""
+
+    def __init__(self, parser: OutputParser, tok: Tokenizer):
+        self._parser = parser
+        self._tok = tok
+
+    def _strip(self, evs: list[TextDelta | ReasoningDelta | ToolCall]) -> list[TextDelta | ReasoningDelta | ToolCall]:
+        out: list[TextDelta | ReasoningDelta | ToolCall] = []
+        for ev in evs:
+            if isinstance(ev, (TextDelta, ReasoningDelta)):
+                ev = type(ev)(self._tok.strip_special(ev.text))
+                if not ev.text:
+                    continue
+            out.append(ev)
+        return out
+
+    def feed(self, text: str) -> list[TextDelta | ReasoningDelta | ToolCall]:
+        return self._strip(self._parser.feed(text))
+
+    def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
+        return self._strip(self._parser.close())
+
+
+def output_parser(parser: OutputParser, tok: Tokenizer, skip_special_tokens: bool) -> OutputParser:
+    return SkipSpecial(parser, tok) if skip_special_tokens else parser

@@ -87,6 +87,7 @@ class _Sampling(Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)  # accepted, not applied
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past EOS (benchmarks)
+    skip_special_tokens: bool = True  # vLLM extension: false keeps special tokens in the returned text
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

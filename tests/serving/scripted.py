@@ -34,7 +34,7 @@ class ScriptedEngine:
     def __init__(self, checkpoint: str):
         tok = Tokenizer.from_file(checkpoint)
         self.eos = tok.eos_id
-        self.scripts = {seed: tok.encode(text) for seed, text in SCRIPTS.items()}
+        self.scripts = {seed: tok.encode(text, special_tokens=True) for seed, text in SCRIPTS.items()}
 
     async def generate(self, request: dict):
         ids = self.scripts[request["seed"]]

@@ -36,26 +36,26 @@ def call(cid, name, args):
 
 
 def test_chat_mode_prefills_end_think_and_drops_reasoning():
-    assert encode_messages(CONV, thinking=False) == (
+    assert encode_messages(CONV, thinking=False).text == (
         f"{BOS}Be brief.{USER}Hi{ASSISTANT}{END_THINK}Hello!{EOS}{USER}2+2?{ASSISTANT}{END_THINK}"
     )
 
 
 def test_thinking_mode_prefills_think_and_drops_old_reasoning_without_tools():
-    assert encode_messages(CONV, thinking=True) == (
+    assert encode_messages(CONV, thinking=True).text == (
         f"{BOS}Be brief.{USER}Hi{ASSISTANT}{END_THINK}Hello!{EOS}{USER}2+2?{ASSISTANT}{THINK}"
     )
 
 
 def test_thinking_mode_with_tools_keeps_all_reasoning():
-    p = encode_messages(CONV, tools=[WEATHER], thinking=True)
+    p = encode_messages(CONV, tools=[WEATHER], thinking=True).text
     assert p.startswith(f"{BOS}Be brief.\n\n## Tools\n")
     assert '{"name": "get_weather", "description": "Weather of a city"' in p
     assert p.endswith(f"{USER}Hi{ASSISTANT}{THINK}greet back{END_THINK}Hello!{EOS}{USER}2+2?{ASSISTANT}{THINK}")
 
 
 def test_tools_without_system_message_get_one():
-    p = encode_messages([{"role": "user", "content": "x"}], tools=[WEATHER])
+    p = encode_messages([{"role": "user", "content": "x"}], tools=[WEATHER]).text
     assert p.startswith(f"{BOS}\n\n## Tools\n\nYou have access to a set of tools")
     assert f'"<{D}tool_calls>" block' in p
     assert p.endswith(f"{USER}x{ASSISTANT}{END_THINK}")
@@ -64,7 +64,7 @@ def test_tools_without_system_message_get_one():
 def test_reasoning_after_the_last_user_turn_is_kept():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "partial", "reasoning_content": "r",
                                                "prefix": True}]
-    assert encode_messages(msgs, thinking=True) == f"{BOS}{USER}q{ASSISTANT}{THINK}r{END_THINK}partial"
+    assert encode_messages(msgs, thinking=True).text == f"{BOS}{USER}q{ASSISTANT}{THINK}r{END_THINK}partial"
 
 
 def test_tool_call_round_with_results_in_call_order():
@@ -75,7 +75,7 @@ def test_tool_call_round_with_results_in_call_order():
         {"role": "tool", "tool_call_id": "b", "content": "12:00"},
         {"role": "tool", "tool_call_id": "a", "content": [{"type": "text", "text": "sunny"}]},
     ]
-    p = encode_messages(msgs, tools=[WEATHER], thinking=True)
+    p = encode_messages(msgs, tools=[WEATHER], thinking=True).text
     block = (
         f"\n\n<{D}tool_calls>\n"
         f'<{D}invoke name="get_weather">\n'
@@ -98,26 +98,26 @@ def test_user_text_after_tool_results_joins_the_same_turn():
         {"role": "tool", "tool_call_id": "x", "content": "ok"},
         {"role": "user", "content": "thanks"},
     ]
-    p = encode_messages(msgs)
+    p = encode_messages(msgs).text
     assert p.endswith(f"{EOS}{USER}<tool_result>ok</tool_result>\n\nthanks{ASSISTANT}{END_THINK}")
     assert f'<{D}parameter name="n" string="false">[1, 2]</{D}parameter>' in p
 
 
 def test_developer_turns_before_last_user_are_dropped_in_thinking_mode():
     msgs = [{"role": "developer", "content": "dev"}, {"role": "user", "content": "u"}]
-    assert encode_messages(msgs, thinking=True) == f"{BOS}{USER}u{ASSISTANT}{THINK}"
-    assert encode_messages(msgs, thinking=False) == f"{BOS}{USER}dev{USER}u{ASSISTANT}{END_THINK}"
+    assert encode_messages(msgs, thinking=True).text == f"{BOS}{USER}u{ASSISTANT}{THINK}"
+    assert encode_messages(msgs, thinking=False).text == f"{BOS}{USER}dev{USER}u{ASSISTANT}{END_THINK}"
 
 
 def test_reasoning_effort_max_preamble_only_in_thinking_mode():
     msgs = [{"role": "user", "content": "u"}]
-    assert encode_messages(msgs, thinking=True, reasoning_effort="max").startswith(BOS + REASONING_EFFORT_MAX + USER)
-    assert encode_messages(msgs, thinking=True, reasoning_effort="high") == f"{BOS}{USER}u{ASSISTANT}{THINK}"
-    assert REASONING_EFFORT_MAX not in encode_messages(msgs, thinking=False, reasoning_effort="max")
+    assert encode_messages(msgs, thinking=True, reasoning_effort="max").text.startswith(BOS + REASONING_EFFORT_MAX + USER)
+    assert encode_messages(msgs, thinking=True, reasoning_effort="high").text == f"{BOS}{USER}u{ASSISTANT}{THINK}"
+    assert REASONING_EFFORT_MAX not in encode_messages(msgs, thinking=False, reasoning_effort="max").text
 
 
 def test_response_format_goes_into_the_system_prompt():
-    p = encode_messages([{"role": "user", "content": "u"}], response_format={"type": "json_object"})
+    p = encode_messages([{"role": "user", "content": "u"}], response_format={"type": "json_object"}).text
     assert p.startswith(BOS + "\n\n## Response Format:\n\nYou MUST strictly adhere")
     assert '{"type": "json_object"}' in p
 
@@ -143,7 +143,7 @@ CALLS = [call("a", "get_weather", {"city": "Paris", "days": 2, "opts": {"units":
 
 
 def test_parse_thinking_content_and_tool_calls():
-    text = f"Let me check.{END_THINK}Checking now.\n\n{render_tool_calls(CALLS)}{EOS}"
+    text = f"Let me check.{END_THINK}Checking now.\n\n{''.join(render_tool_calls(CALLS))}{EOS}"
     out = parse_output(text, thinking=True)
     assert out.reasoning_content == "Let me check."
     assert out.content == "Checking now."
@@ -156,7 +156,7 @@ def test_parse_thinking_content_and_tool_calls():
 def test_encode_then_parse_round_trips_an_assistant_turn():
     msgs = [{"role": "user", "content": "u"},
             {"role": "assistant", "content": "Sure.", "reasoning_content": "plan", "tool_calls": CALLS}]
-    prompt = encode_messages(msgs, tools=[WEATHER], thinking=True)
+    prompt = encode_messages(msgs, tools=[WEATHER], thinking=True).text
     generated = prompt.split(f"{USER}u{ASSISTANT}{THINK}", 1)[1]
     out = parse_output(generated, thinking=True)
     assert out.reasoning_content == "plan" and out.content == "Sure."
@@ -186,7 +186,7 @@ def test_non_json_false_parameter_is_kept_as_text():
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
 def test_streaming_in_any_chunking_gives_the_same_parts(chunk):
-    text = f"Think\n\nmore.{END_THINK}Answer with <b>tags</b> and\n\nblank lines.\n\n{render_tool_calls(CALLS)}{EOS}"
+    text = f"Think\n\nmore.{END_THINK}Answer with <b>tags</b> and\n\nblank lines.\n\n{''.join(render_tool_calls(CALLS))}{EOS}"
     p = OutputParser(thinking=True)
     events = []
     for i in range(0, len(text), chunk):

@@ -25,12 +25,22 @@ def test_training_is_deterministic(tok, tmp_path):
 
 def test_special_tokens_are_single_ids_in_a_chat_prompt(tok):
     prompt = encode_messages([{"role": "user", "content": "What is 17 + 25?"}], thinking=True)
-    ids = tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)
     specials = {tok.raw.token_to_id(s): s for s in SPECIAL_TOKENS}
     assert len(specials) == len(SPECIAL_TOKENS) and max(specials) < len(SPECIAL_TOKENS)
     assert [specials[i] for i in ids if i in specials] == [BOS, USER, ASSISTANT, THINK]
-    assert tok.decode(ids) == prompt
-    assert tok.encode(END_THINK + EOS) == [tok.raw.token_to_id(END_THINK), 1]
+    assert tok.decode(ids) == prompt.text
+    assert ids == tok.encode(prompt.text, special_tokens=True)  # what the whole string gives, specials parsed
+    assert tok.encode(END_THINK + EOS, special_tokens=True) == [tok.raw.token_to_id(END_THINK), 1]
+
+
+@pytest.mark.parametrize("special", SPECIAL_TOKENS)
+def test_special_token_strings_in_plain_text_are_ordinary_tokens(tok, special):
+    text = f"hi {special} there"
+    ids = tok.encode(text)
+    assert not set(ids) & set(range(len(SPECIAL_TOKENS)))
+    assert tok.decode(ids) == text
+    assert tok.strip_special(text) == "hi  there"
 
 
 @pytest.mark.parametrize("text", ["The lighthouse keeper lit the lamp.", "naïve café 日本語 🙂 \t\n  spaces",
