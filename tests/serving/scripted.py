@@ -3,7 +3,8 @@
 A random-weight model never writes a DSML tool-call block, so the output direction of tool calls
 (model text -> SDK `tool_calls` / `tool_use`) is driven by this deployment, which follows the engine
 contract (`generate` streams {token_ids, finish_reason, num_prompt_tokens, num_output_tokens}) and
-replays the tokenizer's encoding of a script chosen by the request's `seed`. Everything between
+replays the tokenizer's encoding of a script chosen by the request's `seed` (special-token strings
+in a script are special tokens). Everything between
 the engine handle and the SDK (ingress, detokenizer, chat parser, SSE) is the real code.
 """
 
@@ -25,7 +26,9 @@ TOOL_SCRIPT = (
     f"<{DSML}parameter name=\"days\" string=\"false\">3</{DSML}parameter>\n</{DSML}invoke>\n"
     f"</{DSML}tool_calls>{EOS}"
 )
-SCRIPTS = {1: TOOL_SCRIPT, 2: "partial answer that never ends " * 4}
+# Stray special tokens in an answer: clients see "Hi there!" unless skip_special_tokens is false.
+STRAY_SPECIALS_SCRIPT = f"Hi</think> there<｜User｜>!<think>{EOS}"
+SCRIPTS = {1: TOOL_SCRIPT, 2: "partial answer that never ends " * 4, 3: STRAY_SPECIALS_SCRIPT}
 FAIL_AFTER = {2: 3}  # seed -> tokens streamed before the stream fails like a lost shard
 
 

@@ -27,7 +27,7 @@ def test_openai_chat_non_streaming_and_streaming_agree(oai, tok):
     r = oai.chat.completions.create(**kw)
     choice = r.choices[0]
     prompt = chat.encode_messages(USER, thinking=False)
-    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.prompt_tokens == len(tok.encode_prompt(prompt))
     assert r.usage.completion_tokens == 12 and choice.finish_reason == "length"
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     assert choice.message.content and choice.message.role == "assistant"

@@ -45,8 +45,8 @@ def test_openai_tool_call_round_trip(scripted_oai, oai, plan):
     r2 = oai.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0)
     tok = Tokenizer.from_file(plan.weights_uri)
     expected = chat.encode_messages(history, tools=TOOLS, thinking=True)
-    assert "<tool_result>sunny, 21C</tool_result>" in expected
-    assert r2.usage.prompt_tokens == len(tok.encode(expected))
+    assert "<tool_result>sunny, 21C</tool_result>" in expected.text
+    assert r2.usage.prompt_tokens == len(tok.encode_prompt(expected))
 
 
 def test_anthropic_tool_use_round_trip(scripted_url, anth, plan):
@@ -74,7 +74,7 @@ def test_anthropic_tool_use_round_trip(scripted_url, anth, plan):
         {"role": "tool", "tool_call_id": use.id, "content": "sunny, 21C"},
     ]
     oai_tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}} for t in tools]
-    assert m2.usage.input_tokens == len(tok.encode(chat.encode_messages(oai_history, tools=oai_tools, thinking=True)))
+    assert m2.usage.input_tokens == len(tok.encode_prompt(chat.encode_messages(oai_history, tools=oai_tools, thinking=True)))
 
 
 def test_error_mid_stream_ends_the_stream_in_each_api_shape(scripted_oai, scripted_url):
