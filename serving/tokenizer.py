@@ -12,6 +12,7 @@ special_tokens=True)`) can put special tokens in front of the model.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -28,11 +29,16 @@ TOKENIZER_FILE = "tokenizer.json"
 class Tokenizer:
     def __init__(self, tok: HFTokenizer):
         self._tok = tok
-        self._plain = HFTokenizer.from_str(tok.to_str())  # the same tokenizer, blind to special tokens
-        self._plain.encode_special_tokens = True
         self.bos_id = self._special_id(BOS)
         self.eos_id = self._special_id(EOS)
-        specials = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        # The chat markers count as special even where tokenizer.json marks them otherwise (some
+        # DeepSeek tokenizers ship `<think>` as a plain added token).
+        data = json.loads(tok.to_str())
+        for added in data["added_tokens"]:
+            added["special"] = added["special"] or added["content"] in SPECIAL_TOKENS
+        self._plain = HFTokenizer.from_str(json.dumps(data))  # the same tokenizer, blind to special tokens
+        self._plain.encode_special_tokens = True
+        specials = sorted((a["content"] for a in data["added_tokens"] if a["special"]), key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials)))
 
     def _special_id(self, token: str) -> int:

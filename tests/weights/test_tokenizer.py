@@ -1,6 +1,9 @@
 """The shipped byte-level BPE: deterministic training, chat special tokens, lossless round trips."""
 
+import json
+
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from v4d.serving.chat import ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, USER, encode_messages
 from v4d.serving.tokenizer import Tokenizer
@@ -41,6 +44,16 @@ def test_special_token_strings_in_plain_text_are_ordinary_tokens(tok, special):
     assert not set(ids) & set(range(len(SPECIAL_TOKENS)))
     assert tok.decode(ids) == text
     assert tok.strip_special(text) == "hi  there"
+
+
+def test_chat_markers_count_as_special_even_when_the_file_says_otherwise(tok):
+    data = json.loads(tok.raw.to_str())
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] not in (THINK, END_THINK)  # as some DeepSeek tokenizers ship them
+    plain_think = Tokenizer(HFTokenizer.from_str(json.dumps(data)))
+    ids = plain_think.encode(f"a {THINK}b{END_THINK}")
+    assert not {tok.raw.token_to_id(THINK), tok.raw.token_to_id(END_THINK)} & set(ids)
+    assert plain_think.strip_special(f"a {THINK}b{END_THINK}") == "a b"
 
 
 @pytest.mark.parametrize("text", ["The lighthouse keeper lit the lamp.", "naïve café 日本語 🙂 \t\n  spaces",
