@@ -3,6 +3,7 @@
 Both APIs build a `GenRequest`, stream `Event`s from `events()`, and format them their own way.
 Order of work per engine item: incremental detokenization (`decode`, special tokens kept, so the chat parser
 sees `</think>` and DSML markers) -> the chat output parser splits reasoning / content / tool calls
+(and, with `skip_special_tokens`, special-token strings leave the text: `chat_bridge.SkipSpecial`)
 -> text stop sequences are matched on the content and end the request early.
 """
 
