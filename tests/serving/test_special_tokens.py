@@ -5,6 +5,7 @@ The first tests are pure (a trained tokenizer, no server); the rest need the ser
 """
 
 import asyncio
+import json
 
 import anthropic
 import openai
@@ -12,8 +13,10 @@ import pytest
 from conftest import API_KEY
 
 from v4d.serving import chat
-from v4d.serving.api import chat_bridge
+from v4d.serving.api import anthropic_api, chat_bridge, openai_api
+from v4d.serving.api.errors import APIError
 from v4d.serving.api.generation import Finished, PlainParser, ReasoningDelta, TextDelta, events
+from v4d.serving.api.validation import parse_body
 from v4d.serving.tokenizer import Tokenizer
 
 MODEL = "v4-tiny"
@@ -61,6 +64,15 @@ def test_raw_completions_skip_special_tokens_too(trained):
     text = f"{chat.BOS}The sea{chat.EOS} is"
     assert _text(_run(trained, text, PlainParser(), skip=True), TextDelta) == "The sea is"
     assert _text(_run(trained, text, PlainParser(), skip=False), TextDelta) == text
+
+
+@pytest.mark.parametrize("model", [openai_api.ChatRequest, openai_api.CompletionRequest, anthropic_api.MessagesRequest])
+def test_skip_special_tokens_defaults_to_true_and_must_be_a_bool(model):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 4}
+    assert parse_body(json.dumps(body).encode(), model).skip_special_tokens is True
+    with pytest.raises(APIError) as e:
+        parse_body(json.dumps(body | {"skip_special_tokens": "no"}).encode(), model)
+    assert e.value.param == "skip_special_tokens"
 
 
 # -- against the served app (run under the server lock) ----------------------------------------
