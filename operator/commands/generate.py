@@ -57,7 +57,7 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
         tok = Tokenizer.from_file(checkpoint_dir, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
     except (FileNotFoundError, ValueError) as e:
         if prompt is not None:
-            raise click.UsageError(f"{checkpoint_dir}: {e}; use --token-ids") from None
+            raise click.UsageError(f"--prompt needs the checkpoint's tokenizer: {e}; use --token-ids") from None
         tok = None
     if tok is not None and prompt is not None:
         missing = [t for t in CHAT_TOKENS if tok.raw.token_to_id(t) is None]

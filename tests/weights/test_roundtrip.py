@@ -164,3 +164,6 @@ def test_generate_token_ids_without_a_chat_tokenizer(ckpt, loaded, tmp_path):
     assert json.loads(text.stdout)["prompt_token_ids"] == [7, *plain.encode("hello").ids]  # config.json's BOS
     chat = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--chat"])
     assert chat.exit_code != 0 and "not a V4 chat tokenizer" in chat.output
+    (tmp_path / "tokenizer.json").unlink()
+    bare = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello"])
+    assert bare.exit_code != 0 and "--prompt needs the checkpoint's tokenizer" in bare.output
