@@ -127,6 +127,11 @@ def stable_topk(self, k, dim=-1, largest=True, sorted=True):
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 
 
+def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest error of a logit vector over the smallest reference vector norm (rows = positions)."""
+    return float((ours - ref).norm(dim=-1).max() / ref.norm(dim=-1).min())
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     hf = hf_model()
@@ -163,7 +168,6 @@ def test_prefill_and_greedy_decode_equal_transformers(pair, monkeypatch):
     with torch.no_grad():
         logits = ours.prefill_logits(PROMPT)
         out = generate(ours, PROMPT, STEPS)
-    rel = lambda a, b: float((a - b).norm(dim=-1).max() / b.norm(dim=-1).min())  # noqa: E731
     assert rel(logits, ref) < 1e-5, f"prefill logits differ by {rel(logits, ref):.2e} relative"
     assert out.token_ids == gen.sequences[0, len(PROMPT):].tolist()
     steps = torch.stack(gen.logits)[:, 0]
