@@ -3,7 +3,8 @@
 Random transformers weights with every feature on (SWA, CSA with top-k below the visible blocks, HCA,
 hash-routed first layers, mHC, YaRN, shared and routed experts pushed past `swiglu_limit`) are saved
 with `save_pretrained`, renamed to the official layout, given an official `config.json` and loaded by
-v4d's loader. Prefill logits and 8 greedy decode steps must agree within 1e-5 relative in fp32.
+v4d's loader. Prefill logits and 8 greedy decode steps must agree within 1e-5 relative in fp32, with
+reduced ratios (window 8, HCA 16) and with the real ones (window 128, CSA 4, HCA 128).
 
 transformers quirks handled here, not in the product:
 - `save_pretrained` reverses its `.norm.` -> `.kv_norm.` load rename everywhere, so the attention's
@@ -11,6 +12,8 @@ transformers quirks handled here, not in the product:
 - its CSA indexer calls `Tensor.topk`, whose order among equal scores is unspecified (CPU keeps
   other indices than CUDA); ties are common (ReLU scores of 0). v4d keeps the lowest index
   (docs/model.md), so transformers runs with a `topk` that breaks ties the same way.
+- `generate` without an attention mask masks every prompt token equal to `pad_token_id` as padding.
+- it imports the `kernels` package, which the checkout's `kernels/` folder can shadow (below).
 """
 
 from __future__ import annotations
@@ -47,22 +50,25 @@ def _import_transformers():
 transformers = _import_transformers()
 LIMIT = 10.0
 STEPS = 8
-# 5 layers: SWA, CSA, HCA, CSA, HCA; the first two hash-routed. Small window and HCA ratio, so the
-# 96-token prompt closes 6 HCA blocks and 24 CSA blocks, of which the indexer keeps 4.
-CFG = replace(
+# 5 layers: SWA, CSA, HCA, CSA, HCA; the first two hash-routed; indexer top-k 4 of the visible blocks.
+BASE = replace(
     TINY, vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, head_dim=32,
-    qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
-    compress_ratios=(0, 4, 16, 4, 16), index_n_heads=2, index_head_dim=16, index_topk=4, n_routed_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2, swiglu_limit=LIMIT,
-    num_nextn_predict_layers=0, max_position_embeddings=1024,  # = YaRN factor x original
+    qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
+    index_topk=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2,
+    swiglu_limit=LIMIT, num_nextn_predict_layers=0, max_position_embeddings=1024,  # = YaRN factor x original
     rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=64),
 )
-PROMPT = torch.randint(0, CFG.vocab_size, (96,), generator=torch.Generator().manual_seed(5)).tolist()
-KINDS = {0: "sliding_attention", 4: "compressed_sparse_attention", 16: "heavily_compressed_attention"}
+CASES = {
+    # window 8, HCA ratio 16: 96 tokens close 6 HCA and 24 CSA blocks
+    "small-ratios": (replace(BASE, sliding_window=8, compress_ratios=(0, 4, 16, 4, 16)), 96),
+    # the real window (128) and ratios (4, 128): 300 tokens close 2 HCA and 75 CSA blocks
+    "real-ratios": (replace(BASE, sliding_window=128, compress_ratios=(0, 4, 128, 4, 128)), 300),
+}
+KINDS = {0: "sliding_attention", 4: "compressed_sparse_attention"}
 
 
-def hf_model() -> torch.nn.Module:
-    c = CFG
+def hf_model(c) -> torch.nn.Module:
+    hca = max(c.compress_ratios)
     config = transformers.DeepseekV4Config(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, moe_intermediate_size=c.moe_intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -74,8 +80,8 @@ def hf_model() -> torch.nn.Module:
         rope_parameters={"rope_type": "yarn", "factor": c.rope_scaling.factor,
                          "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
                          "beta_fast": c.rope_scaling.beta_fast, "beta_slow": c.rope_scaling.beta_slow},
-        layer_types=[KINDS[r] for r in c.compress_ratios],
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        layer_types=[KINDS.get(r, "heavily_compressed_attention") for r in c.compress_ratios],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca},
         mlp_layer_types=["hash_moe" if c.is_hash_layer(i) else "moe" for i in range(c.num_hidden_layers)],
         hc_mult=c.hc_mult, hc_sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps, swiglu_limit=c.swiglu_limit,
         sliding_window=c.sliding_window, o_groups=c.o_groups, o_lora_rank=c.o_lora_rank,
@@ -109,7 +115,7 @@ def hf_model() -> torch.nn.Module:
                 p.copy_(randn(p.shape, p.shape[-1] ** -0.5))
         for name, b in model.named_buffers():
             if name.endswith("tid2eid"):
-                b.copy_(torch.rand(b.shape[0], CFG.n_routed_experts, generator=g).argsort(-1)[:, : b.shape[1]])
+                b.copy_(torch.rand(b.shape[0], c.n_routed_experts, generator=g).argsort(-1)[:, : b.shape[1]])
     return model
 
 
@@ -132,9 +138,11 @@ def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).norm(dim=-1).max() / ref.norm(dim=-1).min())
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = hf_model()
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """(transformers model, v4d model loaded from its checkpoint in the official layout, prompt)."""
+    cfg, n_prompt = CASES[request.param]
+    hf = hf_model(cfg)
     out = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(out / "hf")
     tensors = {}
@@ -144,18 +152,19 @@ def pair(tmp_path_factory):
     ckpt = out / "official"
     ckpt.mkdir()
     save_file(tensors, ckpt / "model.safetensors")
-    config = CFG.to_dict()
-    config["compress_ratios"] = [*CFG.compress_ratios, 0]  # the official length: one entry for an MTP layer
+    config = cfg.to_dict()
+    config["compress_ratios"] = [*cfg.compress_ratios, 0]  # the official length: one entry for an MTP layer
     (ckpt / "config.json").write_text(json.dumps(config))
-    return hf, load_model(ckpt, progress=False)
+    prompt = torch.randint(0, cfg.vocab_size, (n_prompt,), generator=torch.Generator().manual_seed(5)).tolist()
+    return hf, load_model(ckpt, progress=False), prompt
 
 
-def test_prefill_and_greedy_decode_equal_transformers(pair, monkeypatch):
-    hf, ours = pair
+def test_prefill_and_greedy_decode_equal_transformers(case, monkeypatch):
+    hf, ours, prompt = case
     seen = []  # largest |pre-activation| of each shared expert, from the reference run
     hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(float(o.abs().max())))
              for n, m in hf.named_modules() if n.endswith(("shared_experts.gate_proj", "shared_experts.up_proj"))]
-    ids = torch.tensor([PROMPT])
+    ids = torch.tensor([prompt])
     with torch.no_grad(), monkeypatch.context() as m:
         m.setattr(torch.Tensor, "topk", stable_topk)
         ref = hf(ids, use_cache=False).logits[0]
@@ -166,10 +175,10 @@ def test_prefill_and_greedy_decode_equal_transformers(pair, monkeypatch):
     assert max(seen) > LIMIT  # the shared experts run into the clamp
 
     with torch.no_grad():
-        logits = ours.prefill_logits(PROMPT)
-        out = generate(ours, PROMPT, STEPS)
+        logits = ours.prefill_logits(prompt)
+        out = generate(ours, prompt, STEPS)
     assert rel(logits, ref) < 1e-5, f"prefill logits differ by {rel(logits, ref):.2e} relative"
-    assert out.token_ids == gen.sequences[0, len(PROMPT):].tolist()
+    assert out.token_ids == gen.sequences[0, len(prompt):].tolist()
     steps = torch.stack(gen.logits)[:, 0]
     decoded = torch.stack(out.logits)
     assert rel(decoded, steps) < 1e-5, f"decode logits differ by {rel(decoded, steps):.2e} relative"
