@@ -8,11 +8,13 @@ real checkpoint's config loads unchanged and `to_json()` writes one a real loade
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 LayerKind = Literal["swa", "csa", "hca"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         kw: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         if "compress_ratios" in kw:
-            kw["compress_ratios"] = tuple(int(r) for r in kw["compress_ratios"])
+            n_layers = kw.get("num_hidden_layers", cls.num_hidden_layers)
+            n_mtp = kw.get("num_nextn_predict_layers", cls.num_nextn_predict_layers)
+            kw["compress_ratios"] = _fit_ratios(tuple(int(r) for r in kw["compress_ratios"]), n_layers, n_mtp)
         if isinstance(kw.get("rope_scaling"), dict):
             rs_known = {f.name for f in fields(RopeScaling)}
             kw["rope_scaling"] = RopeScaling(**{k: v for k, v in kw["rope_scaling"].items() if k in rs_known})
@@ -165,6 +169,25 @@ _POSITIVE = (
     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
     "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings",
 )
+
+
+def _fit_ratios(ratios: tuple[int, ...], n_layers: int, n_mtp: int) -> tuple[int, ...]:
+    """`compress_ratios` of a config.json, fitted to the layers it describes.
+
+    Official files carry num_hidden_layers + 1 entries (the last one for the MTP layer), and tools
+    that drop MTP (`num_nextn_predict_layers: 0`) keep that length: extra trailing entries are
+    ignored. MTP layers without an entry are SWA-only (0), as in every official schedule.
+    """
+    want = n_layers + n_mtp
+    if len(ratios) < n_layers:
+        raise ValueError(f"compress_ratios: expected at least {n_layers} entries (one per main layer, "
+                         f"num_hidden_layers {n_layers}; then one per MTP layer), got {len(ratios)}")
+    if len(ratios) > want:
+        log.info("compress_ratios: %d entries, using the first %d (num_hidden_layers %d + "
+                 "num_nextn_predict_layers %d); ignoring %s", len(ratios), want, n_layers, n_mtp, list(ratios[want:]))
+    elif len(ratios) < want:
+        log.info("compress_ratios: no entry for %d MTP layer(s); they are SWA-only (0)", want - len(ratios))
+    return (ratios + (0,) * n_mtp)[:want]
 
 
 def _schedule(first: list[int], n_layers: int, mtp: int = 1) -> tuple[int, ...]:

@@ -27,10 +27,12 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer):
+    def __init__(self, tok: HFTokenizer, bos_id: int | None = None, eos_id: int | None = None):
+        """`bos_id` / `eos_id` (config.json's `bos_token_id` / `eos_token_id`) stand in when the
+        tokenizer does not name DeepSeek's BOS / EOS tokens; without them that is an error."""
         self._tok = tok
-        self.bos_id = self._special_id(BOS)
-        self.eos_id = self._special_id(EOS)
+        self.bos_id = self._special_id(BOS, bos_id)
+        self.eos_id = self._special_id(EOS, eos_id)
         # The chat markers count as special even where tokenizer.json marks them otherwise (some
         # DeepSeek tokenizers ship `<think>` as a plain added token).
         data = json.loads(tok.to_str())
@@ -41,21 +43,23 @@ class Tokenizer:
         specials = sorted((a["content"] for a in data["added_tokens"] if a["special"]), key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials)))
 
-    def _special_id(self, token: str) -> int:
+    def _special_id(self, token: str, fallback: int | None = None) -> int:
         tid = self._tok.token_to_id(token)
+        if tid is None:
+            tid = fallback
         if tid is None:
             raise ValueError(f"tokenizer has no {token!r} token")
         return tid
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
+    def from_file(cls, path: str | Path, bos_id: int | None = None, eos_id: int | None = None) -> Tokenizer:
         """Load `tokenizer.json`, or the one inside a checkpoint directory."""
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(HFTokenizer.from_file(str(path)), bos_id, eos_id)
 
     @classmethod
     def train(cls, vocab_size: int, corpus: str | Path = CORPUS) -> Tokenizer:

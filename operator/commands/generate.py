@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
-from v4d.serving.chat import encode_messages
+from v4d.serving.chat import ASSISTANT, BOS, END_THINK, THINK, USER, encode_messages
 from v4d.serving.config import ModelConfig
 from v4d.serving.generate import generate
 from v4d.serving.model.loader import CONFIG_FILE, CheckpointError, load_model
 from v4d.serving.tokenizer import Tokenizer
+
+CHAT_TOKENS = (BOS, USER, ASSISTANT, THINK, END_THINK)  # what encode_messages writes for one user turn
 
 
 def _ids(text: str) -> list[int]:
@@ -47,24 +49,29 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
     if (chat or thinking) and prompt is None:
         raise click.UsageError("--chat and --thinking need --prompt")
     try:
-        tok = Tokenizer.from_file(checkpoint_dir)
-    except FileNotFoundError:
+        cfg = ModelConfig.from_json(Path(checkpoint_dir) / CONFIG_FILE)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{checkpoint_dir}: cannot read config.json ({e})") from None
+    # Token ids need no tokenizer; one that does not name DeepSeek's BOS/EOS takes config.json's ids.
+    try:
+        tok = Tokenizer.from_file(checkpoint_dir, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
+    except (FileNotFoundError, ValueError) as e:
+        if prompt is not None:
+            raise click.UsageError(f"--prompt needs the checkpoint's tokenizer: {e}; use --token-ids") from None
         tok = None
-    if prompt is not None:
-        if tok is None:
-            raise click.UsageError(f"{checkpoint_dir} has no tokenizer.json; use --token-ids")
+    if tok is not None and prompt is not None:
+        missing = [t for t in CHAT_TOKENS if tok.raw.token_to_id(t) is None]
+        if chat and missing:
+            raise click.UsageError(f"--chat: the tokenizer of {checkpoint_dir} has no {missing[0]!r} token "
+                                   "(not a V4 chat tokenizer); use --prompt without --chat, or --token-ids")
         if chat:
             ids = tok.encode_prompt(encode_messages([{"role": "user", "content": prompt}], thinking=thinking))
         else:
             ids = [tok.bos_id, *tok.encode(prompt, special_tokens=True)]
     else:
         ids = _ids(token_ids)
-    try:
-        vocab = ModelConfig.from_json(Path(checkpoint_dir) / CONFIG_FILE).vocab_size
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"{checkpoint_dir}: cannot read config.json ({e})") from None
-    if not all(0 <= i < vocab for i in ids):
-        raise click.BadParameter(f"token ids must be in 0..{vocab - 1}", param_hint="--token-ids")
+    if not all(0 <= i < cfg.vocab_size for i in ids):
+        raise click.BadParameter(f"token ids must be in 0..{cfg.vocab_size - 1}", param_hint="--token-ids")
     try:
         model = load_model(checkpoint_dir, progress=not as_json)
     except CheckpointError as e:

@@ -73,11 +73,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
         y = backend(self.layer, x, ids, weights)
-        # The shared expert runs unclamped in the official code (its swiglu_limit is left at 0).
+        # The shared expert is clamped like the routed ones (deepseek-v4.md §5; official Expert(swiglu_limit=)).
         s = self.shared_experts
         one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         y = y + ops.moe_experts(x, one, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
-                                s.w1.weight[None], s.w3.weight[None], s.w2.weight[None], 0.0)
+                                s.w1.weight[None], s.w3.weight[None], s.w2.weight[None], self.swiglu_limit)
         return y.to(x.dtype)
 
 

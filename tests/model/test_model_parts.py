@@ -129,3 +129,15 @@ def test_without_experts_the_model_holds_no_routed_weights():
     bare = Transformer(get_preset("v4-tiny-fast"), with_experts=False)
     assert not any(".ffn.experts." in k for k in bare.state_dict())
     assert any(".ffn.shared_experts." in k for k in bare.state_dict())
+
+
+def test_shared_expert_is_clamped_like_the_routed_ones(tiny):
+    moe = tiny.layers[2].ffn
+    s, lim = moe.shared_experts, tiny.cfg.swiglu_limit
+    x = torch.randn(16, tiny.cfg.hidden_size, generator=torch.Generator().manual_seed(4)) * 40
+    gate, up = s.w1(x), s.w3(x)
+    assert (gate > lim).any() and (up.abs() > lim).any()  # the inputs reach past the limit both ways
+    expect = s.w2(F.silu(gate.clamp(max=lim)) * up.clamp(-lim, lim))
+    no_routed = lambda layer, x, ids, w: torch.zeros_like(x)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x, torch.zeros(16, dtype=torch.long), no_routed), expect, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,8 @@
 """Model presets carry the official config values (deepseek-v4.md §1.1) and round-trip through config.json."""
 
 import json
+import logging
+from dataclasses import replace
 
 import pytest
 
@@ -65,7 +67,7 @@ def test_tiny_keeps_the_structure():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"compress_ratios": [0, 4]}, "compress_ratios: expected 7 entries"),
+        ({"compress_ratios": [0, 4]}, "compress_ratios: expected at least 6 entries"),
         ({"compress_ratios": [0, 0, 4, 5, 4, 128, 0]}, "compress_ratios: entries must be 0 (SWA), 4 (CSA)"),
         ({"o_groups": 3}, "o_groups: must divide num_attention_heads"),
         ({"hidden_size": 0}, "hidden_size: must be positive, got 0"),
@@ -80,3 +82,21 @@ def test_check_names_the_key(change, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'v5'"):
         get_preset("v5")
+
+
+def test_compress_ratios_of_the_official_length_load_with_or_without_mtp(caplog):
+    official = list(TINY.compress_ratios)  # num_hidden_layers + 1 entries, the last for the MTP layer
+    assert len(official) == TINY.num_hidden_layers + 1
+    with caplog.at_level(logging.INFO, logger="v4d.serving.config"):
+        no_mtp = ModelConfig.from_dict({**TINY.to_dict(), "num_nextn_predict_layers": 0, "compress_ratios": official})
+    assert no_mtp.compress_ratios == TINY.compress_ratios[:-1] and no_mtp.main_layer_kinds == TINY.main_layer_kinds
+    assert "compress_ratios: 7 entries, using the first 6" in caplog.text
+    longer = ModelConfig.from_dict({**TINY.to_dict(), "compress_ratios": official + [4, 4]})
+    assert longer.compress_ratios == TINY.compress_ratios
+    two_mtp = ModelConfig.from_dict({**TINY.to_dict(), "num_nextn_predict_layers": 2, "compress_ratios": official})
+    assert two_mtp.compress_ratios == (*TINY.compress_ratios, 0)
+    with pytest.raises(ValueError, match=r"compress_ratios: expected at least 6 entries .* got 5"):
+        ModelConfig.from_dict({**TINY.to_dict(), "num_nextn_predict_layers": 0, "compress_ratios": official[:5]})
+    # a config built in code must still match exactly
+    with pytest.raises(ValueError, match="compress_ratios: expected 7 entries"):
+        replace(TINY, compress_ratios=official + [0]).check()

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from v4d.kernels import ops
 from v4d.operator.cli import main
@@ -134,3 +136,34 @@ def test_load_in_bf16(ckpt, loaded_logits):
     # bf16 rounding: most positions stay within a few percent; a few differ more where rounding
     # flips a router's or indexer's top-k choice
     assert err.median() < 0.05 and err.max() < 1.0
+
+
+def test_generate_token_ids_without_a_chat_tokenizer(ckpt, loaded, tmp_path):
+    # A checkpoint as another tool writes it: config.json without MTP but with the official
+    # compress_ratios length, its own BOS/EOS ids, and a tokenizer that names none of DeepSeek's tokens.
+    for f in ckpt.iterdir():
+        if f.name not in ("config.json", "tokenizer.json"):
+            (tmp_path / f.name).symlink_to(f)
+    config = {**TINY_FAST.to_dict(), "num_nextn_predict_layers": 0, "bos_token_id": 7, "eos_token_id": 9}
+    assert len(config["compress_ratios"]) == TINY_FAST.num_hidden_layers + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = HFTokenizer(models.BPE())
+    plain.pre_tokenizer, plain.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    plain.train_from_iterator(["the lighthouse keeper", "hello world"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain.save(str(tmp_path / "tokenizer.json"))
+
+    run = CliRunner().invoke(main, ["generate", str(tmp_path), "--token-ids", ",".join(map(str, PROMPT[:12])),
+                                    "--max-new-tokens", "2", "--ignore-eos", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.stdout)
+    assert torch.allclose(torch.tensor(out["logits"][0]), loaded.prefill_logits(PROMPT[:12])[-1], atol=1e-4)
+    text = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "1",
+                                     "--json"])
+    assert text.exit_code == 0, text.output
+    assert json.loads(text.stdout)["prompt_token_ids"] == [7, *plain.encode("hello").ids]  # config.json's BOS
+    chat = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--chat"])
+    assert chat.exit_code != 0 and "not a V4 chat tokenizer" in chat.output
+    (tmp_path / "tokenizer.json").unlink()
+    bare = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello"])
+    assert bare.exit_code != 0 and "--prompt needs the checkpoint's tokenizer" in bare.output
