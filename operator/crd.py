@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from v4d.operator import api
+from v4d.serving import names
 
 # Committed copies the tests compare against `render_yaml()` (the chart installs the second).
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILES = (
-    REPO / "manifests" / "crd" / f"{api.GROUP}_{api.PLURAL}.yaml",
-    REPO / "charts" / "v4d" / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml",
+    REPO / "manifests" / "crd" / f"{names.GROUP}_{names.PLURAL}.yaml",
+    REPO / "charts" / "v4d" / "crds" / f"{names.GROUP}_{names.PLURAL}.yaml",
 )
 
 _DROP = {"title", "$defs"}
@@ -105,13 +106,13 @@ def crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{names.PLURAL}.{names.GROUP}"},
         "spec": {
-            "group": api.GROUP,
+            "group": names.GROUP,
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
+                "kind": names.KIND,
+                "listKind": f"{names.KIND}List",
+                "plural": names.PLURAL,
                 "singular": api.SINGULAR,
                 "shortNames": api.SHORT_NAMES,
                 "categories": api.CATEGORIES,
@@ -119,7 +120,7 @@ def crd() -> dict[str, Any]:
             "scope": "Namespaced",
             "versions": [
                 {
-                    "name": api.VERSION,
+                    "name": names.VERSION,
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},

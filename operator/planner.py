@@ -25,15 +25,16 @@ from v4d.operator import api, eplb
 from v4d.operator.validate import parse_spec, resolve_model
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
+from v4d.serving.names import shard_name
 from v4d.serving.plan import (
     Balance,
     EnginePlan,
     ExpertCounts,
-    ExpertShard,
     KVPlan,
     Plan,
     PoolPlan,
     ServingPlan,
+    ShardPlan,
 )
 from v4d.serving.sizing import human_bytes
 
@@ -234,7 +235,7 @@ def _expert_devices(
 
 def _plan_experts(
     spec: api.V4DeploymentSpec, cfg: ModelConfig, engine: _Engine, expert_load: Any, warnings: list[str]
-) -> tuple[list[ExpertShard], dict[str, int], float]:
+) -> tuple[list[ShardPlan], dict[str, int], float]:
     n_layers, n_experts = cfg.num_hidden_layers, cfg.n_routed_experts
     n_slots = n_experts + spec.parallelism.redundantExperts
     load = _expert_load(expert_load, n_layers, n_experts)
@@ -249,8 +250,8 @@ def _plan_experts(
     placement = eplb.place(load, slots)
     column = n_layers * sizing.expert_bytes(cfg)
     shards = [
-        ExpertShard(
-            name=f"experts-{p.name}-{i}",
+        ShardPlan(
+            name=shard_name(p.name, i),
             pool=p.name,
             device=i,
             slots=slot_map,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from v4d.operator import api
+from v4d.serving import names
 from v4d.serving.config import PRESETS, ModelConfig
 
 # Ports the Ray head of every deployment already binds (GCS, client, dashboard, agent, metrics export).
@@ -337,10 +338,10 @@ def validate_manifest(doc: Any) -> list[Issue]:
     if not isinstance(doc, dict):
         return [Issue("(document)", f"expected a V4Deployment object, got {_type_name(doc)}")]
     issues: list[Issue] = []
-    if doc.get("apiVersion") != api.API_VERSION:
-        issues.append(Issue("apiVersion", f"expected {api.API_VERSION!r}, got {doc.get('apiVersion')!r}"))
-    if doc.get("kind") != api.KIND:
-        issues.append(Issue("kind", f"expected {api.KIND!r}, got {doc.get('kind')!r}"))
+    if doc.get("apiVersion") != names.API_VERSION:
+        issues.append(Issue("apiVersion", f"expected {names.API_VERSION!r}, got {doc.get('apiVersion')!r}"))
+    if doc.get("kind") != names.KIND:
+        issues.append(Issue("kind", f"expected {names.KIND!r}, got {doc.get('kind')!r}"))
     name = _dict(doc.get("metadata")).get("name")
     if not isinstance(name, str) or not re.match(api.DNS_LABEL, name) or len(name) > MAX_NAME:
         issues.append(

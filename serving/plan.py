@@ -51,8 +51,10 @@ class EnginePlan:
 
 
 @dataclass
-class ExpertShard:
-    name: str  # "experts-<pool>-<i>"
+class ShardPlan:
+    """One expert shard (one device); served by the `v4d.serving.experts.ExpertShard` deployment of this name."""
+
+    name: str  # names.shard_name(pool, i): "experts-<pool>-<i>"
     pool: str
     device: int  # index of the device among this pool's expert devices
     slots: list[list[int]]  # [moe_layer][slot] -> logical expert id
@@ -97,7 +99,7 @@ class Plan:
     max_context_tokens: int
     pools: list[PoolPlan]
     engine: EnginePlan
-    shards: list[ExpertShard]
+    shards: list[ShardPlan]
     experts: ExpertCounts
     balance: Balance
     kv: KVPlan
@@ -117,7 +119,7 @@ class Plan:
                 **d,
                 "pools": [PoolPlan(**p) for p in d["pools"]],
                 "engine": EnginePlan(**d["engine"]),
-                "shards": [ExpertShard(**s) for s in d["shards"]],
+                "shards": [ShardPlan(**s) for s in d["shards"]],
                 "experts": ExpertCounts(**d["experts"]),
                 "balance": Balance(**d["balance"]),
                 "kv": KVPlan(**d["kv"]),

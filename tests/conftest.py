@@ -1,9 +1,11 @@
 """Session-wide: a real control plane (etcd + kube-apiserver + kube-controller-manager 1.20, see
-kubecluster.py) with the V4Deployment, KubeRay RayService and kopf peering CRDs installed, for the
+helpers/kubecluster.py) with the V4Deployment, KubeRay RayService and kopf peering CRDs installed, for the
 operator and observability tests; and how the pytest process leaves.
 
 Under CI (CI=true) a control plane that cannot start fails the tests; elsewhere they are skipped
-with the reason (run scripts/setup-kube.sh once to build it).
+with the reason (run scripts/setup-kube.sh once to build it). The control-plane helpers are imported
+inside the fixture: tests that need no cluster run where the `kubernetes` package is not installed
+(a bare GPU machine).
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import os
 import sys
 
 import pytest
-from kubecluster import ROOT, connect_and_install, start, stop, wait_for
-
-__all__ = ["ROOT", "wait_for"]
 
 
 @pytest.fixture(scope="session")
 def cluster():
+    from helpers.kubecluster import connect_and_install, start, stop
+
     try:
         start()
     except Exception as e:  # noqa: BLE001 - any failure to start is reported the same way

@@ -10,8 +10,8 @@ from v4d.serving.autoscale import (
     NUM_WAITING,
     KVPressurePolicy,
     autoscaling_config,
-    read_decisions,
 )
+from v4d.serving.decision_publish import read_decisions
 
 APP = "kv-policy"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from kubecluster import stop_process
+from helpers.kubecluster import stop_process
 
 from v4d.operator import dashboards, observability, rules
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubecluster import ROOT, wait_for
+from helpers.kubecluster import ROOT, wait_for
 
 from v4d.operator.kube import request
 

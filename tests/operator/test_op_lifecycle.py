@@ -9,16 +9,17 @@ import time
 
 import pytest
 import yaml
+from helpers.kubecluster import wait_for
+from helpers.opspecs import manifest, tiny_spec
 from kopf.testing import KopfRunner
-from kubecluster import wait_for
 from kubernetes.client.rest import ApiException
-from opspecs import manifest, tiny_spec
 
 from v4d.operator import handlers, render
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
+from v4d.serving.names import GROUP, PLURAL, VERSION
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+G, V, P = GROUP, VERSION, PLURAL
 METRICS_PORT = 8401
 
 

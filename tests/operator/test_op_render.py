@@ -6,11 +6,13 @@ import json
 
 import pytest
 import yaml
-from opspecs import sample, tiny_spec
+from helpers.opspecs import sample, tiny_spec
 
 from v4d.operator import render, status
+from v4d.operator.api import CONDITIONS
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
+from v4d.serving.names import STATUS_SCALING_HISTORY
 from v4d.serving.plan import Plan
 
 META = {"name": "demo", "namespace": "ns1", "uid": "1234-uid"}
@@ -184,7 +186,7 @@ def test_status_aggregates_kuberay_and_autoscaling():
                         previous={}, now="t0")
     assert st["phase"] == "Ready"
     assert st["replicas"] == {"attention": {"desired": 2, "ready": 2}, "experts": {"desired": 2, "ready": 2}}
-    assert st["kvCacheUtilization"] == 0.8123 and len(st["scalingHistory"]) == status.HISTORY
+    assert st["kvCacheUtilization"] == 0.8123 and len(st["scalingHistory"]) == STATUS_SCALING_HISTORY
     assert st["selector"] == "v4d.dev/deployment=demo,v4d.dev/role=attention"
     # Recomputing later gives the same dict (transition times kept): the operator writes nothing.
     assert status.compute(name="demo", generation=1, plan=p, groups=groups, rayservice=rs, autoscaling_cm=cm,
@@ -211,7 +213,7 @@ def test_refused_apply_degrades_and_keeps_the_rest():
                                 "message": "applying Service demo-api: exceeded quota", "lastTransitionTime": "t1",
                                 "observedGeneration": 2}
     assert cond["Planned"] == {c["type"]: c for c in st["conditions"]}["Planned"]
-    assert set(cond) == set(status.CONDITIONS)
+    assert set(cond) == set(CONDITIONS)
 
 def test_contains_ignores_server_defaults_but_sees_drift():
     want = {"a": {"b": [1, {"c": "x"}]}, "d": "e"}

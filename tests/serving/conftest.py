@@ -13,14 +13,11 @@ import os
 from dataclasses import replace
 
 import pytest
+from helpers.servingapp import API_KEY, APP, HTTP_PORT
 
 from v4d.serving.local import RAY_ENV
 
 os.environ.update(RAY_ENV)
-
-HTTP_PORT = 8150  # this session's Serve proxy; Ray metrics on 8151.. (head, then one per pool)
-API_KEY = "test-key-123"
-APP = "v4d"
 
 # A tiny model over two pools. The KV budget is replaced below by a deliberately small one, so a
 # handful of requests fill it (queueing, 429s, autoscaling), while 4 concurrent short ones fit.

@@ -6,7 +6,7 @@ import time
 import openai
 import pytest
 import ray
-from conftest import APP
+from helpers.servingapp import APP
 from ray import serve
 
 MODEL = "v4-tiny"

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 import httpx
-from conftest import APP
+from helpers.servingapp import APP
 from ray import serve
 
 MODEL = "v4-tiny"

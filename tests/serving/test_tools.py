@@ -5,7 +5,7 @@ import json
 import anthropic
 import openai
 import pytest
-from conftest import API_KEY
+from helpers.servingapp import API_KEY
 
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
