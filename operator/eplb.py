@@ -11,6 +11,7 @@ never worse than plain greedy packing. Vectorised over layers with numpy: V4-Pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,7 +131,7 @@ def place(
     return Placement(phy2log, logcnt, device, device_loads(item_load, device, len(slots)))
 
 
-def max_over_mean(device_load: np.ndarray, weight: np.ndarray | list[float]) -> float:
+def max_over_mean(device_load: np.ndarray, weight: np.ndarray | Sequence[float]) -> float:
     """Worst layer's max over mean of device load / capacity weight (1.0 is perfect).
 
     The mean is the capacity-weighted one, total load / total weight: what every device would carry

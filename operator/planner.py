@@ -15,6 +15,7 @@ Memory per device: deployed-format weights + a working reserve of RESERVE_FRACTI
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import ceil, floor
 from typing import Any
@@ -33,13 +34,14 @@ from v4d.serving.plan import (
     KVPlan,
     Plan,
     PoolPlan,
+    RayResource,
     ServingPlan,
     ShardPlan,
 )
 from v4d.serving.sizing import human_bytes
 
 RESERVE_FRACTION = 0.10
-RAY_RESOURCE = {"nvidia": "GPU", "ascend": "NPU"}
+RAY_RESOURCE: dict[str, RayResource] = {"nvidia": "GPU", "ascend": "NPU"}
 GiB = 2**30
 
 
@@ -59,7 +61,7 @@ def _shape(pool: api.PoolSpec) -> str:
     return f"{pool.maxNodes} node{'s' if pool.maxNodes > 1 else ''} x {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB"
 
 
-def distribute(total: int, shares: list[float], caps: list[int], least: int = 1) -> list[int]:
+def distribute(total: int, shares: Sequence[float], caps: list[int], least: int = 1) -> list[int]:
     """Integers summing to `total`, proportional to `shares` (largest remainder), each in [least, cap]."""
     quota = [total * s / sum(shares) for s in shares]
     out = [min(c, max(least, floor(q))) for q, c in zip(quota, caps, strict=True)]

@@ -104,7 +104,7 @@ def layout(plan: Plan, spec: dict[str, Any], options: RenderOptions | None = Non
     groups: list[WorkerGroup] = []
     for pool in plan.pools:
         dpn = pool.devices_per_node
-        common = dict(
+        common: dict[str, Any] = dict(
             pool=pool.name,
             vendor=pool.vendor,
             resource_name=pool.resource_name,

@@ -8,6 +8,7 @@ Semantic rules read the raw dict defensively, so schema and semantic errors are 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: Mapping[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     expected_type = {
         "int_type": "an integer",
@@ -110,7 +111,7 @@ def _message(err: dict[str, Any]) -> str:
             else f"must have at least {ctx['min_length']} characters"
         )
     if kind == "string_too_long":
-        return f"must have at most {ctx['max_length']} characters, got {len(got)}"
+        return f"must have at most {ctx['max_length']} characters, got {len(got or '')}"
     if kind == "too_short":
         return f"must have at least {ctx['min_length']} item(s), got {ctx.get('actual_length', 0)}"
     if kind == "too_long":
@@ -294,7 +295,9 @@ def _scaling_issues(spec: dict[str, Any]) -> list[Issue]:
     replicas = _int(spec.get("replicas"))  # unset: the planner starts at minReplicas
     if (
         auto.get("enabled") is True
-        and None not in (lo, hi, replicas)
+        and lo is not None
+        and hi is not None
+        and replicas is not None
         and lo <= hi
         and not lo <= replicas <= hi
     ):

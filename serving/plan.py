@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 Vendor = Literal["nvidia", "ascend"]
 Role = Literal["attention", "experts"]
+RayResource = Literal["GPU", "NPU"]  # the Ray resource a pool's device is declared as
 
 
 @dataclass
@@ -19,7 +20,7 @@ class PoolPlan:
     name: str
     vendor: Vendor
     resource_name: str  # Kubernetes extended resource, e.g. nvidia.com/gpu or huawei.com/Ascend910
-    ray_resource: Literal["GPU", "NPU"]
+    ray_resource: RayResource
     devices_per_node: int
     device_memory_gib: float
     nodes: int  # nodes this plan uses at `engine.replicas` attention replicas

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from ray import serve
 from ray.experimental import internal_kv
 
@@ -12,6 +13,8 @@ from v4d.serving.autoscale import (
     autoscaling_config,
 )
 from v4d.serving.decision_publish import read_decisions
+
+pytestmark = pytest.mark.ray
 
 APP = "kv-policy"
 

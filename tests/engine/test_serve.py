@@ -23,6 +23,8 @@ from v4d.serving.model.loader import load_model
 
 from .reference import greedy
 
+pytestmark = pytest.mark.ray
+
 CFG = TINY_FAST
 APP = "engine-test"
 E, LAYERS = CFG.n_routed_experts, CFG.num_hidden_layers + CFG.num_nextn_predict_layers

@@ -13,6 +13,8 @@ from helpers.kubecluster import ROOT, wait_for
 
 from v4d.operator.kube import request
 
+pytestmark = pytest.mark.apiserver
+
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "charts" / "v4d"
 

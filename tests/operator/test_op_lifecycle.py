@@ -19,6 +19,8 @@ from v4d.operator.kube import contains
 from v4d.operator.planner import plan
 from v4d.serving.names import GROUP, PLURAL, VERSION
 
+pytestmark = pytest.mark.apiserver
+
 G, V, P = GROUP, VERSION, PLURAL
 METRICS_PORT = 8401
 

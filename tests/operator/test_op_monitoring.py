@@ -8,12 +8,15 @@ discovery, rendering, server-side apply and ownership, not the Prometheus Operat
 
 from __future__ import annotations
 
+import pytest
 from helpers.kubecluster import stop_process, wait_established, wait_for
 from helpers.opspecs import manifest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from v4d.serving.names import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.apiserver
 
 G, V, P = GROUP, VERSION, PLURAL
 CRD = "podmonitors.monitoring.coreos.com"

@@ -8,10 +8,13 @@ import signal
 import time
 from collections import Counter
 
+import pytest
 from helpers.kubecluster import stop_process, wait_for
 from helpers.opspecs import manifest
 
 from v4d.serving.names import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.apiserver
 
 G, V, P = GROUP, VERSION, PLURAL
 CHILD_KINDS = ("RayService", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")

@@ -12,6 +12,8 @@ from kubernetes.client.rest import ApiException
 
 from v4d.serving.names import GROUP, PLURAL, VERSION
 
+pytestmark = pytest.mark.apiserver
+
 G, V, P = GROUP, VERSION, PLURAL
 WEBHOOK = "v4deployments.serving.v4d.dev"
 

@@ -6,6 +6,8 @@ import openai
 import pytest
 from helpers.servingapp import API_KEY
 
+pytestmark = pytest.mark.ray
+
 MODEL = "v4-tiny"
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -9,6 +9,8 @@ import ray
 from helpers.servingapp import APP
 from ray import serve
 
+pytestmark = pytest.mark.ray
+
 MODEL = "v4-tiny"
 USER = [{"role": "user", "content": "Tell me a long story."}]
 

@@ -10,6 +10,8 @@ from helpers.servingapp import API_KEY
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.ray
+
 MODEL = "v4-tiny"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
