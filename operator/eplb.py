@@ -1,4 +1,4 @@
-"""Expert-parallel load balancing: the EPLB global policy (deepseek-v4.md §7.6), for mixed devices.
+"""Expert-parallel load balancing: the EPLB global policy (docs/deepseek-v4.md §7.6), for mixed devices.
 
 V4 has no expert groups and no node-limited routing, so the global policy applies: replicate the
 most loaded experts into the redundant slots, then pack every layer's physical copies onto the

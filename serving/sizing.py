@@ -1,8 +1,8 @@
 """Model size math from the config alone: parameters, weight bytes, KV-cache bytes (torch-free).
 
 Everything derives from one tensor inventory (`model_tensors`) that lists every tensor the official
-inference `model.py` creates (deepseek-v4.md [S2]), with the storage format the released checkpoint
-uses for it. Conventions (they reproduce the sheet, deepseek-v4.md §1.2 and §3):
+inference `model.py` creates (docs/deepseek-v4.md [S2]), with the storage format the released checkpoint
+uses for it. Conventions (they reproduce the sheet, docs/deepseek-v4.md §1.2 and §3):
 
 - Parameters: every tensor except the hash layers' `tid2eid` token->expert lookup table (int32,
   not trained). Counted this way Flash is 290,942,289,362 and Pro 1,598,837,347,742 with MTP, which
