@@ -138,8 +138,10 @@ class _Policy:
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         desired = min(max(wanted, lo), hi)
         pending = (ctx.policy_state or {}).get("pending", {})
-        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
-        state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision"), "memory": memory}
+        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s,
+                                    self.downscale_delay_s)
+        last = (ctx.policy_state or {}).get("last_decision")
+        state = {"pending": pending, "last_decision": last, "memory": memory}
         decision = None
         if target != current:
             decision = {

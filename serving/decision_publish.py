@@ -100,8 +100,8 @@ class DecisionPublisher:
         internal_kv._internal_kv_put(decisions_key(app), json.dumps(decisions), overwrite=True,
                                      namespace=_KV_NAMESPACE)
         if self.configmap is not None and is_engine_decision(decision):
+            content = DecisionsConfigMap.from_decisions([d for d in decisions if is_engine_decision(d)])
             try:
-                patch_configmap(self.configmap,
-                                DecisionsConfigMap.from_decisions([d for d in decisions if is_engine_decision(d)]))
+                patch_configmap(self.configmap, content)
             except OSError as e:  # scaling must go on when the apiserver is unreachable
                 log.warning("could not publish the autoscaling decision: %s", e)

@@ -64,7 +64,7 @@ class ScalingRecord:
         if not isinstance(d, dict):
             return None
         time, frm, to, reason = d.get("time"), d.get("from"), d.get("to"), d.get("reason")
-        if not (isinstance(time, str) and isinstance(frm, int) and isinstance(to, int) and isinstance(reason, str)):
+        if not (isinstance(time, str) and isinstance(reason, str) and isinstance(frm, int) and isinstance(to, int)):
             return None
         kv, waiting = d.get("kvCacheUtilization"), d.get("waitingRequests")
         return cls(time, frm, to, reason,
@@ -74,7 +74,7 @@ class ScalingRecord:
 
 @dataclass(frozen=True)
 class DecisionsConfigMap:
-    """The ConfigMap's data: the newest decisions (at most STATUS_SCALING_HISTORY) and the state after them."""
+    """The ConfigMap's data: the newest decisions (at most STATUS_SCALING_HISTORY), the state after them."""
 
     decisions: list[ScalingRecord] = field(default_factory=list)
     target_replicas: int | None = None

@@ -22,6 +22,7 @@ def test_mypy_on_the_pure_modules(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
          "--cache-dir", str(tmp_path / "cache")],
-        cwd=tmp_path, env={**os.environ, "MYPYPATH": str(tmp_path)}, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "MYPYPATH": str(tmp_path)}, capture_output=True, text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

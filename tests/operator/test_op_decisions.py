@@ -19,8 +19,8 @@ from v4d.serving.names import STATUS_SCALING_HISTORY, ChildNames
 
 def decision(t: float, frm: int, to: int, kv: list[float], waiting: list[float]) -> dict:
     _, figures = kv_desired(frm, kv, waiting, target_kv=0.7, target_waiting=4)
-    return {"time": t, "deployment": "engine", "from": frm, "to": to, "direction": "up" if to > frm else "down",
-            **figures}
+    direction = "up" if to > frm else "down"
+    return {"time": t, "deployment": "engine", "from": frm, "to": to, "direction": direction, **figures}
 
 
 UP = decision(1_767_000_000.0, 1, 2, kv=[0.95], waiting=[3])
@@ -43,15 +43,17 @@ def test_schema_round_trips_and_matches_the_crd_item():
 
 
 def test_schema_keeps_the_newest_and_ignores_what_it_cannot_read():
-    many = [decision(1_767_000_000.0 + i, 1, 2, kv=[0.9], waiting=[0]) for i in range(3 * STATUS_SCALING_HISTORY)]
+    many = [decision(1_767_000_000.0 + i, 1, 2, kv=[0.9], waiting=[0])
+            for i in range(3 * STATUS_SCALING_HISTORY)]
     content = DecisionsConfigMap.from_decisions(many)
     assert len(content.decisions) == STATUS_SCALING_HISTORY
     assert content.decisions[-1] == ScalingRecord.from_decision(many[-1])
     assert DecisionsConfigMap.from_data(None) == DecisionsConfigMap()
     assert DecisionsConfigMap.from_data({DECISIONS_KEY: "not json"}) == DecisionsConfigMap()
     assert DecisionsConfigMap.from_data({DECISIONS_KEY: "{}", STATE_KEY: "[]"}) == DecisionsConfigMap()
+    state = {"targetReplicas": "3", "kvCacheUtilization": 1}
     mixed = DecisionsConfigMap.from_data({DECISIONS_KEY: json.dumps([HISTORY[0], "x", {"from": 1}]),
-                                          STATE_KEY: json.dumps({"targetReplicas": "3", "kvCacheUtilization": 1})})
+                                          STATE_KEY: json.dumps(state)})
     assert [r.to_json() for r in mixed.decisions] == [HISTORY[0]]
     assert (mixed.target_replicas, mixed.kv_cache_utilization) == (None, 1.0)
 
