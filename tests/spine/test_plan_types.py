@@ -2,10 +2,10 @@
 
 import json
 
+from helpers.opspecs import load_example
+
 from v4d.operator.planner import plan
 from v4d.serving.plan import Plan
-
-from .conftest import load_example
 
 
 def test_plan_round_trips_through_json():
