@@ -9,7 +9,7 @@ import yaml
 from helpers.opspecs import sample, tiny_spec
 
 from v4d.operator import render, status
-from v4d.operator.api import CONDITIONS
+from v4d.operator.api import CONDITIONS, V4DeploymentStatus
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
 from v4d.serving.names import STATUS_SCALING_HISTORY
@@ -188,6 +188,9 @@ def test_status_aggregates_kuberay_and_autoscaling():
     assert st["replicas"] == {"attention": {"desired": 2, "ready": 2}, "experts": {"desired": 2, "ready": 2}}
     assert st["kvCacheUtilization"] == 0.8123 and len(st["scalingHistory"]) == STATUS_SCALING_HISTORY
     assert st["selector"] == "v4d.dev/deployment=demo,v4d.dev/role=attention"
+    # the conditions set are exactly the API's list (the CRD's enum and the README come from it), in its order
+    assert [c["type"] for c in st["conditions"]] == list(CONDITIONS)
+    V4DeploymentStatus.model_validate(st)  # what the operator writes is what the CRD accepts
     # Recomputing later gives the same dict (transition times kept): the operator writes nothing.
     assert status.compute(name="demo", generation=1, plan=p, groups=groups, rayservice=rs, autoscaling_cm=cm,
                           previous=st, now="t1") == st
