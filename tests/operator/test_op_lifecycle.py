@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from v4d.operator import handlers, render
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
-from v4d.serving.names import GROUP, PLURAL, VERSION
+from v4d.serving.names import GROUP, PLURAL, VERSION, ChildNames
 
 pytestmark = pytest.mark.apiserver
 
@@ -258,4 +258,4 @@ def test_refused_child_is_reported_and_retried(cluster, operator):
     core.delete_namespaced_resource_quota("no-services", ns)
     wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("status") == "False"
              and o["status"]["phase"] == "Deploying", timeout=90, interval=1, what="converged after the quota went")
-    assert [s.metadata.name for s in core.list_namespaced_service(ns).items] == [render.names("refused")["api"]]
+    assert [s.metadata.name for s in core.list_namespaced_service(ns).items] == [ChildNames("refused").api]
