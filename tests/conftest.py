@@ -33,6 +33,20 @@ def cluster():
         stop()
 
 
+# Fixtures that start servers on fixed ports -> the marker a test using them must carry (pyproject).
+SERVER_FIXTURES = {"cluster": "apiserver", "ray_cluster": "ray", "serve_instance": "ray", "ray_scrape": "ray",
+                   "prometheus": "prometheus"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a server is marked for it, so `-m` selects exactly the unit tests."""
+    unmarked = [f"{item.nodeid} uses `{fixture}` but is not marked `{mark}`"
+                for item in items for fixture, mark in SERVER_FIXTURES.items()
+                if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(mark) is None]
+    if unmarked:
+        raise pytest.UsageError("\n".join(unmarked))
+
+
 _EXIT_STATUS = pytest.StashKey[int]()
 
 
@@ -46,8 +60,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
     This process is a Ray driver for the engine and metrics tests, and Ray's native (gRPC) threads
     outlive ray.shutdown(); tearing the interpreter down under them killed one CI run with SIGSEGV
-    after every test had passed. Nothing is left to decide at this point: the summary is printed."""
-    if _EXIT_STATUS in config.stash:
+    after every test had passed. Nothing is left to decide at this point: the summary is printed.
+    A usage error (e.g. an unmarked server test) is reported by pytest after this hook, so it exits
+    normally."""
+    if config.stash.get(_EXIT_STATUS, pytest.ExitCode.USAGE_ERROR) != pytest.ExitCode.USAGE_ERROR:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(config.stash[_EXIT_STATUS])

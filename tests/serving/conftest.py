@@ -71,7 +71,7 @@ def plan(cache_dir):
 
 
 @pytest.fixture(scope="session")
-def cluster(plan):
+def ray_cluster(plan):
     from v4d.serving.local import start_cluster
 
     local = start_cluster(plan, HTTP_PORT + 1)
@@ -80,7 +80,7 @@ def cluster(plan):
 
 
 @pytest.fixture(scope="session")
-def base_url(cluster, plan):
+def base_url(ray_cluster, plan):
     from v4d.serving.local import deploy
 
     deploy(plan, HTTP_PORT, app_name=APP)
