@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from v4d.operator import api
 from v4d.serving import names
@@ -70,10 +71,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     """Structural OpenAPI v3 schema of one API model."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(raw, raw.get("$defs", {}))
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}))
+    return schema
 
 
 def crd() -> dict[str, Any]:

@@ -186,7 +186,10 @@ def serve_config(plan: Plan) -> str:
     return yaml.safe_dump(config, sort_keys=True, default_flow_style=None, width=1 << 16)
 
 
-def _weights_volume(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+Weights = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]  # volumes, mounts, env
+
+
+def _weights_volume(uri: str) -> Weights:
     """Volumes, mounts and env for the weights URI: pvc://CLAIM/PATH and hostpath:///DIR are
     mounted read-only at /mnt/v4d/weights; file:// (in the image) and remote schemes need none."""
     mount = "/mnt/v4d/weights"
@@ -209,7 +212,7 @@ def _env(name: str, role: str, pool: str = "", vendor: str = "") -> list[dict[st
     return [{"name": k, "value": v} for k, v in values.items() if v]
 
 
-def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: tuple) -> dict[str, Any]:
+def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: Weights) -> dict[str, Any]:
     volumes, mounts, wenv = weights
     devices = str(g.devices_per_pod)
     start: dict[str, str] = {}

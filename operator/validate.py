@@ -119,7 +119,7 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         hint = _PATTERN_HINTS.get(ctx["pattern"], f"a string matching {ctx['pattern']}")
         return f"expected {hint}, got {got!r}"
-    return err["msg"]
+    return str(err["msg"])
 
 
 def _schema_issues(spec: Any) -> list[Issue]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, lcm, prod
-from typing import Literal
+from typing import Any, Literal
 
 from v4d.serving.config import LayerKind, ModelConfig
 
@@ -303,7 +303,7 @@ def pages_for(cfg: ModelConfig, n_tokens: int) -> int:
 
 
 # -- the `v4d model-info` report ----------------------------------------------------------------
-def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict:
+def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict[str, Any]:
     """Every figure `v4d model-info --json` prints; keys are part of the CLI contract."""
     n = context_tokens or cfg.max_position_embeddings
     L = cfg.num_hidden_layers
