@@ -195,7 +195,9 @@ class KVPressurePolicy(_Policy):
         self.time_to_ready_s = time_to_ready_s
         self._metrics: Any = None
 
-    def desire(self, current, values, now, memory):
+    def desire(
+        self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         kv, waiting = values[KV_UTILIZATION], values[NUM_WAITING]
         projected = None
         if self.time_to_ready_s > 0:
@@ -206,7 +208,7 @@ class KVPressurePolicy(_Policy):
             projected = min(1.0, samples[-1][1] + max(0.0, kv_slope(samples)) * self.time_to_ready_s)
         return kv_desired(current, kv, waiting, self.target_kv, self.target_waiting, kv_projected=projected)
 
-    def emit(self, target, wanted, hi, decision):
+    def emit(self, target: int, wanted: int, hi: int, decision: dict[str, Any] | None) -> None:
         if self.labels is None:
             return
         if self._metrics is None:
@@ -231,7 +233,9 @@ class ExpertLoadPolicy(_Policy):
         super().__init__(**delays)
         self.target = target_tokens_per_s
 
-    def desire(self, current, values, now, memory):
+    def desire(
+        self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         return load_desired(values[EXPERT_TOKENS_PER_S], self.target)
 
 
