@@ -334,7 +334,7 @@ def api_service(plan: Plan, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def autoscaling_objects(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ConfigMap the Serve app's autoscaling policy writes its decisions to (the operator only
+    """The ConfigMap the Serve app's autoscaling publisher writes decisions to (the operator only
     owns its metadata), and the Ray pods' account allowed to get/patch exactly that ConfigMap."""
     n = ChildNames(meta["name"])
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(meta, n.autoscaling)}

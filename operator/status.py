@@ -2,7 +2,8 @@
 
 Conditions follow `metav1.Condition` (type, status, reason, message, lastTransitionTime,
 observedGeneration); a condition keeps its lastTransitionTime while its status stays the same, so
-recomputing an unchanged status gives an identical dict and the operator writes nothing.
+recomputing an unchanged status gives an identical dict and the operator writes nothing. The
+condition types are `api.CONDITIONS` (the CRD's enum and the README table are generated from it).
 """
 
 from __future__ import annotations
