@@ -40,6 +40,9 @@ def test_schema_round_trips_and_matches_the_crd_item():
     assert DecisionsConfigMap.from_data(content.to_data()) == content
     for item in HISTORY:  # what the writer produces is what the CRD accepts
         api.ScalingEvent.model_validate(item)
+    # and the record has every field of the CRD's item: the two types are one schema on both layers
+    crd_keys = {f.alias or name for name, f in api.ScalingEvent.model_fields.items()}
+    assert set(content.decisions[0].to_json()) == crd_keys
 
 
 def test_schema_keeps_the_newest_and_ignores_what_it_cannot_read():
