@@ -14,7 +14,7 @@ from v4d.operator import planner
 from v4d.operator.api import CONDITIONS
 from v4d.operator.render import WorkerGroup
 from v4d.serving.decisions import DecisionsConfigMap
-from v4d.serving.names import DEPLOYMENT_LABEL, ROLE_LABEL, SHARD_PREFIX
+from v4d.serving.names import DEPLOYMENT_LABEL, ENGINE_DEPLOYMENT, ROLE_LABEL, SHARD_PREFIX
 from v4d.serving.plan import Plan
 
 
@@ -56,7 +56,7 @@ def role_of(deployment: str) -> str | None:
     shard names); engines have `engine` in their name; the ingress has no role."""
     if deployment.startswith(SHARD_PREFIX):
         return "experts"
-    if "engine" in deployment.lower():
+    if ENGINE_DEPLOYMENT in deployment.lower():
         return "attention"
     return None
 

@@ -68,7 +68,8 @@ class ChildNames:
         return self.deployment
 
 
-SHARD_PREFIX = "experts-"
+ENGINE_DEPLOYMENT = "engine"  # Serve deployment name of the attention engines (any name containing it)
+SHARD_PREFIX = "experts-"  # Serve deployment names of expert shards: experts-<pool>-<i>
 
 
 def shard_name(pool: str, index: int) -> str:
