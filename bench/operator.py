@@ -19,6 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from v4d.serving.names import GROUP, PLURAL, VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,10 +34,10 @@ def _load(path: str):
     return module
 
 
-kc = _load("kubecluster.py")
-opspecs = _load("operator/opspecs.py")
+kc = _load("helpers/kubecluster.py")
+opspecs = _load("helpers/opspecs.py")
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+G, V, P = GROUP, VERSION, PLURAL
 
 
 def breakdown(writes: list[dict]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The V4Deployment API (group serving.v4d.dev, version v1alpha1): the one source of truth.
+"""The V4Deployment API (group/version/kind in `v4d.serving.names`): the one source of truth.
 
 Typed pydantic models for spec and status. `v4d.operator.crd` turns them into the CRD's OpenAPI
 schema (field docstrings become descriptions), `v4d.operator.validate` checks manifests against
@@ -7,18 +7,15 @@ them plus the semantic rules a schema cannot express. Field names are the manife
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-GROUP = "serving.v4d.dev"
-VERSION = "v1alpha1"
-KIND = "V4Deployment"
-PLURAL = "v4deployments"
+from v4d.serving.names import STATUS_SCALING_HISTORY
+
 SINGULAR = "v4deployment"
 SHORT_NAMES = ["v4d"]
 CATEGORIES = ["v4d", "serving"]
-API_VERSION = f"{GROUP}/{VERSION}"
 
 Vendor = Literal["nvidia", "ascend"]
 Role = Literal["attention", "experts"]
@@ -161,11 +158,14 @@ class V4DeploymentSpec(_Model):
 
 # -- status -----------------------------------------------------------------------------------
 Phase = Literal["Pending", "Planning", "Deploying", "Ready", "Degraded", "Failed"]
+# The conditions the operator sets (v4d.operator.status), in the order status lists them.
+ConditionType = Literal["Invalid", "Planned", "CapacityLimited", "Progressing", "Ready", "Degraded"]
+CONDITIONS: tuple[str, ...] = get_args(ConditionType)
 
 
 class Condition(_Model):
-    type: str
-    """Condition type: Valid, Planned, Ready, Scaling, ..."""
+    type: ConditionType
+    """Condition type."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: str = ""
@@ -230,7 +230,7 @@ class V4DeploymentStatus(_Model):
     phase: Phase = "Pending"
     """Lifecycle phase."""
     conditions: list[Condition] = Field(default_factory=list)
-    """Latest observations (Valid, Planned, Ready, ...)."""
+    """Latest observations, one per condition type."""
     observedGeneration: int = Field(default=0, ge=0)
     """metadata.generation the status reflects."""
     plan: PlanSummary | None = None
@@ -241,5 +241,5 @@ class V4DeploymentStatus(_Model):
     """Label selector of the attention pods (for the /scale subresource and HPA)."""
     kvCacheUtilization: float | None = Field(default=None, ge=0)
     """Mean KV-cache utilization over attention replicas (0-1)."""
-    scalingHistory: list[ScalingEvent] = Field(default_factory=list, max_length=50)
+    scalingHistory: list[ScalingEvent] = Field(default_factory=list, max_length=STATUS_SCALING_HISTORY)
     """Most recent scaling decisions, newest last."""

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from v4d.operator import api
+from v4d.serving import names
 
 # Committed copies the tests compare against `render_yaml()` (the chart installs the second).
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILES = (
-    REPO / "manifests" / "crd" / f"{api.GROUP}_{api.PLURAL}.yaml",
-    REPO / "charts" / "v4d" / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml",
+    REPO / "manifests" / "crd" / f"{names.GROUP}_{names.PLURAL}.yaml",
+    REPO / "charts" / "v4d" / "crds" / f"{names.GROUP}_{names.PLURAL}.yaml",
 )
 
 _DROP = {"title", "$defs"}
@@ -69,10 +71,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     """Structural OpenAPI v3 schema of one API model."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(raw, raw.get("$defs", {}))
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}))
+    return schema
 
 
 def crd() -> dict[str, Any]:
@@ -105,13 +108,13 @@ def crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{names.PLURAL}.{names.GROUP}"},
         "spec": {
-            "group": api.GROUP,
+            "group": names.GROUP,
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
+                "kind": names.KIND,
+                "listKind": f"{names.KIND}List",
+                "plural": names.PLURAL,
                 "singular": api.SINGULAR,
                 "shortNames": api.SHORT_NAMES,
                 "categories": api.CATEGORIES,
@@ -119,7 +122,7 @@ def crd() -> dict[str, Any]:
             "scope": "Namespaced",
             "versions": [
                 {
-                    "name": api.VERSION,
+                    "name": names.VERSION,
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},

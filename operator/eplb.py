@@ -1,4 +1,4 @@
-"""Expert-parallel load balancing: the EPLB global policy (deepseek-v4.md §7.6), for mixed devices.
+"""Expert-parallel load balancing: the EPLB global policy (docs/deepseek-v4.md §7.6), for mixed devices.
 
 V4 has no expert groups and no node-limited routing, so the global policy applies: replicate the
 most loaded experts into the redundant slots, then pack every layer's physical copies onto the
@@ -11,6 +11,7 @@ never worse than plain greedy packing. Vectorised over layers with numpy: V4-Pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,7 +131,7 @@ def place(
     return Placement(phy2log, logcnt, device, device_loads(item_load, device, len(slots)))
 
 
-def max_over_mean(device_load: np.ndarray, weight: np.ndarray | list[float]) -> float:
+def max_over_mean(device_load: np.ndarray, weight: np.ndarray | Sequence[float]) -> float:
     """Worst layer's max over mean of device load / capacity weight (1.0 is perfect).
 
     The mean is the capacity-weighted one, total load / total weight: what every device would carry

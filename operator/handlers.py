@@ -24,9 +24,9 @@ from v4d.operator import render
 from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics, start_metrics_server
 from v4d.operator.reconcile import Reconciler, api_message
+from v4d.serving.names import DEPLOYMENT_LABEL, GROUP, MANAGED_BY, PLURAL, VERSION
 
-PLURAL = "v4deployments"
-OWNED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 BACKOFF_S = 2  # first retry of a failed reconcile; doubled per retry up to MAX_BACKOFF_S
 MAX_BACKOFF_S = 120
 COALESCE_S = 0.2  # child events within this window trigger one reconcile of their owner
@@ -121,7 +121,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = kopf.WebhookServer(
             addr=cfg.webhook_addr, port=cfg.webhook_port, host=cfg.webhook_host,
             certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
-        settings.admission.managed = f"{PLURAL}.{render.GROUP}"
+        settings.admission.managed = f"{PLURAL}.{GROUP}"
     metrics = OperatorMetrics()
     api_config = _configuration()
     api_config.connection_pool_maxsize = cfg.max_workers * 2  # one connection per reconcile thread
@@ -201,14 +201,14 @@ def _sync(namespace: str, name: str, body: Any = None, retry: int = 0) -> None:
     STATE.failures.pop(key, None)
 
 
-@kopf.on.resume(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
-@kopf.on.create(render.GROUP, render.VERSION, PLURAL, backoff=BACKOFF_S)
-@kopf.on.update(render.GROUP, render.VERSION, PLURAL, field="spec", backoff=BACKOFF_S)
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=BACKOFF_S)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=BACKOFF_S)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=BACKOFF_S)
 def reconcile(namespace: str, name: str, body: kopf.Body, retry: int, **_: Any) -> None:
     _sync(namespace, name, body, retry)
 
 
-@kopf.on.event(render.GROUP, render.VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, PLURAL)
 def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
     """Children go by ownerReference garbage collection (no finalizer); forget in-memory state."""
     if type == "DELETED" and STATE.reconciler is not None:
@@ -219,7 +219,7 @@ def deleted(type: str, namespace: str, name: str, uid: str, **_: Any) -> None:
 
 async def _child_event(namespace: str, labels: dict[str, str]) -> None:
     """A child changed (drift, KubeRay status, deletion): reconcile its owner, once per burst."""
-    owner = labels.get(render.DEPLOYMENT_LABEL)
+    owner = labels.get(DEPLOYMENT_LABEL)
     if not owner:
         return
     key = (namespace, owner)

@@ -11,7 +11,9 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-FIELD_MANAGER = "v4d-operator"
+from v4d.serving.names import API_VERSION, KIND, MANAGED_BY, PLURAL
+
+FIELD_MANAGER = MANAGED_BY
 
 # kind -> (API path prefix, plural); all our children are namespaced.
 KINDS: dict[str, tuple[str, str]] = {
@@ -22,7 +24,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "RayService": ("/apis/ray.io/v1", "rayservices"),
     "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors"),
-    "V4Deployment": ("/apis/serving.v4d.dev/v1alpha1", "v4deployments"),
+    KIND: (f"/apis/{API_VERSION}", PLURAL),
 }
 
 

@@ -15,6 +15,7 @@ Memory per device: deployed-format weights + a working reserve of RESERVE_FRACTI
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import ceil, floor
 from typing import Any
@@ -25,20 +26,22 @@ from v4d.operator import api, eplb
 from v4d.operator.validate import parse_spec, resolve_model
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
+from v4d.serving.names import shard_name
 from v4d.serving.plan import (
     Balance,
     EnginePlan,
     ExpertCounts,
-    ExpertShard,
     KVPlan,
     Plan,
     PoolPlan,
+    RayResource,
     ServingPlan,
+    ShardPlan,
 )
 from v4d.serving.sizing import human_bytes
 
 RESERVE_FRACTION = 0.10
-RAY_RESOURCE = {"nvidia": "GPU", "ascend": "NPU"}
+RAY_RESOURCE: dict[str, RayResource] = {"nvidia": "GPU", "ascend": "NPU"}
 GiB = 2**30
 
 
@@ -58,7 +61,7 @@ def _shape(pool: api.PoolSpec) -> str:
     return f"{pool.maxNodes} node{'s' if pool.maxNodes > 1 else ''} x {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB"
 
 
-def distribute(total: int, shares: list[float], caps: list[int], least: int = 1) -> list[int]:
+def distribute(total: int, shares: Sequence[float], caps: list[int], least: int = 1) -> list[int]:
     """Integers summing to `total`, proportional to `shares` (largest remainder), each in [least, cap]."""
     quota = [total * s / sum(shares) for s in shares]
     out = [min(c, max(least, floor(q))) for q, c in zip(quota, caps, strict=True)]
@@ -234,7 +237,7 @@ def _expert_devices(
 
 def _plan_experts(
     spec: api.V4DeploymentSpec, cfg: ModelConfig, engine: _Engine, expert_load: Any, warnings: list[str]
-) -> tuple[list[ExpertShard], dict[str, int], float]:
+) -> tuple[list[ShardPlan], dict[str, int], float]:
     n_layers, n_experts = cfg.num_hidden_layers, cfg.n_routed_experts
     n_slots = n_experts + spec.parallelism.redundantExperts
     load = _expert_load(expert_load, n_layers, n_experts)
@@ -249,8 +252,8 @@ def _plan_experts(
     placement = eplb.place(load, slots)
     column = n_layers * sizing.expert_bytes(cfg)
     shards = [
-        ExpertShard(
-            name=f"experts-{p.name}-{i}",
+        ShardPlan(
+            name=shard_name(p.name, i),
             pool=p.name,
             device=i,
             slots=slot_map,

@@ -21,6 +21,7 @@ from v4d.operator.kube import Kube
 from v4d.operator.metrics import OperatorMetrics
 from v4d.operator.planner import PlanError, plan
 from v4d.operator.validate import SpecError
+from v4d.serving.names import KIND, MANAGED_BY, ChildNames
 from v4d.serving.plan import Plan
 
 
@@ -58,7 +59,7 @@ class Reconciler:
     metrics: OperatorMetrics
     options: render.RenderOptions = field(default_factory=render.RenderOptions)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
-    _plans: dict[tuple[str, int], Any] = field(default_factory=dict)
+    _plans: dict[tuple[str, int], Plan] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,7 +67,7 @@ class Reconciler:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def _plan(self, uid: str, generation: int, name: str, spec: dict[str, Any]) -> Any:
+    def _plan(self, uid: str, generation: int, name: str, spec: dict[str, Any]) -> Plan:
         key = (uid, generation)
         if key not in self._plans:  # plans are deterministic: one per spec generation
             self._plans = {k: v for k, v in self._plans.items() if k[0] != uid}
@@ -84,7 +85,7 @@ class Reconciler:
             "type": type_,
             "reason": reason,
             "message": message[:1024],
-            "source": {"component": render.MANAGED_BY},
+            "source": {"component": MANAGED_BY},
             "firstTimestamp": _now(),
             "lastTimestamp": _now(),
             "count": 1,
@@ -115,7 +116,7 @@ class Reconciler:
         The object is read under the per-object lock, so a reconcile always starts from what the
         previous one wrote (no status flapping between overlapping triggers)."""
         with self._lock(f"{namespace}/{name}"):
-            obj = self.kube.get("V4Deployment", namespace, name)
+            obj = self.kube.get(KIND, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return None
             with self.metrics.reconcile():
@@ -152,9 +153,9 @@ class Reconciler:
         if changes:  # one Event per reconcile that wrote, saying what and how
             self.event(obj, "Normal", "Applied", "; ".join(changes))
 
-        n = render.names(name)
-        rs = self.kube.get("RayService", namespace, n["rayservice"])
-        cm = self.kube.get("ConfigMap", namespace, n["autoscaling"])
+        n = ChildNames(name)
+        rs = self.kube.get("RayService", namespace, n.rayservice)
+        cm = self.kube.get("ConfigMap", namespace, n.autoscaling)
         groups = render.layout(plan, spec, self.options)
         new = status.compute(name=name, generation=generation, plan=plan, groups=groups, rayservice=rs,
                              autoscaling_cm=cm, previous=previous, now=_now())
@@ -194,7 +195,7 @@ class Reconciler:
                 body[key] = None  # merge patch: drop what no longer applies
         meta = obj["metadata"]
         try:
-            self.kube.patch_status("V4Deployment", meta["namespace"], meta["name"], body)
+            self.kube.patch_status(KIND, meta["namespace"], meta["name"], body)
         except ApiException as e:
             if e.status == 404:  # deleted meanwhile: its children go by garbage collection
                 return False

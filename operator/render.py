@@ -22,16 +22,22 @@ from typing import Any
 
 import yaml
 
-GROUP = "serving.v4d.dev"
-VERSION = "v1alpha1"
-KIND = "V4Deployment"
-MANAGED_BY = "v4d-operator"
-POOL_LABEL = "v4d.dev/pool"
-ROLE_LABEL = "v4d.dev/role"
-DEPLOYMENT_LABEL = "v4d.dev/deployment"
-APP_IMPORT_PATH = "v4d.serving.app:app_builder"
-SERVE_PORT = 8000  # Ray Serve's HTTP proxy port in every Ray pod
-METRICS_PORT = 8080  # Ray's metrics export port
+from v4d.serving.names import (
+    API_POD_LABEL,
+    API_VERSION,
+    APP_IMPORT_PATH,
+    DEPLOYMENT_ENV,
+    DEPLOYMENT_LABEL,
+    KIND,
+    MANAGED_BY,
+    METRICS_PORT,
+    POOL_LABEL,
+    ROLE_LABEL,
+    SERVE_PORT,
+    ChildNames,
+)
+from v4d.serving.plan import Plan, PoolPlan
+
 ROLES = ("attention", "experts")
 
 
@@ -76,19 +82,15 @@ class WorkerGroup:
         return self.wanted_max_replicas > self.max_replicas
 
 
-def as_dict(plan: Any) -> dict[str, Any]:
-    """Accept a `v4d.serving.plan.Plan` or its `to_dict()` form."""
-    return plan.to_dict() if hasattr(plan, "to_dict") else plan
-
-
-def _max_nodes(spec: dict[str, Any], pool: dict[str, Any]) -> int:
+def _max_nodes(spec: dict[str, Any], pool: PoolPlan) -> int:
+    """The pool's maxNodes in the live spec (it may have changed since planning), else the planned nodes."""
     for p in spec.get("pools") or []:
-        if p.get("name") == pool["name"] and p.get("maxNodes") is not None:
+        if p.get("name") == pool.name and p.get("maxNodes") is not None:
             return int(p["maxNodes"])
-    return int(pool.get("max_nodes") or pool["nodes"])
+    return pool.nodes
 
 
-def layout(plan: Any, spec: dict[str, Any], options: RenderOptions | None = None) -> list[WorkerGroup]:
+def layout(plan: Plan, spec: dict[str, Any], options: RenderOptions | None = None) -> list[WorkerGroup]:
     """Worker groups of the plan, in pool order then role order.
 
     A pod is a unit of devices the Kubernetes scheduler packs onto the pool's nodes. Expert
@@ -98,29 +100,28 @@ def layout(plan: Any, spec: dict[str, Any], options: RenderOptions | None = None
     expert pods; wanting more is reported as CapacityLimited.
     """
     options = options or RenderOptions()
-    p = as_dict(plan)
-    engine = p["engine"]
+    engine = plan.engine
     groups: list[WorkerGroup] = []
-    for pool in p["pools"]:
-        dpn = int(pool["devices_per_node"])
-        common = dict(
-            pool=pool["name"],
-            vendor=pool["vendor"],
-            resource_name=pool["resource_name"],
-            ray_resource=pool["ray_resource"],
-            image=pool.get("image") or options.images[pool["vendor"]],
-            node_selector=dict(pool.get("node_selector") or {}),
-            tolerations=list(pool.get("tolerations") or []),
+    for pool in plan.pools:
+        dpn = pool.devices_per_node
+        common: dict[str, Any] = dict(
+            pool=pool.name,
+            vendor=pool.vendor,
+            resource_name=pool.resource_name,
+            ray_resource=pool.ray_resource,
+            image=pool.image or options.images[pool.vendor],
+            node_selector=dict(pool.node_selector),
+            tolerations=list(pool.tolerations),
         )
-        shards = sum(1 for s in p["shards"] if s["pool"] == pool["name"])
+        shards = sum(1 for s in plan.shards if s.pool == pool.name)
         expert_pods = math.ceil(shards / dpn)
         per_pod = math.ceil(shards / expert_pods) if shards else 0  # shards spread evenly over pods
-        if "experts" in pool["roles"] and shards:
+        if "experts" in pool.roles and shards:
             groups.append(WorkerGroup(role="experts", devices_per_pod=per_pod, hosts=1, replicas=expert_pods,
                                       min_replicas=expert_pods, max_replicas=expert_pods,
                                       wanted_max_replicas=expert_pods, **common))
-        if "attention" in pool["roles"] and engine["pool"] == pool["name"]:
-            dpr = int(engine["devices_per_replica"])
+        if "attention" in pool.roles and engine.pool == pool.name:
+            dpr = engine.devices_per_replica
             hosts = math.ceil(dpr / dpn)
             # Devices left on each node once the expert pods are packed (k to a node).
             k = dpn // per_pod if per_pod else 0
@@ -132,10 +133,10 @@ def layout(plan: Any, spec: dict[str, Any], options: RenderOptions | None = None
                 fit = free_nodes // hosts
             else:
                 fit = free_nodes * (dpn // dpr) + sum(n // dpr for n in left)
-            wanted = int(engine["max_replicas"])
+            wanted = engine.max_replicas
             maximum = min(wanted, fit)
-            minimum = min(int(engine["min_replicas"]), maximum)
-            replicas = min(max(int(engine["replicas"]), minimum), maximum)
+            minimum = min(engine.min_replicas, maximum)
+            replicas = min(max(engine.replicas, minimum), maximum)
             groups.append(WorkerGroup(role="attention", devices_per_pod=min(dpr, dpn), hosts=hosts,
                                       replicas=replicas, min_replicas=minimum, max_replicas=maximum,
                                       wanted_max_replicas=wanted, **common))
@@ -154,7 +155,7 @@ def labels(name: str) -> dict[str, str]:
 
 def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": API_VERSION,
         "kind": KIND,
         "name": meta["name"],
         "uid": meta["uid"],
@@ -172,33 +173,23 @@ def _metadata(meta: dict[str, Any], name: str, extra_labels: dict[str, str] | No
     }
 
 
-def names(name: str) -> dict[str, str]:
-    """Child object names of V4Deployment `name`."""
-    return {
-        "rayservice": name,
-        "plan": f"{name}-plan",
-        "api": f"{name}-api",
-        "autoscaling": f"{name}-autoscaling",
-        "ray_account": f"{name}-ray",
-        "podmonitor": name,
-    }
-
-
-def serve_config(plan: Any) -> str:
+def serve_config(plan: Plan) -> str:
     """`serveConfigV2`: one Serve application built by the frontend's builder from the plan."""
-    p = as_dict(plan)
     app = {
-        "name": p["name"],
+        "name": plan.name,
         "route_prefix": "/",
         "import_path": APP_IMPORT_PATH,
-        "args": {"plan": p},
+        "args": {"plan": plan.to_dict()},
     }
     config = {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}, "applications": [app]}
     # Flow style for leaf lists keeps the slot maps one line per layer (V4-Pro: ~40% smaller).
     return yaml.safe_dump(config, sort_keys=True, default_flow_style=None, width=1 << 16)
 
 
-def _weights_volume(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+Weights = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]  # volumes, mounts, env
+
+
+def _weights_volume(uri: str) -> Weights:
     """Volumes, mounts and env for the weights URI: pvc://CLAIM/PATH and hostpath:///DIR are
     mounted read-only at /mnt/v4d/weights; file:// (in the image) and remote schemes need none."""
     mount = "/mnt/v4d/weights"
@@ -217,11 +208,11 @@ def _weights_volume(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 
 def _env(name: str, role: str, pool: str = "", vendor: str = "") -> list[dict[str, str]]:
-    values = {"V4D_DEPLOYMENT": name, "V4D_ROLE": role, "V4D_POOL": pool, "V4D_VENDOR": vendor}
+    values = {DEPLOYMENT_ENV: name, "V4D_ROLE": role, "V4D_POOL": pool, "V4D_VENDOR": vendor}
     return [{"name": k, "value": v} for k, v in values.items() if v]
 
 
-def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: tuple) -> dict[str, Any]:
+def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: Weights) -> dict[str, Any]:
     volumes, mounts, wenv = weights
     devices = str(g.devices_per_pod)
     start: dict[str, str] = {}
@@ -237,7 +228,7 @@ def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: tuple) -> dict[
     }
     if mounts:
         container["volumeMounts"] = mounts
-    pod: dict[str, Any] = {"serviceAccountName": names(meta["name"])["ray_account"], "containers": [container]}
+    pod: dict[str, Any] = {"serviceAccountName": ChildNames(meta["name"]).ray_account, "containers": [container]}
     if g.node_selector:
         pod["nodeSelector"] = g.node_selector
     if g.tolerations:
@@ -261,12 +252,11 @@ def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: tuple) -> dict[
     }
 
 
-def rayservice(plan: Any, meta: dict[str, Any], groups: list[WorkerGroup], options: RenderOptions) -> dict[str, Any]:
-    p = as_dict(plan)
-    weights = _weights_volume(p.get("weights_uri") or "")
+def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], options: RenderOptions) -> dict[str, Any]:
+    weights = _weights_volume(plan.weights_uri)
     volumes, mounts, wenv = weights
-    engine = p["engine"]
-    autoscaling = int(engine["max_replicas"]) > int(engine["min_replicas"])
+    engine = plan.engine
+    autoscaling = engine.max_replicas > engine.min_replicas
     head_image = next((g.image for g in groups if g.role == "attention"), groups[0].image if groups else
                       next(iter(options.images.values())))
     head_container: dict[str, Any] = {
@@ -287,7 +277,7 @@ def rayservice(plan: Any, meta: dict[str, Any], groups: list[WorkerGroup], optio
     }
     if mounts:
         head_container["volumeMounts"] = mounts
-    head_pod: dict[str, Any] = {"serviceAccountName": names(meta["name"])["ray_account"],
+    head_pod: dict[str, Any] = {"serviceAccountName": ChildNames(meta["name"]).ray_account,
                                 "containers": [head_container]}
     if volumes:
         head_pod["volumes"] = volumes
@@ -298,7 +288,7 @@ def rayservice(plan: Any, meta: dict[str, Any], groups: list[WorkerGroup], optio
             # The head runs the Serve controller and the HTTP ingress, no accelerator work.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
             "template": {
-                "metadata": {"labels": {**labels(meta["name"]), ROLE_LABEL: "head", "v4d.dev/api": "true"}},
+                "metadata": {"labels": {**labels(meta["name"]), ROLE_LABEL: "head", API_POD_LABEL: "true"}},
                 "spec": head_pod,
             },
         },
@@ -307,37 +297,36 @@ def rayservice(plan: Any, meta: dict[str, Any], groups: list[WorkerGroup], optio
     if autoscaling:
         cluster["autoscalerOptions"] = {
             "upscalingMode": "Default",
-            "idleTimeoutSeconds": int(engine.get("downscale_delay_s") or 600),
+            "idleTimeoutSeconds": int(engine.downscale_delay_s),
         }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": _metadata(meta, names(meta["name"])["rayservice"]),
-        "spec": {"serveConfigV2": serve_config(p), "rayClusterConfig": cluster},
+        "metadata": _metadata(meta, ChildNames(meta["name"]).rayservice),
+        "spec": {"serveConfigV2": serve_config(plan), "rayClusterConfig": cluster},
     }
 
 
-def plan_configmap(plan: Any, meta: dict[str, Any]) -> dict[str, Any]:
+def plan_configmap(plan: Plan, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(meta, names(meta["name"])["plan"]),
-        "data": {"plan.json": json.dumps(as_dict(plan), sort_keys=True, separators=(",", ":"))},
+        "metadata": _metadata(meta, ChildNames(meta["name"]).plan),
+        "data": {"plan.json": json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))},
     }
 
 
-def api_service(plan: Any, meta: dict[str, Any]) -> dict[str, Any]:
+def api_service(plan: Plan, meta: dict[str, Any]) -> dict[str, Any]:
     """The API endpoint: the head pods whose Serve proxy KubeRay marks healthy (`ray.io/serve`)."""
-    port = int(as_dict(plan).get("serving", {}).get("port") or SERVE_PORT)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(meta, names(meta["name"])["api"]),
+        "metadata": _metadata(meta, ChildNames(meta["name"]).api),
         "spec": {
             "type": "ClusterIP",
-            "selector": {DEPLOYMENT_LABEL: meta["name"], "v4d.dev/api": "true", "ray.io/serve": "true"},
+            "selector": {DEPLOYMENT_LABEL: meta["name"], API_POD_LABEL: "true", "ray.io/serve": "true"},
             "ports": [
-                {"name": "http", "port": port, "targetPort": SERVE_PORT, "protocol": "TCP"},
+                {"name": "http", "port": plan.serving.port, "targetPort": SERVE_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
             ],
         },
@@ -345,24 +334,24 @@ def api_service(plan: Any, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def autoscaling_objects(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ConfigMap the Serve app's autoscaling policy writes its decisions to (the operator only
+    """The ConfigMap the Serve app's autoscaling publisher writes decisions to (the operator only
     owns its metadata), and the Ray pods' account allowed to get/patch exactly that ConfigMap."""
-    n = names(meta["name"])
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(meta, n["autoscaling"])}
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(meta, n["ray_account"])}
+    n = ChildNames(meta["name"])
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(meta, n.autoscaling)}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(meta, n.ray_account)}
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(meta, n["ray_account"]),
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n["autoscaling"]],
+        "metadata": _metadata(meta, n.ray_account),
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n.autoscaling],
                    "verbs": ["get", "patch"]}],
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _metadata(meta, n["ray_account"]),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["ray_account"]},
-        "subjects": [{"kind": "ServiceAccount", "name": n["ray_account"], "namespace": meta["namespace"]}],
+        "metadata": _metadata(meta, n.ray_account),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.ray_account},
+        "subjects": [{"kind": "ServiceAccount", "name": n.ray_account, "namespace": meta["namespace"]}],
     }
     return [cm, account, role, binding]
 
@@ -371,7 +360,7 @@ def pod_monitor(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": _metadata(meta, names(meta["name"])["podmonitor"]),
+        "metadata": _metadata(meta, ChildNames(meta["name"]).podmonitor),
         "spec": {
             "selector": {"matchLabels": {DEPLOYMENT_LABEL: meta["name"]}},
             "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"}],
@@ -379,7 +368,7 @@ def pod_monitor(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render(plan: Any, spec: dict[str, Any], meta: dict[str, Any],
+def render(plan: Plan, spec: dict[str, Any], meta: dict[str, Any],
            options: RenderOptions | None = None) -> list[dict[str, Any]]:
     """All children of one V4Deployment. `meta` needs name, namespace and uid."""
     options = options or RenderOptions()

@@ -2,26 +2,25 @@
 
 Conditions follow `metav1.Condition` (type, status, reason, message, lastTransitionTime,
 observedGeneration); a condition keeps its lastTransitionTime while its status stays the same, so
-recomputing an unchanged status gives an identical dict and the operator writes nothing.
+recomputing an unchanged status gives an identical dict and the operator writes nothing. The
+condition types are `api.CONDITIONS` (the CRD's enum and the README table are generated from it).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from v4d.operator import planner
-from v4d.operator.render import DEPLOYMENT_LABEL, ROLE_LABEL, WorkerGroup, as_dict
+from v4d.operator.api import CONDITIONS
+from v4d.operator.render import WorkerGroup
+from v4d.serving.decisions import DecisionsConfigMap
+from v4d.serving.names import DEPLOYMENT_LABEL, ENGINE_DEPLOYMENT, ROLE_LABEL, SHARD_PREFIX
 from v4d.serving.plan import Plan
 
-CONDITIONS = ("Invalid", "Planned", "CapacityLimited", "Progressing", "Ready", "Degraded")
-HISTORY = 10  # scaling decisions kept in status.scalingHistory
 
-
-def plan_summary(plan: Any) -> dict[str, Any]:
+def plan_summary(plan: Plan) -> dict[str, Any]:
     """`status.plan` (api.PlanSummary): devices per pool, expert slots, KV token capacity per replica."""
-    p = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-    return planner.summary(p).model_dump(mode="json")
+    return planner.summary(plan).model_dump(mode="json")
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
@@ -55,50 +54,31 @@ def _app_statuses(rs_status: dict[str, Any]) -> list[str]:
 def role_of(deployment: str) -> str | None:
     """Which role a Serve deployment of our app plays: shards are `experts-<pool>-<i>` (the plan's
     shard names); engines have `engine` in their name; the ingress has no role."""
-    if deployment.startswith("experts-"):
+    if deployment.startswith(SHARD_PREFIX):
         return "experts"
-    if "engine" in deployment.lower():
+    if ENGINE_DEPLOYMENT in deployment.lower():
         return "attention"
     return None
 
 
-def roles(plan: Any, rs_status: dict[str, Any], target_replicas: int | None) -> dict[str, dict[str, int]]:
+def roles(plan: Plan, rs_status: dict[str, Any], target_replicas: int | None) -> dict[str, dict[str, int]]:
     """Desired/ready per role. Attention: the engine replicas (the autoscaler's target when it
     published one), ready when the engine deployment is HEALTHY. Experts: one per planned shard,
     each ready when its shard deployment is HEALTHY."""
-    p = as_dict(plan)
     deps = _serve_deployments(rs_status)
-    desired_att = target_replicas if target_replicas is not None else int(p["engine"]["replicas"])
+    desired_att = target_replicas if target_replicas is not None else plan.engine.replicas
     engines = [s for d, s in deps.items() if role_of(d) == "attention"]
     ready_att = desired_att if engines and all(s == "HEALTHY" for s in engines) else 0
-    shard_names = {s["name"] for s in p["shards"]}
+    shard_names = {s.name for s in plan.shards}
     ready_exp = sum(1 for d, s in deps.items() if d in shard_names and s == "HEALTHY")
     return {"attention": {"desired": desired_att, "ready": ready_att},
             "experts": {"desired": len(shard_names), "ready": ready_exp}}
 
 
-def autoscaling_view(cm: dict[str, Any] | None) -> dict[str, Any]:
-    """What the Serve app's autoscaling policy wrote to the `<name>-autoscaling` ConfigMap:
-    `decisions.json` (list of api.ScalingEvent dicts, newest last) and `state.json`
-    (`kvCacheUtilization`, `targetReplicas`). Malformed data is ignored, not fatal."""
-    data = (cm or {}).get("data") or {}
-    try:
-        decisions = json.loads(data.get("decisions.json") or "[]")
-        state = json.loads(data.get("state.json") or "{}")
-    except json.JSONDecodeError:
-        return {}
-    if not isinstance(decisions, list) or not isinstance(state, dict):
-        return {}
-    keys = ("time", "from", "to", "reason", "kvCacheUtilization", "waitingRequests")
-    out: dict[str, Any] = {}
-    history = [{k: d[k] for k in keys if d.get(k) is not None} for d in decisions[-HISTORY:] if isinstance(d, dict)]
-    if history:
-        out["scalingHistory"] = history
-    if isinstance(state.get("targetReplicas"), int):
-        out["targetReplicas"] = state["targetReplicas"]
-    if isinstance(state.get("kvCacheUtilization"), int | float):
-        out["kvCacheUtilization"] = round(float(state["kvCacheUtilization"]), 4)
-    return out
+def autoscaling_view(cm: dict[str, Any] | None) -> DecisionsConfigMap:
+    """What the Serve app's autoscaling publisher wrote to the `<name>-autoscaling` ConfigMap
+    (malformed data is ignored, not fatal)."""
+    return DecisionsConfigMap.from_data((cm or {}).get("data"))
 
 
 def _override(previous: dict[str, Any], phase: str, generation: int, now: str, reason: str, message: str,
@@ -123,13 +103,13 @@ def apply_failed_status(message: str, generation: int, previous: dict[str, Any],
     return _override(previous, "Degraded", generation, now, "ApplyFailed", message, {"Degraded": True})
 
 
-def compute(*, name: str, generation: int, plan: Any, groups: list[WorkerGroup],
+def compute(*, name: str, generation: int, plan: Plan, groups: list[WorkerGroup],
             rayservice: dict[str, Any] | None, autoscaling_cm: dict[str, Any] | None,
             previous: dict[str, Any], now: str) -> dict[str, Any]:
     prev = {c["type"]: c for c in previous.get("conditions") or []}
     rs_status = (rayservice or {}).get("status") or {}
     scaling = autoscaling_view(autoscaling_cm)
-    per_role = roles(plan, rs_status, scaling.get("targetReplicas"))
+    per_role = roles(plan, rs_status, scaling.target_replicas)
     summary = plan_summary(plan)
 
     limited = [g for g in groups if g.capacity_limited]
@@ -190,8 +170,8 @@ def compute(*, name: str, generation: int, plan: Any, groups: list[WorkerGroup],
         "replicas": per_role,
         "selector": f"{DEPLOYMENT_LABEL}={name},{ROLE_LABEL}=attention",
     }
-    if "scalingHistory" in scaling:
-        status["scalingHistory"] = scaling["scalingHistory"]
-    if "kvCacheUtilization" in scaling:
-        status["kvCacheUtilization"] = scaling["kvCacheUtilization"]
+    if scaling.decisions:
+        status["scalingHistory"] = [r.to_json() for r in scaling.decisions]
+    if scaling.kv_cache_utilization is not None:
+        status["kvCacheUtilization"] = round(scaling.kv_cache_utilization, 4)
     return status

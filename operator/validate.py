@@ -8,6 +8,7 @@ Semantic rules read the raw dict defensively, so schema and semantic errors are 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from v4d.operator import api
+from v4d.serving import names
 from v4d.serving.config import PRESETS, ModelConfig
 
 # Ports the Ray head of every deployment already binds (GCS, client, dashboard, agent, metrics export).
@@ -71,7 +73,7 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: Mapping[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     expected_type = {
         "int_type": "an integer",
@@ -109,7 +111,7 @@ def _message(err: dict[str, Any]) -> str:
             else f"must have at least {ctx['min_length']} characters"
         )
     if kind == "string_too_long":
-        return f"must have at most {ctx['max_length']} characters, got {len(got)}"
+        return f"must have at most {ctx['max_length']} characters, got {len(got or '')}"
     if kind == "too_short":
         return f"must have at least {ctx['min_length']} item(s), got {ctx.get('actual_length', 0)}"
     if kind == "too_long":
@@ -117,7 +119,7 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         hint = _PATTERN_HINTS.get(ctx["pattern"], f"a string matching {ctx['pattern']}")
         return f"expected {hint}, got {got!r}"
-    return err["msg"]
+    return str(err["msg"])
 
 
 def _schema_issues(spec: Any) -> list[Issue]:
@@ -293,7 +295,9 @@ def _scaling_issues(spec: dict[str, Any]) -> list[Issue]:
     replicas = _int(spec.get("replicas"))  # unset: the planner starts at minReplicas
     if (
         auto.get("enabled") is True
-        and None not in (lo, hi, replicas)
+        and lo is not None
+        and hi is not None
+        and replicas is not None
         and lo <= hi
         and not lo <= replicas <= hi
     ):
@@ -337,10 +341,10 @@ def validate_manifest(doc: Any) -> list[Issue]:
     if not isinstance(doc, dict):
         return [Issue("(document)", f"expected a V4Deployment object, got {_type_name(doc)}")]
     issues: list[Issue] = []
-    if doc.get("apiVersion") != api.API_VERSION:
-        issues.append(Issue("apiVersion", f"expected {api.API_VERSION!r}, got {doc.get('apiVersion')!r}"))
-    if doc.get("kind") != api.KIND:
-        issues.append(Issue("kind", f"expected {api.KIND!r}, got {doc.get('kind')!r}"))
+    if doc.get("apiVersion") != names.API_VERSION:
+        issues.append(Issue("apiVersion", f"expected {names.API_VERSION!r}, got {doc.get('apiVersion')!r}"))
+    if doc.get("kind") != names.KIND:
+        issues.append(Issue("kind", f"expected {names.KIND!r}, got {doc.get('kind')!r}"))
     name = _dict(doc.get("metadata")).get("name")
     if not isinstance(name, str) or not re.match(api.DNS_LABEL, name) or len(name) > MAX_NAME:
         issues.append(

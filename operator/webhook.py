@@ -11,12 +11,11 @@ from typing import Any
 
 import kopf
 
-from v4d.operator import render
-from v4d.operator.handlers import PLURAL
 from v4d.operator.validate import validate_spec
+from v4d.serving.names import GROUP, PLURAL, VERSION
 
 
-@kopf.on.validate(render.GROUP, render.VERSION, PLURAL, operations={"CREATE", "UPDATE"})
+@kopf.on.validate(GROUP, VERSION, PLURAL, operations={"CREATE", "UPDATE"})
 def admission(spec: dict[str, Any], old: dict[str, Any] | None, operation: str, **_: Any) -> None:
     """Rejects a spec that would be `Invalid`. Deletion is never refused, nor an update that leaves the
     spec as it was (labels, annotations, finalizers), so an object that was invalid before the webhook

@@ -6,7 +6,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# pip, with its harmless "Location ... is ignored" warnings (unreachable extra index folders) left out;
+# pip's own exit status is the function's, so a failed install stops the setup here (set -e).
+pip_install() {
+  .venv/bin/pip install -q "$@" 2> >(grep -v "is ignored" >&2)
+}
 # torch first, pinned exactly: only torch==2.13.0 resolves to the CPU wheel.
-.venv/bin/pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+pip_install torch==2.13.0
+pip_install -e ".[dev]"
 .venv/bin/python -c "import v4d.operator.cli, torch, ray" >/dev/null

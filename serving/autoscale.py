@@ -2,10 +2,10 @@
 
 Serve calls a policy every control-loop tick with an `AutoscalingContext` and applies its answer. Both
 policies here keep their own stabilization windows in `policy_state` (so they are plain functions of
-their inputs, testable without Serve) and are deployed with Serve's own delays set to 0. Every change
-of target is recorded, with the figures that drove it, in Ray's internal KV under
-`v4d/autoscaling/<app>` (bounded history), where the ingress serves it at `GET /v4d/autoscaling`;
-under KubeRay engine decisions also go to the `<deployment>-autoscaling` ConfigMap for the operator.
+their inputs, testable without Serve) and are deployed with Serve's own delays set to 0. A policy
+decides (`decide`: no side effects); every change of target, with the figures that drove it, is then
+handed to a `DecisionPublisher` (`v4d.serving.decision_publish`: Ray's internal KV, and under KubeRay
+the `<deployment>-autoscaling` ConfigMap for the operator).
 
 Engines: desired = max(ceil(current * max_kv / target_kv), ceil(total_waiting / target_waiting)),
 using the hottest replica's KV utilization (a mean hides a saturated rank). With a time-to-ready,
@@ -18,53 +18,18 @@ demand, down after `downscale_delay_s`, to the largest target seen while waiting
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from v4d.serving.decision_publish import ConfigMapTarget, publish
+from v4d.serving.decision_publish import DecisionPublisher
 
 KV_UTILIZATION = "kv_cache_utilization"
 NUM_WAITING = "num_waiting"
 NUM_RUNNING = "num_running"
 EXPERT_TOKENS_PER_S = "expert_tokens_per_s"
-HISTORY = 50
 TREND_WINDOW_S = 60.0  # KV samples the look-ahead fits its slope to
-_NAMESPACE = "v4d"
-
-
-def decisions_key(app: str) -> str:
-    return f"v4d/autoscaling/{app}"
-
-
-def record_decision(app: str, decision: dict[str, Any], history: int = HISTORY) -> None:
-    """Append `decision` to the app's bounded history in Ray's internal KV (no-op outside Ray)."""
-    from ray.experimental import internal_kv
-
-    if not internal_kv._internal_kv_initialized():
-        return
-    key = decisions_key(app)
-    decisions = read_decisions(app)[-(history - 1) :] + [decision]
-    internal_kv._internal_kv_put(key, json.dumps(decisions), overwrite=True, namespace=_NAMESPACE)
-    target = ConfigMapTarget.in_cluster()
-    engine = [d for d in decisions if "kv_mean" in d]  # the operator shows attention replicas only
-    if target is not None and "kv_mean" in decision:
-        try:
-            publish(target, engine)
-        except OSError as e:  # the policy must keep scaling even when the apiserver is unreachable
-            logging.getLogger(__name__).warning("could not publish the autoscaling decision: %s", e)
-
-
-def read_decisions(app: str) -> list[dict[str, Any]]:
-    """The recorded decisions of `app`, oldest first."""
-    from ray.experimental import internal_kv
-
-    if not internal_kv._internal_kv_initialized():
-        return []
-    raw = internal_kv._internal_kv_get(decisions_key(app), namespace=_NAMESPACE)
-    return json.loads(raw) if raw else []
 
 
 def stabilize(
@@ -131,13 +96,25 @@ def load_desired(tokens_per_s: list[float], target_tokens_per_s: float) -> tuple
     return max(1, math.ceil(total / target_tokens_per_s - 1e-9)), figures
 
 
+@dataclass(frozen=True)
+class Tick:
+    """One control-loop step's outcome: what Serve applies and what is published and exported."""
+
+    target: int
+    state: dict[str, Any]  # the new policy_state
+    wanted: int | None = None  # replicas the figures ask for (None: no figures yet, holding)
+    max_replicas: int = 0
+    decision: dict[str, Any] | None = None  # set when the target changes
+
+
 class _Policy:
-    """Common tick: read metrics of running replicas, ask `desire`, stabilize, bound, record."""
+    """Common tick: read metrics of running replicas, ask `desire`, stabilize, bound; then publish."""
 
     metrics: tuple[str, ...] = ()
 
     def __init__(self, upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0):
         self.upscale_delay_s, self.downscale_delay_s = upscale_delay_s, downscale_delay_s
+        self.publisher: DecisionPublisher | None = None  # made at the first decision (reads the pod's env)
 
     def desire(
         self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
@@ -145,7 +122,8 @@ class _Policy:
         """Replicas wanted and the figures behind it; `memory` persists across ticks (policy_state)."""
         raise NotImplementedError
 
-    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+    def decide(self, ctx: Any) -> Tick:
+        """The target for this tick and the decision record, from `ctx` alone (no side effects)."""
         current = ctx.target_num_replicas
         metrics = ctx.aggregated_metrics or {}
         running = set(ctx.running_replicas)
@@ -153,15 +131,17 @@ class _Policy:
             name: [v for rid, v in (metrics.get(name) or {}).items() if rid in running] for name in self.metrics
         }
         if not values[self.metrics[0]]:
-            return current, ctx.policy_state  # no figures yet: hold
+            return Tick(current, ctx.policy_state)  # no figures yet: hold
         now = ctx.current_time or time.time()
         memory = dict((ctx.policy_state or {}).get("memory") or {})
         wanted, figures = self.desire(max(ctx.current_num_replicas, 1), values, now, memory)
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         desired = min(max(wanted, lo), hi)
         pending = (ctx.policy_state or {}).get("pending", {})
-        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
-        state = {"pending": pending, "last_decision": (ctx.policy_state or {}).get("last_decision"), "memory": memory}
+        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s,
+                                    self.downscale_delay_s)
+        last = (ctx.policy_state or {}).get("last_decision")
+        state = {"pending": pending, "last_decision": last, "memory": memory}
         decision = None
         if target != current:
             decision = {
@@ -176,9 +156,18 @@ class _Policy:
                 **figures,
             }
             state["last_decision"] = decision
-            record_decision(ctx.app_name or "default", decision)
-        self.emit(target, wanted, hi, decision)
-        return target, state
+        return Tick(target, state, wanted, hi, decision)
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        """Serve's entry point: decide, publish a decision, export the figures."""
+        tick = self.decide(ctx)
+        if tick.decision is not None:
+            if self.publisher is None:
+                self.publisher = DecisionPublisher()
+            self.publisher.publish(ctx.app_name or "default", tick.decision)
+        if tick.wanted is not None:
+            self.emit(tick.target, tick.wanted, tick.max_replicas, tick.decision)
+        return tick.target, tick.state
 
     def emit(self, target: int, wanted: int, hi: int, decision: dict[str, Any] | None) -> None:
         """Export the tick's figures (ray.util.metrics; the Serve controller is a Ray worker)."""
@@ -206,7 +195,9 @@ class KVPressurePolicy(_Policy):
         self.time_to_ready_s = time_to_ready_s
         self._metrics: Any = None
 
-    def desire(self, current, values, now, memory):
+    def desire(
+        self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         kv, waiting = values[KV_UTILIZATION], values[NUM_WAITING]
         projected = None
         if self.time_to_ready_s > 0:
@@ -217,7 +208,7 @@ class KVPressurePolicy(_Policy):
             projected = min(1.0, samples[-1][1] + max(0.0, kv_slope(samples)) * self.time_to_ready_s)
         return kv_desired(current, kv, waiting, self.target_kv, self.target_waiting, kv_projected=projected)
 
-    def emit(self, target, wanted, hi, decision):
+    def emit(self, target: int, wanted: int, hi: int, decision: dict[str, Any] | None) -> None:
         if self.labels is None:
             return
         if self._metrics is None:
@@ -242,7 +233,9 @@ class ExpertLoadPolicy(_Policy):
         super().__init__(**delays)
         self.target = target_tokens_per_s
 
-    def desire(self, current, values, now, memory):
+    def desire(
+        self, current: int, values: dict[str, list[float]], now: float, memory: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         return load_desired(values[EXPERT_TOKENS_PER_S], self.target)
 
 

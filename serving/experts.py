@@ -19,8 +19,7 @@ from v4d.kernels import ops
 from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
 from v4d.serving.config import ModelConfig
 from v4d.serving.metrics import ServingMetrics, plan_labels
-
-POOL_LABEL = "v4d.dev/pool"
+from v4d.serving.names import POOL_LABEL
 
 
 def expert_prefix(cfg: ModelConfig, layer: int) -> str:

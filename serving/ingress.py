@@ -199,7 +199,7 @@ class Ingress:
 
     @app.get("/v4d/autoscaling")
     async def autoscaling(self) -> dict[str, Any]:
-        from v4d.serving.autoscale import read_decisions
+        from v4d.serving.decision_publish import read_decisions
 
         return {"decisions": read_decisions(serve.get_replica_context().app_name)}
 

@@ -7,11 +7,12 @@ Produced by `v4d.operator.planner.plan(spec, cfg)`, serialised to JSON (a Config
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Vendor = Literal["nvidia", "ascend"]
 Role = Literal["attention", "experts"]
+RayResource = Literal["GPU", "NPU"]  # the Ray resource a pool's device is declared as
 
 
 @dataclass
@@ -19,7 +20,7 @@ class PoolPlan:
     name: str
     vendor: Vendor
     resource_name: str  # Kubernetes extended resource, e.g. nvidia.com/gpu or huawei.com/Ascend910
-    ray_resource: Literal["GPU", "NPU"]
+    ray_resource: RayResource
     devices_per_node: int
     device_memory_gib: float
     nodes: int  # nodes this plan uses at `engine.replicas` attention replicas
@@ -51,8 +52,10 @@ class EnginePlan:
 
 
 @dataclass
-class ExpertShard:
-    name: str  # "experts-<pool>-<i>"
+class ShardPlan:
+    """One expert shard (one device); served by the `v4d.serving.experts.ExpertShard` deployment of this name."""
+
+    name: str  # names.shard_name(pool, i): "experts-<pool>-<i>"
     pool: str
     device: int  # index of the device among this pool's expert devices
     slots: list[list[int]]  # [moe_layer][slot] -> logical expert id
@@ -97,7 +100,7 @@ class Plan:
     max_context_tokens: int
     pools: list[PoolPlan]
     engine: EnginePlan
-    shards: list[ExpertShard]
+    shards: list[ShardPlan]
     experts: ExpertCounts
     balance: Balance
     kv: KVPlan
@@ -112,16 +115,18 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """The plan of `to_dict()`; a missing or unknown key is a ValueError naming it (`plan.engine.replicas`)."""
+        top = _fields(cls, d, "plan", optional=frozenset({"warnings"}))
         return cls(
             **{
-                **d,
-                "pools": [PoolPlan(**p) for p in d["pools"]],
-                "engine": EnginePlan(**d["engine"]),
-                "shards": [ExpertShard(**s) for s in d["shards"]],
-                "experts": ExpertCounts(**d["experts"]),
-                "balance": Balance(**d["balance"]),
-                "kv": KVPlan(**d["kv"]),
-                "serving": ServingPlan(**d["serving"]),
+                **top,
+                "pools": [PoolPlan(**_fields(PoolPlan, p, f"plan.pools[{i}]")) for i, p in enumerate(d["pools"])],
+                "engine": EnginePlan(**_fields(EnginePlan, d["engine"], "plan.engine")),
+                "shards": [ShardPlan(**_fields(ShardPlan, s, f"plan.shards[{i}]")) for i, s in enumerate(d["shards"])],
+                "experts": ExpertCounts(**_fields(ExpertCounts, d["experts"], "plan.experts")),
+                "balance": Balance(**_fields(Balance, d["balance"], "plan.balance")),
+                "kv": KVPlan(**_fields(KVPlan, d["kv"], "plan.kv")),
+                "serving": ServingPlan(**_fields(ServingPlan, d["serving"], "plan.serving")),
                 "warnings": list(d.get("warnings", [])),
             }
         )
@@ -144,3 +149,18 @@ class Plan:
                 for j, e in enumerate(slots):
                     out[layer][e].append((shard.name, j))
         return out
+
+
+def _fields(cls: Any, d: Any, path: str, optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`d` checked against dataclass `cls`: an object with no unknown keys and every required one."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected an object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown field (expected one of {', '.join(known)})")
+    for name, f in known.items():
+        required = f.default is MISSING and f.default_factory is MISSING and name not in optional
+        if required and name not in d:
+            raise ValueError(f"{path}.{name}: missing")
+    return d

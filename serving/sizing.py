@@ -1,8 +1,8 @@
 """Model size math from the config alone: parameters, weight bytes, KV-cache bytes (torch-free).
 
 Everything derives from one tensor inventory (`model_tensors`) that lists every tensor the official
-inference `model.py` creates (deepseek-v4.md [S2]), with the storage format the released checkpoint
-uses for it. Conventions (they reproduce the sheet, deepseek-v4.md §1.2 and §3):
+inference `model.py` creates (docs/deepseek-v4.md [S2]), with the storage format the released checkpoint
+uses for it. Conventions (they reproduce the sheet, docs/deepseek-v4.md §1.2 and §3):
 
 - Parameters: every tensor except the hash layers' `tid2eid` token->expert lookup table (int32,
   not trained). Counted this way Flash is 290,942,289,362 and Pro 1,598,837,347,742 with MTP, which
@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, lcm, prod
-from typing import Literal
+from typing import Any, Literal
 
 from v4d.serving.config import LayerKind, ModelConfig
 
@@ -303,7 +303,7 @@ def pages_for(cfg: ModelConfig, n_tokens: int) -> int:
 
 
 # -- the `v4d model-info` report ----------------------------------------------------------------
-def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict:
+def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict[str, Any]:
     """Every figure `v4d model-info --json` prints; keys are part of the CLI contract."""
     n = context_tokens or cfg.max_position_embeddings
     L = cfg.num_hidden_layers

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from v4d.serving.names import POOL_LABEL
+
 SERVE_PORT, METRICS_PORT = 8200, 8201
 
 
@@ -19,7 +21,7 @@ def serve_instance():
         object_store_memory=300 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,
-        labels={"v4d.dev/pool": "gpu-a"},
+        labels={POOL_LABEL: "gpu-a"},
         _metrics_export_port=METRICS_PORT,
         _temp_dir="/tmp/v4d-engine-ray",
         _system_config={"metrics_report_interval_ms": 1000},

@@ -119,3 +119,24 @@ def test_look_ahead_ignores_flat_or_falling_load_and_restarts_after_a_scale():
     # Samples taken at another replica count do not bend the trend at this one.
     n, state = p(ctx(3, kv=[0.4, 0.4, 0.4], now=60.0, state=state))
     assert [c for _, _, c in state["memory"]["kv"]] == [3]
+
+
+def test_decide_has_no_side_effects_and_the_publisher_gets_each_decision():
+    """`decide` is a function of the context; `__call__` hands each change of target to the publisher."""
+
+    class Recorder:
+        def __init__(self):
+            self.published = []
+
+        def publish(self, app, decision):
+            self.published.append((app, decision))
+
+    p = KVPressurePolicy(target_kv_utilization=0.7, upscale_delay_s=0, downscale_delay_s=0)
+    p.publisher = Recorder()
+    tick = p.decide(ctx(1, kv=[0.95], now=5.0))
+    assert (tick.target, tick.wanted, tick.decision["to"]) == (2, 2, 2) and p.publisher.published == []
+    assert p.decide(ctx(1, kv=[0.95], now=5.0)) == tick  # same context, same answer
+    n, _ = p(ctx(1, kv=[0.95], now=5.0))
+    assert n == 2 and p.publisher.published == [("app", tick.decision)]
+    p(ctx(2, kv=[0.5, 0.5], now=6.0))  # no change of target: nothing published
+    assert len(p.publisher.published) == 1

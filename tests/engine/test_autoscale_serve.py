@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from ray import serve
 from ray.experimental import internal_kv
 
@@ -10,8 +11,10 @@ from v4d.serving.autoscale import (
     NUM_WAITING,
     KVPressurePolicy,
     autoscaling_config,
-    read_decisions,
 )
+from v4d.serving.decision_publish import read_decisions
+
+pytestmark = pytest.mark.ray
 
 APP = "kv-policy"
 

@@ -11,9 +11,9 @@ import ray
 import torch
 from ray import serve
 
-from v4d.serving.autoscale import read_decisions
 from v4d.serving.checkpoint import make_checkpoint
 from v4d.serving.config import TINY_FAST
+from v4d.serving.decision_publish import read_decisions
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.errors import ContextTooLong, ShardUnavailable
@@ -22,6 +22,8 @@ from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 
 from .reference import greedy
+
+pytestmark = pytest.mark.ray
 
 CFG = TINY_FAST
 APP = "engine-test"

@@ -19,9 +19,11 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from kubecluster import stop_process
+from helpers.kubecluster import stop_process
 
 from v4d.operator import dashboards, observability, rules
+
+pytestmark = [pytest.mark.apiserver, pytest.mark.ray, pytest.mark.prometheus]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_PORT, OPERATOR_PORT, SERVE_PORT = 9090, 8392, 8350  # v4d serve: metrics on SERVE_PORT+1...

@@ -3,9 +3,12 @@
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from v4d.operator import observability, rules
+
+pytestmark = pytest.mark.prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -132,6 +132,7 @@ def _scrape() -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{EXPORT_PORT}/metrics").read().decode()
 
 
+@pytest.mark.ray
 def test_ray_exports_catalogue_names_with_default_tags(ray_scrape):
     ray_scrape, _, _ = ray_scrape
     (kv,) = _samples(ray_scrape, "ray_vllm_kv_cache_usage_perc")
@@ -147,6 +148,7 @@ def test_ray_exports_catalogue_names_with_default_tags(ray_scrape):
                                                                                        "experts", 5)
 
 
+@pytest.mark.ray
 def test_ready_marks_replica_and_zero_initialises_bounded_counters(ray_scrape):
     ray_scrape, _, _ = ray_scrape
     assert [s["__value__"] for s in _samples(ray_scrape, "ray_v4d_replica_ready")] == [1]
@@ -159,6 +161,7 @@ def test_ready_marks_replica_and_zero_initialises_bounded_counters(ray_scrape):
     assert _samples(ray_scrape, "ray_v4d_autoscale_decisions_total") == []
 
 
+@pytest.mark.ray
 def test_gauges_set_once_stay_exported(ray_scrape):
     import ray
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubecluster import ROOT, wait_for
+from helpers.kubecluster import ROOT, wait_for
 
 from v4d.operator.kube import request
+
+pytestmark = pytest.mark.apiserver
 
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "charts" / "v4d"

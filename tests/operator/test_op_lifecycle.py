@@ -9,16 +9,19 @@ import time
 
 import pytest
 import yaml
+from helpers.kubecluster import wait_for
+from helpers.opspecs import manifest, tiny_spec
 from kopf.testing import KopfRunner
-from kubecluster import wait_for
 from kubernetes.client.rest import ApiException
-from opspecs import manifest, tiny_spec
 
 from v4d.operator import handlers, render
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
+from v4d.serving.names import GROUP, PLURAL, VERSION, ChildNames
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+pytestmark = pytest.mark.apiserver
+
+G, V, P = GROUP, VERSION, PLURAL
 METRICS_PORT = 8401
 
 
@@ -255,4 +258,4 @@ def test_refused_child_is_reported_and_retried(cluster, operator):
     core.delete_namespaced_resource_quota("no-services", ns)
     wait_for(lambda: condition(o := get_v4d(cluster, ns, "refused"), "Degraded").get("status") == "False"
              and o["status"]["phase"] == "Deploying", timeout=90, interval=1, what="converged after the quota went")
-    assert [s.metadata.name for s in core.list_namespaced_service(ns).items] == [render.names("refused")["api"]]
+    assert [s.metadata.name for s in core.list_namespaced_service(ns).items] == [ChildNames("refused").api]

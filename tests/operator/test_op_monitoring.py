@@ -8,12 +8,17 @@ discovery, rendering, server-side apply and ownership, not the Prometheus Operat
 
 from __future__ import annotations
 
-from kubecluster import stop_process, wait_established, wait_for
+import pytest
+from helpers.kubecluster import stop_process, wait_established, wait_for
+from helpers.opspecs import manifest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from opspecs import manifest
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+from v4d.serving.names import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.apiserver
+
+G, V, P = GROUP, VERSION, PLURAL
 CRD = "podmonitors.monitoring.coreos.com"
 STAND_IN = {
     "apiVersion": "apiextensions.k8s.io/v1",

@@ -8,10 +8,15 @@ import signal
 import time
 from collections import Counter
 
-from kubecluster import stop_process, wait_for
-from opspecs import manifest
+import pytest
+from helpers.kubecluster import stop_process, wait_for
+from helpers.opspecs import manifest
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+from v4d.serving.names import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.apiserver
+
+G, V, P = GROUP, VERSION, PLURAL
 CHILD_KINDS = ("RayService", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")
 
 

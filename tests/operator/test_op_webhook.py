@@ -5,12 +5,16 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from kubecluster import stop_process, wait_for
+from helpers.kubecluster import stop_process, wait_for
+from helpers.opspecs import manifest, tiny_spec
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from opspecs import manifest, tiny_spec
 
-G, V, P = "serving.v4d.dev", "v1alpha1", "v4deployments"
+from v4d.serving.names import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.apiserver
+
+G, V, P = GROUP, VERSION, PLURAL
 WEBHOOK = "v4deployments.serving.v4d.dev"
 
 

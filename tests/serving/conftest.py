@@ -13,14 +13,11 @@ import os
 from dataclasses import replace
 
 import pytest
+from helpers.servingapp import API_KEY, APP, HTTP_PORT
 
 from v4d.serving.local import RAY_ENV
 
 os.environ.update(RAY_ENV)
-
-HTTP_PORT = 8150  # this session's Serve proxy; Ray metrics on 8151.. (head, then one per pool)
-API_KEY = "test-key-123"
-APP = "v4d"
 
 # A tiny model over two pools. The KV budget is replaced below by a deliberately small one, so a
 # handful of requests fill it (queueing, 429s, autoscaling), while 4 concurrent short ones fit.
@@ -74,7 +71,7 @@ def plan(cache_dir):
 
 
 @pytest.fixture(scope="session")
-def cluster(plan):
+def ray_cluster(plan):
     from v4d.serving.local import start_cluster
 
     local = start_cluster(plan, HTTP_PORT + 1)
@@ -83,7 +80,7 @@ def cluster(plan):
 
 
 @pytest.fixture(scope="session")
-def base_url(cluster, plan):
+def base_url(ray_cluster, plan):
     from v4d.serving.local import deploy
 
     deploy(plan, HTTP_PORT, app_name=APP)

@@ -8,6 +8,8 @@ import pytest
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.ray
+
 MODEL = "v4-tiny"
 USER = [{"role": "user", "content": "Tell me about the sea."}]
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
+
+pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8160

@@ -4,7 +4,9 @@ import anthropic
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from helpers.servingapp import API_KEY
+
+pytestmark = pytest.mark.ray
 
 MODEL = "v4-tiny"
 MSG = [{"role": "user", "content": "hi"}]

@@ -6,8 +6,10 @@ import time
 import openai
 import pytest
 import ray
-from conftest import APP
+from helpers.servingapp import APP
 from ray import serve
+
+pytestmark = pytest.mark.ray
 
 MODEL = "v4-tiny"
 USER = [{"role": "user", "content": "Tell me a long story."}]

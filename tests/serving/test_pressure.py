@@ -4,8 +4,11 @@ import asyncio
 import time
 
 import httpx
-from conftest import APP
+import pytest
+from helpers.servingapp import APP
 from ray import serve
+
+pytestmark = pytest.mark.ray
 
 MODEL = "v4-tiny"
 LONG = "The sea is wide and deep and full of fish. " * 30  # ~300 tokens: with the output 4 of the 8 KV pages

@@ -23,6 +23,8 @@ from v4d.serving.api.generation import (
 )
 from v4d.serving.api.validation import parse_body
 
+pytestmark = pytest.mark.ray
+
 EVENTS = [
     ReasoningDelta("think "),
     ReasoningDelta("more"),

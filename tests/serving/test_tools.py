@@ -5,10 +5,12 @@ import json
 import anthropic
 import openai
 import pytest
-from conftest import API_KEY
+from helpers.servingapp import API_KEY
 
 from v4d.serving import chat
 from v4d.serving.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.ray
 
 MODEL = "v4-tiny"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",

@@ -1,17 +1,9 @@
-"""Shared fixtures for the spine tests: the example manifests and a valid base spec to mutate."""
+"""Fixtures for the spine tests: a valid base manifest and spec to mutate (helpers.opspecs)."""
 
 import copy
-from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-
-
-def load_example(name: str) -> dict:
-    return yaml.safe_load((ROOT / "examples" / name).read_text())
+from helpers.opspecs import load_example
 
 
 @pytest.fixture

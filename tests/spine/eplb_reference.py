@@ -1,4 +1,4 @@
-"""An independent, straightforward implementation of the EPLB global policy (deepseek-v4.md §7.6).
+"""An independent, straightforward implementation of the EPLB global policy (docs/deepseek-v4.md §7.6).
 
 Plain Python, one layer at a time, written from the sheet's description and not from
 `v4d.operator.eplb`: the tests and `bench/plan.py` measure the planner against it.

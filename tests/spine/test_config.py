@@ -1,4 +1,4 @@
-"""Model presets carry the official config values (deepseek-v4.md §1.1) and round-trip through config.json."""
+"""Model presets carry the official config values (docs/deepseek-v4.md §1.1) and round-trip through config.json."""
 
 import json
 import logging

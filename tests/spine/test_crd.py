@@ -6,11 +6,10 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers.opspecs import EXAMPLES
 
 from v4d.operator import crd
 from v4d.operator.cli import main
-
-from .conftest import EXAMPLES
 
 
 @pytest.fixture(scope="module")

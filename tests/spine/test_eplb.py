@@ -1,4 +1,4 @@
-"""EPLB global policy with capacity weights (deepseek-v4.md §7.6), against an independent reference."""
+"""EPLB global policy with capacity weights (docs/deepseek-v4.md §7.6), against an independent reference."""
 
 import numpy as np
 import pytest

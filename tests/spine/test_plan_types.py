@@ -1,11 +1,14 @@
 """Plan dataclasses: the contract's shape and a lossless dict/JSON round trip (docs/contracts.md "Plan")."""
 
+import copy
 import json
+import re
+
+import pytest
+from helpers.opspecs import load_example
 
 from v4d.operator.planner import plan
 from v4d.serving.plan import Plan
-
-from .conftest import load_example
 
 
 def test_plan_round_trips_through_json():
@@ -86,3 +89,19 @@ def test_autoscaling_spec_reaches_the_engine_plan():
     a = spec["autoscaling"]
     assert (e.target_kv_utilization, e.upscale_delay_s, e.downscale_delay_s, e.time_to_ready_s) == (
         a["targetKVCacheUtilization"], a["upscaleStabilizationSeconds"], a["downscaleStabilizationSeconds"], 600)
+
+
+def test_from_dict_names_a_missing_or_unknown_field():
+    d = plan(load_example("local-tiny.yaml")["spec"], name="tiny").to_dict()
+    for change, message in [
+        (lambda x: x["engine"].pop("replicas"), "plan.engine.replicas: missing"),
+        (lambda x: x["shards"][1].update(slot=[]), "plan.shards[1].slot: unknown field"),
+        (lambda x: x.pop("serving"), "plan.serving: missing"),
+        (lambda x: x.update(pools=[3]), "plan.pools[0]: expected an object, got int"),
+    ]:
+        bad = copy.deepcopy(d)
+        change(bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Plan.from_dict(bad)
+    del d["warnings"]  # optional: an older plan without warnings still loads
+    assert Plan.from_dict(d).warnings == []

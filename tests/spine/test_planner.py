@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers.opspecs import EXAMPLES, ROOT, load_example
 
 from v4d.operator import api
 from v4d.operator.cli import main
@@ -15,7 +16,6 @@ from v4d.operator.planner import RESERVE_FRACTION, PlanError, plan, summary
 from v4d.serving import sizing
 from v4d.serving.config import PRESETS
 
-from .conftest import EXAMPLES, ROOT, load_example
 from .eplb_reference import reference_max_over_mean, zipf_loads
 
 GiB = 2**30

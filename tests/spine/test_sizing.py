@@ -1,4 +1,4 @@
-"""Size math reproduces the fact sheet (/work/shared/docs/deepseek-v4.md §1 and §3) from the configs alone."""
+"""Size math reproduces the fact sheet (docs/deepseek-v4.md §1 and §3) from the configs alone."""
 
 import pytest
 

@@ -6,12 +6,11 @@ import re
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers.opspecs import EXAMPLES, load_example
 
 from v4d.operator.cli import main
 from v4d.operator.validate import Issue, validate_manifest, validate_spec
 from v4d.serving.config import TINY
-
-from .conftest import EXAMPLES, load_example
 
 BASE = load_example("local-tiny.yaml")["spec"]
 TINY_CONFIG = TINY.to_dict()

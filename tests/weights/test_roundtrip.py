@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from v4d.kernels import ops
 from v4d.operator.cli import main
 from v4d.serving.checkpoint import fake_quant, make_checkpoint
 from v4d.serving.config import TINY_FAST
+from v4d.serving.experts import ShardExperts
 from v4d.serving.model.layout import scale_name
 from v4d.serving.model.loader import Checkpoint, load_model
 from v4d.serving.model.model import Transformer, init_weights
@@ -48,37 +48,38 @@ def test_loaded_model_equals_the_writer_with_quantised_weights(loaded_logits):
 
 
 def test_attention_engine_plus_expert_shards_equals_the_full_model(ckpt, loaded_logits):
+    """An attention-only model plus two expert shards (the serving split, `ShardExperts` as the shard
+    deployments hold them) gives the full model's logits; each shard reads only its experts."""
     cfg = TINY_FAST
     attention = load_model(ckpt, with_experts=False, progress=False)
     assert not any(".ffn.experts." in k for k in attention.state_dict())
-    moe_layers = range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
-    shards = []
+    n_moe = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    backends = []
     for part in (0, 1):  # two shards: even and odd experts of every MoE layer
-        want = {layer: list(range(part, cfg.n_routed_experts, 2)) for layer in moe_layers}
+        slots = [list(range(part, cfg.n_routed_experts, 2)) for _ in range(n_moe)]
         reader = Checkpoint(ckpt)
-        names = reader.select(want, dense=False)
-        shards.append((want, reader.read(names, progress=False)))
+        names = reader.select(dict(enumerate(slots)), dense=False)
+        shard = ShardExperts(cfg, slots, reader.read(names, progress=False))
         assert sorted(reader.stats.tensors_read) == sorted(names + [scale_name(n) for n in names])
-        assert len(names) == 3 * len(moe_layers) * cfg.n_routed_experts // 2
-
-    def backend_of(want, tensors):
-        stacks = {}
-        for layer, experts in want.items():
-            p = f"layers.{layer}" if layer < cfg.num_hidden_layers else f"mtp.{layer - cfg.num_hidden_layers}"
-            w = [torch.stack([tensors[f"{p}.ffn.experts.{e}.{n}.weight"] for e in experts]) for n in ("w1", "w3", "w2")]
-            local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.long)
-            local[experts] = torch.arange(len(experts))
-            stacks[layer] = (local, w)
-
-        def backend(layer, x, ids, weights):
-            local, (w1, w3, w2) = stacks[layer]
-            lid = torch.where(ids >= 0, local.index_select(0, ids.clamp(min=0).flatten()).view(ids.shape), -1)
-            return ops.moe_experts(x, lid, weights, w1, w3, w2, cfg.swiglu_limit)
-        return backend
-
-    a, b = (backend_of(*s) for s in shards)
+        assert len(names) == 3 * n_moe * cfg.n_routed_experts // 2
+        backends.append(_routed_to(shard))
+    a, b = backends
     attention.experts = lambda layer, x, ids, w: a(layer, x, ids, w) + b(layer, x, ids, w)
     assert torch.allclose(attention.prefill_logits(PROMPT), loaded_logits, atol=1e-5, rtol=1e-5)
+
+
+def _routed_to(shard: ShardExperts):
+    """The model's expert backend for one shard: global expert ids -> the shard's slots (-1 elsewhere)."""
+    local = []
+    for experts in shard.slots:
+        ids = torch.full((shard.cfg.n_routed_experts,), -1, dtype=torch.long)
+        ids[experts] = torch.arange(len(experts))
+        local.append(ids)
+
+    def backend(layer, x, ids, weights):
+        lid = torch.where(ids >= 0, local[layer].index_select(0, ids.clamp(min=0).flatten()).view(ids.shape), -1)
+        return shard.compute(layer, x, lid, weights)
+    return backend
 
 
 def test_generate_json_gives_the_logits_of_every_step(ckpt, loaded):

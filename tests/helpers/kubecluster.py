@@ -21,8 +21,8 @@ from kubernetes.client.rest import ApiException
 
 from v4d.operator.kube import request
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "operator" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "operator" / "data"
 RUN_DIR = ROOT / ".cache" / "kube"
 CRD_FILES = [ROOT / "manifests" / "crd" / "serving.v4d.dev_v4deployments.yaml",
              ROOT / "manifests" / "kopf" / "kopf-peering-crds.yaml"]
@@ -127,8 +127,6 @@ def wait_for(check, timeout: float = 30.0, interval: float = 0.2, what: str = "c
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
 
 
 def stop() -> None:

@@ -1,4 +1,5 @@
-"""V4Deployment specs and objects for the operator tests (v4-tiny: plans in milliseconds)."""
+"""V4Deployment specs and manifests for the tests and bench/operator.py: the shipped examples and
+samples, and a v4-tiny spec that plans in milliseconds."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 import yaml
 
+from v4d.serving.names import API_VERSION, KIND
+
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "manifests" / "samples"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 TINY: dict[str, Any] = {
     "model": {"preset": "v4-tiny", "weights": {"uri": "pvc://tiny-weights/ckpt"}, "maxContextTokens": 4096},
@@ -36,9 +40,15 @@ def tiny_spec(**changes: Any) -> dict[str, Any]:
 
 
 def manifest(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "serving.v4d.dev/v1alpha1", "kind": "V4Deployment", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
             "spec": spec if spec is not None else tiny_spec()}
 
 
 def sample(name: str) -> dict[str, Any]:
+    """A manifest of manifests/samples/."""
     return yaml.safe_load((SAMPLES / name).read_text())
+
+
+def load_example(name: str) -> dict[str, Any]:
+    """A manifest of examples/."""
+    return yaml.safe_load((ROOT / "examples" / name).read_text())
