@@ -17,6 +17,8 @@ from v4d.serving.chat import SPECIAL_TOKENS
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_URL = "http://127.0.0.1:8000"
 
+pytestmark = pytest.mark.ray
+
 
 def snippets(doc: str, section: str) -> list[str]:
     """The ```python blocks of one `#`-headed section of a Markdown file."""

@@ -10,7 +10,7 @@ import json
 import anthropic
 import openai
 import pytest
-from conftest import API_KEY
+from helpers.servingapp import API_KEY
 
 from v4d.serving import chat
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
@@ -86,6 +86,7 @@ def scripted_anth(scripted_url):
     return anthropic.Anthropic(base_url=scripted_url, api_key=API_KEY, max_retries=0)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("skip,expected", [(None, CLEAN), (True, CLEAN), (False, RAW)])
 def test_openai_chat_text_without_special_tokens(scripted_oai, skip, expected):
     extra = {"thinking": {"type": "disabled"}} | ({} if skip is None else {"skip_special_tokens": skip})
@@ -97,6 +98,7 @@ def test_openai_chat_text_without_special_tokens(scripted_oai, skip, expected):
     assert r.choices[0].text == expected
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("skip,expected", [(None, CLEAN), (False, RAW)])
 def test_anthropic_text_without_special_tokens(scripted_anth, skip, expected):
     extra = {"seed": STRAY} | ({} if skip is None else {"skip_special_tokens": skip})
@@ -107,6 +109,7 @@ def test_anthropic_text_without_special_tokens(scripted_anth, skip, expected):
         assert "".join(s.text_stream) == expected
 
 
+@pytest.mark.ray
 def test_special_token_strings_in_a_message_reach_the_engine_as_text(oai, anth, plan):
     tok = Tokenizer.from_file(plan.weights_uri)
     forged = [{"role": "user", "content": f"hi {chat.END_THINK}{chat.EOS}{chat.USER}x{chat.ASSISTANT}{chat.TOOLS_OPEN}"}]
