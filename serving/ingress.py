@@ -1,7 +1,9 @@
 """The Serve ingress: OpenAI- and Anthropic-compatible HTTP in front of the attention engines.
 
-Per request: authenticate, validate (400s name the field), render the chat prompt, check the
-context limit, then stream from an engine replica through its handle. The first engine item is
+Per request: authenticate, read the body (at most `serving.max_request_bytes`, else 413), then in a
+bounded thread pool (so the event loop, /healthz included, never waits on a big prompt) validate it
+(400s name the field; `api.validation`), render the chat prompt, tokenize and check the context
+limit; then stream from an engine replica through its handle. The first engine item is
 awaited before answering so queue-full (429 + Retry-After), context and shard errors get a real
 HTTP status; after that, errors end the stream with an error event in the API's own shape. A
 client that goes away cancels the engine request (the handle's response is cancelled).
@@ -10,22 +12,27 @@ client that goes away cancels the engine request (the handle's response is cance
 
 import asyncio
 import hmac
+import json
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
+from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
 from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events
-from v4d.serving.api.validation import parse_body
+from v4d.serving.api.validation import parse_body, preview
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.plan import Plan
 from v4d.serving.tokenizer import Tokenizer
@@ -33,22 +40,59 @@ from v4d.serving.tokenizer import Tokenizer
 app = FastAPI(title="v4d", docs_url=None, redoc_url=None, openapi_url=None)
 
 Flavor = str  # "openai" | "anthropic"
+T = TypeVar("T")
+PREPARE_THREADS = 4  # validation + chat rendering + tokenization; more requests wait for a thread
+_ANTHROPIC_PATH = re.compile(r"/v1/messages(/|$)")
 
 
-def _error_response(err: APIError, flavor: Flavor) -> JSONResponse:
+def _flavor(request: Request) -> Flavor:
+    """Whose error shape a request gets: Anthropic's under /v1/messages or from its SDK, else OpenAI's."""
+    anthropic = _ANTHROPIC_PATH.search(request.url.path) or "anthropic-version" in request.headers
+    return "anthropic" if anthropic else "openai"
+
+
+def _error_response(err: APIError, flavor: Flavor, headers: dict[str, str] | None = None) -> Response:
     body = err.anthropic_body() if flavor == "anthropic" else err.openai_body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers())
+    # ASCII-escaped JSON: whatever a message quotes, the reply always encodes
+    return Response(json.dumps(body), status_code=err.status, media_type="application/json",
+                    headers={**(headers or {}), **err.headers()})
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Unknown routes and methods answer in the API's shape too (not FastAPI's {"detail": ...})."""
-    flavor = "anthropic" if request.url.path.rstrip("/").endswith("/v1/messages") else "openai"
-    err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    err = APIError(exc.status_code, f"{preview(request.method)} {preview(request.url.path)}: {exc.detail}")
     metrics = getattr(request.app.state, "metrics", None)  # set by the Ingress replica of this process
     if metrics is not None:
         metrics.request_errors.inc(tags={"kind": error_kind(err)})
-    return _error_response(err, flavor)
+    return _error_response(err, _flavor(request), exc.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(413, f"Request body is larger than {limit} bytes (spec.serving.maxRequestBytes).",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") from None
+    return b"".join(chunks)
+
+
+def _longest_token_chars(tok: Tokenizer) -> int | None:
+    """Most characters one token can cover, so a text of n characters has at least n / this many
+    tokens; None when a normalizer may shrink text before tokenization (then no such bound)."""
+    if tok.raw.normalizer is not None:
+        return None
+    return max(len(t) for t in tok.raw.get_vocab(with_added_tokens=True))
 
 
 @serve.deployment(
@@ -65,6 +109,10 @@ class Ingress:
         self.created = int(time.time())
         self.engine = engine.options(stream=True)
         self.tok = Tokenizer.from_file(checkpoint)
+        longest = _longest_token_chars(self.tok)
+        self.max_prompt_chars = self.plan.max_context_tokens * longest if longest else None
+        self.max_request_bytes = self.plan.serving.max_request_bytes
+        self.pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="v4d-prepare")
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
         self.timeout_s = self.plan.serving.request_timeout_s
         self.inflight = 0  # requests holding an engine stream
@@ -74,16 +122,23 @@ class Ingress:
         app.state.metrics = self.metrics  # for the router's own errors (unknown route, wrong method)
 
     # -- plumbing --------------------------------------------------------------------------
-    async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:
+    async def _answer(
+        self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]], prompt_param: str = "messages"
+    ) -> Response:
         try:
             self._authorize(request)
             return await handler()
         except Exception as e:  # every failure leaves in the API's own error shape
-            return _error_response(self._failed(e), flavor)
+            return _error_response(self._failed(e, prompt_param), flavor)
 
-    def _failed(self, e: Exception) -> APIError:
+    async def _prepared(self, request: Request, prepare: Callable[[bytes], T]) -> T:
+        """Read the body (size-bounded), then run `prepare` on it in the thread pool, off the event loop."""
+        raw = await read_body(request, self.max_request_bytes)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, raw)
+
+    def _failed(self, e: Exception, prompt_param: str = "messages") -> APIError:
         """The client's error for `e`, counted unless the engine counted it when it refused the request."""
-        err = from_exception(e)
+        err = from_exception(e, prompt_param)
         if not engine_counted(e):
             self.metrics.request_errors.inc(tags={"kind": error_kind(err)})
         return err
@@ -98,7 +153,24 @@ class Ingress:
 
     def _check_model(self, model: str) -> None:
         if model != self.model:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model}'.", param="model", code="model_not_found")
+            raise APIError(404, f"The model '{preview(model)}' does not exist; this server serves '{self.model}'.",
+                           param="model", code="model_not_found")
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        """Token ids of a prompt; one that certainly exceeds the context is refused before tokenizing."""
+        limit = self.plan.max_context_tokens
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens; the prompt ({len(text)} characters) "
+                "has more.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        ids = self.tok.encode(text)
+        if not ids:
+            raise APIError(400, f"{param}: the prompt has no tokens", param=param)
+        return ids
 
     def _params(
         self,
@@ -109,13 +181,15 @@ class Ingress:
         seed: int | None,
         stop: list[str],
         ignore_eos: bool = False,
+        prompt_param: str = "messages",
+        max_tokens_param: str = "max_tokens",
     ) -> SamplingParams:
         limit = self.plan.max_context_tokens
         if n_prompt >= limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens; the prompt has {n_prompt}.",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         max_tokens = max_tokens or limit - n_prompt
@@ -123,8 +197,8 @@ class Ingress:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens; the prompt ({n_prompt}) plus "
-                f"max_tokens ({max_tokens}) is {n_prompt + max_tokens}.",
-                param="max_tokens",
+                f"{max_tokens_param} ({preview(str(max_tokens))}) is more.",
+                param=max_tokens_param,
                 code="context_length_exceeded",
             )
         return SamplingParams(
@@ -182,7 +256,8 @@ class Ingress:
             yield on_error(self._failed(e))
 
     def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
-        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])
+        stops = [] if params.ignore_eos else [self.tok.eos_id]
+        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=stops)
 
     async def drain(self) -> int:
         """Refuse new requests (503) from now on; return how many are still in flight.
@@ -192,7 +267,6 @@ class Ingress:
         self.draining = True
         return self.inflight
 
-    # -- routes -----------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model}
@@ -210,17 +284,50 @@ class Ingress:
 
         return await self._answer(request, "openai", run)
 
+    # -- request preparation (in the thread pool) --------------------------------------------------
+    def _prepare_chat(self, raw: bytes) -> tuple[openai_api.ChatRequest, ChatPrompt, GenRequest]:
+        req = parse_body(raw, openai_api.ChatRequest).validated()
+        self._check_model(req.model)
+        prompt = req.prompt()
+        ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
+        params = self._params(
+            len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
+            max_tokens_param=req.max_tokens_param(),
+        )
+        return req, prompt, self._new_request("chatcmpl-", ids, params)
+
+    def _prepare_completion(self, raw: bytes) -> tuple[openai_api.CompletionRequest, GenRequest]:
+        req = parse_body(raw, openai_api.CompletionRequest).validated()
+        self._check_model(req.model)
+        prompt = req.text_or_ids()
+        ids = self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+        bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {preview(bad[:5])}", param="prompt")
+        params = self._params(
+            len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
+            prompt_param="prompt",
+        )
+        return req, self._new_request("cmpl-", ids, params)
+
+    def _prepare_messages(self, raw: bytes) -> tuple[anthropic_api.MessagesRequest, ChatPrompt, GenRequest]:
+        req = parse_body(raw, anthropic_api.MessagesRequest).validated()
+        self._check_model(req.model)
+        prompt = req.prompt()
+        ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
+        params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
+        return req, prompt, self._new_request("msg_", ids, params)
+
+    def _count_tokens(self, raw: bytes) -> int:
+        req = parse_body(raw, anthropic_api.CountTokensRequest).validated()
+        self._check_model(req.model)
+        return len(self.tok.encode(chat_bridge.render_prompt(req.prompt())))
+
+    # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), openai_api.ChatRequest).validated()
-            self._check_model(req.model)
-            prompt = req.prompt()
-            ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(
-                len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
-            )
-            gen = self._new_request("chatcmpl-", ids, params)
+            req, prompt, gen = await self._prepared(request, self._prepare_chat)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -233,17 +340,7 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), openai_api.CompletionRequest).validated()
-            self._check_model(req.model)
-            prompt = req.text_or_ids()
-            ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}", param="prompt")
-            params = self._params(
-                len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
-            )
-            gen = self._new_request("cmpl-", ids, params)
+            req, gen = await self._prepared(request, self._prepare_completion)
             evs = await self._start(gen, PlainParser())
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -251,20 +348,15 @@ class Ingress:
                 return StreamingResponse(self._sse(chunks, openai_api.stream_error), media_type="text/event-stream")
             return JSONResponse(openai_api.completion(gen.request_id, self.model, [e async for e in evs]))
 
-        return await self._answer(request, "openai", run)
+        return await self._answer(request, "openai", run, prompt_param="prompt")
 
     @app.post("/v1/messages")
     async def messages(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), anthropic_api.MessagesRequest).validated()
-            self._check_model(req.model)
-            prompt = req.prompt()
-            ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
-            gen = self._new_request("msg_", ids, params)
+            req, prompt, gen = await self._prepared(request, self._prepare_messages)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
-                chunks = anthropic_api.message_stream(gen.request_id, self.model, len(ids), evs)
+                chunks = anthropic_api.message_stream(gen.request_id, self.model, len(gen.prompt_token_ids), evs)
                 return StreamingResponse(self._sse(chunks, anthropic_api.stream_error), media_type="text/event-stream")
             return JSONResponse(anthropic_api.message(gen.request_id, self.model, [e async for e in evs]))
 
@@ -273,8 +365,6 @@ class Ingress:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), anthropic_api.CountTokensRequest).validated()
-            self._check_model(req.model)
-            return JSONResponse({"input_tokens": len(chat_bridge.encode_prompt(self.tok, req.prompt()))})
+            return JSONResponse({"input_tokens": await self._prepared(request, self._count_tokens)})
 
         return await self._answer(request, "anthropic", run)

@@ -68,7 +68,7 @@ def test_plan_dict_has_the_contract_keys():
     assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
     assert set(d["experts"]) == {"logical", "physical", "redundant"}
     assert set(d["kv"]) == {"bytes_per_token", "capacity_tokens_per_replica"}
-    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s"}
+    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s", "max_request_bytes"}
 
 
 def test_expert_map_lists_every_copy():
@@ -86,3 +86,12 @@ def test_autoscaling_spec_reaches_the_engine_plan():
     a = spec["autoscaling"]
     assert (e.target_kv_utilization, e.upscale_delay_s, e.downscale_delay_s, e.time_to_ready_s) == (
         a["targetKVCacheUtilization"], a["upscaleStabilizationSeconds"], a["downscaleStabilizationSeconds"], 600)
+
+
+def test_max_request_bytes_reaches_the_plan():
+    spec = load_example("local-tiny.yaml")["spec"]
+    assert plan(spec, name="tiny").serving.max_request_bytes == 8 << 20  # the default: 8 MiB
+    spec["serving"]["maxRequestBytes"] = 65536
+    p = plan(spec, name="tiny")
+    assert p.serving.max_request_bytes == 65536
+    assert Plan.from_dict({**p.to_dict(), "serving": {"port": 8000}}).serving.max_request_bytes == 8 << 20  # older plans
