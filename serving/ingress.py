@@ -16,7 +16,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -29,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
-from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
-from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events
-from v4d.serving.api.validation import parse_body, preview
+from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, events
+from v4d.serving.api.prepare import Preparer
+from v4d.serving.api.validation import preview
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.plan import Plan
 from v4d.serving.tokenizer import Tokenizer
@@ -87,14 +86,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _longest_token_chars(tok: Tokenizer) -> int | None:
-    """Most characters one token can cover, so a text of n characters has at least n / this many
-    tokens; None when a normalizer may shrink text before tokenization (then no such bound)."""
-    if tok.raw.normalizer is not None:
-        return None
-    return max(len(t) for t in tok.raw.get_vocab(with_added_tokens=True))
-
-
 @serve.deployment(
     name="ingress",
     ray_actor_options={"num_cpus": 0},
@@ -109,8 +100,7 @@ class Ingress:
         self.created = int(time.time())
         self.engine = engine.options(stream=True)
         self.tok = Tokenizer.from_file(checkpoint)
-        longest = _longest_token_chars(self.tok)
-        self.max_prompt_chars = self.plan.max_context_tokens * longest if longest else None
+        self.prepare = Preparer(self.plan.served_name, self.plan.max_context_tokens, self.tok)
         self.max_request_bytes = self.plan.serving.max_request_bytes
         self.pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="v4d-prepare")
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
@@ -150,65 +140,6 @@ class Ingress:
         key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
-
-    def _check_model(self, model: str) -> None:
-        if model != self.model:
-            raise APIError(404, f"The model '{preview(model)}' does not exist; this server serves '{self.model}'.",
-                           param="model", code="model_not_found")
-
-    def _encode(self, text: str, param: str) -> list[int]:
-        """Token ids of a prompt; one that certainly exceeds the context is refused before tokenizing."""
-        limit = self.plan.max_context_tokens
-        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the prompt ({len(text)} characters) "
-                "has more.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        ids = self.tok.encode(text)
-        if not ids:
-            raise APIError(400, f"{param}: the prompt has no tokens", param=param)
-        return ids
-
-    def _params(
-        self,
-        n_prompt: int,
-        max_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: list[str],
-        ignore_eos: bool = False,
-        prompt_param: str = "messages",
-        max_tokens_param: str = "max_tokens",
-    ) -> SamplingParams:
-        limit = self.plan.max_context_tokens
-        if n_prompt >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the prompt has {n_prompt}.",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        max_tokens = max_tokens or limit - n_prompt
-        if n_prompt + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the prompt ({n_prompt}) plus "
-                f"{max_tokens_param} ({preview(str(max_tokens))}) is more.",
-                param=max_tokens_param,
-                code="context_length_exceeded",
-            )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-        )
 
     async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
         """Submit to an engine and wait for its first item; return the request's event stream."""
@@ -255,10 +186,6 @@ class Ingress:
         except Exception as e:
             yield on_error(self._failed(e))
 
-    def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
-        stops = [] if params.ignore_eos else [self.tok.eos_id]
-        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=stops)
-
     async def drain(self) -> int:
         """Refuse new requests (503) from now on; return how many are still in flight.
 
@@ -267,6 +194,7 @@ class Ingress:
         self.draining = True
         return self.inflight
 
+    # -- routes -----------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model}
@@ -284,50 +212,10 @@ class Ingress:
 
         return await self._answer(request, "openai", run)
 
-    # -- request preparation (in the thread pool) --------------------------------------------------
-    def _prepare_chat(self, raw: bytes) -> tuple[openai_api.ChatRequest, ChatPrompt, GenRequest]:
-        req = parse_body(raw, openai_api.ChatRequest).validated()
-        self._check_model(req.model)
-        prompt = req.prompt()
-        ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
-        params = self._params(
-            len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
-            max_tokens_param=req.max_tokens_param(),
-        )
-        return req, prompt, self._new_request("chatcmpl-", ids, params)
-
-    def _prepare_completion(self, raw: bytes) -> tuple[openai_api.CompletionRequest, GenRequest]:
-        req = parse_body(raw, openai_api.CompletionRequest).validated()
-        self._check_model(req.model)
-        prompt = req.text_or_ids()
-        ids = self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
-        bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {preview(bad[:5])}", param="prompt")
-        params = self._params(
-            len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
-            prompt_param="prompt",
-        )
-        return req, self._new_request("cmpl-", ids, params)
-
-    def _prepare_messages(self, raw: bytes) -> tuple[anthropic_api.MessagesRequest, ChatPrompt, GenRequest]:
-        req = parse_body(raw, anthropic_api.MessagesRequest).validated()
-        self._check_model(req.model)
-        prompt = req.prompt()
-        ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
-        params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
-        return req, prompt, self._new_request("msg_", ids, params)
-
-    def _count_tokens(self, raw: bytes) -> int:
-        req = parse_body(raw, anthropic_api.CountTokensRequest).validated()
-        self._check_model(req.model)
-        return len(self.tok.encode(chat_bridge.render_prompt(req.prompt())))
-
-    # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req, prompt, gen = await self._prepared(request, self._prepare_chat)
+            req, prompt, gen = await self._prepared(request, self.prepare.chat)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -340,7 +228,7 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req, gen = await self._prepared(request, self._prepare_completion)
+            req, gen = await self._prepared(request, self.prepare.completion)
             evs = await self._start(gen, PlainParser())
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -353,7 +241,7 @@ class Ingress:
     @app.post("/v1/messages")
     async def messages(self, request: Request) -> Response:
         async def run() -> Response:
-            req, prompt, gen = await self._prepared(request, self._prepare_messages)
+            req, prompt, gen = await self._prepared(request, self.prepare.messages)
             evs = await self._start(gen, chat_bridge.ChatOutputParser(prompt.thinking))
             if req.stream:
                 chunks = anthropic_api.message_stream(gen.request_id, self.model, len(gen.prompt_token_ids), evs)
@@ -365,6 +253,6 @@ class Ingress:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request) -> Response:
         async def run() -> Response:
-            return JSONResponse({"input_tokens": await self._prepared(request, self._count_tokens)})
+            return JSONResponse({"input_tokens": await self._prepared(request, self.prepare.count_tokens)})
 
         return await self._answer(request, "anthropic", run)
