@@ -67,8 +67,10 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text; special-token strings in it (e.g. from a chat prompt) become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of text; special-token strings in it (e.g. from a chat prompt) become their ids.
+        (`encode_batch` releases the GIL while it works, `encode` does not: the ingress tokenizes in
+        worker threads, and its event loop must keep running meanwhile.)"""
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -116,3 +116,27 @@ def test_ignore_eos_drops_the_end_of_sentence_stop(prep):
     assert prep.completion(json.dumps(base).encode())[1].stop_token_ids == [prep.tok.eos_id]
     gen = prep.completion(json.dumps({**base, "ignore_eos": True}).encode())[1]
     assert gen.stop_token_ids == [] and gen.engine_request()["ignore_eos"] is True
+
+
+def test_tokenizing_a_big_prompt_leaves_the_event_loop_running(prep):
+    """What the ingress does: prepare in a worker thread; the loop must keep ticking (the GIL is released)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = "The sea is wide and deep and full of fish. " * 25_000  # 1.1 MB
+    raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}]}).encode()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        job = loop.run_in_executor(ThreadPoolExecutor(1), prep.count_tokens, raw)
+        worst = 0.0
+        while not job.done():
+            tick = time.perf_counter()
+            await asyncio.sleep(0.01)
+            worst = max(worst, time.perf_counter() - tick - 0.01)
+        return await job, time.perf_counter() - t, worst
+
+    n, seconds, worst = asyncio.run(run())
+    assert n > 200_000
+    assert worst < 0.5 * seconds, (worst, seconds)  # a held GIL stalls the loop for the whole encode
