@@ -107,7 +107,9 @@ def test_healthz_stays_fast_while_a_huge_prompt_is_tokenized(base_url):
     assert len(latencies) >= 5, (result["seconds"], latencies)  # the big request was in flight meanwhile
     print(f"count_tokens of 3.4 MB: {result['seconds']:.1f} s; /healthz meanwhile: {len(latencies)} calls, "
           f"max {max(latencies) * 1000:.0f} ms")
-    assert max(latencies) < 1.0, latencies
+    # fast: under a second (scaled on a machine so loaded that tokenizing slows down too); when the
+    # loop waited on the tokenizer, one call took about as long as the whole prompt
+    assert max(latencies) < max(1.0, 0.25 * result["seconds"]), (result["seconds"], latencies)
 
 
 def test_ignore_eos_generates_max_tokens(base_url):
