@@ -138,6 +138,8 @@ class ServingSpec(_Model):
     """Requests waiting per replica beyond which new ones get HTTP 429."""
     requestTimeoutSeconds: int = Field(default=600, ge=1, le=86400)
     """End-to-end limit of one request."""
+    maxRequestBytes: int = Field(default=8 << 20, ge=1024, le=1 << 30)
+    """Largest request body the ingress reads; bigger ones get HTTP 413 (default 8 MiB)."""
 
 
 class V4DeploymentSpec(_Model):

@@ -326,6 +326,7 @@ def plan(
             api_key_secret=secret.model_dump() if secret else None,
             max_queue=spec.serving.maxQueue,
             request_timeout_s=float(spec.serving.requestTimeoutSeconds),
+            max_request_bytes=spec.serving.maxRequestBytes,
         ),
         warnings=warnings,
     )

@@ -1,7 +1,9 @@
 """The Serve ingress: OpenAI- and Anthropic-compatible HTTP in front of the attention engines.
 
-Per request: authenticate, validate (400s name the field), render the chat prompt, check the
-context limit, then stream from an engine replica through its handle. The first engine item is
+Per request: authenticate, read the body (at most `serving.max_request_bytes`, else 413), then in a
+bounded thread pool (so the event loop, /healthz included, never waits on a big prompt) validate it
+(400s name the field; `api.validation`), render the chat prompt, tokenize and check the context
+limit; then stream from an engine replica through its handle. The first engine item is
 awaited before answering so queue-full (429 + Retry-After), context and shard errors get a real
 HTTP status; after that, errors end the stream with an error event in the API's own shape. A
 client that goes away cancels the engine request (the handle's response is cancelled).
@@ -10,22 +12,26 @@ client that goes away cancels the engine request (the handle's response is cance
 
 import asyncio
 import hmac
+import json
 import os
+import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
 from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
-from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, SamplingParams, events
-from v4d.serving.api.validation import parse_body
+from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, events
+from v4d.serving.api.prepare import Preparer
+from v4d.serving.api.validation import preview
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.plan import Plan
 from v4d.serving.tokenizer import Tokenizer
@@ -33,22 +39,51 @@ from v4d.serving.tokenizer import Tokenizer
 app = FastAPI(title="v4d", docs_url=None, redoc_url=None, openapi_url=None)
 
 Flavor = str  # "openai" | "anthropic"
+T = TypeVar("T")
+PREPARE_THREADS = 4  # validation + chat rendering + tokenization; more requests wait for a thread
+_ANTHROPIC_PATH = re.compile(r"/v1/messages(/|$)")
 
 
-def _error_response(err: APIError, flavor: Flavor) -> JSONResponse:
+def _flavor(request: Request) -> Flavor:
+    """Whose error shape a request gets: Anthropic's under /v1/messages or from its SDK, else OpenAI's."""
+    anthropic = _ANTHROPIC_PATH.search(request.url.path) or "anthropic-version" in request.headers
+    return "anthropic" if anthropic else "openai"
+
+
+def _error_response(err: APIError, flavor: Flavor, headers: dict[str, str] | None = None) -> Response:
     body = err.anthropic_body() if flavor == "anthropic" else err.openai_body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers())
+    # ASCII-escaped JSON: whatever a message quotes, the reply always encodes
+    return Response(json.dumps(body), status_code=err.status, media_type="application/json",
+                    headers={**(headers or {}), **err.headers()})
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Unknown routes and methods answer in the API's shape too (not FastAPI's {"detail": ...})."""
-    flavor = "anthropic" if request.url.path.rstrip("/").endswith("/v1/messages") else "openai"
-    err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    err = APIError(exc.status_code, f"{preview(request.method)} {preview(request.url.path)}: {exc.detail}")
     metrics = getattr(request.app.state, "metrics", None)  # set by the Ingress replica of this process
     if metrics is not None:
         metrics.request_errors.inc(tags={"kind": error_kind(err)})
-    return _error_response(err, flavor)
+    return _error_response(err, _flavor(request), exc.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(413, f"Request body is larger than {limit} bytes (spec.serving.maxRequestBytes).",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") from None
+    return b"".join(chunks)
 
 
 @serve.deployment(
@@ -65,6 +100,9 @@ class Ingress:
         self.created = int(time.time())
         self.engine = engine.options(stream=True)
         self.tok = Tokenizer.from_file(checkpoint)
+        self.prepare = Preparer(self.plan.served_name, self.plan.max_context_tokens, self.tok)
+        self.max_request_bytes = self.plan.serving.max_request_bytes
+        self.pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="v4d-prepare")
         self.api_key = api_key or os.environ.get(self.plan.serving.api_key_env) or None
         self.timeout_s = self.plan.serving.request_timeout_s
         self.inflight = 0  # requests holding an engine stream
@@ -74,16 +112,23 @@ class Ingress:
         app.state.metrics = self.metrics  # for the router's own errors (unknown route, wrong method)
 
     # -- plumbing --------------------------------------------------------------------------
-    async def _answer(self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]]) -> Response:
+    async def _answer(
+        self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]], prompt_param: str = "messages"
+    ) -> Response:
         try:
             self._authorize(request)
             return await handler()
         except Exception as e:  # every failure leaves in the API's own error shape
-            return _error_response(self._failed(e), flavor)
+            return _error_response(self._failed(e, prompt_param), flavor)
 
-    def _failed(self, e: Exception) -> APIError:
+    async def _prepared(self, request: Request, prepare: Callable[[bytes], T]) -> T:
+        """Read the body (size-bounded), then run `prepare` on it in the thread pool, off the event loop."""
+        raw = await read_body(request, self.max_request_bytes)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, raw)
+
+    def _failed(self, e: Exception, prompt_param: str = "messages") -> APIError:
         """The client's error for `e`, counted unless the engine counted it when it refused the request."""
-        err = from_exception(e)
+        err = from_exception(e, prompt_param)
         if not engine_counted(e):
             self.metrics.request_errors.inc(tags={"kind": error_kind(err)})
         return err
@@ -95,46 +140,6 @@ class Ingress:
         key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
-
-    def _check_model(self, model: str) -> None:
-        if model != self.model:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model}'.", param="model", code="model_not_found")
-
-    def _params(
-        self,
-        n_prompt: int,
-        max_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: list[str],
-        ignore_eos: bool = False,
-    ) -> SamplingParams:
-        limit = self.plan.max_context_tokens
-        if n_prompt >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the prompt has {n_prompt}.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        max_tokens = max_tokens or limit - n_prompt
-        if n_prompt + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the prompt ({n_prompt}) plus "
-                f"max_tokens ({max_tokens}) is {n_prompt + max_tokens}.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-        )
 
     async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
         """Submit to an engine and wait for its first item; return the request's event stream."""
@@ -181,9 +186,6 @@ class Ingress:
         except Exception as e:
             yield on_error(self._failed(e))
 
-    def _new_request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
-        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=[self.tok.eos_id])
-
     async def drain(self) -> int:
         """Refuse new requests (503) from now on; return how many are still in flight.
 
@@ -213,16 +215,9 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), openai_api.ChatRequest).validated()
-            self._check_model(req.model)
-            prompt = req.prompt()
-            ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(
-                len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
-            )
-            gen = self._new_request("chatcmpl-", ids, params)
-            parser = chat_bridge.output_parser(chat_bridge.ChatOutputParser(prompt.thinking), self.tok, req.skip_special_tokens)
-            evs = await self._start(gen, parser)
+            req, prompt, gen = await self._prepared(request, self.prepare.chat)
+            parser = chat_bridge.ChatOutputParser(prompt.thinking)
+            evs = await self._start(gen, chat_bridge.output_parser(parser, self.tok, req.skip_special_tokens))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.chat_stream(gen.request_id, self.model, evs, usage)
@@ -234,17 +229,7 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), openai_api.CompletionRequest).validated()
-            self._check_model(req.model)
-            prompt = req.text_or_ids()
-            ids = self.tok.encode(prompt, special_tokens=True) if isinstance(prompt, str) else list(prompt)
-            bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}", param="prompt")
-            params = self._params(
-                len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos
-            )
-            gen = self._new_request("cmpl-", ids, params)
+            req, gen = await self._prepared(request, self.prepare.completion)
             evs = await self._start(gen, chat_bridge.output_parser(PlainParser(), self.tok, req.skip_special_tokens))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -252,21 +237,16 @@ class Ingress:
                 return StreamingResponse(self._sse(chunks, openai_api.stream_error), media_type="text/event-stream")
             return JSONResponse(openai_api.completion(gen.request_id, self.model, [e async for e in evs]))
 
-        return await self._answer(request, "openai", run)
+        return await self._answer(request, "openai", run, prompt_param="prompt")
 
     @app.post("/v1/messages")
     async def messages(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), anthropic_api.MessagesRequest).validated()
-            self._check_model(req.model)
-            prompt = req.prompt()
-            ids = chat_bridge.encode_prompt(self.tok, prompt)
-            params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
-            gen = self._new_request("msg_", ids, params)
-            parser = chat_bridge.output_parser(chat_bridge.ChatOutputParser(prompt.thinking), self.tok, req.skip_special_tokens)
-            evs = await self._start(gen, parser)
+            req, prompt, gen = await self._prepared(request, self.prepare.messages)
+            parser = chat_bridge.ChatOutputParser(prompt.thinking)
+            evs = await self._start(gen, chat_bridge.output_parser(parser, self.tok, req.skip_special_tokens))
             if req.stream:
-                chunks = anthropic_api.message_stream(gen.request_id, self.model, len(ids), evs)
+                chunks = anthropic_api.message_stream(gen.request_id, self.model, len(gen.prompt_token_ids), evs)
                 return StreamingResponse(self._sse(chunks, anthropic_api.stream_error), media_type="text/event-stream")
             return JSONResponse(anthropic_api.message(gen.request_id, self.model, [e async for e in evs]))
 
@@ -275,8 +255,6 @@ class Ingress:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request) -> Response:
         async def run() -> Response:
-            req = parse_body(await request.body(), anthropic_api.CountTokensRequest).validated()
-            self._check_model(req.model)
-            return JSONResponse({"input_tokens": len(chat_bridge.encode_prompt(self.tok, req.prompt()))})
+            return JSONResponse({"input_tokens": await self._prepared(request, self.prepare.count_tokens)})
 
         return await self._answer(request, "anthropic", run)

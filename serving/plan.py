@@ -88,6 +88,7 @@ class ServingPlan:
     api_key_env: str = "V4D_API_KEY"
     max_queue: int = 256
     request_timeout_s: float = 600.0
+    max_request_bytes: int = 8 << 20  # larger request bodies get HTTP 413
 
 
 @dataclass

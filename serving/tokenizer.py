@@ -87,8 +87,11 @@ class Tokenizer:
 
     def encode(self, text: str, special_tokens: bool = False) -> list[int]:
         """Token ids of text. Special-token strings in it stay text (ordinary tokens) unless
-        `special_tokens`, for a raw prompt that its author writes whole (/v1/completions)."""
-        return (self._tok if special_tokens else self._plain).encode(text, add_special_tokens=False).ids
+        `special_tokens`, for a raw prompt that its author writes whole (/v1/completions).
+        (`encode_batch` releases the GIL while it works, `encode` does not: the ingress tokenizes in
+        worker threads, and its event loop must keep running meanwhile.)"""
+        tok = self._tok if special_tokens else self._plain
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a chat prompt: its `Special` markers as special tokens, the rest as plain text.

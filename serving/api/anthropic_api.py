@@ -17,7 +17,8 @@ from v4d.serving.api import sse
 from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError
 from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCall
-from v4d.serving.api.validation import Strict, check
+from v4d.serving.api.validation import MAX_TOOLS, Strict, check, check_stops
+from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 
 
 class TextBlock(Strict):
@@ -84,14 +85,14 @@ class ToolChoice(Strict):
 
 class Thinking(Strict):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: int | None = Field(default=None, ge=1024)  # Anthropic's minimum; validated, not applied
 
 
 class CountTokensRequest(Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
 
@@ -152,8 +153,13 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(default=None, ge=0)  # accepted, not applied
     stream: bool = False
     metadata: dict[str, Any] | None = None
-    seed: int | None = None  # not in Anthropic's API; honoured when sent (extra_body)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # not Anthropic's; honoured when sent
     skip_special_tokens: bool = True  # as on the OpenAI endpoints (not in Anthropic's API)
+
+    def validated(self) -> MessagesRequest:
+        super().validated()
+        check_stops(self.stop_sequences or [], "stop_sequences")
+        return self
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -24,14 +24,14 @@ class ChatPrompt:
     response_format: dict[str, Any] | None = None
 
 
-def encode_prompt(tok: Tokenizer, prompt: ChatPrompt) -> list[int]:
+def render_prompt(prompt: ChatPrompt) -> chat.Prompt:
+    """The conversation in V4 chat format: template markers (special) and client text (plain)."""
     try:
-        rendered = chat.encode_messages(
+        return chat.encode_messages(
             prompt.messages, prompt.tools, prompt.thinking, prompt.reasoning_effort, prompt.response_format
         )
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param=e.param.replace("[", ".").replace("]", "")) from None
-    return tok.encode_prompt(rendered)
 
 
 def decoder(tok: Tokenizer) -> Callable[[list[int]], str]:

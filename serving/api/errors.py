@@ -16,6 +16,7 @@ _TYPES: dict[int, tuple[str, str]] = {
     401: ("authentication_error", "authentication_error"),
     404: ("not_found_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_error"),
     500: ("server_error", "api_error"),
     503: ("service_unavailable_error", "api_error"),
@@ -78,8 +79,9 @@ def error_kind(err: APIError) -> str:
         err.status, "bad_request" if err.status < 500 else "internal")
 
 
-def from_exception(exc: BaseException) -> APIError:
-    """Map an exception raised by the engine (possibly through a Ray handle) to an APIError."""
+def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIError:
+    """Map an exception raised by the engine (possibly through a Ray handle) to an APIError;
+    `prompt_param` is the request field holding the prompt (context errors name it)."""
     if isinstance(exc, APIError):
         return exc
     cause = _root_cause(exc)
@@ -92,7 +94,7 @@ def from_exception(exc: BaseException) -> APIError:
             return APIError(
                 400,
                 f"This model's maximum context length is {e.limit} tokens; the request needs {e.got}.",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if isinstance(e, engine_errors.BadRequest):

@@ -19,9 +19,8 @@ from v4d.serving.api import sse
 from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError
 from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCall
-from v4d.serving.api.validation import Strict, check
-
-MAX_STOP = 16
+from v4d.serving.api.validation import MAX_TOOLS, Strict, check, check_stops
+from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 
 
 class TextPart(Strict):
@@ -78,7 +77,7 @@ class _Sampling(Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what torch.Generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,19 +89,18 @@ class _Sampling(Strict):
     skip_special_tokens: bool = True  # vLLM extension: false keeps special tokens in the returned text
 
     def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        check(len(stops) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop sequences are supported")
-        return stops
+        return check_stops([self.stop] if isinstance(self.stop, str) else list(self.stop or []), "stop")
 
     def check_common(self) -> None:
         check(self.n == 1, "n", "only n=1 is supported")
         check(self.stream or self.stream_options is None, "stream_options", "only allowed when stream is true")
+        self.stops()
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     thinking: Thinking | None = None
     reasoning_effort: Literal["low", "medium", "high", "max", "xhigh"] | None = None
@@ -131,6 +129,10 @@ class ChatRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def max_tokens_param(self) -> str:
+        """The field the client limited the output with (errors name it)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
     def prompt(self) -> ChatPrompt:
         messages: list[dict[str, Any]] = []
         for m in self.messages:
@@ -158,9 +160,11 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    best_of: int | None = None
 
     def validated(self) -> CompletionRequest:
         self.check_common()
+        check(self.best_of in (None, 1), "best_of", "only best_of=1 is supported")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             check(len(self.prompt) == 1, "prompt", "only one prompt per request is supported")
         check(not self.echo, "echo", "echo is not supported")

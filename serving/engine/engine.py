@@ -116,19 +116,22 @@ class Engine:
             raise BadRequest("request_id", f"{rid!r} is already running")
         params = SamplingParams.from_request(request)
         seq = Sequence(rid, prompt_ids(request, self.cfg.vocab_size), params)
+        gen = None
+        if params.temperature > 0:  # built before admission: a request that cannot be seeded never queues
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        queue: asyncio.Queue = asyncio.Queue()
+        self.seqs[rid], self.queues[rid] = seq, queue
+        if gen is not None:
+            self.generators[rid] = gen
         try:
             self.scheduler.add(seq)
         except Exception as e:
+            self._forget(seq)
             self._count_reject(e)
             raise
-        queue: asyncio.Queue = asyncio.Queue()
-        self.seqs[rid], self.queues[rid] = seq, queue
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            self.generators[rid] = torch.Generator().manual_seed(seed)
-        self._kick()
         done = False
-        try:
+        try:  # admitted: from here on every exit either finishes the request or aborts it
+            self._kick()
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

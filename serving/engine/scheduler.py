@@ -19,7 +19,7 @@ from v4d.serving.engine.sequence import Sequence, Status
 from v4d.serving.errors import ContextTooLong, Overloaded
 
 MAX_RETRY_AFTER_S = 60.0
-FINISH_WINDOW = 32  # recent finishes the drain-rate estimate of Retry-After uses
+DRAIN_WINDOW = 32  # recent departures from the waiting queue the Retry-After estimate uses
 
 
 class Scheduler:
@@ -37,7 +37,8 @@ class Scheduler:
         self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
         self.max_context_tokens = min(max_context_tokens, kv.capacity_tokens)
         self.retry_after_s, self.clock = retry_after_s, clock
-        self._finish_times: deque[float] = deque(maxlen=FINISH_WINDOW)
+        self._drained: deque[float] = deque(maxlen=DRAIN_WINDOW)  # when requests left the waiting queue
+        self._moved_at = 0.0  # the queue's last departure, or when it last filled from empty
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -47,16 +48,31 @@ class Scheduler:
             raise ContextTooLong(self.max_context_tokens, seq.max_total_tokens)
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(self.retry_after())
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
     def retry_after(self) -> float:
-        """Seconds a refused client should wait: the queue's length over the recent finish rate, so the
-        hint grows with real backlog (at least `retry_after_s`, at most MAX_RETRY_AFTER_S)."""
-        times = self._finish_times
-        span = self.clock() - times[0] if times else 0.0
-        if len(times) < 2 or span <= 0:
-            return self.retry_after_s
-        return min(MAX_RETRY_AFTER_S, max(self.retry_after_s, len(self.waiting) * span / len(times)))
+        """Seconds until a refused client finds a place in the queue: the measured interval between
+        departures from it (admitted or aborted requests), over the recent ones only, so idle time
+        before a burst does not count. While the queue has not moved for longer than that interval,
+        the time since it last moved is the better estimate. Clamped to [retry_after_s, 60]."""
+        now = self.clock()
+        recent = [t for t in self._drained if now - t <= MAX_RETRY_AFTER_S]
+        interval = (recent[-1] - recent[0]) / (len(recent) - 1) if len(recent) >= 2 else 0.0
+        stalled = now - self._moved_at if self.waiting else 0.0
+        return min(MAX_RETRY_AFTER_S, max(self.retry_after_s, interval, stalled))
+
+    def _enqueue(self, seq: Sequence, first: bool = False) -> None:
+        if not self.waiting:
+            self._moved_at = self.clock()
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _drain(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        self._moved_at = self.clock()
+        self._drained.append(self._moved_at)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next batch: (sequence, number of its uncomputed tokens to run now)."""
@@ -81,7 +97,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.kv.admit(seq):
                 break
-            self.waiting.popleft()
+            self._drain(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = self._chunk(seq, budget)
@@ -112,7 +128,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.status, seq.num_computed, seq.num_cached = Status.WAITING, 0, 0
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, first=True)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -120,6 +136,5 @@ class Scheduler:
             self.running.remove(seq)
             self.kv.free(seq)
         elif seq.status is Status.WAITING:
-            self.waiting.remove(seq)
+            self._drain(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self._finish_times.append(self.clock())

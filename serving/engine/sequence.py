@@ -9,6 +9,10 @@ from typing import Any
 
 from v4d.serving.errors import BadRequest
 
+# What torch.Generator.manual_seed takes: [-2**63, 2**64 - 1] (negatives are mapped to 2**64 + seed);
+# outside it raises, so the engine refuses such seeds before a request is queued.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -45,6 +49,8 @@ class SamplingParams:
             raise BadRequest("temperature", f"must be >= 0, got {p.temperature}")
         if not 0 < p.top_p <= 1:
             raise BadRequest("top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.seed is not None and not SEED_MIN <= p.seed <= SEED_MAX:
+            raise BadRequest("seed", f"must be in [-2**63, 2**64 - 1], got {str(p.seed)[:40]}")
         return p
 
 

@@ -8,6 +8,7 @@ import torch
 
 from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
+from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
@@ -140,6 +141,40 @@ def test_errors(model):
             await g.aclose()
 
     asyncio.run(run())
+
+
+def test_seed_range_is_what_a_torch_generator_takes():
+    gen = torch.Generator()
+    for ok in (SEED_MIN, SEED_MAX):
+        gen.manual_seed(ok)
+    for bad in (SEED_MIN - 1, SEED_MAX + 1):
+        with pytest.raises((ValueError, RuntimeError)):
+            gen.manual_seed(bad)
+
+
+def test_invalid_requests_never_stay_queued(model, monkeypatch):
+    """A flood of requests that fail validation or seeding leaves nothing queued; the engine keeps serving."""
+    eng = engine(model, queue=4)
+    p = prompt(6)
+
+    async def run():
+        for i in range(40):  # 10x the queue: each would jam a slot if it stayed queued
+            seed = (SEED_MAX + 1, SEED_MIN - 1, 1 << 200, -(1 << 64))[i % 4]
+            with pytest.raises(BadRequest, match="seed"):
+                await collect(eng, p, 2, seed=seed, temperature=1.0)
+        assert eng.stats()["num_waiting"] == 0 and not eng.seqs and not eng.generators
+        with monkeypatch.context() as m:  # seeding itself failing: refused before admission
+            m.setattr(torch, "Generator", lambda: type("Failing", (), {"manual_seed": lambda self, s: 1 / 0})())
+            for _ in range(8):
+                with pytest.raises(ZeroDivisionError):
+                    await collect(eng, p, 2, seed=1, temperature=1.0)
+        assert eng.stats()["num_waiting"] == 0 and not eng.seqs and not eng.queues
+        ok = await asyncio.gather(*(collect(eng, p, 3, seed=s, temperature=1.0) for s in (SEED_MIN, SEED_MAX, 7)))
+        return ok
+
+    ok = asyncio.run(run())
+    assert all(len(tokens) == 3 and items[-1]["finish_reason"] == "length" for tokens, items in ok)
+    assert eng.stats()["num_waiting"] == eng.stats()["num_running"] == 0
 
 
 class FlakyExperts:

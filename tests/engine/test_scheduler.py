@@ -123,21 +123,29 @@ def test_overloaded_when_waiting_queue_full():
     assert e.value.retry_after_s == s.retry_after_s == 1.0  # nothing finished yet: the configured floor
 
 
-def test_retry_after_follows_the_backlog_over_the_finish_rate():
+def test_retry_after_is_the_measured_drain_interval_not_the_idle_time_before():
     now = [0.0]
-    s = make(max_queue=8)
+    s = make(max_num_seqs=1, max_queue=3)
     s.clock = lambda: now[0]
-    for i in range(2):  # two finishes 4 s apart: one every 2 s over the window [0, 4]
-        q = seq(4, rid=f"done{i}")
-        s.add(q)
-        now[0] = 4.0 * i
-        s.finish(q, "stop")
-    for i in range(8):
-        s.add(seq(4, rid=f"w{i}"))
+    first = seq(4, rid="early", max_tokens=1)
+    s.add(first)
+    step(s)  # admitted (left the queue) at t=0, then finished
+    now[0] = 1000.0  # a long idle stretch: it says nothing about the drain rate of the next burst
+    for i in range(3):
+        s.add(seq(4, rid=f"b{i}", max_tokens=1))
+    step(s)  # b0 admitted at t=1000 (the queue moved just now)
+    assert s.retry_after() == 1.0  # the floor: the queue moved this instant, no interval measured yet
+    for t in (1002.0, 1004.0):  # one admission every 2 s: b1, b2 follow as each one finishes
+        now[0] = t
+        step(s)
+    for i in range(3):
+        s.add(seq(4, rid=f"w{i}", max_tokens=1))
     with pytest.raises(Overloaded) as e:
         s.add(seq(4, rid="refused"))
-    assert e.value.retry_after_s == pytest.approx(8 * 4.0 / 2)  # 8 waiting, a finish every 2 s
-    now[0] = 4000.0  # nothing finished for an hour: the hint is capped, never unbounded
+    assert e.value.retry_after_s == pytest.approx(2.0)  # a place frees every 2 s (t=0 is outside the window)
+    now[0] = 1009.0  # the queue has not moved for 5 s: that is the better estimate now
+    assert s.retry_after() == pytest.approx(5.0)
+    now[0] = 5000.0  # stalled for an hour: capped, never unbounded
     assert s.retry_after() == 60.0
 
 

@@ -71,7 +71,7 @@ def test_plan_dict_has_the_contract_keys():
     assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
     assert set(d["experts"]) == {"logical", "physical", "redundant"}
     assert set(d["kv"]) == {"bytes_per_token", "capacity_tokens_per_replica"}
-    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s"}
+    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s", "max_request_bytes"}
 
 
 def test_expert_map_lists_every_copy():
@@ -105,3 +105,12 @@ def test_from_dict_names_a_missing_or_unknown_field():
             Plan.from_dict(bad)
     del d["warnings"]  # optional: an older plan without warnings still loads
     assert Plan.from_dict(d).warnings == []
+
+
+def test_max_request_bytes_reaches_the_plan():
+    spec = load_example("local-tiny.yaml")["spec"]
+    assert plan(spec, name="tiny").serving.max_request_bytes == 8 << 20  # the default: 8 MiB
+    spec["serving"]["maxRequestBytes"] = 65536
+    p = plan(spec, name="tiny")
+    assert p.serving.max_request_bytes == 65536
+    assert Plan.from_dict({**p.to_dict(), "serving": {"port": 8000}}).serving.max_request_bytes == 8 << 20  # older plans
