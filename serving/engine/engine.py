@@ -38,6 +38,11 @@ class EngineLimits:
     max_queue: int = 64
     max_context_tokens: int = 1 << 20
     prefix_snapshots: int = -1  # state slots kept for prefix sharing; -1: max_num_seqs // 4, at least 1
+    kv_format: str = "deployed"  # KV storage: deployed (FP8/FP4, what the planner sizes), bf16 or fp32
+
+    @property
+    def snapshots(self) -> int:
+        return self.prefix_snapshots if self.prefix_snapshots >= 0 else max(1, self.max_num_seqs // 4)
 
     @classmethod
     def from_plan(cls, engine: dict[str, Any], max_context_tokens: int) -> EngineLimits:
@@ -47,7 +52,24 @@ class EngineLimits:
             max_batch_tokens=int(engine["max_batch_tokens"]),
             max_queue=int(engine["max_queue"]),
             max_context_tokens=int(max_context_tokens),
+            kv_format=str(engine.get("kv_format", "deployed")),
         )
+
+
+def kv_layout(cfg: Any, limits: EngineLimits) -> tuple[int, int, int]:
+    """(pages, page bytes, slot bytes) the engine allocates for `limits`: the budget less every
+    state slot (sequences + prefix snapshots), in whole pages of `limits.kv_format`."""
+    if limits.kv_format not in ("deployed", "bf16", "fp32"):
+        raise ValueError(f"engine.kv_format: expected deployed, bf16 or fp32, got {limits.kv_format!r}")
+    pb, sb = page_bytes(cfg, limits.kv_format), slot_bytes(cfg, limits.kv_format)
+    slots = limits.max_num_seqs + limits.snapshots
+    num_pages = (limits.kv_budget_bytes - slots * sb) // pb
+    if num_pages < 1:
+        raise ValueError(
+            f"engine.kv_budget_bytes: {limits.kv_budget_bytes} B cannot hold {slots} state slots of "
+            f"{sb} B plus one {pb} B page; raise it or lower engine.max_num_seqs"
+        )
+    return num_pages, pb, sb
 
 
 def copy_slot(kv: KVCache, src: int, dst: int) -> None:
@@ -75,18 +97,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 class Engine:
     def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None):
         self.model, self.cfg, self.limits, self.metrics = model, model.cfg, limits, metrics
-        dtype = next(model.parameters()).dtype
-        fmt = "fp32" if dtype == torch.float32 else "bf16"
-        pb, sb = page_bytes(self.cfg, fmt), slot_bytes(self.cfg, fmt)
-        slots = limits.max_num_seqs
-        snaps = limits.prefix_snapshots if limits.prefix_snapshots >= 0 else max(1, slots // 4)
-        num_pages = (limits.kv_budget_bytes - (slots + snaps) * sb) // pb
-        if num_pages < 1:
-            raise ValueError(
-                f"engine.kv_budget_bytes: {limits.kv_budget_bytes} B cannot hold {slots + snaps} state slots of "
-                f"{sb} B plus one {pb} B page; raise it or lower engine.max_num_seqs"
-            )
-        self.kv = KVCache(self.cfg, num_pages, slots + snaps, dtype=dtype)
+        num_pages, pb, sb = kv_layout(self.cfg, limits)
+        slots, snaps = limits.max_num_seqs, limits.snapshots
+        device = next(model.parameters()).device
+        self.kv = KVCache(self.cfg, num_pages, slots + snaps, device=device, fmt=limits.kv_format)
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )

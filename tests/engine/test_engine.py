@@ -26,7 +26,8 @@ def model():
 
 def engine(model, pages=8, seqs=4, snaps=1, batch_tokens=64, queue=8, context=4096):
     budget = (seqs + snaps) * SB + pages * PB
-    return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps))
+    return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps,
+                                      kv_format="fp32"))
 
 
 
