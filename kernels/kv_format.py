@@ -102,14 +102,26 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@lru_cache(maxsize=8)
+def _fp4_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the two E2M1 values (low nibble first) of every byte."""
+    grid = torch.tensor(FP4_GRID)
+    nib = torch.arange(16)
+    vals = grid[nib & 7] * (1 - 2 * (nib >> 3)).float()
+    b = torch.arange(256)
+    return torch.stack([vals[b & 15], vals[b >> 4]], dim=-1).to(device)
+
+
+@lru_cache(maxsize=8)
+def _ue8m0_values(device: torch.device) -> torch.Tensor:
+    return torch.exp2(torch.arange(256, dtype=torch.float32) - 127).to(device)
+
+
 def unpack_index(rows: torch.Tensor, d: int) -> torch.Tensor:
     """[..., index_bytes] uint8 -> [..., d] fp32 (still in the rotated basis)."""
-    packed = rows[..., : d // 2].long()
-    nib = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
-    grid = torch.tensor(FP4_GRID, device=rows.device)
-    vals = grid[nib & 7] * (1 - 2 * (nib >> 3)).float()
-    e = rows[..., d // 2 :].float() - 127
-    return vals * torch.exp2(e).repeat_interleave(FP4_GROUP, dim=-1)[..., :d]
+    vals = _fp4_pairs(rows.device)[rows[..., : d // 2].int()].flatten(-2)
+    scale = _ue8m0_values(rows.device)[rows[..., d // 2 :].int()]
+    return (vals.unflatten(-1, (-1, FP4_GROUP)) * scale[..., None]).flatten(-2)[..., :d]
 
 
 def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:

@@ -70,12 +70,18 @@ class Transformer(nn.Module):
         """Run the blocks; returns the final streams [N, hc_mult, d] and the step (pre-advance
         positions). Advances every `SeqCache.num_tokens` by its chunk."""
         ids, step = self._flatten(batch, kv)
-        X = self.embed(ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
-        for block in self.layers:
-            X = block(X, ids, step, kv, self.experts)
+        X = self.blocks(ids, step, kv)
         for (_, seq), (lo, hi, start) in zip(batch, step.spans, strict=True):
             seq.num_tokens = start + hi - lo
         return X, step
+
+    def blocks(self, ids: torch.Tensor, step: Step, kv: KVCache) -> torch.Tensor:
+        """Embedding and every block over the step's rows (device work only: a static step's call is
+        what serving/model/graphs.py captures)."""
+        X = self.embed(ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        for block in self.layers:
+            X = block(X, ids, step, kv, self.experts)
+        return X
 
     def logits(self, X: torch.Tensor, fn=None, scale=None, base=None, norm: RMSNorm | None = None) -> torch.Tensor:
         """Head mHC, final norm and LM head (fp32) over rows of streams [T, hc_mult, d]."""

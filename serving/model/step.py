@@ -16,6 +16,12 @@ sequences:
   page = block_table[seq, s // E] and E = entries per page.
 Positions older than the rings hold are never addressed (a ring holds the last W or R positions,
 more than any chunk's first query or first closing block needs), so a slot needs no reset.
+
+`static=True` (decode steps replayed as CUDA graphs, serving/model/graphs.py) gives every tensor a
+shape fixed by (rows, block-table width) alone: every row gets a compression slot (-1 candidates
+and a scratch entry row where its block does not close), visible entries are listed up to the
+block table's capacity, and all of it is built here, before the layers run, so a replay reads
+only tensors and never syncs with the host.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class Compression:
     state_src: torch.Tensor  # [M] step rows whose projections go to the tail ring
     state_dst: torch.Tensor  # [M] their flat tail-ring rows
     visible: torch.Tensor  # [N] closed entries visible to each row: (p + 1) // ratio
-    max_visible: int
+    max_visible: int  # static steps: the block table's capacity in entries
     _all_rows: torch.Tensor | None = None
 
     def all_visible_rows(self, step: Step) -> torch.Tensor:
@@ -51,6 +57,10 @@ class Compression:
             s = torch.where(s[None, :] < self.visible[:, None], s[None, :], -1)
             self._all_rows = step.store_rows(step.seq[:, None], s, self.per_page)
         return self._all_rows
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.idx, self.entry, self.entry_rows, self.state_src, self.state_dst, self.visible,
+                *([self._all_rows] if self._all_rows is not None else [])]
 
 
 @dataclass
@@ -69,6 +79,8 @@ class Step:
     _slot: torch.Tensor
     _end: torch.Tensor
     _comp: dict[int, Compression] = field(default_factory=dict)
+    static: bool = False
+    scratch_row: int = 0  # static steps: the page-store row non-closing rows write their entry to
 
     @property
     def n_rows(self) -> int:
@@ -76,12 +88,16 @@ class Step:
 
     @classmethod
     def build(cls, cfg: ModelConfig, chunks: Sequence[tuple[int, int, int, Sequence[int]]], num_slots: int,
-              device: torch.device | str) -> Step:
-        """chunks: per sequence (start position, new tokens, slot, page ids)."""
+              device: torch.device | str, static_pages: int = 0, scratch_page: int = 0) -> Step:
+        """chunks: per sequence (start position, new tokens, slot, page ids). `static_pages` > 0
+        builds a static decode step (one token per chunk) with a block table that wide; entries of
+        rows whose block does not close go to page `scratch_page`."""
         starts = torch.tensor([c[0] for c in chunks], dtype=torch.long)
         lens = torch.tensor([c[1] for c in chunks], dtype=torch.long)
         slots = torch.tensor([c[2] for c in chunks], dtype=torch.long)
-        width = max(1, max(len(c[3]) for c in chunks))
+        width = static_pages or max(1, max(len(c[3]) for c in chunks))
+        if static_pages and (int(lens.max()) > 1 or max(len(c[3]) for c in chunks) > static_pages):
+            raise ValueError(f"static step: expected one token per chunk and at most {static_pages} pages")
         table = torch.full((len(chunks), width), -1, dtype=torch.long)
         for b, c in enumerate(chunks):
             table[b, : len(c[3])] = torch.as_tensor(list(c[3]), dtype=torch.long)
@@ -96,9 +112,26 @@ class Step:
         window = torch.where(q >= 0, window, -1)
         keep = pos >= end - w
         dev = torch.device(device)
-        return cls(cfg, pos.to(dev), seq.to(dev), spans, table.to(dev), window.to(dev),
+        step = cls(cfg, pos.to(dev), seq.to(dev), spans, table.to(dev), window.to(dev),
                    keep.nonzero().flatten().to(dev), (slot * w + pos % w)[keep].to(dev), num_slots * w,
-                   start.to(dev), r0.to(dev), slot.to(dev), end.to(dev))
+                   start.to(dev), r0.to(dev), slot.to(dev), end.to(dev), static=bool(static_pages),
+                   scratch_row=scratch_page)
+        if step.static:  # everything the layers read, built now
+            for ratio in {r for r in cfg.compress_ratios if r}:
+                step.compression(ratio).all_visible_rows(step)
+        return step
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layers read (a static step's buffers, in a fixed order)."""
+        out = [self.pos, self.seq, self.block_table, self.window_idx, self.ring_src, self.ring_dst]
+        for ratio in sorted(self._comp):
+            out += self._comp[ratio].tensors()
+        return out
+
+    def copy_(self, other: Step) -> None:
+        """Load another static step of the same shapes into this one's tensors (graph inputs)."""
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.copy_(src, non_blocking=True)
 
     def store_rows(self, seq: torch.Tensor, entry: torch.Tensor, per_page: int) -> torch.Tensor:
         """Flat page-store rows of entries `entry` (-1 stays -1) of sequences `seq` (broadcast)."""
@@ -115,7 +148,8 @@ class Step:
         overlap = m == 4
         tail = 2 * m if overlap else m  # tail-ring rows per slot (cache.compressor_shape)
         pos, n = self.pos, self.n_rows
-        closing = ((pos + 1) % m == 0).nonzero().flatten()
+        closes = (pos + 1) % m == 0
+        closing = torch.arange(n, device=pos.device) if self.static else closes.nonzero().flatten()
         e = pos[closing] // m
         offs = torch.arange(-m if overlap else 0, m, device=pos.device)
         q = e[:, None] * m + offs                                   # [E, L] candidate positions
@@ -125,8 +159,12 @@ class Step:
         keep = pos >= self._end - tail
         visible = (pos + 1) // m
         per_page = sizing.page_tokens(self.cfg) // m
+        rows = self.store_rows(self.seq[closing], e, per_page)
+        if self.static:  # rows whose block stays open pool nothing into a scratch row
+            idx = torch.where(closes[:, None], idx, -1)
+            rows = torch.where(closes, rows, self.scratch_row * per_page)
+            keep = torch.ones_like(keep)
         return Compression(
-            m, per_page, idx, e, self.store_rows(self.seq[closing], e, per_page),
-            keep.nonzero().flatten(), (self._slot * tail + pos % tail)[keep], visible,
-            int(visible.max()) if n else 0,
+            m, per_page, idx, e, rows, keep.nonzero().flatten(), (self._slot * tail + pos % tail)[keep], visible,
+            self.block_table.shape[1] * per_page if self.static else int(visible.max()) if n else 0,
         )
