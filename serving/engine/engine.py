@@ -24,7 +24,8 @@ from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
-from v4d.serving.sizing import page_tokens
+from v4d.serving.model.graphs import DecodeGraphs, graphs_enabled
+from v4d.serving.sizing import page_tokens, pages_for
 
 log = logging.getLogger(__name__)
 SHARD_RETRIES = 3  # failed steps (ShardUnavailable) a request survives before it fails
@@ -39,6 +40,7 @@ class EngineLimits:
     max_context_tokens: int = 1 << 20
     prefix_snapshots: int = -1  # state slots kept for prefix sharing; -1: max_num_seqs // 4, at least 1
     kv_format: str = "deployed"  # KV storage: deployed (FP8/FP4, what the planner sizes), bf16 or fp32
+    cuda_graphs: bool = True  # decode steps as CUDA graphs per batch bucket (CUDA only; V4D_CUDA_GRAPHS=0 too)
 
     @property
     def snapshots(self) -> int:
@@ -100,7 +102,13 @@ class Engine:
         num_pages, pb, sb = kv_layout(self.cfg, limits)
         slots, snaps = limits.max_num_seqs, limits.snapshots
         device = next(model.parameters()).device
-        self.kv = KVCache(self.cfg, num_pages, slots + snaps, device=device, fmt=limits.kv_format)
+        graphs = limits.cuda_graphs and device.type == "cuda" and graphs_enabled()
+        # CUDA graphs pad decode batches with rows of one scratch slot and page past the managed ones
+        self.kv = KVCache(self.cfg, num_pages + graphs, slots + snaps + graphs, device=device, fmt=limits.kv_format)
+        self.graphs = DecodeGraphs(
+            model, self.kv, pages_for(self.cfg, limits.max_context_tokens), scratch_slot=slots + snaps,
+            scratch_page=num_pages,
+        ) if graphs else None
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )
@@ -239,7 +247,8 @@ class Engine:
             (seq.token_ids[seq.num_computed : seq.num_computed + n], SeqCache(seq.slot, seq.pages, seq.num_computed))
             for seq, n in batch
         ]
-        return self.model.forward(chunks, self.kv)
+        out = self.graphs(chunks) if self.graphs is not None else None
+        return out if out is not None else self.model.forward(chunks, self.kv)
 
     def _append(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()
