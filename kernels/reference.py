@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from v4d.kernels.kv_format import load_rows
 
+QUERY_BLOCK = 512  # query rows per gather in paged_sparse_attention (a decode batch is one block)
+
 
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
@@ -46,15 +48,19 @@ def paged_sparse_attention(
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
     rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). Ring and store
     rows are plain floats or packed deployed entries (kv_format), decoded as they are gathered."""
+    if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
+        return torch.cat([paged_sparse_attention(q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK],
+                                                 sink, scale, rope_dim) for lo in range(0, q.shape[0], QUERY_BLOCK)])
     n, r, d = kv.shape[0], ring.shape[0], q.shape[-1]
     i = idx.long()
     valid = i >= 0
-    rows = kv.float()[i.clamp(0, max(n - 1, 0))] if n else q.new_zeros(*i.shape, d, dtype=torch.float32)
-    ring_rows = load_rows(ring[(i - n).clamp(0, r - 1)], d, rope_dim)
-    rows = torch.where((i >= n)[..., None], ring_rows, rows)
+    rows = q.new_zeros(*i.shape, d, dtype=torch.float32)
+    fresh, in_ring = valid & (i < n), (i >= n) & (i < n + r)
+    rows[fresh] = kv.float()[i[fresh]]
+    rows[in_ring] = load_rows(ring[i[in_ring] - n], d, rope_dim)
     if store is not None:
-        store_rows = load_rows(store[(i - n - r).clamp(0, store.shape[0] - 1)], d, rope_dim)
-        rows = torch.where((i >= n + r)[..., None], store_rows, rows)
+        in_store = i >= n + r
+        rows[in_store] = load_rows(store[i[in_store] - n - r], d, rope_dim)
     return _attend(q, rows, valid, sink, scale)
 
 
