@@ -47,6 +47,8 @@ class Indexer(nn.Module):
         if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis
             keys, q = hadamard(keys), hadamard(q)
         store[comp.entry_rows] = store_rows(keys, store, None)
-        scores = ops.paged_indexer_scores(q, p["w"], cache.index, step.block_table, step.seq, comp.visible)
+        # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
+        table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
+        scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible)
         chosen = ops.indexer_topk(scores, min(self.topk, comp.max_visible))
         return step.store_rows(step.seq[:, None], chosen.long(), comp.per_page)
