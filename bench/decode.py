@@ -17,7 +17,8 @@ One run, side by side (the model's own forward, KV in the deployed format, one s
 Caches are filled with random entries in the deployed format instead of running long prefills:
 decode work depends on the number of entries, not their values. CPU: small dims, one thread, the
 torch reference ops, CPU seconds of this process. CUDA: four layers of V4-Flash's real dims with
-random weights made on the device, bf16, the Triton kernels; CUDA-event timing.
+random weights made on the device, bf16, the Triton kernels, decode steps replayed as CUDA graphs
+(V4D_CUDA_GRAPHS=0: eager); CUDA-event timing.
 `--json` prints the result object (keys: ops_per_layer_step, step_s_by_context, kv_capacity_tokens,
 batches, prefill_4k) as the last line.
 """
@@ -40,6 +41,7 @@ from v4d.kernels.kv_format import pack_index, pack_main
 from v4d.serving import sizing
 from v4d.serving.config import FLASH, PRESETS, TINY, ModelConfig
 from v4d.serving.model.cache import KVCache, SeqCache
+from v4d.serving.model.graphs import DecodeGraphs
 from v4d.serving.model.model import Transformer, init_weights
 from v4d.serving.model.opcount import ops_per_layer
 
@@ -63,10 +65,16 @@ GPU_CFG = replace(FLASH, num_hidden_layers=4, num_nextn_predict_layers=0, compre
 def random_model(cfg: ModelConfig, device: torch.device) -> Transformer:
     if device.type == "cpu":
         return init_weights(Transformer(cfg), 0).eval()
-    # On the device, in bf16: the weights never pass through host memory.
+    # On the device, in bf16 (default dtype while building: fp32 first would not fit): the weights
+    # never pass through host memory.
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Transformer(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -83,9 +91,10 @@ def random_model(cfg: ModelConfig, device: torch.device) -> Transformer:
 
 def filled_cache(cfg: ModelConfig, batch: int, context: int, device: torch.device, spare: int = 8
                  ) -> tuple[KVCache, list[SeqCache]]:
-    """A deployed-format cache where `batch` sequences hold `context` tokens (random entries)."""
+    """A deployed-format cache where `batch` sequences hold `context` tokens (random entries), plus
+    the scratch slot and page CUDA-graph padding rows write to (the last of each)."""
     pages = sizing.pages_for(cfg, context + spare)
-    kv = KVCache(cfg, batch * pages, batch, device=device, fmt="deployed")
+    kv = KVCache(cfg, batch * pages + 1, batch + 1, device=device, fmt="deployed")
     g = torch.Generator(device=device).manual_seed(0)
     pattern_main = pack_main(torch.randn(4096, cfg.head_dim, generator=g, device=device), cfg.qk_rope_head_dim)
     pattern_index = pack_index(torch.randn(4096, cfg.index_head_dim, generator=g, device=device))
@@ -122,13 +131,22 @@ def timer(device: torch.device):
 
 def decode_steps(model: Transformer, kv: KVCache, seqs: list[SeqCache], steps: int, device: torch.device
                  ) -> float:
-    """Median time of `steps` decode steps (after one warm-up)."""
+    """Median time of `steps` decode steps (after one warm-up); on CUDA replayed as CUDA graphs
+    (serving/model/graphs.py) unless V4D_CUDA_GRAPHS=0."""
     ids = torch.randint(0, model.cfg.vocab_size, (len(seqs),))
     run = timer(device)
+    graphs = DecodeGraphs(model, kv, len(seqs[0].page_ids), scratch_slot=kv.num_slots - 1,
+                          scratch_page=kv.num_pages - 1)
+
+    def step() -> None:
+        batch = [(ids[b : b + 1], s) for b, s in enumerate(seqs)]
+        if not graphs.use_graphs or graphs(batch) is None:
+            model(batch, kv)
+
     times = []
     with torch.inference_mode():
         for i in range(steps + 1):
-            t = run(lambda: model([(ids[b : b + 1], s) for b, s in enumerate(seqs)], kv))
+            t = run(step)
             if i:
                 times.append(t)
     return statistics.median(times)
@@ -274,7 +292,7 @@ def main() -> None:
     batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
     steps = 2 if args.quick else 5
     rows = by_batch(model, batches, 8192, steps, device, bw)
-    ctx, ctx_rest = by_context(model, [4096, 65536, 262144], steps, device)
+    ctx, ctx_rest = by_context(model, [4096, 65536, 262144], 5, device)  # cheap: one sequence
     prefill = prefill_chunk(model, 4096, device)
     cap = capacity()
     print(f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
