@@ -19,6 +19,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from v4d.kernels import ops
 
+# Ops that only make a view (no kernel on a GPU); the second count of `ops_per_layer` leaves them out.
+VIEW_OPS = frozenset(f"aten::{n}" for n in (
+    "view", "slice", "flatten", "unflatten", "unsqueeze", "squeeze", "select", "expand", "permute",
+    "transpose", "t", "as_strided", "view_as_complex", "view_as_real", "alias", "detach", "reshape",
+    "_reshape_alias", "narrow", "split", "chunk", "unbind", "conj", "_unsafe_view", "lift_fresh"))
 OP_NAMES = ("paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed",
             "moe_experts", "hc_split_sinkhorn", "hc_pre", "hc_post", "sparse_attention", "indexer_scores",
             "gated_pool")
@@ -55,11 +60,13 @@ def _labelled(model: torch.nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def ops_per_layer(model: torch.nn.Module, run: Callable[[], Any]) -> dict[int, int]:
-    """Ops each block of `model` dispatches while `run()` executes one forward step."""
+def ops_per_layer(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[dict[int, int], dict[int, int]]:
+    """Ops each block of `model` dispatches while `run()` executes one forward step: (all ops,
+    ops that may launch work: view ops left out, a no-op cast still counted)."""
     with _labelled(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     counts: Counter[int] = Counter()
+    launching: Counter[int] = Counter()
     for ev in prof.events():
         if not (ev.name.startswith("aten::") or ev.name.startswith("ops::")):
             continue
@@ -73,4 +80,5 @@ def ops_per_layer(model: torch.nn.Module, run: Callable[[], Any]) -> dict[int, i
             parent = parent.cpu_parent
         if layer is not None:
             counts[layer] += 1
-    return dict(sorted(counts.items()))
+            launching[layer] += ev.name not in VIEW_OPS
+    return dict(sorted(counts.items())), dict(sorted(launching.items()))
