@@ -4,8 +4,11 @@ Layout (deepseek-v4.md §7.1): a page covers `sizing.page_tokens(cfg)` = 128 tok
 lcm of the CSA and HCA ratios. Per page and layer it holds 128/ratio main entries (32 for CSA, 1 for HCA) and, on
 CSA layers, 32 lightning-indexer keys. A state slot holds, per layer, the 128-entry window ring and
 the compressor tails (fp32 value + gate of the not-yet-closed positions; CSA keeps the previous
-block too, for the overlap). The engine owns allocation: it hands the model a `SeqCache` naming a
-slot and the page ids of the sequence; the model only reads and writes those.
+block too, for the overlap), both as rings indexed by position. Rows are stored in the cache's
+format: "deployed" packs main entries (pages and window) as FP8 + BF16 rope and indexer keys as FP4
+(kernels/kv_format.py), "bf16"/"fp32" keep plain rows. The engine owns allocation: it hands the
+model a `SeqCache` naming a slot and the page ids of the sequence; the model only reads and writes
+those.
 """
 
 from __future__ import annotations
