@@ -87,14 +87,21 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return x.float() @ _hadamard(x.shape[-1], x.device)
 
 
+@lru_cache(maxsize=8)
+def _fp4_midpoints(device: torch.device) -> torch.Tensor:
+    """Midpoints between E2M1 magnitudes, made once per device (no host copy while a CUDA graph
+    is being captured)."""
+    grid = torch.tensor(FP4_GRID)
+    return ((grid[1:] + grid[:-1]) / 2).to(device)
+
+
 def pack_index(x: torch.Tensor) -> torch.Tensor:
     """[R, d] float (already rotated) -> [R, index_bytes] uint8."""
     r, d = x.shape
     g = _grouped(x.float(), FP4_GROUP)                             # [R, G, 32]
     e = _ue8m0(g.abs().amax(-1), FP4_MAX)
     y = (g / torch.exp2(e)[..., None]).flatten(1)[:, :d]
-    grid = torch.tensor(FP4_GRID, device=x.device)
-    code = torch.bucketize(y.abs(), (grid[1:] + grid[:-1]) / 2)     # nearest magnitude (ties down)
+    code = torch.bucketize(y.abs(), _fp4_midpoints(x.device))       # nearest magnitude (ties down)
     nib = (code | ((y < 0).long() << 3)).to(torch.uint8)
     out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device)
     out[:, : d // 2] = nib[:, 0::2] | (nib[:, 1::2] << 4)
