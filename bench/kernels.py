@@ -27,7 +27,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are imported
 
-from v4d.kernels import reference, triton_backend  # noqa: E402
+from v4d.kernels import kv_format, reference, triton_backend  # noqa: E402
 from v4d.serving.config import PRESETS  # noqa: E402
 
 # Dense peaks (bytes/s, bf16 FLOP/s) by device-name fragment, from the vendors' data sheets.
@@ -101,6 +101,31 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     out.append(Case(name, phase, "indexer_scores", f"T={t} Hi={hi} Di={di} S={s_comp}",
                     _nbytes(qi, w, keys) + t * s_comp * 4.0, 2.0 * t * hi * s_comp * di,
                     lambda b, a=(qi, w, keys, n_vis): b.indexer_scores(*a)))
+    # The paged ops the model calls, over a deployed-format cache (packed FP8 / FP4 rows in place).
+    rd = cfg.qk_rope_head_dim if not small else 16
+    ring = kv_format.pack_main(rnd(t * win, d, dtype=torch.float32), rd)
+    store = kv_format.pack_main(rnd(n_pool, d, dtype=torch.float32), rd)
+    fresh = rnd(t, d)
+    pidx = torch.cat([t + torch.arange(t * win, device=dev, dtype=torch.int32).view(t, win),
+                      t + t * win + idx[:, win:]], dim=1)
+    out.append(Case(name, phase, "paged_sparse_attention", f"T={t} H={h} D={d} K={k_sel} deployed",
+                    _nbytes(q, q, pidx) + t * k_sel * kv_format.main_bytes(d, rd), 4.0 * t * h * k_sel * d,
+                    lambda b, a=(q, fresh, ring, store, pidx, sink, d**-0.5, rd): b.paged_sparse_attention(*a)))
+    nseq, per_seq = (t, -(-s_comp // 32)) if decode else (1, -(-s_comp // 32))
+    pkeys = kv_format.pack_index(rnd(nseq * per_seq * 32, di, dtype=torch.float32)).unflatten(0, (-1, 32))
+    table = torch.arange(nseq * per_seq, device=dev, dtype=torch.int32).view(nseq, per_seq)
+    pseq = torch.arange(t, device=dev) if decode else torch.zeros(t, dtype=torch.long, device=dev)
+    out.append(Case(name, phase, "paged_indexer_scores", f"T={t} Hi={hi} Di={di} S={s_comp} FP4",
+                    _nbytes(qi, w) + (t if decode else 1) * s_comp * kv_format.index_bytes(di) + t * s_comp * 4.0,
+                    2.0 * t * hi * s_comp * di,
+                    lambda b, a=(qi, w, pkeys, table, pseq, n_vis): b.paged_indexer_scores(*a)))
+    closing = t if decode else max(1, t // 4)
+    ckv, csc = rnd(t, 2 * d, dtype=torch.float32), rnd(t, 2 * d, dtype=torch.float32)
+    tkv, tsc = rnd(8 * t, 2 * d, dtype=torch.float32), rnd(8 * t, 2 * d, dtype=torch.float32)
+    cidx = torch.randint(0, 9 * t, (closing, 8), generator=gen, device=dev)
+    out.append(Case(name, phase, "gated_pool_indexed", f"E={closing} L=8 C={d} CSA",
+                    _nbytes(cidx) + closing * 8 * 2 * d * 4.0 + closing * d * 4.0, 4.0 * closing * 8 * d,
+                    lambda b, a=(ckv, csc, tkv, tsc, cidx, True): b.gated_pool_indexed(*a)))
     scores = rnd(t, s_comp, dtype=torch.float32)
     out.append(Case(name, phase, "indexer_topk", f"T={t} S={s_comp} k={topk}",
                     _nbytes(scores) + t * topk * 4.0, 0.0,
@@ -194,13 +219,13 @@ def _fmt(v, spec: str) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'model':<18} {'phase':<8} {'kernel':<18} {'shape':<38} {'triton ms':>9} {'ref ms':>9} " \
+    head = f"{'model':<18} {'phase':<8} {'kernel':<22} {'shape':<42} {'triton ms':>9} {'ref ms':>9} " \
            f"{'x ref':>7} {'TB/s':>6} {'TFLOP/s':>8} {'% peak':>7} {'max err':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         pk = "-" if r.peak_frac is None else f"{100 * r.peak_frac:.0f}% {r.bound[:3]}"
-        print(f"{r.model:<18} {r.phase:<8} {r.kernel:<18} {r.shape:<38} {_fmt(r.triton_ms, '9.3f')} "
+        print(f"{r.model:<18} {r.phase:<8} {r.kernel:<22} {r.shape:<42} {_fmt(r.triton_ms, '9.3f')} "
               f"{_fmt(r.reference_ms, '9.3f')} {_fmt(r.speedup, '7.1f')} {_fmt(r.tb_s, '6.2f')} "
               f"{_fmt(r.tflop_s, '8.1f')} {pk:>7} {r.max_err:8.1e}")
 

@@ -6,7 +6,7 @@ All three comparisons are measured side by side in one run, on small random-weig
 CPU, the torch reference ops; one thread unless --threads; times are CPU seconds of this process):
 
 1. KV state actually held per token at 4K / 32K / 128K context: a sequence gets the pages the
-   engine would give it (`sizing.pages_for`) in a bf16 `KVCache` and is prefilled through the model
+   engine would give it (`sizing.pages_for`) in a deployed-format `KVCache` (FP8 + BF16 rope, FP4 indexer) and is prefilled through the model
    in 2K chunks (up to --fill-up-to tokens; past that only allocated); held = its whole pages + its
    window rings, read from the tensors' sizes; analytic = `sizing.kv_bytes_at_context` (what `v4d model-info` prints).
    The compressor tails (fixed per request, not KV) are listed apart.
@@ -32,9 +32,9 @@ import torch
 
 from v4d.serving import sizing
 from v4d.serving.config import TINY, ModelConfig
-from v4d.serving.model.attention import Span
-from v4d.serving.model.cache import KVCache, SeqCache, entry_bytes
+from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.model import Transformer, init_weights
+from v4d.serving.model.step import Step
 
 OUT = Path(__file__).resolve().parent / "results" / "model.json"
 
@@ -72,11 +72,11 @@ def kv_held(contexts: list[int], chunk: int, fill_up_to: int) -> list[dict]:
     cfg = KV_CFG
     model = init_weights(Transformer(cfg), 0).eval()
     ids = torch.randint(0, cfg.vocab_size, (max(contexts),), generator=torch.Generator().manual_seed(0))
-    main, _ = entry_bytes(cfg, "bf16")
+    main = sizing.main_entry_bytes(cfg, "deployed")
     rows = []
     for n in contexts:
         pages = sizing.pages_for(cfg, n)
-        kv = KVCache(cfg, pages, 1, dtype=torch.bfloat16)
+        kv = KVCache(cfg, pages, 1, fmt="deployed")
         seq = SeqCache(0, list(range(pages)))
         filled = n <= fill_up_to  # longer contexts: the allocation a sequence of n tokens is given
 
@@ -86,12 +86,12 @@ def kv_held(contexts: list[int], chunk: int, fill_up_to: int) -> list[dict]:
 
         secs = timed(fill)
         window = sum(lc.window[0].nbytes for lc in kv.layers.values())
-        # bytes of entries the model actually wrote (non-zero rows of pages and rings), bf16 sizes
-        written = sum(int(t.flatten(0, -2).abs().sum(-1).gt(0).sum()) * t.shape[-1] * 2
+        # bytes of entries the model actually wrote (non-zero rows of pages and rings)
+        written = sum(int(t.flatten(0, -2).ne(0).any(-1).sum()) * t.shape[-1] * t.element_size()
                       for lc in kv.layers.values() for t in (lc.window, lc.main, lc.index) if t is not None)
         held = len(seq.page_ids) * kv.page_nbytes + window
         tails = kv.slot_nbytes - window
-        analytic = sizing.kv_bytes_at_context(cfg, n, "bf16")
+        analytic = sizing.kv_bytes_at_context(cfg, n, "deployed")
         assert window == cfg.num_hidden_layers * cfg.sliding_window * main
         rows.append({"context": n, "pages": pages, "held_bytes": held, "analytic_bytes": analytic,
                      "written_bytes": written if filled else None,
@@ -123,11 +123,11 @@ def dense_attention(attn, x: torch.Tensor, block: int = 1024) -> torch.Tensor:
 def hybrid_prefill(model: Transformer, layer: int, x: torch.Tensor, chunk: int) -> None:
     cfg, T = model.cfg, x.shape[0]
     pages = sizing.pages_for(cfg, T)
-    kv = KVCache(cfg, pages, 1).layer(layer)
+    kv = KVCache(cfg, pages, 1)
     attn = model.layers[layer].attn
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
-        attn(x[lo:hi], torch.arange(lo, hi), [Span(slice(0, hi - lo), lo, 0, list(range(pages)))], kv)
+        attn(x[lo:hi], Step.build(cfg, [(lo, hi - lo, 0, list(range(pages)))], 1, "cpu"), kv.layer(layer))
 
 
 def prefill_growth(lengths: list[int], chunk: int) -> dict:
@@ -175,7 +175,7 @@ def active_weight_bytes(model: Transformer) -> int:
 def kv_read_bytes(cfg: ModelConfig, context: int) -> int:
     """KV one decode token reads at `context`: each layer's window, plus for CSA the indexer keys of
     every closed block and the top-k entries, for HCA every closed entry (fp32 storage)."""
-    main, index = entry_bytes(cfg, "fp32")
+    main, index = sizing.main_entry_bytes(cfg, "fp32"), sizing.indexer_entry_bytes(cfg, "fp32")
     total = 0
     for layer in range(cfg.num_hidden_layers):
         ratio = cfg.compress_ratios[layer]
@@ -228,7 +228,7 @@ def main() -> None:
     lengths = [1024, 2048, 4096] if args.quick else [4096, 16384, 65536]
     t0 = time.perf_counter()
     kv = kv_held(contexts, chunk=2048, fill_up_to=args.fill_up_to)
-    print("\nKV state held per token (bf16 cache, small config) vs sizing.kv_bytes_at_context")
+    print("\nKV state held per token (deployed-format cache, small config) vs sizing.kv_bytes_at_context")
     print(f"{'context':>8} {'pages':>6} {'held B/tok':>11} {'analytic B/tok':>15} {'held/analytic':>14} "
           f"{'written/analytic':>17} {'tails B':>9} {'prefill s':>10}")
     for r in kv:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from v4d.kernels import reference
+from v4d.kernels import kv_format, reference
 
 MODES = ("auto", "reference", "triton")
 _triton_backend: ModuleType | None = None
@@ -86,6 +86,30 @@ def sparse_attention(
     return backend(q.device).sparse_attention(q, kv, idx, sink, float(scale))
 
 
+def paged_sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, store: torch.Tensor | None, idx: torch.Tensor,
+    sink: torch.Tensor, scale: float, rope_dim: int,
+) -> torch.Tensor:
+    """o[T,H,D] like `sparse_attention`, with idx addressing kv [N,D] (j < N), then the flattened
+    window rings [R,*] and the flattened page store [S,*] (plain rows or packed deployed entries),
+    read in place: one call serves every sequence of the batch."""
+    op = "paged_sparse_attention"
+    _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
+    t, h, d = q.shape
+    _expect(kv.dim() == 2 and kv.shape[1] == d, op, f"kv of shape [N,{d}]", _shape(kv))
+    for name, src in (("ring", ring), ("store", store)):
+        if src is None:
+            continue
+        _expect(src.dim() == 2, op, f"{name} of shape [R,width]", _shape(src))
+        width = kv_format.main_bytes(d, rope_dim) if src.dtype == torch.uint8 else d
+        _expect(src.shape[1] == width, op, f"{name} rows of width {width} ({src.dtype})", src.shape[1])
+    _expect(idx.dim() == 2 and idx.shape[0] == t, op, f"idx of shape [{t},K]", _shape(idx))
+    _expect(idx.dtype in (torch.int32, torch.int64), op, "idx int32 or int64", idx.dtype)
+    _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
+    _expect(0 <= rope_dim <= d, op, f"rope_dim in 0..{d}", rope_dim)
+    return backend(q.device).paged_sparse_attention(q, kv, ring, store, idx, sink, float(scale), int(rope_dim))
+
+
 def indexer_scores(
     q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor
 ) -> torch.Tensor:
@@ -98,6 +122,26 @@ def indexer_scores(
     _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
     _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
     return backend(q.device).indexer_scores(q, w, k, n_visible)
+
+
+def paged_indexer_scores(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, seq: torch.Tensor,
+    n_visible: torch.Tensor,
+) -> torch.Tensor:
+    """scores[T, P*E] (fp32) of each row against its own sequence's keys, read from the pages
+    block_table[seq[t]] of keys [pages, E, *] (plain or packed FP4); -inf from n_visible[t] on."""
+    op = "paged_indexer_scores"
+    _expect(q.dim() == 3, op, "q of shape [T,Hi,Di]", _shape(q))
+    t, h, d = q.shape
+    _expect(_shape(w) == [t, h], op, f"w of shape [{t},{h}]", _shape(w))
+    width = kv_format.index_bytes(d) if keys.dtype == torch.uint8 else d
+    _expect(keys.dim() == 3 and keys.shape[2] == width, op, f"keys of shape [pages,E,{width}]", _shape(keys))
+    _expect(block_table.dim() == 2 and not block_table.is_floating_point(), op,
+            "integer block_table of shape [B,P]", _shape(block_table))
+    _expect(_shape(seq) == [t] and not seq.is_floating_point(), op, f"integer seq of shape [{t}]", _shape(seq))
+    _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
+    _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
+    return backend(q.device).paged_indexer_scores(q, w, keys, block_table, seq, n_visible)
 
 
 def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,6 +158,26 @@ def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     _expect(values.dim() == 3, op, "values of shape [B,L,C]", _shape(values))
     _expect(gates.shape == values.shape, op, f"gates of shape {_shape(values)}", _shape(gates))
     return backend(values.device).gated_pool(values, gates)
+
+
+def gated_pool_indexed(
+    kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor, idx: torch.Tensor,
+    overlap: bool,
+) -> torch.Tensor:
+    """[E,C]: `gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
+    or of the state tails [R,W] (j - N); -1 pads. overlap (CSA): C = W/2, the first L/2 candidates
+    pool channels [:C] and the rest [C:]; else C = W."""
+    op = "gated_pool_indexed"
+    _expect(kv.dim() == 2, op, "kv of shape [N,W]", _shape(kv))
+    _expect(score.shape == kv.shape, op, f"score of shape {_shape(kv)}", _shape(score))
+    w = kv.shape[1]
+    _expect(state_kv.dim() == 2 and state_kv.shape[1] == w, op, f"state_kv of shape [R,{w}]", _shape(state_kv))
+    _expect(state_score.shape == state_kv.shape, op, f"state_score of shape {_shape(state_kv)}",
+            _shape(state_score))
+    _expect(idx.dim() == 2 and not idx.is_floating_point(), op, "integer idx of shape [E,L]", _shape(idx))
+    if overlap:
+        _expect(w % 2 == 0 and idx.shape[1] % 2 == 0, op, "even W and L with overlap", [w, idx.shape[1]])
+    return backend(kv.device).gated_pool_indexed(kv, score, state_kv, state_score, idx, bool(overlap))
 
 
 def moe_experts(

@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from v4d.kernels.kv_format import load_rows
+
+QUERY_BLOCK = 512  # query rows per gather in paged_sparse_attention (a decode batch is one block)
+
 
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
@@ -19,16 +23,45 @@ def sparse_attention(
     z[t,h,j] = scale * q[t,h] . kv[idx[t,j]]; entries with idx == -1 are left out. Keys are the
     values (shared K=V). A row whose indices are all -1 returns zeros.
     """
-    qf, kvf = q.float(), kv.float()
     valid = idx >= 0                                              # [T,K]
-    rows = kvf[idx.clamp(min=0).long()]                           # [T,K,D]
-    z = torch.einsum("thd,tkd->thk", qf, rows) * scale
+    rows = kv.float()[idx.clamp(min=0).long()]                    # [T,K,D]
+    return _attend(q, rows, valid, sink, scale)
+
+
+def _attend(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float
+            ) -> torch.Tensor:
+    """Softmax with sink of q[T,H,D] over its gathered rows[T,K,D] where valid[T,K]."""
+    z = torch.einsum("thd,tkd->thk", q.float(), rows) * scale
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
     sink_z = sink.float()[None, :, None].expand(z.shape[0], -1, 1)
     # The sink is one more logit in the softmax whose value is dropped afterwards.
     p = torch.softmax(torch.cat([z, sink_z], dim=-1), dim=-1)[..., :-1]
     o = torch.einsum("thk,tkd->thd", p, rows)
     return o.to(q.dtype)
+
+
+def paged_sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, store: torch.Tensor | None, idx: torch.Tensor,
+    sink: torch.Tensor, scale: float, rope_dim: int,
+) -> torch.Tensor:
+    """`sparse_attention` over three row sources addressed by one index space, without copying them:
+    j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
+    rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). Ring and store
+    rows are plain floats or packed deployed entries (kv_format), decoded as they are gathered."""
+    if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
+        return torch.cat([paged_sparse_attention(q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK],
+                                                 sink, scale, rope_dim) for lo in range(0, q.shape[0], QUERY_BLOCK)])
+    n, r, d = kv.shape[0], ring.shape[0], q.shape[-1]
+    i = idx.long()
+    valid = i >= 0
+    rows = q.new_zeros(*i.shape, d, dtype=torch.float32)
+    fresh, in_ring = valid & (i < n), (i >= n) & (i < n + r)
+    rows[fresh] = kv.float()[i[fresh]]
+    rows[in_ring] = load_rows(ring[i[in_ring] - n], d, rope_dim)
+    if store is not None:
+        in_store = i >= n + r
+        rows[in_store] = load_rows(store[i[in_store] - n - r], d, rope_dim)
+    return _attend(q, rows, valid, sink, scale)
 
 
 def indexer_scores(
@@ -70,6 +103,54 @@ def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     num = (e * values.float()).sum(dim=1)
     out = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
     return out.to(values.dtype)
+
+
+def paged_indexer_scores(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, seq: torch.Tensor,
+    n_visible: torch.Tensor,
+) -> torch.Tensor:
+    """`indexer_scores` of each query row against its own sequence's keys, read from pages.
+
+    keys [num_pages, E, *] (plain rows or packed FP4 keys), block_table [B, P] page ids (-1 unused),
+    seq [T] the row's sequence; column s of the result is entry s of that sequence (page s // E,
+    offset s % E): [T, P * E] fp32, -inf where s >= n_visible[t].
+    """
+    t, h, d = q.shape
+    nb = block_table.shape[0]
+    k = load_rows(keys[block_table.clamp(min=0).long()], d, None).flatten(1, 2)  # [B, S, d]
+    seq = seq.long()
+    counts = torch.bincount(seq, minlength=nb)
+    first = torch.cumsum(counts, 0) - counts
+    r = torch.arange(t, device=q.device) - first[seq]
+    tmax = int(counts.max()) if t else 0
+    qp = q.new_zeros(nb, tmax, h, d, dtype=torch.float32)
+    wp = q.new_zeros(nb, tmax, h, dtype=torch.float32)
+    qp[seq, r], wp[seq, r] = q.float(), w.float()
+    s = torch.einsum("bths,bth->bts", torch.relu(torch.einsum("bthd,bsd->bths", qp, k)), wp)[seq, r]
+    hidden = torch.arange(k.shape[1], device=q.device)[None, :] >= n_visible.to(q.device)[:, None]
+    return s.masked_fill(hidden, float("-inf"))
+
+
+def gated_pool_indexed(
+    kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor, idx: torch.Tensor,
+    overlap: bool,
+) -> torch.Tensor:
+    """`gated_pool` of entries whose L candidate tokens are given by index: j < N is row j of this
+    step's kv/score [N, W], j >= N row j - N of the state tails [R, W], -1 a padded slot. With
+    `overlap` (CSA) the first L/2 candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2];
+    else [E, W]."""
+    n, r = kv.shape[0], state_kv.shape[0]
+    i = idx.long()
+    fresh = (i < n)[..., None]
+    v = torch.where(fresh, kv.float()[i.clamp(0, max(n - 1, 0))], state_kv.float()[(i - n).clamp(0, r - 1)])
+    g = torch.where(fresh, score.float()[i.clamp(0, max(n - 1, 0))], state_score.float()[(i - n).clamp(0, r - 1)])
+    g = g.masked_fill((i < 0)[..., None], float("-inf"))
+    v = v.masked_fill((i < 0)[..., None], 0.0)
+    if overlap:
+        c, half = kv.shape[1] // 2, i.shape[1] // 2
+        v = torch.cat([v[:, :half, :c], v[:, half:, c:]], dim=1)
+        g = torch.cat([g[:, :half, :c], g[:, half:, c:]], dim=1)
+    return gated_pool(v, g)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

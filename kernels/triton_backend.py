@@ -3,16 +3,20 @@
 from v4d.kernels.compressor import gated_pool
 from v4d.kernels.indexer import indexer_scores, indexer_topk
 from v4d.kernels.moe import moe_experts
+from v4d.kernels.paged import gated_pool_indexed, paged_indexer_scores, paged_sparse_attention
 from v4d.kernels.sinkhorn import hc_post, hc_pre, hc_split_sinkhorn
 from v4d.kernels.sparse_attention import sparse_attention
 
 __all__ = [
     "gated_pool",
+    "gated_pool_indexed",
     "hc_post",
     "hc_pre",
     "hc_split_sinkhorn",
     "indexer_scores",
     "indexer_topk",
     "moe_experts",
+    "paged_indexer_scores",
+    "paged_sparse_attention",
     "sparse_attention",
 ]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels: the kernel tests on CUDA (compiled kernels, fp32/fp16/bf16),
-# then bench/kernels.py (Flash and Pro shapes, decode and prefill; under five minutes on one GPU).
+# GPU check of the Triton kernels: the kernel tests on CUDA (compiled kernels, fp32/fp16/bf16; the
+# paged ops in every KV format; decode CUDA graphs replayed against eager logits), then
+# bench/kernels.py (Flash and Pro shapes, decode and prefill) and bench/decode.py (four V4-Flash
+# layers at real dims: batched decode at 8K, context sweep, 4K prefill). Under five minutes on one GPU.
 # Run from anywhere on a machine with an NVIDIA GPU:   scripts/gpu-check.sh
-# Writes gpu-check.log, tests.txt, bench-kernels.txt and kernels.json under $OUT if set,
+# Writes gpu-check.log, tests.txt, bench-kernels.txt, kernels.json, bench-decode.txt and decode.json under $OUT if set,
 # else under bench/results/. Exit status 0 only if the tests and the bench's checks pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +44,7 @@ else
        "against the torch reference at the bench shapes" | tee "$DEST/tests.txt"
 fi
 "$PY" bench/kernels.py --out "$DEST/kernels.json" 2>&1 | tee "$DEST/bench-kernels.txt" || status=1
+timeout 240 "$PY" bench/decode.py --device cuda --out "$DEST/decode.json" 2>&1 | tee "$DEST/bench-decode.txt" \
+  || status=1
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL); results in $DEST" | tee -a "$DEST/gpu-check.log"
 exit $status

@@ -23,11 +23,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from v4d.kernels import triton_backend  # noqa: E402
+from v4d.kernels import kv_format, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.uint8: "u8"}
 OPTIONS = ("num_warps", "num_stages")
 launches: dict[tuple, tuple] = {}
 
@@ -63,6 +63,20 @@ def calls(dtype: torch.dtype) -> None:
     tb.gated_pool(r(2, 128, 512), r(2, 128, 512))
     tb.moe_experts(r(8, 256), torch.randint(-1, 4, (8, 6)), r(8, 6, dt=torch.float32), r(4, 128, 256),
                    r(4, 128, 256), r(4, 256, 128), 10.0)
+    # the paged ops: plain rows of the activation dtype, and packed deployed rows (uint8)
+    for packed in (False, True):
+        rows = (lambda n, d: kv_format.pack_main(r(n, d, dt=torch.float32), 64)) if packed else r
+        keys = kv_format.pack_index(r(6 * 32, 128, dt=torch.float32)) if packed else r(6 * 32, 128)
+        tb.paged_sparse_attention(r(4, 64, 512), r(3, 512), rows(64, 512), rows(96, 512),
+                                  torch.randint(-1, 163, (4, 40), dtype=torch.int32), r(64, dt=torch.float32), 0.04, 64)
+        tb.paged_indexer_scores(r(4, 64, 128), r(4, 64), keys.unflatten(0, (6, 32)),
+                                torch.tensor([[0, 1, -1], [2, 3, 4]]), torch.tensor([0, 0, 1, 1]),
+                                torch.tensor([1, 40, 0, 96]))
+    f32 = torch.float32
+    tb.gated_pool_indexed(r(5, 1024, dt=f32), r(5, 1024, dt=f32), r(16, 1024, dt=f32), r(16, 1024, dt=f32),
+                          torch.randint(-1, 21, (3, 8)), True)
+    tb.gated_pool_indexed(r(5, 512, dt=f32), r(5, 512, dt=f32), r(256, 512, dt=f32), r(256, 512, dt=f32),
+                          torch.randint(-1, 261, (2, 128)), False)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))

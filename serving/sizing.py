@@ -35,6 +35,7 @@ from typing import Any, Literal
 from v4d.serving.config import LayerKind, ModelConfig
 
 Fmt = Literal["deployed", "bf16"]
+KvFmt = Literal["deployed", "bf16", "fp32"]  # KV storage; fp32 is the engine's exactness-test format
 Storage = Literal["fp8", "fp4", "bf16", "fp32", "int32"]
 FORMATS: tuple[Fmt, ...] = ("deployed", "bf16")
 
@@ -214,19 +215,19 @@ def dense_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
 
 
 # -- KV cache ---------------------------------------------------------------------------------
-def main_entry_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
+def main_entry_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
     """One 512-d key=value entry: FP8 non-RoPE dims + BF16 RoPE dims + UE8M0 scales, padded to 8 B."""
-    if fmt == "bf16":
-        return 2 * cfg.head_dim
+    if fmt != "deployed":
+        return (2 if fmt == "bf16" else 4) * cfg.head_dim
     nope, rope = cfg.nope_head_dim, cfg.qk_rope_head_dim
     scales = ceil(ceil(nope / KV_SCALE_GROUP) / 8) * 8  # 7 scales + 1 pad -> 8 B for V4
     return nope + 2 * rope + scales
 
 
-def indexer_entry_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
-    """One indexer key: FP4 (E2M1) values + one UE8M0 per 32 (68 B for 128 dims), or BF16."""
-    if fmt == "bf16":
-        return 2 * cfg.index_head_dim
+def indexer_entry_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
+    """One indexer key: FP4 (E2M1) values + one UE8M0 per 32 (68 B for 128 dims), or BF16 / fp32."""
+    if fmt != "deployed":
+        return (2 if fmt == "bf16" else 4) * cfg.index_head_dim
     return cfg.index_head_dim // 2 + ceil(cfg.index_head_dim / FP4_BLOCK)
 
 
@@ -276,10 +277,14 @@ def compressor_state_bytes(cfg: ModelConfig, layer: int) -> int:
     return 0
 
 
-def per_request_state_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
+def layer_slot_bytes(cfg: ModelConfig, layer: int, fmt: KvFmt = "deployed") -> int:
+    """Per-request state of one layer (main or MTP): its window ring + fp32 compressor tails."""
+    return cfg.sliding_window * main_entry_bytes(cfg, fmt) + compressor_state_bytes(cfg, layer)
+
+
+def per_request_state_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
     """Fixed per-request state (§3.4): window ring of every main layer + fp32 compressor tails."""
-    window = cfg.sliding_window * main_entry_bytes(cfg, fmt) * cfg.num_hidden_layers
-    return window + sum(compressor_state_bytes(cfg, i) for i in range(cfg.num_hidden_layers))
+    return sum(layer_slot_bytes(cfg, i, fmt) for i in range(cfg.num_hidden_layers))
 
 
 # -- paged layout (the engine's unit of allocation) -------------------------------------------
@@ -288,12 +293,21 @@ def page_tokens(cfg: ModelConfig) -> int:
     return lcm(128, *(r for r in cfg.compress_ratios if r))
 
 
-def page_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
+def layer_page_bytes(cfg: ModelConfig, layer: int, fmt: KvFmt = "deployed") -> int:
+    """One page of one layer (main or MTP): page_tokens / ratio main entries, as many indexer keys on CSA."""
+    r = cfg.compress_ratios[layer]
+    if not r:
+        return 0
+    idx = indexer_entry_bytes(cfg, fmt) if cfg.layer_kind(layer) == "csa" else 0
+    return page_tokens(cfg) // r * (main_entry_bytes(cfg, fmt) + idx)
+
+
+def page_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
     """One page across all main layers (Pro deployed: 30 x 32 x (584+68) + 31 x 584 = 644,024 B)."""
-    return round(kv_bytes_per_token(cfg, fmt) * page_tokens(cfg))
+    return sum(layer_page_bytes(cfg, i, fmt) for i in range(cfg.num_hidden_layers))
 
 
-def slot_bytes(cfg: ModelConfig, fmt: Fmt = "deployed") -> int:
+def slot_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
     """One request's state slot (window ring + compressor tails)."""
     return per_request_state_bytes(cfg, fmt)
 

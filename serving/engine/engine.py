@@ -24,7 +24,8 @@ from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
-from v4d.serving.sizing import page_tokens
+from v4d.serving.model.graphs import DecodeGraphs, graphs_enabled
+from v4d.serving.sizing import page_tokens, pages_for
 
 log = logging.getLogger(__name__)
 SHARD_RETRIES = 3  # failed steps (ShardUnavailable) a request survives before it fails
@@ -38,6 +39,12 @@ class EngineLimits:
     max_queue: int = 64
     max_context_tokens: int = 1 << 20
     prefix_snapshots: int = -1  # state slots kept for prefix sharing; -1: max_num_seqs // 4, at least 1
+    kv_format: str = "deployed"  # KV storage: deployed (FP8/FP4, what the planner sizes), bf16 or fp32
+    cuda_graphs: bool = True  # decode steps as CUDA graphs per batch bucket (CUDA only; V4D_CUDA_GRAPHS=0 too)
+
+    @property
+    def snapshots(self) -> int:
+        return self.prefix_snapshots if self.prefix_snapshots >= 0 else max(1, self.max_num_seqs // 4)
 
     @classmethod
     def from_plan(cls, engine: dict[str, Any], max_context_tokens: int) -> EngineLimits:
@@ -47,7 +54,24 @@ class EngineLimits:
             max_batch_tokens=int(engine["max_batch_tokens"]),
             max_queue=int(engine["max_queue"]),
             max_context_tokens=int(max_context_tokens),
+            kv_format=str(engine.get("kv_format", "deployed")),
         )
+
+
+def kv_layout(cfg: Any, limits: EngineLimits) -> tuple[int, int, int]:
+    """(pages, page bytes, slot bytes) the engine allocates for `limits`: the budget less every
+    state slot (sequences + prefix snapshots), in whole pages of `limits.kv_format`."""
+    if limits.kv_format not in ("deployed", "bf16", "fp32"):
+        raise ValueError(f"engine.kv_format: expected deployed, bf16 or fp32, got {limits.kv_format!r}")
+    pb, sb = page_bytes(cfg, limits.kv_format), slot_bytes(cfg, limits.kv_format)
+    slots = limits.max_num_seqs + limits.snapshots
+    num_pages = (limits.kv_budget_bytes - slots * sb) // pb
+    if num_pages < 1:
+        raise ValueError(
+            f"engine.kv_budget_bytes: {limits.kv_budget_bytes} B cannot hold {slots} state slots of "
+            f"{sb} B plus one {pb} B page; raise it or lower engine.max_num_seqs"
+        )
+    return num_pages, pb, sb
 
 
 def copy_slot(kv: KVCache, src: int, dst: int) -> None:
@@ -75,18 +99,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 class Engine:
     def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None):
         self.model, self.cfg, self.limits, self.metrics = model, model.cfg, limits, metrics
-        dtype = next(model.parameters()).dtype
-        fmt = "fp32" if dtype == torch.float32 else "bf16"
-        pb, sb = page_bytes(self.cfg, fmt), slot_bytes(self.cfg, fmt)
-        slots = limits.max_num_seqs
-        snaps = limits.prefix_snapshots if limits.prefix_snapshots >= 0 else max(1, slots // 4)
-        num_pages = (limits.kv_budget_bytes - (slots + snaps) * sb) // pb
-        if num_pages < 1:
-            raise ValueError(
-                f"engine.kv_budget_bytes: {limits.kv_budget_bytes} B cannot hold {slots + snaps} state slots of "
-                f"{sb} B plus one {pb} B page; raise it or lower engine.max_num_seqs"
-            )
-        self.kv = KVCache(self.cfg, num_pages, slots + snaps, dtype=dtype)
+        num_pages, pb, sb = kv_layout(self.cfg, limits)
+        slots, snaps = limits.max_num_seqs, limits.snapshots
+        device = next(model.parameters()).device
+        graphs = limits.cuda_graphs and device.type == "cuda" and graphs_enabled()
+        # CUDA graphs pad decode batches with rows of one scratch slot and page past the managed ones
+        self.kv = KVCache(self.cfg, num_pages + graphs, slots + snaps + graphs, device=device, fmt=limits.kv_format)
+        self.graphs = DecodeGraphs(
+            model, self.kv, pages_for(self.cfg, limits.max_context_tokens), scratch_slot=slots + snaps,
+            scratch_page=num_pages,
+        ) if graphs else None
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )
@@ -228,7 +250,8 @@ class Engine:
             (seq.token_ids[seq.num_computed : seq.num_computed + n], SeqCache(seq.slot, seq.pages, seq.num_computed))
             for seq, n in batch
         ]
-        return self.model.forward(chunks, self.kv)
+        out = self.graphs(chunks) if self.graphs is not None else None
+        return out if out is not None else self.model.forward(chunks, self.kv)
 
     def _append(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()

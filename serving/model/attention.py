@@ -7,34 +7,25 @@ itself included) and to compressed entries of closed blocks: all of them on HCA 
 indexer's top-k on CSA layers. The output is rotated back by -t (only relative position remains)
 and projected per group of heads, then to the model width.
 
-Dense projections run over every token of the batch at once; the cache-dependent part runs per
-sequence span.
+Everything runs once over all rows of the step (serving/model/step.py): ring and page reads go
+through index tensors into the cache, in its storage format, with no per-sequence loop and no copy
+of compressed entries (one `paged_sparse_attention` call per layer).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from v4d.kernels import ops
+from v4d.kernels.kv_format import load_rows, store_rows
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.cache import LayerCache, read_entries, write_entries
+from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
 from v4d.serving.model.indexer import Indexer
 from v4d.serving.model.norm import RMSNorm, rms_normalize
 from v4d.serving.model.rope import Rope
-
-
-@dataclass(frozen=True)
-class Span:
-    """Rows `rows` of the flat batch are positions start.. of the sequence in `slot`."""
-
-    rows: slice
-    start: int
-    slot: int
-    page_ids: list[int]
+from v4d.serving.model.step import Step
 
 
 class Attention(nn.Module):
@@ -57,58 +48,30 @@ class Attention(nn.Module):
         self.compressor = Compressor(d, self.ratio, hd, self.rope, self.eps) if self.ratio else None
         self.indexer = Indexer(cfg, self.ratio, self.rope) if self.ratio == 4 else None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, spans: list[Span], cache: LayerCache) -> torch.Tensor:
-        """x: [N, d] (already normalised), pos: [N] positions. Writes the spans' state; returns [N, d]."""
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerCache) -> torch.Tensor:
+        """x: [N, d] (already normalised) rows of the step. Writes the step's state; returns [N, d]."""
+        pos, rd = step.pos, self.rope.dim
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = self.rope(rms_normalize(q, self.eps).to(x.dtype), pos)
-        # Round window entries to the storage type now, so a position reads the same value whether it
-        # comes from this chunk or, later, from the ring.
-        kv = self.rope(self.kv_norm(self.wkv(x)), pos).to(cache.window.dtype).to(x.dtype)
-        comp = self.compressor.project(x) if self.compressor is not None else None
-        index = self.indexer.project(x, qr, pos) if self.indexer is not None else None
-        o = torch.empty_like(q)
-        for sp in spans:
-            kv_all, idx = self._window(kv[sp.rows], sp, cache.window)
-            if self.compressor is not None:
-                kv_all, idx = self._compressed(kv_all, idx, comp, index, sp, cache)
-            o[sp.rows] = ops.sparse_attention(q[sp.rows], kv_all, idx.to(torch.int32), self.attn_sink, self.scale)
+        # Round window entries to the storage format now, so a position reads the same value whether
+        # it comes from this step's rows or, later, from the ring.
+        kv = self.rope(self.kv_norm(self.wkv(x)), pos)
+        kv = load_rows(store_rows(kv, cache.window, rd), self.head_dim, rd).to(x.dtype)
+        ring = cache.window.flatten(0, 1)
+        idx, store = step.window_idx, None
+        if self.compressor is not None:
+            comp = step.compression(self.ratio)
+            store = cache.main.flatten(0, 1)
+            entries = self.compressor.update(*self.compressor.project(x), pos, comp, cache.comp, x.dtype)
+            store[comp.entry_rows] = store_rows(entries, store, rd)
+            if self.indexer is not None:
+                rows = self.indexer.select(self.indexer.project(x, qr, pos), step, comp, cache)
+            else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1
+                rows = comp.all_visible_rows(step)
+            idx = torch.cat([idx, torch.where(rows >= 0, rows + step.n_rows + ring.shape[0], -1)], dim=1)
+        o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd)
+        ring[step.ring_dst] = store_rows(kv[step.ring_src], ring, rd)
         o = self.rope(o, pos, inverse=True).view(x.shape[0], self.groups, -1)
         o = torch.einsum("tgc,grc->tgr", o, self.wo_a.weight.view(self.groups, self.o_lora_rank, -1))
         return self.wo_b(o.flatten(1))
-
-    def _window(self, kv: torch.Tensor, sp: Span, ring: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries lo..end-1 (ring + this chunk) and each query's window indices into them."""
-        w, t = self.window, kv.shape[0]
-        start, end = sp.start, sp.start + t
-        lo = max(0, start - w + 1)
-        dev = kv.device
-        old = ring[sp.slot, torch.arange(lo, start, device=dev) % w].to(kv.dtype)
-        p = torch.arange(start, end, device=dev)[:, None] - w + 1 + torch.arange(w, device=dev)
-        idx = torch.where(p >= 0, p - lo, -1)
-        keep = min(t, w)
-        ring[sp.slot, torch.arange(end - keep, end, device=dev) % w] = kv[t - keep :].to(ring.dtype)
-        return torch.cat([old, kv]), idx
-
-    def _compressed(self, kv_all: torch.Tensor, idx: torch.Tensor, comp: tuple[torch.Tensor, torch.Tensor],
-                    index: dict[str, torch.Tensor] | None, sp: Span, cache: LayerCache
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this layer's visible compressed entries (and their indices) to the window's."""
-        t = idx.shape[0]
-        kv_c, score = comp[0][sp.rows], comp[1][sp.rows]
-        entries, first = self.compressor.step(kv_c, score, sp.start, cache.comp, sp.slot, kv_all.dtype)
-        if entries.shape[0]:
-            write_entries(cache.main, sp.page_ids, first, entries)
-        if self.indexer is not None:  # runs even with nothing visible: it advances its own compressor
-            chosen = self.indexer.select(index, sp.rows, sp.start, sp.slot, sp.page_ids, cache)
-        n_closed = (sp.start + t) // self.ratio
-        if n_closed == 0:
-            return kv_all, idx
-        if self.indexer is None:  # HCA: every closed block, visible once t >= ratio * (s + 1) - 1
-            visible = (torch.arange(sp.start, sp.start + t, device=idx.device) + 1) // self.ratio
-            s = torch.arange(n_closed, device=idx.device)
-            chosen = torch.where(s < visible[:, None], s, -1)
-        chosen = chosen.long()
-        offset = kv_all.shape[0]
-        kv_all = torch.cat([kv_all, read_entries(cache.main, sp.page_ids, n_closed).to(kv_all.dtype)])
-        return kv_all, torch.cat([idx, torch.where(chosen >= 0, chosen + offset, -1)], dim=1)

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.attention import Attention, Span
+from v4d.serving.model.attention import Attention
 from v4d.serving.model.cache import KVCache
 from v4d.serving.model.mhc import hc_post, hc_pre
 from v4d.serving.model.moe import ExpertBackend, MoE
 from v4d.serving.model.norm import RMSNorm
+from v4d.serving.model.step import Step
 
 
 class Block(nn.Module):
@@ -33,10 +34,10 @@ class Block(nn.Module):
         fn, base, scale = (getattr(self, f"hc_{name}_{p}") for p in ("fn", "base", "scale"))
         return hc_pre(X, fn, scale, base, self.iters, self.norm_eps, self.hc_eps)
 
-    def forward(self, X: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, spans: list[Span],
-                kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, input_ids: torch.Tensor, step: Step, kv: KVCache,
+                experts: ExpertBackend) -> torch.Tensor:
         """X: [N, hc_mult, d] residual streams of every token in the batch."""
         x, post, comb = self._site("attn", X)
-        X = hc_post(self.attn(self.attn_norm(x), pos, spans, kv.layer(self.layer)), X, post, comb)
+        X = hc_post(self.attn(self.attn_norm(x), step, kv.layer(self.layer)), X, post, comb)
         x, post, comb = self._site("ffn", X)
         return hc_post(self.ffn(self.ffn_norm(x), input_ids, experts), X, post, comb)

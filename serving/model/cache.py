@@ -4,21 +4,22 @@ Layout (deepseek-v4.md §7.1): a page covers `sizing.page_tokens(cfg)` = 128 tok
 lcm of the CSA and HCA ratios. Per page and layer it holds 128/ratio main entries (32 for CSA, 1 for HCA) and, on
 CSA layers, 32 lightning-indexer keys. A state slot holds, per layer, the 128-entry window ring and
 the compressor tails (fp32 value + gate of the not-yet-closed positions; CSA keeps the previous
-block too, for the overlap). The engine owns allocation: it hands the model a `SeqCache` naming a
-slot and the page ids of the sequence; the model only reads and writes those.
+block too, for the overlap), both as rings indexed by position. Rows are stored in the cache's
+format: "deployed" packs main entries (pages and window) as FP8 + BF16 rope and indexer keys as FP4
+(kernels/kv_format.py), "bf16"/"fp32" keep plain rows. The engine owns allocation: it hands the
+model a `SeqCache` naming a slot and the page ids of the sequence; the model only reads and writes
+those.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
-
-Fmt = Literal["deployed", "bf16", "fp32"]
+from v4d.serving.sizing import KvFmt as Fmt
 
 
 @dataclass
@@ -30,17 +31,11 @@ class SeqCache:
     num_tokens: int = 0
 
 
-# -- byte accounting (exact: the sizes of the tensors KVCache allocates) ---------------------------
-def entry_bytes(cfg: ModelConfig, fmt: Fmt) -> tuple[int, int]:
-    """(main entry, indexer key) bytes: the sheet's deployed/bf16 figures, or fp32 (4 B per dim)."""
-    if fmt == "fp32":
-        return 4 * cfg.head_dim, 4 * cfg.index_head_dim
-    return sizing.main_entry_bytes(cfg, fmt), sizing.indexer_entry_bytes(cfg, fmt)
-
-
+# -- byte accounting (one home: serving/sizing.py; these are the sizes KVCache allocates) ---------
 def compressor_shape(ratio: int, width: int) -> tuple[int, int]:
-    """(rows, cols) of one compressor's tail state: CSA keeps the previous block plus the open one,
-    each row holding both branches (2 x width); HCA keeps the open block at `width`."""
+    """(rows, cols) of one compressor's tail ring: CSA keeps the previous block plus the open one
+    (2 x ratio positions), each row holding both branches (2 x width); HCA the open block at `width`.
+    Position p of the sequence sits in row p % rows."""
     return (2 * ratio, 2 * width) if ratio == 4 else (ratio, width)
 
 
@@ -49,29 +44,13 @@ def _cache_layers(cfg: ModelConfig, with_mtp: bool) -> range:
 
 
 def page_bytes(cfg: ModelConfig, fmt: Fmt, with_mtp: bool = False) -> int:
-    """One page over every layer: page_tokens/ratio main entries, plus as many indexer keys on CSA."""
-    main, index = entry_bytes(cfg, fmt)
-    per_page = sizing.page_tokens(cfg)
-    total = 0
-    for layer in _cache_layers(cfg, with_mtp):
-        ratio = cfg.compress_ratios[layer]
-        if ratio:
-            total += per_page // ratio * (main + (index if ratio == 4 else 0))
-    return total
+    """One page over every cached layer (sizing.page_bytes, plus the MTP layer with `with_mtp`)."""
+    return sum(sizing.layer_page_bytes(cfg, layer, fmt) for layer in _cache_layers(cfg, with_mtp))
 
 
 def slot_bytes(cfg: ModelConfig, fmt: Fmt, with_mtp: bool = False) -> int:
-    """Window ring in `fmt` plus compressor tails, which stay fp32 in every format (value + gate)."""
-    main, _ = entry_bytes(cfg, fmt)
-    total = 0
-    for layer in _cache_layers(cfg, with_mtp):
-        ratio = cfg.compress_ratios[layer]
-        total += cfg.sliding_window * main
-        widths = (cfg.head_dim, cfg.index_head_dim) if ratio == 4 else (cfg.head_dim,) if ratio else ()
-        for width in widths:
-            rows, cols = compressor_shape(ratio, width)
-            total += 2 * rows * cols * 4
-    return total
+    """Window rings in `fmt` plus compressor tails, which stay fp32 in every format (value + gate)."""
+    return sum(sizing.layer_slot_bytes(cfg, layer, fmt) for layer in _cache_layers(cfg, with_mtp))
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -85,9 +64,12 @@ class CompressorState:
 
 @dataclass
 class LayerCache:
-    window: torch.Tensor  # [num_slots, sliding_window, head_dim] ring, position p at p % window
-    main: torch.Tensor | None = None  # [num_pages, 128 / ratio, head_dim]
-    index: torch.Tensor | None = None  # [num_pages, 32, index_head_dim] (CSA only)
+    """One layer's tensors. Rows are entries in the cache's format: `width` floats (fp32/bf16) or the
+    packed deployed bytes (uint8, kernels/kv_format.py)."""
+
+    window: torch.Tensor  # [num_slots, sliding_window, row] ring, position p at p % window
+    main: torch.Tensor | None = None  # [num_pages, page_tokens / ratio, row]
+    index: torch.Tensor | None = None  # [num_pages, page_tokens / 4, row] (CSA only)
     comp: CompressorState | None = None
     index_comp: CompressorState | None = None
 
@@ -98,23 +80,39 @@ def _state(num_slots: int, ratio: int, width: int, device) -> CompressorState:
                            torch.full((num_slots, rows, cols), float("-inf"), device=device))
 
 
+_PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class KVCache:
-    """Every layer's pages and state slots; `dtype` is the storage type of pages and window."""
+    """Every layer's pages and state slots. `fmt` is the storage format of pages and window rings:
+    "deployed" (FP8 + BF16 rope main entries, FP4 indexer keys, packed bytes), "bf16" or "fp32";
+    by default the plain format of `dtype`."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, num_slots: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", with_mtp: bool = False):
-        self.cfg, self.num_pages, self.num_slots, self.dtype = cfg, num_pages, num_slots, dtype
+                 device: torch.device | str = "cpu", with_mtp: bool = False, fmt: Fmt | None = None):
+        fmt = fmt or ("bf16" if dtype == torch.bfloat16 else "fp32")
+        if fmt not in ("deployed", *_PLAIN):
+            raise ValueError(f"KVCache.fmt: expected deployed, bf16 or fp32, got {fmt!r}")
+        self.cfg, self.num_pages, self.num_slots, self.fmt = cfg, num_pages, num_slots, fmt
+        self.dtype = _PLAIN.get(fmt, torch.uint8)
         self.layers: dict[int, LayerCache] = {}
         per_page = sizing.page_tokens(cfg)
+        if fmt == "deployed":
+            main_row, index_row = sizing.main_entry_bytes(cfg, fmt), sizing.indexer_entry_bytes(cfg, fmt)
+        else:
+            main_row, index_row = cfg.head_dim, cfg.index_head_dim
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=self.dtype, device=device)
+
         for layer in _cache_layers(cfg, with_mtp):
             ratio = cfg.compress_ratios[layer]
-            lc = LayerCache(torch.zeros(num_slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
+            lc = LayerCache(zeros(num_slots, cfg.sliding_window, main_row))
             if ratio:
-                lc.main = torch.zeros(num_pages, per_page // ratio, cfg.head_dim, dtype=dtype, device=device)
+                lc.main = zeros(num_pages, per_page // ratio, main_row)
                 lc.comp = _state(num_slots, ratio, cfg.head_dim, device)
             if ratio == 4:
-                lc.index = torch.zeros(num_pages, per_page // ratio, cfg.index_head_dim, dtype=dtype,
-                                       device=device)
+                lc.index = zeros(num_pages, per_page // ratio, index_row)
                 lc.index_comp = _state(num_slots, ratio, cfg.index_head_dim, device)
             self.layers[layer] = lc
 
@@ -146,17 +144,3 @@ class KVCache:
                              f"got {len(seq.page_ids)}")
         if not 0 <= seq.slot < self.num_slots:
             raise ValueError(f"SeqCache.slot: expected 0..{self.num_slots - 1}, got {seq.slot}")
-
-
-def write_entries(store: torch.Tensor, page_ids: list[int], first: int, entries: torch.Tensor) -> None:
-    """Write compressed entries first..first+n-1 of a sequence into its pages."""
-    per_page = store.shape[1]
-    s = torch.arange(first, first + entries.shape[0], device=store.device)
-    pages = torch.tensor(page_ids, device=store.device)[s // per_page]
-    store[pages, s % per_page] = entries.to(store.dtype)
-
-
-def read_entries(store: torch.Tensor, page_ids: list[int], n: int) -> torch.Tensor:
-    """Entries 0..n-1 of a sequence, gathered from its pages: [n, C]."""
-    used = -(-n // store.shape[1])
-    return store[torch.tensor(page_ids[:used], device=store.device)].flatten(0, 1)[:n]

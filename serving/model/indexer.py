@@ -2,8 +2,10 @@
 
 Score I[t, s] = sum_h w[t, h] * relu(q_I[t, h] . K_I[s]) over the indexer keys of closed blocks
 (4s + 3 <= t). The keys come from the indexer's own overlapped compressor (width index_head_dim).
-The released model applies a Hadamard rotation and FP4 rounding to q_I and K_I; the rotation is
-orthogonal, so without the rounding it leaves every score unchanged and is omitted here.
+The released model applies a Hadamard rotation and FP4 rounding to q_I and K_I. With the deployed
+KV format the keys are stored that way (kernels/kv_format.py) and the queries get the same
+rotation; the rotation is orthogonal, so in the plain formats it would change no score and is
+left out.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
+from v4d.kernels.kv_format import hadamard, store_rows
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.cache import LayerCache, read_entries, write_entries
+from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
 from v4d.serving.model.rope import Rope
+from v4d.serving.model.step import Compression, Step
 
 
 class Indexer(nn.Module):
@@ -34,18 +38,17 @@ class Indexer(nn.Module):
         kv, score = self.compressor.project(x)
         return {"q": q, "w": self.weights_proj(x) * self.scale, "kv": kv, "score": score}
 
-    def select(self, p: dict[str, torch.Tensor], rows: slice, start: int, slot: int, page_ids: list[int],
-               cache: LayerCache) -> torch.Tensor:
-        """Advance the indexer keys of one sequence and return its top-k entry ids [T, k] (-1 = none)."""
-        keys, first = self.compressor.step(p["kv"][rows], p["score"][rows], start, cache.index_comp, slot,
-                                           p["q"].dtype)
-        if keys.shape[0]:
-            write_entries(cache.index, page_ids, first, keys)
-        q = p["q"][rows]
-        n_closed = (start + q.shape[0]) // self.compressor.ratio
-        if n_closed == 0:
-            return torch.empty(q.shape[0], 0, dtype=torch.int32, device=q.device)
-        visible = (torch.arange(start, start + q.shape[0], device=q.device) + 1) // self.compressor.ratio
-        keys = read_entries(cache.index, page_ids, n_closed).to(q.dtype)
-        scores = ops.indexer_scores(q, p["w"][rows], keys, visible)
-        return ops.indexer_topk(scores, min(self.topk, n_closed))
+    def select(self, p: dict[str, torch.Tensor], step: Step, comp: Compression, cache: LayerCache) -> torch.Tensor:
+        """Advance the indexer keys of the step and return each row's top-k entries as page-store
+        rows [N, k] (-1 = none)."""
+        q = p["q"]
+        keys = self.compressor.update(p["kv"], p["score"], step.pos, comp, cache.index_comp, q.dtype)
+        store = cache.index.flatten(0, 1)
+        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis
+            keys, q = hadamard(keys), hadamard(q)
+        store[comp.entry_rows] = store_rows(keys, store, None)
+        # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
+        table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
+        scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible)
+        chosen = ops.indexer_topk(scores, min(self.topk, comp.max_visible))
+        return step.store_rows(step.seq[:, None], chosen.long(), comp.per_page)

@@ -19,13 +19,13 @@ from torch import nn
 
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.attention import Span
 from v4d.serving.model.block import Block
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.mhc import hc_head
 from v4d.serving.model.moe import ExpertBackend, LocalExperts
 from v4d.serving.model.mtp import MTPBlock
 from v4d.serving.model.norm import RMSNorm
+from v4d.serving.model.step import Step
 
 Batch = Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]
 
@@ -50,34 +50,38 @@ class Transformer(nn.Module):
         self.experts: ExpertBackend = LocalExperts({b.layer: b.ffn for b in [*self.layers, *self.mtp]})
 
     # -- batching ---------------------------------------------------------------------------------
-    def _flatten(self, batch: Batch, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor, list[Span]]:
+    def _flatten(self, batch: Batch, kv: KVCache) -> tuple[torch.Tensor, Step]:
         dev = self.embed.weight.device
-        ids, pos, spans, row = [], [], [], 0
+        ids, chunks = [], []
         for i, (tokens, seq) in enumerate(batch):
-            t = torch.as_tensor(tokens, dtype=torch.long, device=dev).flatten()
+            t = torch.as_tensor(tokens, dtype=torch.long).flatten()
             if t.numel() == 0:
                 raise ValueError(f"batch[{i}]: empty chunk of token ids")
             if int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
                 raise ValueError(f"batch[{i}]: token ids must be in 0..{self.cfg.vocab_size - 1}")
             kv.check_pages(seq, seq.num_tokens + t.numel())
             ids.append(t)
-            pos.append(torch.arange(seq.num_tokens, seq.num_tokens + t.numel(), device=dev))
-            spans.append(Span(slice(row, row + t.numel()), seq.num_tokens, seq.slot, list(seq.page_ids)))
-            row += t.numel()
-        if len({sp.slot for sp in spans}) != len(spans):
+            chunks.append((seq.num_tokens, t.numel(), seq.slot, seq.page_ids))
+        if len({c[2] for c in chunks}) != len(chunks):
             raise ValueError("batch: two sequences share one state slot")
-        return torch.cat(ids), torch.cat(pos), spans
+        return torch.cat(ids).to(dev), Step.build(self.cfg, chunks, kv.num_slots, dev)
 
-    def hidden(self, batch: Batch, kv: KVCache) -> tuple[torch.Tensor, list[Span]]:
-        """Run the blocks; returns the final streams [N, hc_mult, d] and the spans (pre-advance
+    def hidden(self, batch: Batch, kv: KVCache) -> tuple[torch.Tensor, Step]:
+        """Run the blocks; returns the final streams [N, hc_mult, d] and the step (pre-advance
         positions). Advances every `SeqCache.num_tokens` by its chunk."""
-        ids, pos, spans = self._flatten(batch, kv)
+        ids, step = self._flatten(batch, kv)
+        X = self.blocks(ids, step, kv)
+        for (_, seq), (lo, hi, start) in zip(batch, step.spans, strict=True):
+            seq.num_tokens = start + hi - lo
+        return X, step
+
+    def blocks(self, ids: torch.Tensor, step: Step, kv: KVCache) -> torch.Tensor:
+        """Embedding and every block over the step's rows (device work only: a static step's call is
+        what serving/model/graphs.py captures)."""
         X = self.embed(ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
         for block in self.layers:
-            X = block(X, ids, pos, spans, kv, self.experts)
-        for (_, seq), sp in zip(batch, spans, strict=True):
-            seq.num_tokens = sp.start + (sp.rows.stop - sp.rows.start)
-        return X, spans
+            X = block(X, ids, step, kv, self.experts)
+        return X
 
     def logits(self, X: torch.Tensor, fn=None, scale=None, base=None, norm: RMSNorm | None = None) -> torch.Tensor:
         """Head mHC, final norm and LM head (fp32) over rows of streams [T, hc_mult, d]."""
@@ -90,21 +94,20 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: Batch, kv: KVCache, all_logits: bool = False) -> list[torch.Tensor]:
         """Per sequence: logits of its last new token [vocab], or of every new token [T, vocab]."""
-        X, spans = self.hidden(batch, kv)
-        rows = [sp.rows if all_logits else slice(sp.rows.stop - 1, sp.rows.stop) for sp in spans]
+        X, step = self.hidden(batch, kv)
+        rows = [slice(lo if all_logits else hi - 1, hi) for lo, hi, _ in step.spans]
         out = self.logits(torch.cat([X[r] for r in rows]))
         sizes = [r.stop - r.start for r in rows]
         return [o if all_logits else o[0] for o in out.split(sizes)]
 
     # -- MTP --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, spans: list[Span], kv: KVCache,
+    def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, step: Step, kv: KVCache,
                    depth: int = 0) -> torch.Tensor:
         """MTP block `depth` over the streams `hidden` returned: row t (given token t+1 in
         `next_ids`) predicts token t+2. Needs `KVCache(..., with_mtp=True)`. Returns [N, vocab]."""
         block = self.mtp[depth]
-        pos = torch.cat([torch.arange(sp.start, sp.start + sp.rows.stop - sp.rows.start) for sp in spans])
-        H = block(X, next_ids.to(X.device), pos.to(X.device), spans, kv, self.experts, self.embed)
+        H = block(X, next_ids.to(X.device), step, kv, self.experts, self.embed)
         return self.logits(H, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
 
     # -- whole-sequence convenience (tests, tools) ------------------------------------------------

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.attention import Span
 from v4d.serving.model.block import Block
 from v4d.serving.model.cache import KVCache
 from v4d.serving.model.moe import ExpertBackend
 from v4d.serving.model.norm import RMSNorm
+from v4d.serving.model.step import Step
 
 
 class MTPBlock(Block):
@@ -31,8 +31,8 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
 
-    def forward(self, X: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor, spans: list[Span],
-                kv: KVCache, experts: ExpertBackend, embed: nn.Embedding) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, next_ids: torch.Tensor, step: Step, kv: KVCache,
+                experts: ExpertBackend, embed: nn.Embedding) -> torch.Tensor:
         e = self.e_proj(self.enorm(embed(next_ids)))
         X = e.unsqueeze(1) + self.h_proj(self.hnorm(X))
-        return super().forward(X, next_ids, pos, spans, kv, experts)
+        return super().forward(X, next_ids, step, kv, experts)

@@ -27,7 +27,8 @@ def model():
 
 def engine(model, pages=8, seqs=4, snaps=1, batch_tokens=64, queue=8, context=4096):
     budget = (seqs + snaps) * SB + pages * PB
-    return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps))
+    return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps,
+                                      kv_format="fp32"))
 
 
 
@@ -206,3 +207,12 @@ def test_unreachable_experts_are_retried_then_fail_cleanly(model):
         assert eng.stats()["num_pages_in_use"] == 0 and not eng.seqs
     finally:
         model.experts = local
+
+
+def test_kv_format_is_checked_and_sizes_the_cache(model):
+    with pytest.raises(ValueError, match=r"engine.kv_format: expected deployed, bf16 or fp32, got 'fp8'"):
+        Engine(model, EngineLimits(10 * SB, 2, 16, 4, 512, kv_format="fp8"))
+    eng = Engine(model, EngineLimits(3 * slot_bytes(CFG, "deployed") + 5 * page_bytes(CFG, "deployed"), 2, 16, 4,
+                                     512, prefix_snapshots=1))
+    assert eng.kv.fmt == "deployed" and eng.kv.num_pages == 5
+    assert eng.kv.page_nbytes == page_bytes(CFG, "deployed") and eng.stats()["capacity_tokens"] == 5 * 128

@@ -40,7 +40,7 @@ def make_plan(weights: str) -> dict:
         "engine": {
             "pool": "gpu-a", "replicas": 1, "min_replicas": 1, "max_replicas": 1,
             "kv_budget_bytes": 5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"),
-            "max_num_seqs": 4, "max_batch_tokens": 64, "max_queue": 4, "target_kv_utilization": 0.7,
+            "kv_format": "fp32", "max_num_seqs": 4, "max_batch_tokens": 64, "max_queue": 4, "target_kv_utilization": 0.7,
             "upscale_delay_s": 0, "downscale_delay_s": 5,
         },
         "shards": [{"name": n, "pool": "gpu-a", "slots": [s] * LAYERS} for n, s in SLOTS.items()],

@@ -16,14 +16,14 @@ from v4d.serving.config import get_preset
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.model import Transformer, init_weights
 
-OPS = ["sparse_attention", "indexer_scores", "indexer_topk", "gated_pool", "moe_experts",
+OPS = ["paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed", "moe_experts",
        "hc_split_sinkhorn", "hc_pre", "hc_post"]
 
 
 @torch.inference_mode()
-def run(model: Transformer, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+def run(model: Transformer, ids: torch.Tensor, chunks: list[int], fmt: str) -> torch.Tensor:
     pages = sizing.pages_for(model.cfg, len(ids))
-    kv = KVCache(model.cfg, pages, 1, device=model.embed.weight.device)
+    kv = KVCache(model.cfg, pages, 1, device=model.embed.weight.device, fmt=fmt)
     seq = SeqCache(0, list(range(pages)))
     out, pos = [], 0
     for n in chunks:
@@ -32,14 +32,15 @@ def run(model: Transformer, ids: torch.Tensor, chunks: list[int]) -> torch.Tenso
     return torch.cat(out).cpu()
 
 
-def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch, device: torch.device):
+@pytest.mark.parametrize("fmt", ["fp32", "deployed"])
+def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch, device: torch.device, fmt: str):
     cfg = replace(get_preset("v4-tiny-fast"), num_hidden_layers=3, compress_ratios=(0, 4, 16, 0))
     model = init_weights(Transformer(cfg), seed=0).eval().to(device)
     ids = torch.randint(0, cfg.vocab_size, (33,), generator=torch.Generator().manual_seed(0))
     chunks = [29, 1, 1, 1, 1]
 
     monkeypatch.setenv("V4D_KERNELS", "reference")
-    want = run(model, ids, chunks)
+    want = run(model, ids, chunks, fmt)
 
     calls = dict.fromkeys(OPS, 0)
     for name in OPS:
@@ -51,7 +52,7 @@ def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch
 
         monkeypatch.setattr(triton_backend, name, counted)
     monkeypatch.setenv("V4D_KERNELS", "triton")
-    got = run(model, ids, chunks)
+    got = run(model, ids, chunks, fmt)
 
     assert all(calls.values()), f"ops never sent to Triton: {[k for k, v in calls.items() if not v]}"
     assert want.shape == (33, cfg.vocab_size) and torch.isfinite(want).all()

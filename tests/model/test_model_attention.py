@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from v4d.serving import sizing
-from v4d.serving.model.attention import Span
 from v4d.serving.model.cache import KVCache
+from v4d.serving.model.step import Step
 
 from .conftest import build
 
@@ -79,8 +79,8 @@ def run_layer(model, layer: int, x: torch.Tensor) -> torch.Tensor:
     cfg, T = model.cfg, x.shape[0]
     pages = sizing.pages_for(cfg, T)
     kv = KVCache(cfg, pages, 1)
-    span = Span(slice(0, T), 0, 0, list(range(pages)))
-    return model.layers[layer].attn(x, torch.arange(T), [span], kv.layer(layer))
+    step = Step.build(cfg, [(0, T, 0, list(range(pages)))], kv.num_slots, "cpu")
+    return model.layers[layer].attn(x, step, kv.layer(layer))
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def plan(cache_dir):
     e = p.engine
     snaps = max(1, e.max_num_seqs // 4)
     budget = (e.max_num_seqs + snaps) * slot_bytes(cfg, "fp32") + SMALL_KV_PAGES * page_bytes(cfg, "fp32")
-    return replace(p, engine=replace(e, kv_budget_bytes=budget, num_pages=SMALL_KV_PAGES,
+    return replace(p, engine=replace(e, kv_budget_bytes=budget, num_pages=SMALL_KV_PAGES, kv_format="fp32",
                                      capacity_tokens=SMALL_KV_PAGES * e.page_tokens))
 
 

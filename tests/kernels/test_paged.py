@@ -1,0 +1,86 @@
+"""Triton paged ops (interpreter on the CPU) against the references, in plain and packed formats."""
+
+import pytest
+import torch
+
+from v4d.kernels import kv_format
+from v4d.kernels import reference as ref
+
+
+def _store(rows: torch.Tensor, fmt: str, rope_dim: int | None) -> torch.Tensor:
+    if fmt == "deployed":
+        return kv_format.pack_main(rows, rope_dim) if rope_dim is not None else kv_format.pack_index(rows)
+    return rows.to(torch.float32 if fmt == "fp32" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "deployed"])
+@pytest.mark.parametrize("t,h,d,rope,n,r,s,k", [(5, 4, 64, 16, 6, 24, 40, 20), (3, 16, 512, 64, 3, 16, 64, 30)],
+                         ids=["small", "v4-dims"])
+def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n, r, s, k):
+    q = torch.randn(t, h, d, generator=gen)
+    kv = torch.randn(n, d, generator=gen)
+    ring = _store(torch.randn(r, d, generator=gen), fmt, rope)
+    store = _store(torch.randn(s, d, generator=gen), fmt, rope)
+    idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
+    idx[0] = -1
+    idx[1, :3] = torch.tensor([0, n, n + r])  # one of each source
+    sink = torch.randn(h, generator=gen)
+    o = kops.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope)
+    want = ref.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope)
+    torch.testing.assert_close(o, want, **tol(torch.float32))
+    assert torch.all(o[0] == 0)
+    # without a page store (SWA layers) only the fresh rows and rings are addressed
+    idx2 = idx.clamp(max=n + r - 1)
+    torch.testing.assert_close(kops.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope),
+                               ref.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope), **tol(torch.float32))
+
+
+def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
+    """The index space is the concatenation [kv; ring; store], read in place."""
+    q, kv, ring, store = (torch.randn(*s, generator=gen) for s in ((4, 2, 32), (3, 32), (5, 32), (7, 32)))
+    idx = torch.randint(-1, 15, (4, 9), generator=gen)
+    sink = torch.randn(2, generator=gen)
+    torch.testing.assert_close(ref.paged_sparse_attention(q, kv, ring, store, idx, sink, 0.2, 8),
+                               ref.sparse_attention(q, torch.cat([kv, ring, store]), idx, sink, 0.2))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gated_pool_indexed_matches_reference(kops, gen, tol, overlap):
+    n, r, w, e = 9, 16, 64, 5
+    length = 8 if overlap else 16
+    kv, score = torch.randn(n, w, generator=gen), torch.randn(n, w, generator=gen)
+    skv, sscore = torch.randn(r, w, generator=gen), torch.randn(r, w, generator=gen)
+    idx = torch.randint(-1, n + r, (e, length), generator=gen)
+    idx[0] = -1  # an entry of padding only pools to 0
+    out = kops.gated_pool_indexed(kv, score, skv, sscore, idx, overlap)
+    want = ref.gated_pool_indexed(kv, score, skv, sscore, idx, overlap)
+    assert out.shape == (e, w // 2 if overlap else w)
+    torch.testing.assert_close(out, want, **tol(torch.float32))
+    assert torch.all(out[0] == 0)
+
+
+def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):
+    kv, score = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    skv, sscore = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    idx = torch.tensor([[0, 1, 7, 9], [2, 3, 4, 5]])
+    allv, alls = torch.cat([kv, skv]), torch.cat([score, sscore])
+    torch.testing.assert_close(ref.gated_pool_indexed(kv, score, skv, sscore, idx, False),
+                               ref.gated_pool(allv[idx], alls[idx]))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "deployed"])
+def test_paged_indexer_scores_match_reference(kops, gen, tol, fmt):
+    pages, e, d, h = 6, 8, 32, 4
+    keys = _store(torch.randn(pages * e, d, generator=gen), fmt, None).unflatten(0, (pages, e))
+    table = torch.tensor([[5, 0, -1], [2, 4, 1]])
+    seq = torch.tensor([0, 0, 1, 1, 1])
+    n_vis = torch.tensor([3, 16, 0, 9, 24])
+    q, w = torch.randn(5, h, d, generator=gen), torch.randn(5, h, generator=gen)
+    got = kops.paged_indexer_scores(q, w, keys, table, seq, n_vis)
+    want = ref.paged_indexer_scores(q, w, keys, table, seq, n_vis)
+    assert got.shape == (5, 3 * e)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    # column s of a row is entry s of its sequence: page table[seq, s // e], offset s % e
+    flat = kv_format.load_rows(keys, d, None).flatten(0, 1)
+    seq_keys = flat[torch.tensor([2 * e + i for i in range(e)] + [4 * e + i for i in range(e)])]
+    torch.testing.assert_close(want[3, :9], ref.indexer_scores(q[3:4], w[3:4], seq_keys, torch.tensor([9]))[0, :9])
