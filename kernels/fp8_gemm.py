@@ -1,0 +1,118 @@
+"""FP8 block-scaled GEMM, as DeepSeek's inference code runs its FP8 linear layers.
+
+y[M,N] = x[M,K] @ W[N,K]^T with W float8_e4m3fn and one UE8M0 scale per 128x128 block. The
+activations are quantised too (`_act_quant_kernel`: per row and 128 channels, power-of-two scale),
+so the main loop is an FP8 x FP8 tensor-core dot per 128-wide K block, fp32 accumulation, scaled by
+a_s[m] * b_s[n] per block. Why not weight-only dequantisation to bf16: prefill is compute-bound,
+and FP8 dots run at twice the bf16 rate on Hopper; decode is bound by the weight bytes read, which
+are FP8 either way. It is also the arithmetic the released model was served with.
+
+Under the interpreter (CPU tests) the FP8 operands are widened to fp32 before the dot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4d.kernels.launch import interpreting, pow2
+
+BLOCK = 128  # the checkpoint's quantisation block along both dims
+
+
+@triton.jit
+def _ue8m0_exp(ratio):
+    """ceil(log2(ratio)) for ratio > 0, exactly (from the fp32 bits), as an fp32."""
+    bits = tl.maximum(ratio, 1.1754943508222875e-38).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return e.to(tl.float32)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (|v| <= 448) rounded to the nearest E4M3 value, ties to even, in fp32: adding and removing
+    1.5 * 2^(23 + ulp exponent) makes fp32 rounding drop exactly the bits E4M3 lacks. The cast that
+    follows is then exact (the interpreter's own fp32 -> fp8 cast misrounds some values)."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)       # below 2^-6 E4M3 is subnormal: ulp 2^-9
+    c = 1.5 * tl.exp2((e + 20).to(tl.float32))            # 2^(e - 3) is the ulp
+    return (v + c) - c
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx, sq, ss, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = offs < K
+    x = tl.load(x_ptr + row * sx + offs, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 0)
+    e = tl.where(amax > 0, _ue8m0_exp(amax / 448.0), 0.0)
+    q = _round_e4m3(x * tl.exp2(-e))
+    tl.store(q_ptr + row * sq + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row * ss + kb, tl.exp2(e))
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+    sa, sas, sb, sbs, sc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * sa
+    b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * sb
+    bs_rows = bs_ptr + (offs_n // BLOCK_K) * sbs
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptr + offs_m * sas + kb, mask=m_ok, other=0.0)
+        b_s = tl.exp2(tl.load(bs_rows + kb, mask=n_ok, other=127).to(tl.float32) - 127.0)
+        if FP8_DOT:
+            part = tl.dot(a, b)
+        else:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        acc += part * a_s[:, None] * b_s[None, :]
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * sc + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M,K] -> (float8_e4m3fn [M,K], fp32 [M, ceil(K/128)]): v4d.kernels.quant.act_quant on the GPU."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, triton.cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m, triton.cdiv(k, BLOCK))](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
+                                                      BLOCK_K=BLOCK, num_warps=1 if interpreting() else 4)
+    return q, s
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    x, w = x.contiguous(), w.contiguous()
+    bs = scale.contiguous().view(torch.uint8)
+    q, s = act_quant(x)
+    if interpreting():
+        bm, bn, warps, stages = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1
+    elif m <= 64:   # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
+        bm, bn, warps, stages = max(16, pow2(m)), 64, 4, 4
+    else:           # prefill: compute-bound, big tiles on the FP8 tensor cores
+        bm, bn, warps, stages = 128, 128, 8, 3
+    _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        q, s, w, bs, out, m, n, k,
+        q.stride(0), s.stride(0), w.stride(0), bs.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, FP8_DOT=not interpreting(), num_warps=warps, num_stages=stages,
+    )
+    return out
