@@ -71,7 +71,7 @@ def test_fp4_moe_matches_reference(kops, gen, dtype, t, d, inter, e, k, limit, t
 
 def test_fp4_moe_reference_equals_decoded_weights(gen):
     (w1, w3, w2), scales = fp4_experts(gen, 3, 64, 32)
-    dec = [torch.stack([dequant_fp4(w[i], s[i]) for i in range(3)]) for w, s in zip((w1, w3, w2), scales)]
+    dec = [torch.stack([dequant_fp4(w[i], s[i]) for i in range(3)]) for w, s in zip((w1, w3, w2), scales, strict=True)]
     x, ids, wt = torch.randn(6, 32, generator=gen), torch.randint(0, 3, (6, 2), generator=gen), torch.rand(6, 2)
     torch.testing.assert_close(ref.moe_experts(x, ids, wt, w1, w3, w2, 5.0, scales),
                                ref.moe_experts(x, ids, wt, *dec, 5.0))
