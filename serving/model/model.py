@@ -41,7 +41,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.layers = nn.ModuleList(Block(cfg, i, with_experts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False, dtype=torch.float32)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)  # model dtype (stored bf16); logits in fp32
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * d, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
