@@ -1,8 +1,8 @@
 """`v4d serve` without Kubernetes: an embedded Ray cluster shaped like the plan's pools.
 
-One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group:
-CPU stands in for the accelerators, placement by label is exactly that of the KubeRay deployment,
-and `build_app` is the same code.
+One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group and
+declaring the pool's devices as Ray resources (GPU / NPU), so replicas claim them exactly as under
+KubeRay; without accelerators the claimed replicas compute on the CPU. `build_app` is the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from v4d.serving.plan import Plan
+from v4d.serving.runtime.device import node_resources
 
 POOL_LABEL = "v4d.dev/pool"
 # Ray on a shared development box (toolchain.md §1.3): no token file, loopback only, no telemetry.
@@ -79,6 +80,7 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(shutdown_at_exit=True)
+    plan_dict = plan.to_dict()
     try:
         cluster.add_node(
             num_cpus=1,
@@ -94,6 +96,7 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
                 object_store_memory=100 * 2**20,
                 labels={POOL_LABEL: pool.name},
                 metrics_export_port=metrics_port + i,
+                **node_resources(plan_dict, pool.name),  # its accelerators, as KubeRay's worker group declares them
             )
             urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
         ray.init(address=cluster.address, log_to_driver=False)

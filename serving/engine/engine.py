@@ -86,7 +86,7 @@ class Engine:
                 f"engine.kv_budget_bytes: {limits.kv_budget_bytes} B cannot hold {slots + snaps} state slots of "
                 f"{sb} B plus one {pb} B page; raise it or lower engine.max_num_seqs"
             )
-        self.kv = KVCache(self.cfg, num_pages, slots + snaps, dtype=dtype)
+        self.kv = KVCache(self.cfg, num_pages, slots + snaps, dtype=dtype, device=model.embed.weight.device)
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from v4d.kernels.quant import quant_fp4, quant_fp8
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
-from v4d.kernels.quant import quant_fp4, quant_fp8
 from v4d.serving.model.linear import weights_in
 from v4d.serving.model.model import Transformer
 from v4d.serving.model.moe import LocalExperts
@@ -232,12 +232,14 @@ def load_model(
     precision: str = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    mtp: bool = True,
 ) -> Transformer:
     """The model of a checkpoint with its weights, built on `device` in `precision` (see
     `v4d.serving.precision`; `auto`: deployed on an accelerator, fp32 on the CPU). Below fp32, every
     tensor takes its checkpoint's storage (FP8 / packed FP4 kept when deployed, else BF16; FP32
     stays FP32), so resident bytes are what `v4d plan` budgets. `with_experts=False` skips routed
-    experts (an attention engine whose experts live on shards reads none of them)."""
+    experts (an attention engine whose experts live on shards reads none of them); `mtp=False` drops
+    the MTP blocks (a serving replica that does not speculate holds, as planned, the main model only)."""
     ckpt = Checkpoint(path)
     device = torch.device(device)
     precision = resolve_precision(precision, device.type)
@@ -248,13 +250,16 @@ def load_model(
             model = Transformer(ckpt.config, with_experts=with_experts).eval()
     finally:
         torch.set_default_dtype(default)
+    if not mtp:
+        model.mtp = torch.nn.ModuleList()
+        model.experts = LocalExperts({b.layer: b.ffn for b in model.layers})
     if precision != "fp32":
         for name, p in model.named_parameters():
             spec = ckpt.layout.get(name)
             if p.is_floating_point() and p.dtype not in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
                 p.data = p.data.to(torch.float32 if spec is not None and spec.storage == "fp32" else torch.bfloat16)
     params = model.state_dict()  # views of the parameters: each tensor is copied in as it is read
-    names = ckpt.select(None if with_experts else {})
+    names = [n for n in ckpt.select(None if with_experts else {}) if mtp or not n.startswith("mtp.")]
     weights = {n for n in params if not (n.endswith(".scale") and n.removesuffix(".scale") + ".weight" in params)}
     if set(names) != weights:
         raise CheckpointError(f"model and checkpoint layout disagree: {sorted(set(names) ^ weights)[:5]}")
