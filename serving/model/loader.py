@@ -217,6 +217,9 @@ def read_into(ckpt: Checkpoint, dest: Mapping[str, torch.Tensor], progress: bool
                 out.copy_(data)
                 out_scale.copy_(scale)
                 continue
+            if scale is None and out_scale is None and tuple(data.shape) == ckpt.layout[name].shape:
+                out.copy_(data)  # plain floats / ints: converted in the copy, no fp32 copy of the whole
+                continue
             value = ckpt.decode(shard, name, data, scale, block)
             if out_scale is None:
                 out.copy_(value)
