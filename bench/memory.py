@@ -12,8 +12,8 @@ deployed): the replica with `load_model(with_experts=False, mtp=False)`, the sha
 `ShardExperts.from_checkpoint`. planned_bytes: the replica's dense part (`v4d model-info`
 dense_bytes, what the planner fits per replica) and the shard's slots x layers x one expert
 (`v4d plan` shard weight_bytes). resident_bytes: the distinct storages of the loaded tensors; on
-CUDA also `torch.cuda.memory_allocated` after the load. peak_rss_growth_bytes: how much the
-process's peak RSS rose during the load on the CPU (a full fp32 host copy would show here).
+CUDA also `torch.cuda.memory_allocated` after the load. peak_rss_growth_bytes: the process's peak
+RSS during the load over its RSS before (host memory; a full fp32 copy on the host would show here).
 """
 
 from __future__ import annotations
@@ -92,8 +92,27 @@ def resident_bytes(tensors) -> int:
     return sum(storages.values())
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_mark() -> int:
+    """Current RSS, after resetting the peak (Linux: clear_refs 5), so `peak_rss()` is this load's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:  # not Linux: the lifetime peak, an upper bound
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(label: str, ckpt: Path, slots: list[list[int]], shard_planned: int, precision: str,
@@ -104,7 +123,7 @@ def measure(label: str, ckpt: Path, slots: list[list[int]], shard_planned: int, 
         if device.type == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
-        rss = peak_rss()
+        rss = rss_mark()
         if role == "replica":
             held = load_model(ckpt, with_experts=False, precision=precision, device=device, progress=False, mtp=False)
             resident = resident_bytes([*held.parameters(), *held.buffers()])
