@@ -99,3 +99,53 @@ def test_shard_experts_match_the_model_in_every_precision(ckpt):
     assert fp32.weights[1][0].dtype == torch.float32
     torch.testing.assert_close(fp32.compute(1, x.float(), local, w), model.experts(1, x, glob, w).float(),
                                atol=0.05, rtol=0.05)
+
+
+def test_generate_cli_takes_a_precision(ckpt):
+    import json
+
+    from click.testing import CliRunner
+
+    from v4d.operator.cli import main
+
+    def run(*extra):
+        res = CliRunner().invoke(main, ["generate", str(ckpt), "--token-ids", "1,2,3", "--max-new-tokens", "3",
+                                        "--json", *extra])
+        return res
+
+    fp32, dep = run("--precision", "fp32"), run("--precision", "deployed", "--device", "cpu")
+    assert fp32.exit_code == 0 and dep.exit_code == 0, fp32.output + dep.output
+    a, b = json.loads(fp32.stdout)["logits"][0], json.loads(dep.stdout)["logits"][0]
+    assert a != b and torch.allclose(torch.tensor(a), torch.tensor(b), atol=0.5)
+    bad = run("--precision", "fp8")
+    assert bad.exit_code == 2 and "'fp8' is not one of" in bad.output
+
+
+def test_precision_names_agree_and_resolve():
+    from typing import get_args
+
+    from v4d.operator.api import ModelSpec
+    from v4d.serving.precision import PRECISIONS, resolve_precision
+
+    assert get_args(ModelSpec.model_fields["precision"].annotation) == PRECISIONS
+    assert [resolve_precision("auto", d) for d in ("cpu", "cuda", "npu")] == ["fp32", "deployed", "deployed"]
+    assert resolve_precision("bf16", "cuda") == "bf16"
+    with pytest.raises(ValueError, match="precision: expected one of auto, deployed, bf16, fp32, got 'int4'"):
+        resolve_precision("int4", "cpu")
+
+
+def test_memory_bench_rows_within_five_percent(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "memory.py"
+    proc = subprocess.run([sys.executable, str(bench), "--json", "--models", "v4-tiny", "--out",
+                           str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert {(r["model"], r["role"]) for r in rows} == {("v4-tiny", "replica"), ("v4-tiny", "shard")}
+    for r in rows:
+        assert {"model", "role", "resident_bytes", "planned_bytes"} <= set(r)
+        assert abs(r["resident_bytes"] / r["planned_bytes"] - 1) <= 0.05, r
