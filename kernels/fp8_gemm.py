@@ -56,11 +56,13 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx, sq, ss, BLOCK_K: tl.constexpr)
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
-    sa, sas, sb, sbs, sc,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB_PER_SPLIT,
+    sa, sas, sb, sbs, sc, s_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    """Program (m tile, n tile, split): K blocks split*KB_PER_SPLIT.. of the tile, written to
+    c[split] (fp32 partials, summed by the launcher) or, unsplit, straight to the output."""
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -68,7 +70,8 @@ def _fp8_gemm_kernel(
     b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * sb
     bs_rows = bs_ptr + (offs_n // BLOCK_K) * sbs
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    kb0 = split * KB_PER_SPLIT
+    for kb in range(kb0, tl.minimum(kb0 + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -80,6 +83,7 @@ def _fp8_gemm_kernel(
         else:
             part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         acc += part * a_s[:, None] * b_s[None, :]
+    c_ptr += split.to(tl.int64) * s_split
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * sc + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -105,14 +109,21 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     bs = scale.contiguous().view(torch.uint8)
     q, s = act_quant(x)
     if interpreting():
-        bm, bn, warps, stages = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1
+        bm, bn, warps, stages, sms = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1, 4
     elif m <= 64:   # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
         bm, bn, warps, stages = max(16, pow2(m)), 64, 4, 4
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     else:           # prefill: compute-bound, big tiles on the FP8 tensor cores
-        bm, bn, warps, stages = 128, 128, 8, 3
-    _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        q, s, w, bs, out, m, n, k,
-        q.stride(0), s.stride(0), w.stride(0), bs.stride(0), out.stride(0),
+        bm, bn, warps, stages, sms = 128, 128, 8, 3, 0
+    tiles, kbs = triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, BLOCK)
+    # Decode with few output tiles (e.g. V4-Flash wo_b: N=4096 -> 64 tiles on 132 SMs): split K so
+    # about two programs per SM stream weights; the fp32 partials are a few MB against the weight.
+    per = triton.cdiv(kbs, max(1, min(kbs, triton.cdiv(2 * sms, tiles)))) if m <= 64 else kbs
+    splits = triton.cdiv(kbs, per)
+    dest = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), splits)](
+        q, s, w, bs, dest, m, n, k, per,
+        q.stride(0), s.stride(0), w.stride(0), bs.stride(0), dest.stride(-2), m * n,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, FP8_DOT=not interpreting(), num_warps=warps, num_stages=stages,
     )
-    return out
+    return out if splits == 1 else dest.sum(0).to(x.dtype)

@@ -71,7 +71,8 @@ def calls(dtype: torch.dtype) -> None:
     tb.moe_experts(r(8, 256), torch.randint(-1, 4, (8, 6)), r(8, 6, dt=torch.float32), *packed, 10.0, scales)
     w8 = torch.randn(200, 300, generator=g).to(torch.float8_e4m3fn)
     s8 = torch.full((2, 3), 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    tb.fp8_linear(r(8, 300), w8, s8)
+    tb.fp8_linear(r(8, 300), w8, s8)              # decode, split K (fp32 partials)
+    tb.fp8_linear(r(8, 128), w8[:, :128].contiguous(), s8[:, :1].contiguous())   # decode, one K block
     tb.fp8_linear(r(100, 300), w8, s8)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
