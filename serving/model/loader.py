@@ -4,8 +4,9 @@ A checkpoint directory holds `config.json`, `model.safetensors.index.json` (`wei
 name -> shard file) and the shards; a single `model.safetensors` without an index also works.
 `read()` dequantises tensors (see `v4d.serving.model.quant`) into float32 under their official
 names, which are the model's state_dict names; `read_into()` copies them into a model's tensors in
-the model's precision, as stored when the formats agree (FP8 and packed FP4 stay as they are),
-one tensor at a time and read straight onto a CUDA device, so no full copy is ever made on the host. Reads are lazy and selective: `select()` names only
+the model's precision, as stored when the formats agree (FP8 and packed FP4 stay as they are), one
+tensor at a time and read straight onto a CUDA device, so no full copy is ever made on the host.
+Reads are lazy and selective: `select()` names only
 the tensors one process needs (e.g. an expert shard's experts and no dense weights) and `read()`
 opens only the shard files that hold them.
 """
