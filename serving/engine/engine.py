@@ -75,7 +75,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 class Engine:
     def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None):
         self.model, self.cfg, self.limits, self.metrics = model, model.cfg, limits, metrics
-        dtype = next(model.parameters()).dtype
+        dtype = model.embed.weight.dtype  # the activation dtype (fp32 mHC parameters come first)
         fmt = "fp32" if dtype == torch.float32 else "bf16"
         pb, sb = page_bytes(self.cfg, fmt), slot_bytes(self.cfg, fmt)
         slots = limits.max_num_seqs

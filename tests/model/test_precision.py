@@ -149,3 +149,27 @@ def test_memory_bench_rows_within_five_percent(tmp_path):
     for r in rows:
         assert {"model", "role", "resident_bytes", "planned_bytes"} <= set(r)
         assert abs(r["resident_bytes"] / r["planned_bytes"] - 1) <= 0.05, r
+
+
+def test_engine_serves_the_deployed_model(ckpt):
+    """The engine allocates its KV cache in the model's dtype on the model's device and generates
+    what the deployed model itself generates greedily."""
+    import asyncio
+
+    from v4d.serving.engine.engine import Engine, EngineLimits
+    from v4d.serving.model.cache import page_bytes, slot_bytes
+
+    model = load_model(ckpt, precision="deployed", progress=False, mtp=False)
+    cfg = model.cfg
+    budget = 3 * slot_bytes(cfg, "bf16") + 4 * page_bytes(cfg, "bf16")
+    eng = Engine(model, EngineLimits(budget, 2, 64, 4, 512, prefix_snapshots=1))
+    assert eng.kv.dtype == torch.bfloat16
+    prompt = [1, 17, 250, 33, 901, 5, 77, 300]
+
+    async def run():
+        out = []
+        async for item in eng.generate({"prompt_token_ids": prompt, "max_tokens": 6, "ignore_eos": True}):
+            out += item["token_ids"]
+        return out
+
+    assert asyncio.run(run()) == greedy(model, prompt, 6)
