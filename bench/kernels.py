@@ -152,6 +152,10 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
         out.append(Case(name, phase, f"fp8_linear_{proj}", f"M={t} N={n_out} K={k_in}",
                         _nbytes(xin, wq, ws) + t * n_out * xin.element_size(), 2.0 * t * n_out * k_in,
                         lambda b, a=(xin, wq, ws): b.fp8_linear(*a), fp8=True))
+        # the alternative measured side by side: weight-only dequantisation, bf16 dots
+        out.append(Case(name, phase, f"fp8_w_only_{proj}", f"M={t} N={n_out} K={k_in}",
+                        _nbytes(xin, wq, ws) + t * n_out * xin.element_size(), 2.0 * t * n_out * k_in,
+                        lambda b, a=(xin, wq, ws, False): b.fp8_linear(*a)))
     # mHC: split + Sinkhorn of the mixes, then the stream reduction and expansion.
     mix = (2 + n_hc) * n_hc
     mixes, scale, base = rnd(t, mix, dtype=torch.float32), rnd(3, dtype=torch.float32), rnd(mix, dtype=torch.float32)

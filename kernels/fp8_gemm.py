@@ -7,7 +7,9 @@ a_s[m] * b_s[n] per block. Why not weight-only dequantisation to bf16: prefill i
 and FP8 dots run at twice the bf16 rate on Hopper; decode is bound by the weight bytes read, which
 are FP8 either way. It is also the arithmetic the released model was served with.
 
-Under the interpreter (CPU tests) the FP8 operands are widened to fp32 before the dot.
+`act_quant=False` is the alternative, weight-only dequantisation: x stays 16-bit and each FP8
+weight tile is scaled and converted in registers before a bf16/fp16 dot (`bench/kernels.py` times
+both side by side). Under the interpreter (CPU tests) operands are widened to fp32 before the dot.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.launch import interpreting, pow2
+from v4d.kernels.launch import dot_dtype, interpreting, pow2
 
 BLOCK = 128  # the checkpoint's quantisation block along both dims
 
@@ -59,8 +61,10 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB_PER_SPLIT,
     sa, sas, sb, sbs, sc, s_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
+    W_ONLY: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Program (m tile, n tile, split): K blocks split*KB_PER_SPLIT.. of the tile, written to
+    """W_ONLY: a is the 16-bit x itself (no scales), W dequantised per tile to DOT before the dot.
+    Program (m tile, n tile, split): K blocks split*KB_PER_SPLIT.. of the tile, written to
     c[split] (fp32 partials, summed by the launcher) or, unsplit, straight to the output."""
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,19 +80,22 @@ def _fp8_gemm_kernel(
         k_ok = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptr + offs_m * sas + kb, mask=m_ok, other=0.0)
         b_s = tl.exp2(tl.load(bs_rows + kb, mask=n_ok, other=127).to(tl.float32) - 127.0)
-        if FP8_DOT:
-            part = tl.dot(a, b)
+        if W_ONLY:
+            acc += tl.dot(a.to(DOT), (b.to(tl.float32) * b_s[None, :]).to(DOT), input_precision="ieee")
         else:
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        acc += part * a_s[:, None] * b_s[None, :]
+            a_s = tl.load(as_ptr + offs_m * sas + kb, mask=m_ok, other=0.0)
+            if FP8_DOT:
+                part = tl.dot(a, b)
+            else:
+                part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            acc += part * a_s[:, None] * b_s[None, :]
     c_ptr += split.to(tl.int64) * s_split
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * sc + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M,K] -> (float8_e4m3fn [M,K], fp32 [M, ceil(K/128)]): v4d.kernels.quant.act_quant on the GPU."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
@@ -99,7 +106,7 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -107,7 +114,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
         return out
     x, w = x.contiguous(), w.contiguous()
     bs = scale.contiguous().view(torch.uint8)
-    q, s = act_quant(x)
+    q, s = quantise_activations(x) if act_quant else (x, x)
     if interpreting():
         bm, bn, warps, stages, sms = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1, 4
     elif m <= 64:   # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
@@ -124,6 +131,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), splits)](
         q, s, w, bs, dest, m, n, k, per,
         q.stride(0), s.stride(0), w.stride(0), bs.stride(0), dest.stride(-2), m * n,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, FP8_DOT=not interpreting(), num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, FP8_DOT=not interpreting(), W_ONLY=not act_quant, DOT=dot_dtype(x),
+        num_warps=warps, num_stages=stages,
     )
     return out if splits == 1 else dest.sum(0).to(x.dtype)

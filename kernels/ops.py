@@ -154,11 +154,12 @@ def moe_experts(
     return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
     """y[T,N] = x[T,K] @ W^T, W float8_e4m3fn [N,K] with UE8M0 scales [ceil(N/128), ceil(K/128)].
 
     x is quantised to FP8 per token and 128 channels (UE8M0) before the block-scaled GEMM (fp32
-    accumulation); y has x's dtype.
+    accumulation); y has x's dtype. `act_quant=False`: weight-only dequantisation (x not rounded),
+    the measured alternative (docs/precision.md); the model uses the default.
     """
     op = "fp8_linear"
     _expect(x.dim() == 2 and x.is_floating_point(), op, "x of shape [T,K], floating point", _shape(x))
@@ -168,7 +169,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     want = [-(-w.shape[0] // 128), -(-k // 128)]
     _expect(_shape(scale) == want, op, f"scale of shape {want}", _shape(scale))
     _expect(scale.dtype in (torch.float8_e8m0fnu, torch.uint8), op, "scale float8_e8m0fnu", scale.dtype)
-    return backend(x.device).fp8_linear(x, w, scale.view(torch.float8_e8m0fnu))
+    return backend(x.device).fp8_linear(x, w, scale.view(torch.float8_e8m0fnu), bool(act_quant))
 
 
 def hc_split_sinkhorn(

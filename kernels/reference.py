@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from v4d.kernels.quant import act_quant, dequant_fp4, dequant_fp8
+from v4d.kernels.quant import act_quant as quantise_activations
+from v4d.kernels.quant import dequant_fp4, dequant_fp8
 
 
 def sparse_attention(
@@ -112,13 +113,16 @@ def moe_experts(
     return y.to(x.dtype)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
     """y[T,N] = act_quant(x) @ (w * scale)^T in fp32, cast to x's dtype.
 
     w is float8_e4m3fn [N, K] with UE8M0 scales per 128x128 block; x is quantised to FP8 per token
-    and 128 channels (UE8M0 scales) first, as the FP8 GEMM on tensor cores sees it.
+    and 128 channels (UE8M0 scales) first, as the FP8 GEMM on tensor cores sees it
+    (`act_quant=False`: weight-only, x as given).
     """
-    xq, xs = act_quant(x)
+    if not act_quant:
+        return (x.float() @ dequant_fp8(w, scale).T).to(x.dtype)
+    xq, xs = quantise_activations(x)
     xd = xq.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]
     return (xd @ dequant_fp8(w, scale).T).to(x.dtype)
 

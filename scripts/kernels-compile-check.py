@@ -74,6 +74,8 @@ def calls(dtype: torch.dtype) -> None:
     tb.fp8_linear(r(8, 300), w8, s8)              # decode, split K (fp32 partials)
     tb.fp8_linear(r(8, 128), w8[:, :128].contiguous(), s8[:, :1].contiguous())   # decode, one K block
     tb.fp8_linear(r(100, 300), w8, s8)
+    tb.fp8_linear(r(8, 300), w8, s8, False)       # weight-only variant (bench comparison)
+    tb.fp8_linear(r(100, 300), w8, s8, False)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))

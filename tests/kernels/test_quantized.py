@@ -23,8 +23,18 @@ def test_fp8_linear_matches_reference(kops, gen, dtype, m, n, k):
                                else 1e-4, rtol=1e-2 if dtype != torch.float32 else 1e-4)
 
 
+@pytest.mark.parametrize("m,n,k", [(3, 200, 300), (70, 128, 256)], ids=["decode", "prefill"])
+def test_fp8_weight_only_matches_reference(kops, gen, dtype, m, n, k, tol):
+    """act_quant=False: x is not rounded, the weight tile is decoded before a 16-bit dot."""
+    w, s = fp8_weight(gen, n, k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    want = ref.fp8_linear(x, w, s, False)
+    torch.testing.assert_close(want.float(), (x.float() @ dequant_fp8(w, s).T).to(dtype).float())
+    torch.testing.assert_close(kops.fp8_linear(x, w, s, False), want, **tol(dtype))
+
+
 def test_act_quant_kernel_is_exact(gen, device):
-    from v4d.kernels.fp8_gemm import act_quant as tri_act_quant
+    from v4d.kernels.fp8_gemm import quantise_activations as tri_act_quant
 
     x = torch.randn(7, 300, generator=gen) * torch.logspace(-3, 3, 300)
     x[2] = 0  # all-zero blocks get scale 1
