@@ -7,6 +7,7 @@ KubeRay; without accelerators the claimed replicas compute on the CPU. `build_ap
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -78,6 +79,10 @@ def start_cluster(plan: Plan, metrics_port: int, attempts: int = 3) -> LocalClus
 def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     import ray
     from ray.cluster_utils import Cluster
+
+    # A stand-in node that declares "NPU" makes Ray look for the Ascend runtime to name the chip; on
+    # a machine without one it logs a traceback per node. Expected here, so not shown.
+    logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
 
     cluster = Cluster(shutdown_at_exit=True)
     plan_dict = plan.to_dict()
