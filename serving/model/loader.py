@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from v4d.kernels.quant import quant_fp4, quant_fp8
 from v4d.serving.config import ModelConfig
+from v4d.serving.model.build import build_model
 from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
-from v4d.serving.model.linear import weights_in
 from v4d.serving.model.model import Transformer
 from v4d.serving.model.moe import LocalExperts
 from v4d.serving.model.quant import unpack
-from v4d.serving.precision import resolve_precision
 from v4d.serving.sizing import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -245,23 +244,10 @@ def load_model(
     experts (an attention engine whose experts live on shards reads none of them); `mtp=False` drops
     the MTP blocks (a serving replica that does not speculate holds, as planned, the main model only)."""
     ckpt = Checkpoint(path)
-    device = torch.device(device)
-    precision = resolve_precision(precision, device.type)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if precision == "fp32" else torch.bfloat16)
-    try:
-        with weights_in(precision), device:
-            model = Transformer(ckpt.config, with_experts=with_experts).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = build_model(ckpt.config, precision, device, with_experts)
     if not mtp:
         model.mtp = torch.nn.ModuleList()
         model.experts = LocalExperts({b.layer: b.ffn for b in model.layers})
-    if precision != "fp32":
-        for name, p in model.named_parameters():
-            spec = ckpt.layout.get(name)
-            if p.is_floating_point() and p.dtype not in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
-                p.data = p.data.to(torch.float32 if spec is not None and spec.storage == "fp32" else torch.bfloat16)
     params = model.state_dict()  # views of the parameters: each tensor is copied in as it is read
     names = [n for n in ckpt.select(None if with_experts else {}) if mtp or not n.startswith("mtp.")]
     weights = {n for n in params if not (n.endswith(".scale") and n.removesuffix(".scale") + ".weight" in params)}

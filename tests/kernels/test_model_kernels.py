@@ -62,17 +62,9 @@ def deployed_copy(model: Transformer, device: torch.device) -> Transformer:
     """`model` in the deployed precision (FP8 projections, packed MXFP4 experts, bf16 elsewhere), the
     values quantised as a checkpoint writer would; built in-process (no tokenizer, no files)."""
     from v4d.kernels.quant import quant_fp4, quant_fp8
-    from v4d.serving.model.layout import official_layout
-    from v4d.serving.model.linear import weights_in
+    from v4d.serving.model.build import build_model
 
-    layout = official_layout(model.cfg)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with weights_in("deployed"):
-            dep = Transformer(model.cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
+    dep = build_model(model.cfg, "deployed")
     src = model.state_dict()
     with torch.no_grad():
         for name, p in dep.named_parameters():
@@ -84,9 +76,7 @@ def deployed_copy(model: Transformer, device: torch.device) -> Transformer:
                 p.copy_(q)
                 dep.get_parameter(name.removesuffix(".weight") + ".scale").copy_(s)
             else:
-                spec = layout.get(name.replace(f"layers.{model.cfg.num_hidden_layers}.", "mtp.0."))
-                p.data = value.to(torch.float32 if spec is not None and spec.storage == "fp32" else torch.bfloat16)
-                p.requires_grad_(False)
+                p.copy_(value)
         for name, b in dep.named_buffers():
             b.copy_(model.get_buffer(name))
     return dep.to(device)
