@@ -11,6 +11,10 @@
 3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
    the pair's own row (token-major), so no atomics and the result is deterministic.
 4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype.
+
+With packed MXFP4 weights (`scales` given: int8 [E, out, in/2], two E2M1 codes per byte, and a UE8M0
+scale per 32 inputs) steps 2 and 3 read the packed bytes and decode each weight tile in registers
+(`_fp4_tile`) before the dot, so only the packed bytes cross the memory bus.
 """
 
 from __future__ import annotations
@@ -23,11 +27,25 @@ from v4d.kernels.launch import dot_dtype, interpreting, pow2
 
 
 @triton.jit
+def _fp4_tile(w_ptr, s_ptr, row_off, s_row_off, offs_k, mask):
+    """Decode a tile of packed MXFP4 weights to fp32: byte k//2, nibble k%2 (even k low), times
+    2^(scale[k//32] - 127). E2M1: code = sign | exp(2) | mantissa(1); exp 0 is subnormal (0, 0.5)."""
+    byte = tl.load(w_ptr + row_off + offs_k // 2, mask=mask, other=0).to(tl.int32) & 0xFF
+    code = (byte >> ((offs_k % 2) * 4)) & 0xF
+    e = (code >> 1) & 3
+    m = (code & 1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    s = tl.load(s_ptr + s_row_off + offs_k // 32, mask=mask, other=127).to(tl.int32) & 0xFF
+    return tl.where(code >= 8, -mag, mag) * tl.exp2(s.to(tl.float32) - 127.0)
+
+
+@triton.jit
 def _expert_up_kernel(
-    x_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr,
+    x_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr, s1_ptr, s3_ptr,
     TOPK, Dm, Di, limit,
-    sx, s1e, s1i, sh,
+    sx, s1e, s1i, sh, ss_e, ss_i,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    FP4: tl.constexpr,
 ):
     g = tl.program_id(0)
     e = tl.load(tile_e_ptr + g)
@@ -40,15 +58,20 @@ def _expert_up_kernel(
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_base = e.to(tl.int64) * s1e + offs_n[None, :] * s1i
+        s_base = e.to(tl.int64) * ss_e + offs_n[None, :] * ss_i
         for k0 in range(0, Dm, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Dm
             xb = tl.load(x_ptr + tok.to(tl.int64)[:, None] * sx + offs_k[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
-            w_off = w_base + offs_k[:, None]
             w_ok = k_ok[:, None] & n_ok[None, :]
-            w1b = tl.load(w1_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
-            w3b = tl.load(w3_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
+            if FP4:
+                w1b = _fp4_tile(w1_ptr, s1_ptr, w_base, s_base, offs_k[:, None], w_ok).to(DOT)
+                w3b = _fp4_tile(w3_ptr, s3_ptr, w_base, s_base, offs_k[:, None], w_ok).to(DOT)
+            else:
+                w_off = w_base + offs_k[:, None]
+                w1b = tl.load(w1_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
+                w3b = tl.load(w3_ptr + w_off, mask=w_ok, other=0.0).to(DOT)
             acc1 += tl.dot(xb, w1b, input_precision="ieee")
             acc3 += tl.dot(xb, w3b, input_precision="ieee")
         if limit > 0:
@@ -61,10 +84,11 @@ def _expert_up_kernel(
 
 @triton.jit
 def _expert_down_kernel(
-    h_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr,
+    h_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr, s2_ptr,
     Dm, Di,
-    sh, s2e, s2d, sy,
+    sh, s2e, s2d, sy, ss_e, ss_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    FP4: tl.constexpr,
 ):
     g = tl.program_id(0)
     e = tl.load(tile_e_ptr + g)
@@ -76,13 +100,17 @@ def _expert_down_kernel(
         n_ok = offs_n < Dm
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_base = e.to(tl.int64) * s2e + offs_n[None, :] * s2d
+        s_base = e.to(tl.int64) * ss_e + offs_n[None, :] * ss_d
         for k0 in range(0, Di, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Di
             hb = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_k[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
-            w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                          other=0.0).to(DOT)
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            if FP4:
+                w2b = _fp4_tile(w2_ptr, s2_ptr, w_base, s_base, offs_k[:, None], w_ok).to(DOT)
+            else:
+                w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=w_ok, other=0.0).to(DOT)
             acc += tl.dot(hb, w2b, input_precision="ieee")
         wt = tl.load(wt_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :], acc * wt[:, None],
@@ -128,10 +156,17 @@ def moe_experts(
     w3: torch.Tensor,
     w2: torch.Tensor,
     swiglu_limit: float,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     t, d = x.shape
     topk = ids.shape[1]
     e, inter, _ = w1.shape
+    fp4 = scales is not None
+    if fp4:  # bytes and exponent bytes; the kernels index them by element
+        w1, w3, w2 = (w.view(torch.uint8) for w in (w1, w3, w2))
+        s1, s3, s2 = (s.contiguous().view(torch.uint8) for s in scales)
+    else:
+        s1 = s3 = s2 = w1
     out = torch.zeros_like(x)
     pairs = t * topk
     if pairs == 0 or e == 0:
@@ -153,16 +188,17 @@ def moe_experts(
     y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
     dot = dot_dtype(x)
     _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
-        x, order, tile_e, tile_row, tile_end, w1, w3, h,
+        x, order, tile_e, tile_row, tile_end, w1, w3, h, s1, s3,
         topk, d, inter, float(swiglu_limit),
-        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, num_warps=warps,
+        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0), s1.stride(0) if fp4 else 0, s1.stride(1) if fp4 else 0,
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, FP4=fp4, num_warps=warps,
     )
     _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
-        h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs,
+        h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs, s2,
         d, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, num_warps=warps,
+        h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0), s2.stride(0) if fp4 else 0,
+        s2.stride(1) if fp4 else 0,
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, FP4=fp4, num_warps=warps,
     )
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](

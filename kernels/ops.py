@@ -188,19 +188,52 @@ def moe_experts(
     w3: torch.Tensor,
     w2: torch.Tensor,
     swiglu_limit: float,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here)."""
+    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here).
+
+    Plain weights: w1, w3 [E,I,d], w2 [E,d,I]. Packed MXFP4 (`scales` = (s1, s3, s2) given): w1, w3
+    int8 [E,I,d/2], w2 int8 [E,d,I/2] (two E2M1 codes per byte, even index low), scales UE8M0
+    [E,I,d/32], [E,I,d/32], [E,d,I/32] (float8_e8m0fnu or their uint8 bytes).
+    """
     op = "moe_experts"
     _expect(x.dim() == 2, op, "x of shape [T,d]", _shape(x))
     t, d = x.shape
     _expect(ids.dim() == 2 and ids.shape[0] == t, op, f"ids of shape [{t},k]", _shape(ids))
     _expect(not ids.is_floating_point(), op, "integer ids", ids.dtype)
     _expect(weights.shape == ids.shape, op, f"weights of shape {_shape(ids)}", _shape(weights))
-    _expect(w1.dim() == 3 and w1.shape[2] == d, op, f"w1 of shape [E,I,{d}]", _shape(w1))
+    p = 1 if scales is None else 2  # values per stored element along the input dim
+    _expect(w1.dim() == 3 and w1.shape[2] * p == d, op, f"w1 of shape [E,I,{d // p}]", _shape(w1))
     e, i, _ = w1.shape
-    _expect(w3.shape == w1.shape, op, f"w3 of shape {[e, i, d]}", _shape(w3))
-    _expect(_shape(w2) == [e, d, i], op, f"w2 of shape {[e, d, i]}", _shape(w2))
-    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit))
+    _expect(w3.shape == w1.shape, op, f"w3 of shape {_shape(w1)}", _shape(w3))
+    _expect(_shape(w2) == [e, d, i // p], op, f"w2 of shape {[e, d, i // p]}", _shape(w2))
+    if scales is not None:
+        _expect(len(scales) == 3, op, "scales = (s1, s3, s2)", len(scales))
+        _expect(w1.dtype in (torch.int8, torch.uint8), op, "packed int8 w1/w3/w2 with scales", w1.dtype)
+        _expect(d % 32 == 0 and i % 32 == 0, op, "d and I multiples of 32 for MXFP4", (d, i))
+        for name, s, want in zip(("s1", "s3", "s2"), scales, ([e, i, d // 32], [e, i, d // 32], [e, d, i // 32]),
+                                 strict=True):
+            _expect(_shape(s) == want, op, f"{name} of shape {want}", _shape(s))
+        scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
+    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
+    """y[T,N] = x[T,K] @ W^T, W float8_e4m3fn [N,K] with UE8M0 scales [ceil(N/128), ceil(K/128)].
+
+    x is quantised to FP8 per token and 128 channels (UE8M0) before the block-scaled GEMM (fp32
+    accumulation); y has x's dtype. `act_quant=False`: weight-only dequantisation (x not rounded),
+    the measured alternative (docs/precision.md); the model uses the default.
+    """
+    op = "fp8_linear"
+    _expect(x.dim() == 2 and x.is_floating_point(), op, "x of shape [T,K], floating point", _shape(x))
+    k = x.shape[1]
+    _expect(w.dim() == 2 and w.shape[1] == k, op, f"w of shape [N,{k}]", _shape(w))
+    _expect(w.dtype == torch.float8_e4m3fn, op, "w of dtype float8_e4m3fn", w.dtype)
+    want = [-(-w.shape[0] // 128), -(-k // 128)]
+    _expect(_shape(scale) == want, op, f"scale of shape {want}", _shape(scale))
+    _expect(scale.dtype in (torch.float8_e8m0fnu, torch.uint8), op, "scale float8_e8m0fnu", scale.dtype)
+    return backend(x.device).fp8_linear(x, w, scale.view(torch.float8_e8m0fnu), bool(act_quant))
 
 
 def hc_split_sinkhorn(

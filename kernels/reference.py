@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from v4d.kernels.kv_format import load_rows
+from v4d.kernels.quant import act_quant as quantise_activations
+from v4d.kernels.quant import dequant_fp4, dequant_fp8
 
 QUERY_BLOCK = 512  # query rows per gather in paged_sparse_attention (a decode batch is one block)
 
@@ -168,21 +170,41 @@ def moe_experts(
     w3: torch.Tensor,
     w2: torch.Tensor,
     swiglu_limit: float,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * w2[e] @ swiglu(w1[e] x[t], w3[e] x[t]), e = ids[t,j].
 
-    Only ids in [0, E) count (E = local experts); -1 means "routed elsewhere".
+    Only ids in [0, E) count (E = local experts); -1 means "routed elsewhere". With `scales`
+    (s1, s3, s2) the weights are packed MXFP4 (int8 [E, out, in/2]) and each used expert is decoded.
     """
     xf = x.float()
     y = torch.zeros_like(xf)
+
+    def weight(w: torch.Tensor, i: int, e: int) -> torch.Tensor:
+        return w[e].float() if scales is None else dequant_fp4(w[e], scales[i][e])
+
     for e in torch.unique(ids).tolist():
         if not 0 <= e < w1.shape[0]:
             continue
         tok, slot = torch.where(ids == e)
         xe = xf[tok]
-        h = swiglu(xe @ w1[e].float().T, xe @ w3[e].float().T, swiglu_limit)
-        y.index_add_(0, tok, (h @ w2[e].float().T) * weights[tok, slot].float()[:, None])
+        h = swiglu(xe @ weight(w1, 0, e).T, xe @ weight(w3, 1, e).T, swiglu_limit)
+        y.index_add_(0, tok, (h @ weight(w2, 2, e).T) * weights[tok, slot].float()[:, None])
     return y.to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
+    """y[T,N] = act_quant(x) @ (w * scale)^T in fp32, cast to x's dtype.
+
+    w is float8_e4m3fn [N, K] with UE8M0 scales per 128x128 block; x is quantised to FP8 per token
+    and 128 channels (UE8M0 scales) first, as the FP8 GEMM on tensor cores sees it
+    (`act_quant=False`: weight-only, x as given).
+    """
+    if not act_quant:
+        return (x.float() @ dequant_fp8(w, scale).T).to(x.dtype)
+    xq, xs = quantise_activations(x)
+    xd = xq.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]
+    return (xd @ dequant_fp8(w, scale).T).to(x.dtype)
 
 
 def hc_split_sinkhorn(

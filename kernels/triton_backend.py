@@ -1,6 +1,7 @@
 """The Triton launchers under the names of `v4d.kernels.ops` (imported lazily by ops)."""
 
 from v4d.kernels.compressor import gated_pool
+from v4d.kernels.fp8_gemm import fp8_linear
 from v4d.kernels.indexer import indexer_scores, indexer_topk
 from v4d.kernels.moe import moe_experts
 from v4d.kernels.paged import gated_pool_indexed, paged_indexer_scores, paged_sparse_attention
@@ -8,6 +9,7 @@ from v4d.kernels.sinkhorn import hc_post, hc_pre, hc_split_sinkhorn
 from v4d.kernels.sparse_attention import sparse_attention
 
 __all__ = [
+    "fp8_linear",
     "gated_pool",
     "gated_pool_indexed",
     "hc_post",

@@ -54,6 +54,8 @@ class ModelSpec(_Model):
     """Model id in the OpenAI/Anthropic APIs; defaults to the preset name (or the resource name)."""
     maxContextTokens: int = Field(default=131072, ge=1, le=1048576)
     """Longest sequence (prompt + output) a request may have; the planner warns if a replica's KV cache holds less."""
+    precision: Literal["auto", "deployed", "bf16", "fp32"] = "auto"
+    """Weights and activations in the replicas: deployed keeps the checkpoint's FP8 and MXFP4 weights (what the plan budgets), bf16 or fp32 decode them at load; auto is deployed on accelerators, fp32 on CPU-only nodes."""
 
 
 class Toleration(_Model):

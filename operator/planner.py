@@ -310,6 +310,7 @@ def plan(
         config=cfg.to_dict(),
         weights_uri=spec.model.weights.uri,
         max_context_tokens=spec.model.maxContextTokens,
+        precision=spec.model.precision,
         pools=pools,
         engine=engine.plan,
         shards=shards,

@@ -27,7 +27,7 @@ from v4d.kernels import kv_format, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64", torch.uint8: "u8"}
+         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8", torch.int8: "i8"}
 OPTIONS = ("num_warps", "num_stages")
 launches: dict[tuple, tuple] = {}
 
@@ -77,6 +77,19 @@ def calls(dtype: torch.dtype) -> None:
                           torch.randint(-1, 21, (3, 8)), True)
     tb.gated_pool_indexed(r(5, 512, dt=f32), r(5, 512, dt=f32), r(256, 512, dt=f32), r(256, 512, dt=f32),
                           torch.randint(-1, 261, (2, 128)), False)
+    # deployed precision: packed MXFP4 experts; FP8 GEMM at a decode and a prefill batch
+    packed = [torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+              for shape in ((4, 128, 128), (4, 128, 128), (4, 256, 64))]
+    scales = tuple(torch.full(shape, 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+                   for shape in ((4, 128, 8), (4, 128, 8), (4, 256, 4)))
+    tb.moe_experts(r(8, 256), torch.randint(-1, 4, (8, 6)), r(8, 6, dt=torch.float32), *packed, 10.0, scales)
+    w8 = torch.randn(200, 300, generator=g).to(torch.float8_e4m3fn)
+    s8 = torch.full((2, 3), 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    tb.fp8_linear(r(8, 300), w8, s8)              # decode, split K (fp32 partials)
+    tb.fp8_linear(r(8, 128), w8[:, :128].contiguous(), s8[:, :1].contiguous())   # decode, one K block
+    tb.fp8_linear(r(100, 300), w8, s8)
+    tb.fp8_linear(r(8, 300), w8, s8, False)       # weight-only variant (bench comparison)
+    tb.fp8_linear(r(100, 300), w8, s8, False)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))

@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 from v4d.kernels import ops
+from v4d.kernels.quant import FP4_GROUP
 from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
 from v4d.serving.config import ModelConfig
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.names import POOL_LABEL
+from v4d.serving.precision import resolve_precision
+from v4d.serving.runtime.device import ray_options, torch_device
 
 
 def expert_prefix(cfg: ModelConfig, layer: int) -> str:
@@ -29,26 +32,75 @@ def expert_prefix(cfg: ModelConfig, layer: int) -> str:
 
 
 class ShardExperts:
-    """Stacked w1/w3/w2 [slots, ...] per MoE layer for one shard's slot map ([layer][slot] -> expert)."""
+    """Stacked w1/w3/w2 [slots, ...] per MoE layer for one shard's slot map ([layer][slot] -> expert).
 
-    def __init__(self, cfg: ModelConfig, slots: list[list[int]], tensors: Mapping[str, torch.Tensor]):
+    In deployed precision the stacks hold packed MXFP4 (int8 [slots, out, in/2]) with their UE8M0
+    scales, as the checkpoint stores routed experts; otherwise decoded values of `dtype`."""
+
+    def __init__(self, cfg: ModelConfig, slots: list[list[int]], tensors: Mapping[str, torch.Tensor] | None = None,
+                 precision: str = "fp32", device: str | torch.device = "cpu"):
+        """`tensors`: decoded values by official name to fill the stacks with (else read them with
+        `from_checkpoint`)."""
         self.cfg, self.slots = cfg, [list(map(int, s)) for s in slots]
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        device = torch.device(device)
+        self.precision = resolve_precision(precision, device.type)
+        d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.weights: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer, experts in enumerate(self.slots):
             if not experts:
                 continue
-            p = expert_prefix(cfg, layer)
-            self.weights[layer] = tuple(
-                torch.stack([tensors[f"{p}.ffn.experts.{e}.{w}.weight"] for e in experts]) for w in ("w1", "w3", "w2")
-            )
+            n, shapes = len(experts), ((inter, d), (inter, d), (d, inter))
+            if self.precision == "deployed":
+                w = [torch.empty(n, o, i // 2, dtype=torch.int8, device=device) for o, i in shapes]
+                sc = [torch.empty(n, o, i // FP4_GROUP, dtype=torch.float8_e8m0fnu, device=device) for o, i in shapes]
+                self.weights[layer] = (*w, *sc)
+            else:
+                dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
+                self.weights[layer] = tuple(torch.empty(n, o, i, dtype=dtype, device=device) for o, i in shapes)
+        if tensors is not None:
+            if self.precision == "deployed":
+                raise ValueError("ShardExperts: decoded tensors fill bf16/fp32 stacks; read deployed ones "
+                                 "with from_checkpoint")
+            for name, dst in self.destinations().items():
+                dst.copy_(tensors[name])
+            self._fill_copies()
+
+    def destinations(self) -> dict[str, torch.Tensor]:
+        """Official tensor name -> the slice of a stack it is read into (scales under `X.scale`); an
+        expert held in several slots of a layer is read into the first (`_fill_copies` does the rest)."""
+        dest = {}
+        for layer, stacks in self.weights.items():
+            p = expert_prefix(self.cfg, layer)
+            for slot, e in enumerate(self.slots[layer]):
+                if self.slots[layer].index(e) != slot:
+                    continue
+                for j, w in enumerate(("w1", "w3", "w2")):
+                    dest[f"{p}.ffn.experts.{e}.{w}.weight"] = stacks[j][slot]
+                    if len(stacks) == 6:
+                        dest[f"{p}.ffn.experts.{e}.{w}.scale"] = stacks[3 + j][slot]
+        return dest
+
+    def _fill_copies(self) -> None:
+        for layer, stacks in self.weights.items():
+            experts = self.slots[layer]
+            for slot, e in enumerate(experts):
+                first = experts.index(e)
+                if first != slot:
+                    for t in stacks:
+                        t[slot].copy_(t[first])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for stacks in self.weights.values() for t in stacks)
 
     @classmethod
-    def from_checkpoint(cls, cfg: ModelConfig, slots: list[list[int]], path: str) -> ShardExperts:
-        from v4d.serving.model.loader import Checkpoint
+    def from_checkpoint(cls, cfg: ModelConfig, slots: list[list[int]], path: str, precision: str = "auto",
+                        device: str | torch.device = "cpu") -> ShardExperts:
+        from v4d.serving.model.loader import Checkpoint, read_into
 
-        ckpt = Checkpoint(path)
-        wanted = {layer: set(map(int, experts)) for layer, experts in enumerate(slots) if experts}
-        return cls(cfg, slots, ckpt.read(ckpt.select(wanted, dense=False), progress=False))
+        shard = cls(cfg, slots, precision=precision, device=device)
+        read_into(Checkpoint(path), shard.destinations(), progress=False)
+        shard._fill_copies()
+        return shard
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if layer not in self.weights:
@@ -56,8 +108,11 @@ class ShardExperts:
         n = len(self.slots[layer])
         if local_ids.numel() and int(local_ids.max()) >= n:
             raise ValueError(f"local_ids: layer {layer} has {n} slots here, got id {int(local_ids.max())}")
-        w1, w3, w2 = self.weights[layer]
-        return ops.moe_experts(x, local_ids, weights, w1, w3, w2, self.cfg.swiglu_limit)
+        w1, w3, w2, *scales = self.weights[layer]
+        dev = w1.device
+        y = ops.moe_experts(x.to(dev), local_ids.to(dev), weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit,
+                            tuple(scales) or None)
+        return y.to(x.device)
 
 
 class ExpertShard:
@@ -68,7 +123,9 @@ class ExpertShard:
         cfg = ModelConfig.from_dict(plan["config"])
         spec = next(s for s in plan["shards"] if s["name"] == shard)
         self.name, self.window_s = shard, window_s
-        self.experts = ShardExperts.from_checkpoint(cfg, spec["slots"], weights_dir)
+        pool = next(p for p in plan["pools"] if p["name"] == spec["pool"])
+        self.experts = ShardExperts.from_checkpoint(cfg, spec["slots"], weights_dir, plan.get("precision", "auto"),
+                                                    torch_device(pool["vendor"]))
         self.tokens: dict[int, int] = {}
         self.recent: deque[tuple[float, int]] = deque()
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec["pool"]))
@@ -94,9 +151,11 @@ class ExpertShard:
         return {EXPERT_TOKENS_PER_S: self.tokens_per_s()}
 
 
-def pool_actor_options(plan: dict[str, Any], pool: str, num_cpus: float = 0.1) -> dict[str, Any]:
-    """Place a replica on its pool's nodes (Ray node label `v4d.dev/pool`, set locally and by KubeRay)."""
-    return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}}
+def pool_actor_options(plan: dict[str, Any], pool: str, devices: int, num_cpus: float = 0.1) -> dict[str, Any]:
+    """Place a replica on its pool's nodes (Ray node label `v4d.dev/pool`, set locally and by KubeRay)
+    and claim `devices` of the pool's accelerators (`num_gpus` / the `NPU` resource)."""
+    spec = next(p for p in plan["pools"] if p["name"] == pool)
+    return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}, **ray_options(spec, devices)}
 
 
 def bind_shards(
@@ -120,7 +179,7 @@ def bind_shards(
             "graceful_shutdown_timeout_s": 1.0,
         }
         if place:
-            options["ray_actor_options"] = pool_actor_options(plan, spec["pool"])
+            options["ray_actor_options"] = pool_actor_options(plan, spec["pool"], devices=1)
         apps[spec["name"]] = dep.options(**options).bind(plan, spec["name"], weights_dir)
     return apps
 

@@ -1,12 +1,13 @@
 """`v4d serve` without Kubernetes: an embedded Ray cluster shaped like the plan's pools.
 
-One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group:
-CPU stands in for the accelerators, placement by label is exactly that of the KubeRay deployment,
-and `build_app` is the same code.
+One Ray node per pool, labelled `v4d.dev/pool=<pool>` as KubeRay labels the pool's worker group and
+declaring the pool's devices as Ray resources (GPU / NPU), so replicas claim them exactly as under
+KubeRay; without accelerators the claimed replicas compute on the CPU. `build_app` is the same code.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from v4d.serving.names import POOL_LABEL
 from v4d.serving.plan import Plan
+from v4d.serving.runtime.device import node_resources
 
 # Ray on a shared development box (docs/toolchain.md §1.3): no token file, loopback only, no telemetry.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -78,7 +80,12 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     import ray
     from ray.cluster_utils import Cluster
 
+    # A stand-in node that declares "NPU" makes Ray look for the Ascend runtime to name the chip; on
+    # a machine without one it logs a traceback per node. Expected here, so not shown.
+    logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
+
     cluster = Cluster(shutdown_at_exit=True)
+    plan_dict = plan.to_dict()
     try:
         cluster.add_node(
             num_cpus=1,
@@ -94,6 +101,7 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
                 object_store_memory=100 * 2**20,
                 labels={POOL_LABEL: pool.name},
                 metrics_export_port=metrics_port + i,
+                **node_resources(plan_dict, pool.name),  # its accelerators, as KubeRay's worker group declares them
             )
             urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
         ray.init(address=cluster.address, log_to_driver=False)

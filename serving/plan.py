@@ -108,6 +108,7 @@ class Plan:
     kv: KVPlan
     serving: ServingPlan
     warnings: list[str] = field(default_factory=list)
+    precision: str = "auto"  # v4d.serving.precision: auto | deployed | bf16 | fp32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

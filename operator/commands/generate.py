@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import click
+import torch
 
 from v4d.serving.chat import ASSISTANT, BOS, END_THINK, THINK, USER, encode_messages
 from v4d.serving.config import ModelConfig
 from v4d.serving.generate import generate
 from v4d.serving.model.loader import CONFIG_FILE, CheckpointError, load_model
+from v4d.serving.precision import PRECISIONS
+from v4d.serving.runtime.device import torch_device
 from v4d.serving.tokenizer import Tokenizer
 
 CHAT_TOKENS = (BOS, USER, ASSISTANT, THINK, END_THINK)  # what encode_messages writes for one user turn
@@ -41,8 +44,13 @@ def _ids(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"token_ids": [...], "logits": [[...], ...]}: the fp32 logits of the prompt\'s '
                    "last position and of each generated step.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="deployed keeps the checkpoint's FP8/MXFP4 weights, bf16 or fp32 decode them; auto = "
+                   "deployed on a GPU, fp32 on the CPU.")
+@click.option("--device", default="auto", show_default=True, help="torch device; auto = cuda if available, else cpu.")
 def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat: bool, thinking: bool,
-            max_new_tokens: int, temperature: float, seed: int, ignore_eos: bool, as_json: bool) -> None:
+            max_new_tokens: int, temperature: float, seed: int, ignore_eos: bool, as_json: bool,
+            precision: str, device: str) -> None:
     """Load CHECKPOINT_DIR, generate from a prompt (greedy by default), print text and token ids."""
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --token-ids 1,2,3")
@@ -73,7 +81,8 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
     if not all(0 <= i < cfg.vocab_size for i in ids):
         raise click.BadParameter(f"token ids must be in 0..{cfg.vocab_size - 1}", param_hint="--token-ids")
     try:
-        model = load_model(checkpoint_dir, progress=not as_json)
+        dev = torch_device("nvidia") if device == "auto" else torch.device(device)
+        model = load_model(checkpoint_dir, precision=precision, device=dev, progress=not as_json)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     try:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import click
+
+from v4d.serving.precision import PRECISIONS
 
 
 @click.command("serve")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--port", type=int, default=None, help="HTTP port of the APIs (default: spec.serving.port). "
               "Ray's metrics are exported on the following ports (head, then one per pool).")
-def command(file: str, port: int | None) -> None:
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Weights in the replicas (default: spec.model.precision): deployed keeps FP8/MXFP4, bf16 "
+                   "or fp32 decode them; auto = deployed on accelerators, fp32 on the CPU.")
+def command(file: str, port: int | None, precision: str | None) -> None:
     """Serve the V4Deployment in FILE locally until Ctrl-C (SIGINT) or SIGTERM.
 
     One labelled Ray node per pool stands in for the pool's accelerators; an empty weights URI gets
@@ -30,6 +36,8 @@ def command(file: str, port: int | None) -> None:
     except PlanError as e:
         click.echo(f"error: cannot plan {file}: {e}", err=True)
         sys.exit(1)
+    if precision is not None:
+        p = replace(p, precision=precision)
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
 

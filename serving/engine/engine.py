@@ -101,7 +101,7 @@ class Engine:
         self.model, self.cfg, self.limits, self.metrics = model, model.cfg, limits, metrics
         num_pages, pb, sb = kv_layout(self.cfg, limits)
         slots, snaps = limits.max_num_seqs, limits.snapshots
-        device = next(model.parameters()).device
+        device = model.embed.weight.device
         graphs = limits.cuda_graphs and device.type == "cuda" and graphs_enabled()
         # CUDA graphs pad decode batches with rows of one scratch slot and page past the managed ones
         self.kv = KVCache(self.cfg, num_pages + graphs, slots + snaps + graphs, device=device, fmt=limits.kv_format)

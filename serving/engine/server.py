@@ -28,6 +28,7 @@ from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.experts import pool_actor_options
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.model.loader import load_model
+from v4d.serving.runtime.device import torch_device
 
 
 class EngineServer:
@@ -41,12 +42,15 @@ class EngineServer:
             from ray import serve
 
             shards = {s["name"]: serve.get_deployment_handle(s["name"], app_name=s["name"]) for s in plan["shards"]}
-        model = load_model(weights_dir, with_experts=not shards, progress=False)
+        eng = plan["engine"]
+        pool = next(p for p in plan["pools"] if p["name"] == eng["pool"])
+        # One device computes (index 0 of those Ray made visible); the replica claims all it was planned.
+        model = load_model(weights_dir, with_experts=not shards, precision=plan.get("precision", "auto"),
+                           device=torch_device(pool["vendor"]), progress=False, mtp=False)
         self.remote: RemoteExperts | None = None
         if shards:
             self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(shards))
             model.experts = self.remote
-        eng = plan["engine"]
         self.metrics = ServingMetrics(role="engine", **plan_labels(plan, eng["pool"]))
         self.metrics.ready()
         self.metrics.kv_cache_usage_target.set(float(eng.get("target_kv_utilization", 0.0)))
@@ -101,5 +105,5 @@ def bind_engine(
         "graceful_shutdown_timeout_s": float(plan.get("serving", {}).get("request_timeout_s", 60)),
     }
     if place:
-        options["ray_actor_options"] = pool_actor_options(plan, eng["pool"])
+        options["ray_actor_options"] = pool_actor_options(plan, eng["pool"], int(eng["devices_per_replica"]))
     return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None, shard_apps)

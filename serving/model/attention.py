@@ -23,6 +23,7 @@ from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
 from v4d.serving.model.indexer import Indexer
+from v4d.serving.model.linear import Linear
 from v4d.serving.model.norm import RMSNorm, rms_normalize
 from v4d.serving.model.rope import Rope
 from v4d.serving.model.step import Step
@@ -36,13 +37,13 @@ class Attention(nn.Module):
         self.o_lora_rank, self.window, self.eps = cfg.o_lora_rank, cfg.sliding_window, cfg.rms_norm_eps
         d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
-        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.wq_a = Linear(d, cfg.q_lora_rank, "fp8")
         self.q_norm = RMSNorm(cfg.q_lora_rank, self.eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, h * hd, bias=False)
-        self.wkv = nn.Linear(d, hd, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, h * hd, "fp8")
+        self.wkv = Linear(d, hd, "fp8")
         self.kv_norm = RMSNorm(hd, self.eps)
-        self.wo_a = nn.Linear(h * hd // self.groups, self.groups * cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(self.groups * cfg.o_lora_rank, d, bias=False)
+        self.wo_a = Linear(h * hd // self.groups, self.groups * cfg.o_lora_rank, "fp8")
+        self.wo_b = Linear(self.groups * cfg.o_lora_rank, d, "fp8")
         self.rope = Rope.for_layer(cfg, layer)
         self.scale = hd**-0.5
         self.compressor = Compressor(d, self.ratio, hd, self.rope, self.eps) if self.ratio else None
@@ -73,5 +74,5 @@ class Attention(nn.Module):
         o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd)
         ring[step.ring_dst] = store_rows(kv[step.ring_src], ring, rd)
         o = self.rope(o, pos, inverse=True).view(x.shape[0], self.groups, -1)
-        o = torch.einsum("tgc,grc->tgr", o, self.wo_a.weight.view(self.groups, self.o_lora_rank, -1))
+        o = self.wo_a.grouped(o, self.groups)
         return self.wo_b(o.flatten(1))

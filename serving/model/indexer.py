@@ -18,6 +18,7 @@ from v4d.kernels.kv_format import hadamard, store_rows
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
+from v4d.serving.model.linear import Linear
 from v4d.serving.model.rope import Rope
 from v4d.serving.model.step import Compression, Step
 
@@ -26,7 +27,7 @@ class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig, ratio: int, rope: Rope):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, "fp8")
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(cfg.hidden_size, ratio, self.head_dim, rope, cfg.rms_norm_eps)
         self.rope = rope

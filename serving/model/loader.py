@@ -2,8 +2,11 @@
 
 A checkpoint directory holds `config.json`, `model.safetensors.index.json` (`weight_map`: tensor
 name -> shard file) and the shards; a single `model.safetensors` without an index also works.
-Tensors are dequantised on read (see `v4d.serving.model.quant`) into float32 under their official
-names, which are the model's state_dict names. Reads are lazy and selective: `select()` names only
+`read()` dequantises tensors (see `v4d.serving.model.quant`) into float32 under their official
+names, which are the model's state_dict names; `read_into()` copies them into a model's tensors in
+the model's precision, as stored when the formats agree (FP8 and packed FP4 stay as they are), one
+tensor at a time and read straight onto a CUDA device, so no full copy is ever made on the host.
+Reads are lazy and selective: `select()` names only
 the tensors one process needs (e.g. an expert shard's experts and no dense weights) and `read()`
 opens only the shard files that hold them.
 """
@@ -20,9 +23,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from v4d.kernels.quant import quant_fp4, quant_fp8
 from v4d.serving.config import ModelConfig
+from v4d.serving.model.build import build_model
 from v4d.serving.model.layout import expert_of, inference_name, official_layout, scale_name
 from v4d.serving.model.model import Transformer
+from v4d.serving.model.moe import LocalExperts
 from v4d.serving.model.quant import unpack
 from v4d.serving.sizing import Tensor
 
@@ -117,23 +123,30 @@ class Checkpoint:
 
     def iter_read(self, names: Iterable[str], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """As read(), one tensor at a time, so a caller can place each before the next is read."""
+        block = tuple(self.config.weight_block_size)
+        for name, shard, data, scale in self.iter_raw(names, progress):
+            yield name, self.decode(shard, name, data, scale, block)
+
+    def iter_raw(self, names: Iterable[str], progress: bool = True, device: str | torch.device = "cpu"
+                 ) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
+        """(name, shard file, stored tensor, its UE8M0 scales or None) as stored, dtype checked."""
         names = list(names)
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.layout:
                 raise CheckpointError(f"{name}: not a tensor of the official layout for this config")
             by_shard[self.weight_map[name]].append(name)
-        block = tuple(self.config.weight_block_size)
         bar = tqdm(total=len(names), unit="tensor", desc=f"Loading {self.path.name}", disable=not progress)
         with bar:
             for shard in sorted(by_shard):
                 self.stats.shards_opened.add(shard)
-                with safe_open(self.path / shard, framework="pt") as f:
+                with safe_open(self.path / shard, framework="pt", device=str(device)) as f:
                     for name in by_shard[shard]:
-                        yield name, self._read_one(f, shard, name, block)
+                        yield name, shard, *self._read_one(f, shard, name, device)
                         bar.update()
 
-    def _read_one(self, f, shard: str, name: str, block: tuple[int, int]) -> torch.Tensor:
+    def _read_one(self, f, shard: str, name: str, device: str | torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.layout[name]
         data = f.get_tensor(self.file_keys[name])
         self.stats.tensors_read.append(name)
@@ -149,9 +162,15 @@ class Checkpoint:
                 scale = f.get_tensor(self.file_keys[sname])
             else:
                 self.stats.shards_opened.add(self.weight_map[sname])
-                with safe_open(self.path / self.weight_map[sname], framework="pt") as g:
+                with safe_open(self.path / self.weight_map[sname], framework="pt", device=str(device)) as g:
                     scale = g.get_tensor(self.file_keys[sname])
             self.stats.tensors_read.append(sname)
+        return data, scale
+
+    def decode(self, shard: str, name: str, data: torch.Tensor, scale: torch.Tensor | None,
+               block: tuple[int, int]) -> torch.Tensor:
+        """A stored tensor's logical values (float32; int32 tables), shape checked."""
+        spec = self.layout[name]
         try:
             value = unpack(data, scale, block)
         except ValueError as e:
@@ -175,22 +194,67 @@ def load_state_dict(
     return ckpt.config, ckpt.read(ckpt.select(experts, dense), progress=progress)
 
 
+def read_into(ckpt: Checkpoint, dest: Mapping[str, torch.Tensor], progress: bool = True) -> None:
+    """Copy every checkpoint tensor named in `dest` into it, in `dest`'s format: FP8 weights (with
+    `X.scale` in `dest`) and packed FP4 (int8) weights as stored when the checkpoint has that format,
+    re-quantised from the decoded values otherwise; plain float/int destinations get decoded values."""
+    names = [n for n in dest if n in ckpt.layout]
+    extra = [n for n in dest if n not in ckpt.layout and not (n.endswith(".scale") and
+                                                            n.removesuffix(".scale") + ".weight" in dest)]
+    if extra:
+        raise CheckpointError(f"not tensors of the official layout for this config: {extra[:5]}")
+    device = next(iter(dest.values())).device if dest else torch.device("cpu")
+    src_device = device if device.type == "cuda" else "cpu"  # safetensors reads straight onto CUDA
+    block = tuple(ckpt.config.weight_block_size)
+    with torch.no_grad():
+        for name, shard, data, scale in ckpt.iter_raw(names, progress, src_device):
+            out = dest[name]
+            out_scale = dest.get(scale_name(name)) if out.dtype in (torch.float8_e4m3fn, torch.int8) else None
+            if out.dtype == torch.int8 and data.dtype in (torch.uint8, torch.float4_e2m1fn_x2):
+                data = data.view(torch.int8)  # the same packed bytes
+            if (out_scale is not None and scale is not None and (data.dtype, scale.dtype) == (out.dtype, out_scale.dtype)
+                    and (data.shape, scale.shape) == (out.shape, out_scale.shape)):
+                out.copy_(data)
+                out_scale.copy_(scale)
+                continue
+            if scale is None and out_scale is None and tuple(data.shape) == ckpt.layout[name].shape:
+                out.copy_(data)  # plain floats / ints: converted in the copy, no fp32 copy of the whole
+                continue
+            value = ckpt.decode(shard, name, data, scale, block)
+            if out_scale is None:
+                out.copy_(value)
+                continue
+            q, s = quant_fp8(value) if out.dtype == torch.float8_e4m3fn else quant_fp4(value)
+            out.copy_(q)
+            out_scale.copy_(s)
+
+
 def load_model(
     path: str | Path,
     with_experts: bool = True,
-    dtype: torch.dtype = torch.float32,
+    precision: str = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    mtp: bool = True,
 ) -> Transformer:
-    """The model of a checkpoint with its weights; `with_experts=False` skips routed experts (an
-    attention engine whose experts live on shards reads none of them)."""
+    """The model of a checkpoint with its weights, built on `device` in `precision` (see
+    `v4d.serving.precision`; `auto`: deployed on an accelerator, fp32 on the CPU). Below fp32, every
+    tensor takes its checkpoint's storage (FP8 / packed FP4 kept when deployed, else BF16; FP32
+    stays FP32), so resident bytes are what `v4d plan` budgets. `with_experts=False` skips routed
+    experts (an attention engine whose experts live on shards reads none of them); `mtp=False` drops
+    the MTP blocks (a serving replica that does not speculate holds, as planned, the main model only)."""
     ckpt = Checkpoint(path)
-    model = Transformer(ckpt.config, with_experts=with_experts).to(device=device, dtype=dtype).eval()
+    model = build_model(ckpt.config, precision, device, with_experts)
+    if not mtp:
+        model.mtp = torch.nn.ModuleList()
+        model.experts = LocalExperts({b.layer: b.ffn for b in model.layers})
     params = model.state_dict()  # views of the parameters: each tensor is copied in as it is read
-    names = ckpt.select(None if with_experts else {})
-    if set(names) != set(params):
-        raise CheckpointError(f"model and checkpoint layout disagree: {sorted(set(names) ^ set(params))[:5]}")
-    with torch.no_grad():
-        for name, value in ckpt.iter_read(names, progress=progress):
-            params[name].copy_(value)
+    names = [n for n in ckpt.select(None if with_experts else {}) if mtp or not n.startswith("mtp.")]
+    weights = {n for n in params if not (n.endswith(".scale") and n.removesuffix(".scale") + ".weight" in params)}
+    if set(names) != weights:
+        raise CheckpointError(f"model and checkpoint layout disagree: {sorted(set(names) ^ weights)[:5]}")
+    read_into(ckpt, params, progress)
+    if with_experts and isinstance(model.experts, LocalExperts):
+        for layer in model.experts.moes:  # stack now, so the loaded model holds its final memory
+            model.experts.stacked(layer)
     return model

@@ -20,7 +20,7 @@ from torch import nn
 from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.block import Block
-from v4d.serving.model.cache import KVCache, SeqCache
+from v4d.serving.model.cache import Fmt, KVCache, SeqCache
 from v4d.serving.model.mhc import hc_head
 from v4d.serving.model.moe import ExpertBackend, LocalExperts
 from v4d.serving.model.mtp import MTPBlock
@@ -41,7 +41,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.layers = nn.ModuleList(Block(cfg, i, with_experts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False, dtype=torch.float32)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)  # model dtype (stored bf16); logits in fp32
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * d, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
@@ -111,10 +111,12 @@ class Transformer(nn.Module):
         return self.logits(H, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
 
     # -- whole-sequence convenience (tests, tools) ------------------------------------------------
-    def scratch_cache(self, num_tokens: int, with_mtp: bool = False) -> tuple[KVCache, SeqCache]:
+    def scratch_cache(self, num_tokens: int, with_mtp: bool = False, fmt: Fmt | None = None
+                      ) -> tuple[KVCache, SeqCache]:
+        """A one-sequence cache for `num_tokens`, in `fmt` (default: the plain format of the weights)."""
         pages = sizing.pages_for(self.cfg, num_tokens)
         kv = KVCache(self.cfg, pages, 1, dtype=self.embed.weight.dtype, device=self.embed.weight.device,
-                     with_mtp=with_mtp)
+                     with_mtp=with_mtp, fmt=fmt)
         return kv, SeqCache(0, list(range(pages)))
 
     @torch.inference_mode()

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4d.kernels import ops
+from v4d.kernels.reference import swiglu
 from v4d.serving.config import ModelConfig
+from v4d.serving.model.linear import Linear
 
 
 class ExpertBackend(Protocol):
@@ -52,13 +54,21 @@ class Gate(nn.Module):
 
 
 class Expert(nn.Module):
-    """SwiGLU FFN: w2(silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim)); a limit of 0 disables the clamp."""
+    """SwiGLU FFN: w2(silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim)); a limit of 0 disables the clamp.
+    `fmt`: the checkpoint's format of its weights (routed "fp4", shared "fp8")."""
 
-    def __init__(self, dim: int, inter: int):
+    def __init__(self, dim: int, inter: int, fmt: str):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=False)
-        self.w2 = nn.Linear(inter, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.w1 = Linear(dim, inter, fmt)
+        self.w2 = Linear(inter, dim, fmt)
+        self.w3 = Linear(dim, inter, fmt)
+
+    def forward(self, x: torch.Tensor, limit: float) -> torch.Tensor:
+        if self.w1.fmt == "fp8":  # three block-scaled GEMMs
+            return self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
+        one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return ops.moe_experts(x, one, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
+                               self.w1.weight[None], self.w3.weight[None], self.w2.weight[None], limit)
 
 
 class MoE(nn.Module):
@@ -67,17 +77,14 @@ class MoE(nn.Module):
         self.layer, self.swiglu_limit = layer, cfg.swiglu_limit
         self.gate = Gate(cfg, layer)
         n = cfg.n_routed_experts if with_experts else 0
-        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(n))
-        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size, "fp4") for _ in range(n))
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size, "fp8")
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
         y = backend(self.layer, x, ids, weights)
         # The shared expert is clamped like the routed ones (deepseek-v4.md §5; official Expert(swiglu_limit=)).
-        s = self.shared_experts
-        one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        y = y + ops.moe_experts(x, one, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
-                                s.w1.weight[None], s.w3.weight[None], s.w2.weight[None], self.swiglu_limit)
+        y = y + self.shared_experts(x, self.swiglu_limit)
         return y.to(x.dtype)
 
 
@@ -93,10 +100,17 @@ class LocalExperts:
         self.moes = dict(moes)
         self._stacks: dict[int, tuple[list[int], tuple[torch.Tensor, ...]]] = {}
 
-    def _params(self, layer: int) -> list[nn.Parameter]:
-        return [getattr(e, name).weight for name in ("w1", "w3", "w2") for e in self.moes[layer].experts]
+    def _fields(self, layer: int) -> list[tuple[str, str]]:
+        """(linear, parameter) pairs stacked: weights, and the MXFP4 scales of packed experts."""
+        experts = self.moes[layer].experts
+        packed = len(experts) and experts[0].w1.scale is not None
+        return [(lin, p) for p in (("weight", "scale") if packed else ("weight",)) for lin in ("w1", "w3", "w2")]
 
-    def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _params(self, layer: int) -> list[nn.Parameter]:
+        return [getattr(getattr(e, lin), p) for lin, p in self._fields(layer) for e in self.moes[layer].experts]
+
+    def stacked(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """(w1, w3, w2) stacked over experts, plus (s1, s3, s2) when they are packed MXFP4."""
         params = self._params(layer)
         ptrs = [p.data_ptr() for p in params]
         cached = self._stacks.get(layer)
@@ -108,14 +122,14 @@ class LocalExperts:
         stacks = []
         # Normal (not inference) tensors, so a later load_state_dict can still copy into them.
         with torch.inference_mode(False), torch.no_grad():
-            for name in ("w1", "w3", "w2"):
-                stack = torch.stack([getattr(e, name).weight.detach() for e in experts])
+            for lin, p in self._fields(layer):
+                stack = torch.stack([getattr(getattr(e, lin), p).detach() for e in experts])
                 for e, view in zip(experts, stack, strict=True):
-                    getattr(e, name).weight = nn.Parameter(view, requires_grad=False)
+                    setattr(getattr(e, lin), p, nn.Parameter(view, requires_grad=False))
                 stacks.append(stack)
         self._stacks[layer] = ([p.data_ptr() for p in self._params(layer)], tuple(stacks))
         return self._stacks[layer][1]
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        w1, w3, w2 = self.stacked(layer)
-        return ops.moe_experts(x, ids, weights, w1, w3, w2, self.moes[layer].swiglu_limit)
+        w1, w3, w2, *scales = self.stacked(layer)
+        return ops.moe_experts(x, ids, weights, w1, w3, w2, self.moes[layer].swiglu_limit, tuple(scales) or None)

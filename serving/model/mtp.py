@@ -13,6 +13,7 @@ from torch import nn
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.block import Block
 from v4d.serving.model.cache import KVCache
+from v4d.serving.model.linear import Linear
 from v4d.serving.model.moe import ExpertBackend
 from v4d.serving.model.norm import RMSNorm
 from v4d.serving.model.step import Step
@@ -22,8 +23,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: ModelConfig, layer: int, with_experts: bool = True):
         super().__init__(cfg, layer, with_experts)
         d, n = cfg.hidden_size, cfg.hc_mult
-        self.e_proj = nn.Linear(d, d, bias=False)
-        self.h_proj = nn.Linear(d, d, bias=False)
+        self.e_proj = Linear(d, d, "fp8")
+        self.h_proj = Linear(d, d, "fp8")
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

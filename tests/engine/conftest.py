@@ -18,6 +18,7 @@ def serve_instance():
 
     start = dict(
         num_cpus=2,
+        num_gpus=4,  # stand-ins the replicas claim (engine 1 + a shard each); none are real here
         object_store_memory=300 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,

@@ -36,9 +36,9 @@ def make_plan(weights: str) -> dict:
     return {
         "name": "tiny", "served_name": "v4-tiny-fast", "model": "v4-tiny-fast", "config": CFG.to_dict(),
         "weights_uri": weights, "max_context_tokens": 512,
-        "pools": [{"name": "gpu-a", "vendor": "nvidia"}],
+        "pools": [{"name": "gpu-a", "vendor": "nvidia", "ray_resource": "GPU", "devices": 3}],
         "engine": {
-            "pool": "gpu-a", "replicas": 1, "min_replicas": 1, "max_replicas": 1,
+            "pool": "gpu-a", "replicas": 1, "min_replicas": 1, "max_replicas": 1, "devices_per_replica": 1,
             "kv_budget_bytes": 5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"),
             "kv_format": "fp32", "max_num_seqs": 4, "max_batch_tokens": 64, "max_queue": 4, "target_kv_utilization": 0.7,
             "upscale_delay_s": 0, "downscale_delay_s": 5,

@@ -40,8 +40,13 @@ class OnDevice:
     def __getattr__(self, name: str):
         fn = getattr(self._ops, name)
 
+        def move(a):
+            if isinstance(a, tuple):
+                return tuple(move(b) for b in a)
+            return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+
         def call(*args):
-            out = fn(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+            out = fn(*[move(a) for a in args])
             return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
 
         return call

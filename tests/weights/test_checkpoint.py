@@ -8,11 +8,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from v4d.kernels.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from v4d.serving.checkpoint import fake_quant, parse_size, write_checkpoint
 from v4d.serving.config import TINY
 from v4d.serving.model.layout import official_layout, scale_name
 from v4d.serving.model.loader import Checkpoint, CheckpointError, load_state_dict
-from v4d.serving.model.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from v4d.serving.tokenizer import Tokenizer
 
 

@@ -3,16 +3,15 @@
 import pytest
 import torch
 
-from v4d.serving.model.quant import (
+from v4d.kernels.quant import (
     FP4_VALUES,
     dequant_fp4,
     dequant_fp8,
-    pack,
     quant_fp4,
     quant_fp8,
     ue8m0_scale,
-    unpack,
 )
+from v4d.serving.model.quant import pack, unpack
 
 
 def test_ue8m0_is_the_smallest_sufficient_power_of_two():

@@ -131,7 +131,7 @@ def test_checkpoint_make_command(tmp_path):
 
 
 def test_load_in_bf16(ckpt, loaded_logits):
-    model = load_model(ckpt, dtype=torch.bfloat16, progress=False)
+    model = load_model(ckpt, precision="bf16", progress=False)
     assert model.embed.weight.dtype == torch.bfloat16 and model.layers[0].ffn.gate.tid2eid.dtype == torch.int32
     err = (model.prefill_logits(PROMPT).float() - loaded_logits).norm(dim=-1) / loaded_logits.norm(dim=-1)
     # bf16 rounding: most positions stay within a few percent; a few differ more where rounding
