@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ TAGS = 2  # concurrent calls per pair: one per decode micro-batch
 HEADER = 4
 CLOSE = -1
 POLL_S = 0.005
+HOST_ENV = "V4D_TRANSPORT_HOST"
+IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 
 
 class Rendezvous:
@@ -130,7 +133,8 @@ class ActorStore(dist.Store):
 
 
 def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float) -> dist.ProcessGroup:
-    """A two-rank gloo group (engine rank 0, shard rank 1) whose device binds `host` only."""
+    """A two-rank gloo group (engine rank 0, shard rank 1) whose device binds `host` only. `timeout_s`
+    bounds every wait without its own timeout (the shard's: an idle pair waits a day for work)."""
     opts = dist.ProcessGroupGloo._Options()
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     opts._timeout = datetime.timedelta(seconds=timeout_s)
@@ -148,9 +152,10 @@ def pair_backend(engine_device: str, shard_device: str) -> str:
 
 
 def node_address() -> str:
+    """The address gloo binds: V4D_TRANSPORT_HOST (127.0.0.1 for `v4d serve`), else the Ray node's."""
     import ray
 
-    return ray.util.get_node_ip_address()
+    return os.environ.get(HOST_ENV) or ray.util.get_node_ip_address()
 
 
 # -- the engine end -----------------------------------------------------------------------------
@@ -208,9 +213,16 @@ def connect(actor: Any, shard: str, replica: str, timeout_s: float) -> EngineCha
     pair = f"pair/{uuid.uuid4().hex}/"
     if not ray.get(actor.pair.remote(replica, pair), timeout=timeout_s):
         raise ConnectionError(f"shard replica {replica} is no longer registered")
-    pg = open_pair(ActorStore(actor, pair, timeout_s), 0, node_address(), timeout_s)
-    actor.drop.remote(pair)
+    store = ActorStore(actor, pair, timeout_s)
+    pg = open_pair(store, 0, node_address(), timeout_s)
+    release(store, pair)
     return EngineChannel(pg, shard, replica, timeout_s)
+
+
+def release(store: ActorStore, pair: str) -> None:
+    """Drop a pair's rendezvous keys once both ends have joined (the second to finish drops them)."""
+    if store.add("joined", 1) == 2:
+        store.actor.drop.remote(pair)
 
 
 # -- the shard end ------------------------------------------------------------------------------
@@ -241,7 +253,9 @@ class ShardEndpoint:
 
     def _join(self, pair: str) -> None:
         try:
-            pg = open_pair(ActorStore(self.actor, pair, self.timeout_s), 1, node_address(), self.timeout_s)
+            store = ActorStore(self.actor, pair, self.timeout_s)
+            pg = open_pair(store, 1, node_address(), IDLE_S)
+            release(store, pair)
         except Exception as e:  # noqa: BLE001 - the engine gave up; it will ask again
             log.warning("pairing %s failed: %r", pair, e)
             return
