@@ -3,9 +3,11 @@ with this process through the rendezvous actor over gloo. Same numbers as all ex
 two micro-batch tags at once, a replica joining, a replica killed (retried on another replica or a
 redundant copy), ShardUnavailable when no copy is left."""
 
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import ray
@@ -32,6 +34,19 @@ class ShardReplica:
 
     def replica(self) -> str:
         return self.endpoint.replica
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def kill(actor) -> None:
+    """Kill a replica and return once its process is gone (ray.kill returns before it exits)."""
+    pid = ray.get(actor.pid.remote())
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"replica process {pid} still running"
+        time.sleep(0.05)
 
 
 def make_tensors():
@@ -117,7 +132,7 @@ def test_membership_changes_re_form_channels(world):
         time.sleep(0.1)
     x, ids, w = batch(16, seed=3)
     ids = ids % 8  # shard a's experts (0..3 also on c)
-    ray.kill(actors["a"].pop(0))
+    kill(actors["a"].pop(0))
     for _ in range(4):  # every call completes: on the surviving replica of a, or on c
         torch.testing.assert_close(remote(0, x, ids, w), full(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
     assert len(transport._live("a")) == 1
@@ -125,7 +140,7 @@ def test_membership_changes_re_form_channels(world):
 
 def test_shard_unavailable_when_no_copy_is_left(world):
     _, tensors, _, actors, transport, remote = world
-    ray.kill(actors["b"].pop())
+    kill(actors["b"].pop())
     x, ids, w = batch(8)
     ids[:, 0] = 9  # expert 9 lives only on b
     t0 = time.monotonic()
