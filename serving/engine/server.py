@@ -68,7 +68,7 @@ class EngineServer:
             self.metrics.expert_balance.set(self.remote.balance())
 
     async def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        return {**self.engine.stats(), **(self.channels.stats() if self.channels else {})}
 
     async def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

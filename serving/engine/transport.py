@@ -185,6 +185,7 @@ class ChannelTransport:
         self.known: set[str] = set()  # replicas paired or being paired (never paired twice)
         self.lock = threading.Lock()
         self.turn = itertools.count()
+        self.fallback_calls = 0  # shard calls that went through `fallback` (no live channel)
         self.stopped = threading.Event()
         threading.Thread(target=self._refresh_loop, name="v4d-channels", daemon=True).start()
 
@@ -224,8 +225,15 @@ class ChannelTransport:
             if self.fallback is None:
                 out.update({s: ConnectionError(f"shard {s}: no live channel") for s in rest})
             else:
+                self.fallback_calls += len(rest)
                 out.update(self.fallback.dispatch(layer, rest))
         return out
+
+    def stats(self) -> dict[str, Any]:
+        """Live channels per shard and calls that fell back to Serve (engine stats, tests)."""
+        with self.lock:
+            live = {s: sum(not c.dead for c in cs) for s, cs in self.channels.items()}
+        return {"expert_channels": live, "expert_fallback_calls": self.fallback_calls}
 
     def close(self) -> None:
         self.stopped.set()
