@@ -9,8 +9,12 @@ on a local cluster), never a wildcard. On CPU and across vendors the rows move t
 over gloo; `pair_backend` names NCCL/HCCL where both ends share a vendor (docs/engine.md).
 
 Wire format per call, on tag `t` (one tag per micro-batch, so two micro-batches overlap):
-engine -> shard header int64 [layer, tokens, k, d] then payload fp32 [tokens, d + 2k]
-(x | local ids | weights); shard -> engine fp32 [tokens, d]. A header with layer -1 closes the tag.
+engine -> shard one fp32 message [layer, tokens, k, d | tokens x (x | local ids | weights)], cut
+into chunks of at most CHUNK floats; shard -> engine fp32 [tokens, d]. Gloo sends a message at once
+only if the receiver has already posted its receive (else it first exchanges a ready notice), so
+the shard keeps a CHUNK-sized receive posted at all times (two buffers in turn) and the engine posts
+its reply receive before sending: a decode call is two messages, no extra round trips. A header with
+layer -1 closes the tag.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "v4d"
 TAGS = 2  # concurrent calls per pair: one per decode micro-batch
 HEADER = 4
+CHUNK = 1 << 16  # floats per message (256 KiB): a whole decode call fits one
 CLOSE = -1
 POLL_S = 0.005
 HOST_ENV = "V4D_TRANSPORT_HOST"
@@ -172,11 +177,12 @@ class EngineChannel:
         """Start a call; returns what `receive` needs. Holds the tag's lock until `receive`."""
         self.locks[tag].acquire()
         try:
-            head = torch.tensor([layer, x.shape[0], ids.shape[1], x.shape[1]], dtype=torch.long)
-            body = torch.cat([x.float(), ids.float(), w.float()], dim=1)
-            sends = [self.pg.send([head], 1, tag), self.pg.send([body], 1, tag)]
+            head = torch.tensor([layer, x.shape[0], ids.shape[1], x.shape[1]], dtype=torch.float32)
+            msg = torch.cat([head, torch.cat([x.float(), ids.float(), w.float()], dim=1).flatten()])
             out = torch.empty(x.shape[0], x.shape[1])
-            return sends, self.pg.recv([out], 1, tag), out
+            recv = self.pg.recv([out], 1, tag)
+            sends = [self.pg.send([part], 1, tag) for part in msg.split(CHUNK)]
+            return sends, recv, out
         except BaseException:
             self.dead = True
             self.locks[tag].release()
@@ -201,7 +207,7 @@ class EngineChannel:
         try:
             for tag in range(TAGS):
                 with self.locks[tag]:
-                    self.pg.send([torch.tensor([CLOSE, 0, 0, 0], dtype=torch.long)], 1, tag).wait(self.timeout)
+                    self.pg.send([torch.tensor([CLOSE, 0, 0, 0], dtype=torch.float32)], 1, tag).wait(self.timeout)
         except Exception:  # noqa: BLE001 - the peer is already gone
             pass
 
@@ -264,15 +270,28 @@ class ShardEndpoint:
             threading.Thread(target=self._serve, args=(pg, tag), daemon=True).start()
 
     def _serve(self, pg: dist.ProcessGroup, tag: int) -> None:
-        head = torch.empty(HEADER, dtype=torch.long)
+        bufs, turn = [torch.empty(CHUNK), torch.empty(CHUNK)], 0
+        posted = pg.recv([bufs[0]], 0, tag)
+
+        def next_chunk() -> torch.Tensor:
+            nonlocal posted, turn
+            posted.wait()  # no timeout: a pair idles between requests
+            got, turn = bufs[turn], turn ^ 1
+            posted = pg.recv([bufs[turn]], 0, tag)  # the next chunk's receive is posted before it comes
+            return got
+
         while not self.stopped.is_set():
             try:
-                pg.recv([head], 0, tag).wait()  # no timeout: a pair idles between requests
-                layer, n, k, d = head.tolist()
+                first = next_chunk()
+                layer, n, k, d = (int(v) for v in first[:HEADER].tolist())
                 if layer == CLOSE:
                     return
-                body = torch.empty(n, d + 2 * k)
-                pg.recv([body], 0, tag).wait()
+                size = n * (d + 2 * k)
+                parts, have = [first[HEADER : HEADER + size].clone()], min(size, CHUNK - HEADER)
+                while have < size:
+                    parts.append(next_chunk()[: min(CHUNK, size - have)].clone())
+                    have += parts[-1].numel()
+                body = torch.cat(parts).view(n, d + 2 * k)
                 x, ids, w = body[:, :d], body[:, d : d + k].long(), body[:, d + k :]
                 pg.send([self.compute(layer, x, ids, w).float().contiguous()], 0, tag).wait()
             except Exception as e:  # noqa: BLE001 - engine gone or a bad call: this tag's loop ends

@@ -93,7 +93,7 @@ def world(serve_instance):
     ray.kill(rendezvous(rdv))
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 600])  # 600: over one 64 Ki-float chunk
 def test_channels_equal_all_experts_in_one_place(world, tokens):
     _, tensors, _, _, _, remote = world
     for layer in range(LAYERS):
