@@ -174,15 +174,15 @@ class ServeTransport:
 
 class ChannelTransport:
     """Direct channels to every registered replica of every shard (one gloo pair each), re-formed as
-    replicas come and go: a background thread pairs with new ones and forgets departed or broken ones,
-    so membership changes never stall a step. A shard's call goes to one of its replicas in turn; if
+    replicas come and go: a background thread pairs with new ones, forgets departed ones and re-pairs
+    with live ones whose channel broke, so membership changes never stall a step. A shard's call goes to one of its replicas in turn; if
     that channel breaks it is retried on another replica, then on `fallback` (Serve handles), and only
     then reported as the shard's error (RemoteExperts then fails over to redundant copies)."""
 
     def __init__(self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0):
         self.actor, self.fallback, self.timeout_s, self.refresh_s = actor, fallback, timeout_s, refresh_s
         self.channels: dict[str, list[Any]] = {}  # shard -> live EngineChannels
-        self.known: set[str] = set()  # replicas paired or being paired (never paired twice)
+        self.pairing: set[str] = set()  # replicas a pairing thread is working on
         self.lock = threading.Lock()
         self.turn = itertools.count()
         self.fallback_calls = 0  # shard calls that went through `fallback` (no live channel)
@@ -268,20 +268,31 @@ class ChannelTransport:
                 log.warning("rendezvous unreachable: %r", e)
                 members = None
             if members is not None:
-                with self.lock:  # forget departed and broken replicas
-                    for shard, chans in self.channels.items():
-                        self.channels[shard] = [c for c in chans if not c.dead and c.replica in members]
-                for replica, shard in members.items():
-                    if replica not in self.known:
-                        self.known.add(replica)
-                        threading.Thread(target=self._pair, args=(shard, replica), daemon=True).start()
+                self._update(members)
             self.stopped.wait(self.refresh_s)
+
+    def _update(self, members: Mapping[str, str]) -> None:
+        """Forget departed replicas and broken channels; pair with every member that has neither a
+        live channel nor a pairing under way (new replicas, and live ones whose channel broke)."""
+        with self.lock:
+            gone = [c for cs in self.channels.values() for c in cs if c.dead or c.replica not in members]
+            for shard, chans in self.channels.items():
+                self.channels[shard] = [c for c in chans if c not in gone]
+            paired = {c.replica for cs in self.channels.values() for c in cs} | self.pairing
+            new = {r: s for r, s in members.items() if r not in paired}
+            self.pairing |= set(new)
+        for ch in gone:
+            ch.close()  # a departed replica's live pair: let its shard threads end
+        for replica, shard in new.items():
+            threading.Thread(target=self._pair, args=(shard, replica), daemon=True).start()
 
     def _pair(self, shard: str, replica: str) -> None:
         try:
             ch = connect(self.actor, shard, replica, self.timeout_s)
         except Exception as e:  # noqa: BLE001 - a replica that left or died before pairing
             log.warning("pairing with %s failed: %r", replica, e)
-            return
+            ch = None
         with self.lock:
-            self.channels.setdefault(shard, []).append(ch)
+            self.pairing.discard(replica)
+            if ch is not None:
+                self.channels.setdefault(shard, []).append(ch)

@@ -40,6 +40,7 @@ CHUNK = 1 << 16  # floats per message (256 KiB): a whole decode call fits one
 CLOSE = -1
 POLL_S = 0.005
 HOST_ENV = "V4D_TRANSPORT_HOST"
+STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
 IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 
 
@@ -50,17 +51,23 @@ class Rendezvous:
     def __init__(self) -> None:
         self.members: dict[str, str] = {}  # shard replica id -> shard name
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
+        self.seen: dict[str, float] = {}  # shard replica id -> its last poll
         self.kv: dict[str, bytes] = {}
 
     def register(self, replica: str, shard: str) -> None:
         self.members[replica] = shard
         self.pending.setdefault(replica, [])
+        self.seen[replica] = time.monotonic()
 
     def unregister(self, replica: str) -> None:
-        self.members.pop(replica, None)
-        self.pending.pop(replica, None)
+        for d in (self.members, self.pending, self.seen):
+            d.pop(replica, None)
 
     def shards(self) -> dict[str, str]:
+        """Live shard replicas; one that stopped polling (killed, node lost) is dropped."""
+        now = time.monotonic()
+        for replica in [r for r, t in self.seen.items() if now - t > STALE_S]:
+            self.unregister(replica)
         return dict(self.members)
 
     def pair(self, replica: str, pair: str) -> bool:
@@ -69,8 +76,12 @@ class Rendezvous:
         self.pending[replica].append(pair)
         return True
 
-    def take_pairs(self, replica: str) -> list[str]:
-        out, self.pending[replica] = self.pending.get(replica, []), []
+    def take_pairs(self, replica: str) -> list[str] | None:
+        """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
+        if replica not in self.members:
+            return None
+        self.seen[replica] = time.monotonic()
+        out, self.pending[replica] = self.pending[replica], []
         return out
 
     def set(self, key: str, value: bytes) -> None:
@@ -251,7 +262,10 @@ class ShardEndpoint:
 
         while not self.stopped.is_set():
             try:
-                for pair in ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s):
+                pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
+                if pairs is None:  # forgotten while it could not poll: register again
+                    ray.get(self.actor.register.remote(self.replica, self.shard), timeout=self.timeout_s)
+                for pair in pairs or ():
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling
                 log.warning("rendezvous poll failed: %r", e)

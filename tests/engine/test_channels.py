@@ -136,6 +136,24 @@ def test_membership_changes_re_form_channels(world):
     for _ in range(4):  # every call completes: on the surviving replica of a, or on c
         torch.testing.assert_close(remote(0, x, ids, w), full(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
     assert len(transport._live("a")) == 1
+    deadline = time.monotonic() + 30  # the killed replica stops polling and leaves the membership
+    while sum(s == "a" for s in ray.get(rendezvous(rdv).shards.remote()).values()) != 1:
+        assert time.monotonic() < deadline, "the killed replica stayed registered"
+        time.sleep(0.5)
+
+
+def test_a_broken_channel_to_a_live_replica_is_re_formed(world):
+    _, tensors, _, _, transport, remote = world
+    (old,) = transport._live("c")
+    old.dead = True  # as after a timeout
+    deadline = time.monotonic() + 30
+    while not transport._live("c"):
+        assert time.monotonic() < deadline, "no new channel to c"
+        time.sleep(0.1)
+    assert transport._live("c")[0] is not old
+    x, ids, w = batch(4)
+    ids = ids % 4
+    torch.testing.assert_close(remote(1, x, ids, w), full(tensors, 1, x, ids, w), rtol=1e-5, atol=1e-5)
 
 
 def test_shard_unavailable_when_no_copy_is_left(world):
