@@ -138,7 +138,7 @@ def main() -> None:
     try:
         deploy(plan, args.port)
         handles = {s["name"]: serve.get_deployment_handle(s["name"], app_name=APP_NAME) for s in d["shards"]}
-        channels = ChannelTransport(rendezvous(rendezvous_name(d)))
+        channels = ChannelTransport(rendezvous(rendezvous_name(d)), shards=list(handles))
         if not channels.ready(list(handles), timeout_s=120):
             raise SystemExit("no channel to every shard within 120 s")
         new = RemoteExperts(slot_map, channels)

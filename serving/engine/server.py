@@ -46,7 +46,9 @@ class EngineServer:
         self.remote: RemoteExperts | None = None
         self.channels: ChannelTransport | None = None
         if shards:  # token rows go over direct channels; Serve handles only until a shard's is up
-            self.channels = ChannelTransport(rendezvous(rendezvous_name(plan)), fallback=ServeTransport(shards))
+            self.channels = ChannelTransport(
+                rendezvous(rendezvous_name(plan)), fallback=ServeTransport(shards), shards=list(shards)
+            )
             self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), self.channels)
             model.experts = self.remote
         eng = plan["engine"]

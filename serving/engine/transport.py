@@ -179,8 +179,13 @@ class ChannelTransport:
     that channel breaks it is retried on another replica, then on `fallback` (Serve handles), and only
     then reported as the shard's error (RemoteExperts then fails over to redundant copies)."""
 
-    def __init__(self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0):
+    def __init__(
+        self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0,
+        shards: Sequence[str] | None = None,
+    ):
+        """`shards`: the shard names to pair with (default: every registered one)."""
         self.actor, self.fallback, self.timeout_s, self.refresh_s = actor, fallback, timeout_s, refresh_s
+        self.wanted = set(shards) if shards is not None else None
         self.channels: dict[str, list[Any]] = {}  # shard -> live EngineChannels
         self.pairing: set[str] = set()  # replicas a pairing thread is working on
         self.lock = threading.Lock()
@@ -268,7 +273,7 @@ class ChannelTransport:
                 log.warning("rendezvous unreachable: %r", e)
                 members = None
             if members is not None:
-                self._update(members)
+                self._update({r: s for r, s in members.items() if self.wanted is None or s in self.wanted})
             self.stopped.wait(self.refresh_s)
 
     def _update(self, members: Mapping[str, str]) -> None:

@@ -174,3 +174,14 @@ def test_pair_backend_by_device_types():
     assert pair_backend("cuda:0", "cuda:3") == "nccl"
     assert pair_backend("npu:1", "npu") == "hccl"
     assert pair_backend("cuda:0", "npu:0") == pair_backend("cpu", "cpu") == "gloo"
+
+
+def test_a_transport_pairs_only_with_its_shards(world):
+    rdv, *_ = world
+    only_c = ChannelTransport(rendezvous(rdv), timeout_s=5.0, refresh_s=0.2, shards=["c"])
+    try:
+        assert only_c.ready(["c"], timeout_s=60)
+        time.sleep(1.0)  # several refreshes: nothing else gets paired
+        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_fallback_calls": 0}
+    finally:
+        only_c.close()
