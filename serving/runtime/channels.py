@@ -4,9 +4,9 @@ Each (engine replica, shard replica) pair is a two-rank torch.distributed proces
 created directly (no global `init_process_group`), so replicas join and leave without re-forming
 anyone else's group. Rendezvous goes through one named Ray actor (`Rendezvous`): shard replicas
 register there, an engine asks it to pair with a replica, and both ends exchange gloo addresses
-through its key-value store (`ActorStore`). The gloo device binds the Ray node's address (127.0.0.1
-on a local cluster), never a wildcard. On CPU and across vendors the rows move through host memory
-over gloo; `pair_backend` names NCCL/HCCL where both ends share a vendor (docs/engine.md).
+through its key-value store (`ActorStore`). The gloo device binds V4D_TRANSPORT_HOST (127.0.0.1 for
+`v4d serve`) or the Ray node's address, never a wildcard. Rows move through host memory over gloo;
+device-to-device pairs (NCCL, HCCL) are not built yet (docs/engine.md).
 
 Wire format per call, on tag `t` (one tag per micro-batch, so two micro-batches overlap):
 engine -> shard one fp32 message [layer, tokens, k, d | tokens x (x | local ids | weights)], cut
@@ -45,7 +45,7 @@ IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 
 
 class Rendezvous:
-    """Named Ray actor (one per app): shard membership, pairing requests and a key-value store.
+    """Named Ray actor (one per plan name): shard membership, pairing requests and a key-value store.
     Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor)."""
 
     def __init__(self) -> None:
@@ -157,16 +157,6 @@ def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float) -> dist
     return dist.ProcessGroupGloo(store, rank, 2, opts)
 
 
-def pair_backend(engine_device: str, shard_device: str) -> str:
-    """The collective backend a pair would use: device-to-device within one vendor, host memory across."""
-    a, b = engine_device.split(":")[0], shard_device.split(":")[0]
-    if a == b == "cuda":
-        return "nccl"
-    if a == b == "npu":
-        return "hccl"
-    return "gloo"
-
-
 def node_address() -> str:
     """The address gloo binds: V4D_TRANSPORT_HOST (127.0.0.1 for `v4d serve`), else the Ray node's."""
     import ray
@@ -176,7 +166,7 @@ def node_address() -> str:
 
 # -- the engine end -----------------------------------------------------------------------------
 class EngineChannel:
-    """Rank 0 of one pair: `call` sends a shard its rows for one layer and waits for its output."""
+    """Rank 0 of one pair: `send` starts a shard's call for one layer, `receive` waits for its output."""
 
     def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float):
         self.pg, self.shard, self.replica = pg, shard, replica

@@ -18,7 +18,7 @@ from v4d.serving.config import TINY
 from v4d.serving.engine.transport import ChannelTransport, RemoteExperts, SlotMap
 from v4d.serving.errors import ShardUnavailable
 from v4d.serving.experts import ShardExperts, expert_prefix
-from v4d.serving.runtime.channels import ShardEndpoint, pair_backend, rendezvous, set_tag
+from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, set_tag
 
 CFG = TINY
 E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
@@ -168,12 +168,6 @@ def test_shard_unavailable_when_no_copy_is_left(world):
     ok = ids % 4  # experts 0..3: copies on a and c
     torch.testing.assert_close(remote(0, x, ok, w), full(tensors, 0, x, ok, w), rtol=1e-5, atol=1e-5)
 
-
-
-def test_pair_backend_by_device_types():
-    assert pair_backend("cuda:0", "cuda:3") == "nccl"
-    assert pair_backend("npu:1", "npu") == "hccl"
-    assert pair_backend("cuda:0", "npu:0") == pair_backend("cpu", "cpu") == "gloo"
 
 
 def test_a_transport_pairs_only_with_its_shards(world):
