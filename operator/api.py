@@ -197,6 +197,12 @@ class PlanSummary(_Model):
     """KV-cache capacity of one attention replica in tokens."""
     maxOverMean: float = 0.0
     """Worst MoE layer's max/mean expected device load per capacity (1.0 is perfect)."""
+    transportPerTokenMicroseconds: float = 0.0
+    """Expert dispatch + combine time of one token over all MoE layers, at the assumed links."""
+    crossVendorShare: float = 0.0
+    """Share of token-expert pairs whose shard is on another vendor than the attention engines."""
+    transportAssumption: str = ""
+    """The links and decode step the transport figures assume."""
     warnings: list[str] = Field(default_factory=list)
     """Planner warnings."""
 

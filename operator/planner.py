@@ -37,10 +37,18 @@ from v4d.serving.plan import (
     RayResource,
     ServingPlan,
     ShardPlan,
+    TransportPlan,
 )
 from v4d.serving.sizing import human_bytes
 
 RESERVE_FRACTION = 0.10
+# Transport assumptions (stated in `v4d plan` and status.plan): 400 Gb/s RDMA between devices of one
+# vendor, 100 Gb/s Ethernet through host memory across vendors, a 50 ms decode step (20 tokens/s per
+# stream), and a warning when cross-vendor transport takes over a quarter of that step.
+DEVICE_LINK_GB_S = 50.0
+HOST_LINK_GB_S = 12.5
+STEP_MS = 50.0
+CROSS_VENDOR_STEP_SHARE = 0.25
 RAY_RESOURCE: dict[str, RayResource] = {"nvidia": "GPU", "ascend": "NPU"}
 GiB = 2**30
 
@@ -265,6 +273,37 @@ def _plan_experts(
     return shards, {p.name: used for p, used, _ in groups}, eplb.max_over_mean(placement.device_load, slots)
 
 
+# -- expert transport -------------------------------------------------------------------------
+def _plan_transport(
+    spec: api.V4DeploymentSpec, cfg: ModelConfig, engine: EnginePlan, shards: list[ShardPlan], warnings: list[str]
+) -> TransportPlan:
+    vendor = {p.name: p.vendor for p in spec.pools}
+    slots = sum(s.capacity for s in shards)
+    cross = sum(s.capacity for s in shards if vendor[s.pool] != vendor[engine.pool]) / slots if slots else 0.0
+    per_layer = cfg.num_experts_per_tok * 3 * cfg.hidden_size
+    per_token = per_layer * cfg.num_hidden_layers
+    per_token_s = per_token * ((1 - cross) / (DEVICE_LINK_GB_S * 1e9) + cross / (HOST_LINK_GB_S * 1e9))
+    cross_step_ms = engine.max_num_seqs * per_token * cross / (HOST_LINK_GB_S * 1e9) * 1e3
+    if cross_step_ms > CROSS_VENDOR_STEP_SHARE * STEP_MS:
+        warnings.append(
+            f"cross-vendor expert split: {cross:.0%} of token-expert pairs go from the `{engine.pool}` engines "
+            f"({vendor[engine.pool]}) through host memory to another vendor's shards, {cross_step_ms:.1f} ms of a "
+            f"{STEP_MS:g} ms decode step at {engine.max_num_seqs} sequences (over {CROSS_VENDOR_STEP_SHARE:.0%}; "
+            f"assumed {HOST_LINK_GB_S:g} GB/s host path); keep expert layers on the engine's vendor or lower "
+            "serving.maxNumSeqs"
+        )
+    return TransportPlan(
+        bytes_per_token_layer=per_layer,
+        moe_layers=cfg.num_hidden_layers,
+        cross_vendor_share=round(cross, 6),
+        device_link_gb_s=DEVICE_LINK_GB_S,
+        host_link_gb_s=HOST_LINK_GB_S,
+        per_token_us=round(per_token_s * 1e6, 3),
+        cross_vendor_step_ms=round(cross_step_ms, 3),
+        step_ms=STEP_MS,
+    )
+
+
 # -- the plan ---------------------------------------------------------------------------------
 def plan(
     spec: api.V4DeploymentSpec | dict[str, Any],
@@ -280,6 +319,7 @@ def plan(
     warnings: list[str] = []
     engine = _plan_engine(spec, cfg, warnings)
     shards, expert_devices, balance = _plan_experts(spec, cfg, engine, expert_load, warnings)
+    transport = _plan_transport(spec, cfg, engine.plan, shards, warnings)
     pools = []
     for p in spec.pools:
         devices = expert_devices.get(p.name, 0)
@@ -330,6 +370,7 @@ def plan(
             max_request_bytes=spec.serving.maxRequestBytes,
         ),
         warnings=warnings,
+        transport=transport,
     )
 
 
@@ -343,5 +384,17 @@ def summary(p: Plan) -> api.PlanSummary:
         expertShards=len(p.shards),
         tokenCapacityPerReplica=p.kv.capacity_tokens_per_replica,
         maxOverMean=p.balance.max_over_mean,
+        transportPerTokenMicroseconds=p.transport.per_token_us,
+        crossVendorShare=p.transport.cross_vendor_share,
+        transportAssumption=transport_assumption(p.transport),
         warnings=list(p.warnings),
+    )
+
+
+def transport_assumption(t: TransportPlan) -> str:
+    """The links and step the transport figures assume, in words (v4d plan, status.plan)."""
+    return (
+        f"{t.bytes_per_token_layer:,} B per token per MoE layer x {t.moe_layers} layers; device link "
+        f"{t.device_link_gb_s:g} GB/s within a vendor, host path {t.host_link_gb_s:g} GB/s across vendors; "
+        f"{t.step_ms:g} ms decode step"
     )

@@ -2,8 +2,10 @@
 
 A shard's experts come from the checkpoint through the subset loader (only its experts are read).
 Any engine sends it (layer, x[T,d], local ids[T,k], weights[T,k]) with ids indexing the shard's
-slots of that layer (-1 = not here); it returns the weighted sum of its experts' outputs. It counts
-the token-expert pairs it serves per layer, for metrics and for its own autoscaling.
+slots of that layer (-1 = not here); it returns the weighted sum of its experts' outputs, over its
+direct channels (serving/runtime/channels.py: registered at the app's rendezvous actor at start-up)
+or, as a fallback, through its Serve handle. It counts the token-expert pairs it serves per layer,
+for metrics and for its own autoscaling.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from v4d.serving.config import ModelConfig
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.names import POOL_LABEL
 from v4d.serving.precision import resolve_precision
+from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, rendezvous_name
 from v4d.serving.runtime.device import ray_options, torch_device
 
 
@@ -129,7 +132,13 @@ class ExpertShard:
         self.tokens: dict[int, int] = {}
         self.recent: deque[tuple[float, int]] = deque()
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec["pool"]))
+        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan)), shard, self.compute)
         self.metrics.ready()
+
+    def __del__(self) -> None:  # Serve's replica shutdown: leave the rendezvous so engines re-pair
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            endpoint.close()
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = int((local_ids >= 0).sum())

@@ -20,7 +20,9 @@ from v4d.serving.plan import Plan
 from v4d.serving.runtime.device import node_resources
 
 # Ray on a shared development box (docs/toolchain.md §1.3): no token file, loopback only, no telemetry.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# V4D_TRANSPORT_HOST: the expert channels' gloo address (serving/runtime/channels.py).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "V4D_TRANSPORT_HOST": "127.0.0.1"}
 NODE_CPUS = 8  # logical CPUs per pool node: room for every replica (0.1 CPU each) the autoscaler adds
 APP_NAME = "v4d"
 

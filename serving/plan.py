@@ -83,6 +83,25 @@ class KVPlan:
 
 
 @dataclass
+class TransportPlan:
+    """What moving tokens to the expert shards and back costs (docs/engine.md "Transport cost").
+
+    Per token and MoE layer, each of its k token-expert pairs moves the hidden row out (FP8, h bytes)
+    and the expert's output back (BF16, 2h bytes). Pairs whose shard is on the engine's vendor go
+    device to device (NCCL/HCCL); pairs on another vendor's pool go through host memory and the
+    network. Link speeds and the decode step are stated assumptions, not measurements."""
+
+    bytes_per_token_layer: int = 0  # k x 3 x hidden
+    moe_layers: int = 0
+    cross_vendor_share: float = 0.0  # token-expert pairs on another vendor than the engine (slot share)
+    device_link_gb_s: float = 0.0  # assumed, one vendor: NCCL/HCCL over NVLink/RDMA
+    host_link_gb_s: float = 0.0  # assumed, across vendors: PCIe -> host -> network -> host -> PCIe
+    per_token_us: float = 0.0  # bytes x layers over both links, split by the share
+    cross_vendor_step_ms: float = 0.0  # cross-vendor transport of one decode step at max_num_seqs
+    step_ms: float = 0.0  # assumed decode step the share is taken of
+
+
+@dataclass
 class ServingPlan:
     port: int = 8000
     api_key_secret: dict[str, str] | None = None  # {"name": ..., "key": ...}
@@ -109,6 +128,7 @@ class Plan:
     serving: ServingPlan
     warnings: list[str] = field(default_factory=list)
     precision: str = "auto"  # v4d.serving.precision: auto | deployed | bf16 | fp32
+    transport: TransportPlan = field(default_factory=TransportPlan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +151,7 @@ class Plan:
                 "kv": KVPlan(**_fields(KVPlan, d["kv"], "plan.kv")),
                 "serving": ServingPlan(**_fields(ServingPlan, d["serving"], "plan.serving")),
                 "warnings": list(d.get("warnings", [])),
+                "transport": TransportPlan(**d.get("transport", {})),
             }
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from v4d.operator.planner import PlanError, plan
+from v4d.operator.planner import PlanError, plan, transport_assumption
 from v4d.operator.validate import SpecError, load_manifest
 from v4d.serving.plan import Plan
 from v4d.serving.sizing import human_bytes
@@ -47,6 +47,9 @@ def render_text(p: Plan) -> str:
         f"max context {p.max_context_tokens:,}",
         f"Experts: {p.experts.logical} logical + {p.experts.redundant} redundant = {p.experts.physical} slots per layer "
         f"on {len(p.shards)} shard(s); balance max/mean {p.balance.max_over_mean:.3f}",
+        f"Transport: {p.transport.per_token_us:,.1f} us per token, {p.transport.cross_vendor_share:.0%} of "
+        f"token-expert pairs cross vendors ({p.transport.cross_vendor_step_ms:,.2f} ms per decode step at "
+        f"{e.max_num_seqs} sequences); assumed {transport_assumption(p.transport)}",
         "",
         _table(
             [["SHARD", "POOL", "DEVICE", "SLOTS/LAYER", "WEIGHTS"]]

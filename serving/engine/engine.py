@@ -1,7 +1,8 @@
 """The engine loop: schedule -> model.forward -> sample -> stream tokens to each request.
 
 `Engine` is the in-process core that the Serve deployment (`server.EngineServer`) wraps; it is also
-usable directly (tests, tools). It owns the model's KVCache, sized from a byte budget, the
+usable directly (tests, tools). Steps run through its `ModelRunner` (serving/runtime/runner.py: the
+device, dtype and micro-batch overlap). It owns the model's KVCache, sized from a byte budget, the
 KVManager over its pages and slots, and the Scheduler. One asyncio task runs steps while there is
 work; the forward runs in a worker thread so new requests and aborts are accepted meanwhile (they
 take effect between steps, never under a running forward).
@@ -23,8 +24,9 @@ from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
-from v4d.serving.model.cache import KVCache, SeqCache, page_bytes, slot_bytes
+from v4d.serving.model.cache import KVCache, page_bytes, slot_bytes
 from v4d.serving.model.graphs import DecodeGraphs, graphs_enabled
+from v4d.serving.runtime.runner import ModelRunner
 from v4d.serving.sizing import page_tokens, pages_for
 
 log = logging.getLogger(__name__)
@@ -97,18 +99,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 
 
 class Engine:
-    def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None):
-        self.model, self.cfg, self.limits, self.metrics = model, model.cfg, limits, metrics
+    def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None, runner: ModelRunner | None = None):
+        """`runner` runs the model's steps on its device (default: where the model's weights are)."""
+        if runner is None:
+            w = model.embed.weight
+            runner = ModelRunner(model, w.device, w.dtype)
+        self.model, self.runner, self.cfg, self.limits, self.metrics = model, runner, model.cfg, limits, metrics
         num_pages, pb, sb = kv_layout(self.cfg, limits)
         slots, snaps = limits.max_num_seqs, limits.snapshots
-        device = model.embed.weight.device
-        graphs = limits.cuda_graphs and device.type == "cuda" and graphs_enabled()
+        graphs = limits.cuda_graphs and runner.device.type == "cuda" and graphs_enabled()
         # CUDA graphs pad decode batches with rows of one scratch slot and page past the managed ones
-        self.kv = KVCache(self.cfg, num_pages + graphs, slots + snaps + graphs, device=device, fmt=limits.kv_format)
-        self.graphs = DecodeGraphs(
-            model, self.kv, pages_for(self.cfg, limits.max_context_tokens), scratch_slot=slots + snaps,
-            scratch_page=num_pages,
-        ) if graphs else None
+        self.kv = runner.new_cache(num_pages + graphs, slots + snaps + graphs, limits.kv_format)
+        if graphs:
+            runner.graphs = DecodeGraphs(
+                model, self.kv, pages_for(self.cfg, limits.max_context_tokens), scratch_slot=slots + snaps,
+                scratch_page=num_pages,
+            )
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )
@@ -216,7 +222,7 @@ class Engine:
                     seq.first_scheduled = now
                     self._observe("queue_time", now - seq.arrival)
             try:
-                logits = await asyncio.to_thread(self._forward, batch)
+                logits = await asyncio.to_thread(self.runner.run, batch, self.kv)
             except ShardUnavailable as e:
                 await self._retry_later(batch, e)
                 continue
@@ -244,14 +250,6 @@ class Engine:
                 self.scheduler.preempt(seq)
         worst = max(seq.shard_failures for seq, _ in batch)
         await asyncio.sleep(min(self.retry_backoff_s * 2 ** (worst - 1), 8.0))
-
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
-        chunks = [
-            (seq.token_ids[seq.num_computed : seq.num_computed + n], SeqCache(seq.slot, seq.pages, seq.num_computed))
-            for seq, n in batch
-        ]
-        out = self.graphs(chunks) if self.graphs is not None else None
-        return out if out is not None else self.model.forward(chunks, self.kv)
 
     def _append(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()

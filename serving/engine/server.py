@@ -24,10 +24,11 @@ from v4d.serving.autoscale import (
     autoscaling_config,
 )
 from v4d.serving.engine.engine import Engine, EngineLimits
-from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
+from v4d.serving.engine.transport import ChannelTransport, RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.experts import pool_actor_options
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.model.loader import load_model
+from v4d.serving.runtime.channels import rendezvous, rendezvous_name
 from v4d.serving.runtime.device import torch_device
 
 
@@ -48,14 +49,23 @@ class EngineServer:
         model = load_model(weights_dir, with_experts=not shards, precision=plan.get("precision", "auto"),
                            device=torch_device(pool["vendor"]), progress=False, mtp=False)
         self.remote: RemoteExperts | None = None
-        if shards:
-            self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(shards))
+        self.channels: ChannelTransport | None = None
+        if shards:  # token rows go over direct channels; Serve handles only until a shard's is up
+            self.channels = ChannelTransport(
+                rendezvous(rendezvous_name(plan)), fallback=ServeTransport(shards), shards=list(shards)
+            )
+            self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), self.channels)
             model.experts = self.remote
         self.metrics = ServingMetrics(role="engine", **plan_labels(plan, eng["pool"]))
         self.metrics.ready()
         self.metrics.kv_cache_usage_target.set(float(eng.get("target_kv_utilization", 0.0)))
         self.metrics.expert_redundant_copies.set(float(plan.get("experts", {}).get("redundant", 0)))
         self.engine = Engine(model, EngineLimits.from_plan(eng, plan["max_context_tokens"]), self.metrics)
+
+    def __del__(self) -> None:  # Serve's replica shutdown: close this engine's pairs
+        channels = getattr(self, "channels", None)
+        if channels is not None:
+            channels.close()
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for item in self.engine.generate(request):
@@ -64,7 +74,7 @@ class EngineServer:
             self.metrics.expert_balance.set(self.remote.balance())
 
     async def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        return {**self.engine.stats(), **(self.channels.stats() if self.channels else {})}
 
     async def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

@@ -4,14 +4,17 @@ Per MoE layer, `RemoteExperts` maps every (token, logical expert) pair to one ph
 and its local slot), splitting an expert's pairs evenly over its redundant copies, least-loaded shard
 first. Each shard gets the rows it needs with local ids (-1 where a pair lives elsewhere), computes
 its weighted sum, and the partial outputs are added up. The transport is the only part that moves
-tensors: `ServeTransport` calls the shard deployments through Ray Serve handles, all at once; an
-all-to-all collective on accelerators can implement the same `dispatch`. A failed shard's pairs are
-re-split over the remaining copies; with none left the step fails with ShardUnavailable.
+tensors: `ChannelTransport` sends the rows over direct pair channels (serving/runtime/channels.py),
+off Serve's request path; `ServeTransport` calls the shard deployments through Serve handles (the
+fallback while a shard has no channel yet). A failed shard's pairs are re-split over the remaining
+copies; with none left the step fails with ShardUnavailable.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from v4d.serving.errors import ShardUnavailable
+from v4d.serving.runtime.channels import connect, current_tag
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class SlotMap:
 
     @classmethod
     def from_shards(cls, shards: Sequence[Any]) -> SlotMap:
-        """`shards`: plan ExpertShard objects or dicts with `name` and `slots` ([moe_layer][slot] -> expert)."""
+        """`shards`: plan ShardPlan objects or dicts with `name` and `slots` ([moe_layer][slot] -> expert)."""
         copies: dict[int, dict[int, list[tuple[str, int]]]] = {}
         names = []
         for sh in shards:
@@ -166,3 +170,134 @@ class ServeTransport:
             except Exception as e:  # noqa: BLE001
                 out[shard] = e
         return out
+
+
+class ChannelTransport:
+    """Direct channels to every registered replica of every shard (one gloo pair each), re-formed as
+    replicas come and go: a background thread pairs with new ones, forgets departed ones and re-pairs
+    with live ones whose channel broke, so membership changes never stall a step. A shard's call goes to one of its replicas in turn; if
+    that channel breaks it is retried on another replica, then on `fallback` (Serve handles), and only
+    then reported as the shard's error (RemoteExperts then fails over to redundant copies)."""
+
+    def __init__(
+        self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0,
+        shards: Sequence[str] | None = None,
+    ):
+        """`shards`: the shard names to pair with (default: every registered one)."""
+        self.actor, self.fallback, self.timeout_s, self.refresh_s = actor, fallback, timeout_s, refresh_s
+        self.wanted = set(shards) if shards is not None else None
+        self.channels: dict[str, list[Any]] = {}  # shard -> live EngineChannels
+        self.pairing: set[str] = set()  # replicas a pairing thread is working on
+        self.lock = threading.Lock()
+        self.turn = itertools.count()
+        self.fallback_calls = 0  # shard calls that went through `fallback` (no live channel)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._refresh_loop, name="v4d-channels", daemon=True).start()
+
+    def ready(self, shards: Sequence[str], timeout_s: float = 60.0) -> bool:
+        """Wait until every shard in `shards` has at least one channel."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self._live(s) for s in shards):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+        tag = current_tag()
+        started, rest = {}, {}
+        for shard, args in calls.items():
+            got = self._start(shard, tag, layer, args, exclude=None)
+            if got is None:
+                rest[shard] = args
+            else:
+                started[shard] = got
+        out: dict[str, torch.Tensor | BaseException] = {}
+        for shard, (ch, pending) in started.items():
+            try:
+                out[shard] = ch.receive(tag, pending)
+            except Exception as e:  # noqa: BLE001 - try another replica of the shard, then the fallback
+                log.warning("channel to %s broke on layer %d: %r", ch.replica, layer, e)
+                again = self._start(shard, tag, layer, calls[shard], exclude=ch)
+                if again is None:
+                    rest[shard] = calls[shard]
+                else:
+                    try:
+                        out[shard] = again[0].receive(tag, again[1])
+                    except Exception:  # noqa: BLE001
+                        rest[shard] = calls[shard]
+        if rest:
+            if self.fallback is None:
+                out.update({s: ConnectionError(f"shard {s}: no live channel") for s in rest})
+            else:
+                self.fallback_calls += len(rest)
+                out.update(self.fallback.dispatch(layer, rest))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Live channels per shard and calls that fell back to Serve (engine stats, tests)."""
+        with self.lock:
+            live = {s: sum(not c.dead for c in cs) for s, cs in self.channels.items()}
+        return {"expert_channels": live, "expert_fallback_calls": self.fallback_calls}
+
+    def close(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            chans = [c for cs in self.channels.values() for c in cs]
+            self.channels = {}
+        for ch in chans:
+            ch.close()
+
+    def _live(self, shard: str) -> list[Any]:
+        with self.lock:
+            return [c for c in self.channels.get(shard, ()) if not c.dead]
+
+    def _start(self, shard: str, tag: int, layer: int, args: Call, exclude: Any) -> tuple[Any, Any] | None:
+        live = [c for c in self._live(shard) if c is not exclude]
+        n = next(self.turn)
+        for i in range(len(live)):
+            ch = live[(n + i) % len(live)]
+            try:
+                return ch, ch.send(tag, layer, *args)
+            except Exception as e:  # noqa: BLE001
+                log.warning("channel to %s broke on send: %r", ch.replica, e)
+        return None
+
+    def _refresh_loop(self) -> None:
+        import ray
+
+        while not self.stopped.is_set():
+            try:
+                members = ray.get(self.actor.shards.remote(), timeout=self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - keep the channels we have; try again
+                log.warning("rendezvous unreachable: %r", e)
+                members = None
+            if members is not None:
+                self._update({r: s for r, s in members.items() if self.wanted is None or s in self.wanted})
+            self.stopped.wait(self.refresh_s)
+
+    def _update(self, members: Mapping[str, str]) -> None:
+        """Forget departed replicas and broken channels; pair with every member that has neither a
+        live channel nor a pairing under way (new replicas, and live ones whose channel broke)."""
+        with self.lock:
+            gone = [c for cs in self.channels.values() for c in cs if c.dead or c.replica not in members]
+            for shard, chans in self.channels.items():
+                self.channels[shard] = [c for c in chans if c not in gone]
+            paired = {c.replica for cs in self.channels.values() for c in cs} | self.pairing
+            new = {r: s for r, s in members.items() if r not in paired}
+            self.pairing |= set(new)
+        for ch in gone:
+            ch.close()  # a departed replica's live pair: let its shard threads end
+        for replica, shard in new.items():
+            threading.Thread(target=self._pair, args=(shard, replica), daemon=True).start()
+
+    def _pair(self, shard: str, replica: str) -> None:
+        try:
+            ch = connect(self.actor, shard, replica, self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - a replica that left or died before pairing
+            log.warning("pairing with %s failed: %r", replica, e)
+            ch = None
+        with self.lock:
+            self.pairing.discard(replica)
+            if ch is not None:
+                self.channels.setdefault(shard, []).append(ch)

@@ -95,6 +95,8 @@ def test_engine_streams_the_in_process_greedy_output(app):
     assert last["finish_reason"] == "length" and last["num_output_tokens"] == 6
     stats = engine.stats.remote().result()
     assert stats["num_running"] == 0 and stats["capacity_tokens"] == 4 * 128
+    # The engine reaches both shards over direct channels (Serve handles only before they formed).
+    assert stats["expert_channels"] == {name: 1 for name in SLOTS}, stats
     with pytest.raises(ContextTooLong) as e:  # typed across the handle, with its fields
         stream(engine, prompt, 600)
     assert e.value.limit == 512

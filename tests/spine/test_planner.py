@@ -14,7 +14,7 @@ from v4d.operator import api
 from v4d.operator.cli import main
 from v4d.operator.planner import RESERVE_FRACTION, PlanError, plan, summary
 from v4d.serving import sizing
-from v4d.serving.config import PRESETS
+from v4d.serving.config import PRESETS, ModelConfig
 
 from .eplb_reference import reference_max_over_mean, zipf_loads
 
@@ -57,7 +57,10 @@ def test_examples_plan(example):
     p = plan(doc["spec"], name=doc["metadata"]["name"])
     _check_invariants(p, doc["spec"])
     assert p.balance.max_over_mean < 1.1
-    assert p.warnings == []
+    # Pro's H200 + Ascend split: host-path transport is over a quarter of the assumed decode step
+    # (local-tiny's split is cross-vendor too, but its tokens are small).
+    costly = example.name == "pro-h200-ascend.yaml"
+    assert [w.split(":")[0] for w in p.warnings] == (["cross-vendor expert split"] if costly else [])
     api.PlanSummary.model_validate(summary(p).model_dump())
 
 
@@ -265,3 +268,27 @@ def test_cli_plan_expert_load_and_model_info_from_config_json(tmp_path):
     PRESETS["v4-tiny"].to_json(tmp_path / "config.json")
     info = runner.invoke(main, ["model-info", str(tmp_path), "--context", "4096"])
     assert info.exit_code == 0 and "KV at 4,096 tokens" in info.stdout and "with MTP" in info.stdout
+
+
+def test_transport_cost_of_a_plan():
+    """Bytes per token per layer = k x 3 x hidden (FP8 out, BF16 back); the cross-vendor share is the
+    slot share on another vendor's pools; one vendor never warns."""
+    doc = load_example("pro-h200-ascend.yaml")
+    p = plan(doc["spec"], name="pro")
+    cfg = ModelConfig.from_dict(p.config)
+    t = p.transport
+    assert t.bytes_per_token_layer == cfg.num_experts_per_tok * 3 * cfg.hidden_size and t.moe_layers == 61
+    ascend = sum(s.capacity for s in p.shards if s.pool == "ascend") / sum(s.capacity for s in p.shards)
+    assert t.cross_vendor_share == pytest.approx(ascend, abs=1e-6) and 0 < ascend < 1
+    per_token = t.bytes_per_token_layer * t.moe_layers
+    want = per_token * ((1 - ascend) / (t.device_link_gb_s * 1e9) + ascend / (t.host_link_gb_s * 1e9)) * 1e6
+    assert t.per_token_us == pytest.approx(want, rel=1e-4)
+    assert t.cross_vendor_step_ms > 0.25 * t.step_ms
+    s = summary(p)
+    assert s.transportPerTokenMicroseconds == t.per_token_us and s.crossVendorShare == t.cross_vendor_share
+    assert "12.5 GB/s across vendors" in s.transportAssumption
+    one_vendor = {**doc["spec"], "pools": [q for q in doc["spec"]["pools"] if q["vendor"] == "nvidia"]}
+    one_vendor["parallelism"] = {"redundantExperts": 32}
+    q = plan(one_vendor, name="pro")
+    assert q.transport.cross_vendor_share == 0 and q.transport.cross_vendor_step_ms == 0
+    assert not [w for w in q.warnings if w.startswith("cross-vendor")]

@@ -1,0 +1,198 @@
+"""Expert transport benchmark: one MoE layer's dispatch + combine round trip (Serve handles vs direct
+channels, by tokens), micro-batch overlap on/off, and local-tiny tokens/s through the server vs in process.
+
+    flock /tmp/v4d-servers.lock .venv/bin/python bench/transport.py [--quick] [--json]
+
+Starts the `v4d serve` cluster of examples/local-tiny.yaml (head + one Ray node per pool, loopback
+only) and deploys its app; prints a table and writes bench/results/transport.json (`--json` also
+prints the JSON object). Every figure is measured side by side in this one run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = (1, 16, 64)
+
+
+def layer_call(cfg, t: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, cfg.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok] for _ in range(t)])
+    return x, ids, torch.rand(t, cfg.num_experts_per_tok, generator=g)
+
+
+def round_trip_ms(backend, cfg, t: int, reps: int) -> float:
+    """Median ms of one layer's dispatch + combine of `t` tokens (MoE layers in turn)."""
+    moe_layers = cfg.num_hidden_layers
+    calls = [layer_call(cfg, t, i) for i in range(8)]
+    for i in range(3):
+        backend(i % moe_layers, *calls[i % 8])
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        backend(i % moe_layers, *calls[i % 8])
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+async def engine_tokens_per_s(engine, vocab: int, streams: int, max_tokens: int) -> float:
+    """Decode tokens/s over `streams` concurrent requests (from each stream's first token on)."""
+    async def one(i: int) -> tuple[int, float, float]:
+        prompt = [(7 + 13 * i + 5 * j) % vocab for j in range(16)]
+        first = last = None
+        n = 0
+        async for item in engine.generate({"prompt_token_ids": prompt, "max_tokens": max_tokens, "ignore_eos": True}):
+            now = time.perf_counter()
+            first = first or now
+            last, n = now, n + len(item["token_ids"])
+        return n - 1, first, last
+
+    res = await asyncio.gather(*(one(i) for i in range(streams)))
+    return sum(n for n, _, _ in res) / (max(e for _, _, e in res) - max(f for _, f, _ in res))
+
+
+def server_tokens_per_s(base: str, model: str, streams: int, max_tokens: int) -> float:
+    import openai
+
+    async def one(client, i: int) -> tuple[int, float, float]:
+        stream = await client.completions.create(
+            model=model, prompt=f"Request {i}: the sea", max_tokens=max_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        first = last = None
+        n = 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                now = time.perf_counter()
+                first = first or now
+                last, n = now, n + 1
+        return n - 1, first, last
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=3, timeout=300)
+        res = await asyncio.gather(*(one(client, i) for i in range(streams)))
+        await client.close()
+        return sum(n for n, _, _ in res) / (max(e for _, _, e in res) - max(f for _, f, _ in res))
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifest", default=str(ROOT / "examples/local-tiny.yaml"))
+    ap.add_argument("--port", type=int, default=8180, help="Serve HTTP port; Ray metrics on the next ones")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    ap.add_argument("--json", action="store_true", help="also print the result as one JSON object")
+    args = ap.parse_args()
+    reps, max_tokens = (30, 24) if args.quick else (200, 64)
+    torch.set_num_threads(1)
+
+    from ray import serve
+
+    from v4d.operator.planner import plan as make_plan
+    from v4d.operator.validate import load_manifest
+    from v4d.serving.engine.engine import Engine, EngineLimits
+    from v4d.serving.engine.transport import (
+        ChannelTransport,
+        InProcessTransport,
+        RemoteExperts,
+        ServeTransport,
+        SlotMap,
+    )
+    from v4d.serving.experts import ShardExperts
+    from v4d.serving.local import APP_NAME, deploy, ensure_checkpoint, start_cluster
+    from v4d.serving.model.loader import load_model
+    from v4d.serving.runtime.channels import rendezvous, rendezvous_name
+    from v4d.serving.runtime.runner import ModelRunner
+
+    name, spec = load_manifest(args.manifest)
+    plan = ensure_checkpoint(make_plan(spec, name=name))
+    d = plan.to_dict()
+    cfg, weights = plan_cfg(d), plan.weights_uri
+    slot_map = SlotMap.from_shards(d["shards"])
+    limits = EngineLimits.from_plan(d["engine"], plan.max_context_tokens)
+    result: dict = {"manifest": os.path.relpath(args.manifest, ROOT), "shards": len(d["shards"]),
+                    "moe_layers": cfg.num_hidden_layers, "quick": args.quick, "machine": platform.machine(),
+                    "cpu_threads": torch.get_num_threads()}
+
+    # In process: all experts local, and the same split over in-process shards (no transport cost).
+    local_model = load_model(weights, progress=False)
+    cores = {s["name"]: ShardExperts.from_checkpoint(cfg, s["slots"], weights) for s in d["shards"]}
+    in_process = RemoteExperts(slot_map, InProcessTransport(cores))
+    result["compute_ms"] = {str(t): round_trip_ms(in_process, cfg, t, reps) for t in TOKENS}
+    result["in_process_tokens_per_s"] = {
+        str(n): round(asyncio.run(engine_tokens_per_s(Engine(local_model, limits), cfg.vocab_size, n, max_tokens)), 2)
+        for n in (1, 16)}
+
+    local = start_cluster(plan, args.port + 1)
+    try:
+        deploy(plan, args.port)
+        handles = {s["name"]: serve.get_deployment_handle(s["name"], app_name=APP_NAME) for s in d["shards"]}
+        channels = ChannelTransport(rendezvous(rendezvous_name(d)), shards=list(handles))
+        if not channels.ready(list(handles), timeout_s=120):
+            raise SystemExit("no channel to every shard within 120 s")
+        new = RemoteExperts(slot_map, channels)
+        result["round_trip_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
+        # After the channels: a Serve handle's first call starts router threads in this process.
+        old = RemoteExperts(slot_map, ServeTransport(handles))
+        result["serve_round_trip_ms"] = {str(t): round_trip_ms(old, cfg, t, max(10, reps // 3)) for t in TOKENS}
+        result["round_trip_ms_after_serve_handles"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
+
+        # Micro-batch overlap: an engine in this process over the deployed shards' channels.
+        remote_model = load_model(weights, with_experts=False, progress=False)
+        remote_model.experts = new
+        overlap = {}
+        for mb in (1, 2):
+            eng = Engine(remote_model, limits, runner=ModelRunner(remote_model, micro_batches=mb))
+            overlap[str(mb)] = round(asyncio.run(engine_tokens_per_s(eng, cfg.vocab_size, 16, max_tokens)), 2)
+        result["channels_16_streams_tokens_per_s_by_micro_batches"] = overlap
+        eng = Engine(remote_model, limits)
+        result["channels_in_process_tokens_per_s"] = {
+            "1": round(asyncio.run(engine_tokens_per_s(eng, cfg.vocab_size, 1, max_tokens)), 2), "16": overlap["1"]}
+
+        base = f"http://127.0.0.1:{args.port}"
+        server_tokens_per_s(base, plan.served_name, 1, 4)  # warm-up
+        result["server_tokens_per_s"] = {
+            str(n): round(server_tokens_per_s(base, plan.served_name, n, max_tokens), 2) for n in (1, 16)}
+        channels.close()
+    finally:
+        local.shutdown()
+    result["server_over_in_process"] = {
+        n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")}
+
+    print(f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16}")
+    for t in map(str, TOKENS):
+        print(f"{t:>8} | {result['serve_round_trip_ms'][t]:>14} | {result['round_trip_ms'][t]:>12} | "
+              f"{result['compute_ms'][t]:>16}")
+    print(f"{'streams':>8} | {'in process tok/s':>16} | {'engine here, shards over channels':>33} | "
+          f"{'server tok/s':>12} | {'in process / server':>19}")
+    for n in ("1", "16"):
+        print(f"{n:>8} | {result['in_process_tokens_per_s'][n]:>16} | {result['channels_in_process_tokens_per_s'][n]:>33} | "
+              f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}")
+    o = result["channels_16_streams_tokens_per_s_by_micro_batches"]
+    print(f"micro-batch overlap, 16 streams over channels: {o['1']} tok/s (1 batch) vs {o['2']} tok/s (2 micro-batches)")
+    dest = ROOT / "bench/results/transport.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {dest}")
+    if args.json:
+        print(json.dumps(result))
+
+
+def plan_cfg(d: dict):
+    from v4d.serving.config import ModelConfig
+
+    return ModelConfig.from_dict(d["config"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Direct token channels between attention engines and expert shards (docs/engine.md "Transport").
+
+Each (engine replica, shard replica) pair is a two-rank torch.distributed process group of its own,
+created directly (no global `init_process_group`), so replicas join and leave without re-forming
+anyone else's group. Rendezvous goes through one named Ray actor (`Rendezvous`): shard replicas
+register there, an engine asks it to pair with a replica, and both ends exchange gloo addresses
+through its key-value store (`ActorStore`). The gloo device binds V4D_TRANSPORT_HOST (127.0.0.1 for
+`v4d serve`) or the Ray node's address, never a wildcard. Rows move through host memory over gloo;
+device-to-device pairs (NCCL, HCCL) are not built yet (docs/engine.md).
+
+Wire format per call, on tag `t` (one tag per micro-batch, so two micro-batches overlap):
+engine -> shard one fp32 message [layer, tokens, k, d | tokens x (x | local ids | weights)], cut
+into chunks of at most CHUNK floats; shard -> engine fp32 [tokens, d]. Gloo sends a message at once
+only if the receiver has already posted its receive (else it first exchanges a ready notice), so
+the shard keeps a CHUNK-sized receive posted at all times (two buffers in turn) and the engine posts
+its reply receive before sending: a decode call is two messages, no extra round trips. A header with
+layer -1 closes the tag.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "v4d"
+TAGS = 2  # concurrent calls per pair: one per decode micro-batch
+HEADER = 4
+CHUNK = 1 << 16  # floats per message (256 KiB): a whole decode call fits one
+CLOSE = -1
+POLL_S = 0.005
+HOST_ENV = "V4D_TRANSPORT_HOST"
+STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
+IDLE_S = 86400.0  # how long a shard's pair waits for the next call
+
+
+class Rendezvous:
+    """Named Ray actor (one per plan name): shard membership, pairing requests and a key-value store.
+    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor)."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, str] = {}  # shard replica id -> shard name
+        self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
+        self.seen: dict[str, float] = {}  # shard replica id -> its last poll
+        self.kv: dict[str, bytes] = {}
+
+    def register(self, replica: str, shard: str) -> None:
+        self.members[replica] = shard
+        self.pending.setdefault(replica, [])
+        self.seen[replica] = time.monotonic()
+
+    def unregister(self, replica: str) -> None:
+        for d in (self.members, self.pending, self.seen):
+            d.pop(replica, None)
+
+    def shards(self) -> dict[str, str]:
+        """Live shard replicas; one that stopped polling (killed, node lost) is dropped."""
+        now = time.monotonic()
+        for replica in [r for r, t in self.seen.items() if now - t > STALE_S]:
+            self.unregister(replica)
+        return dict(self.members)
+
+    def pair(self, replica: str, pair: str) -> bool:
+        if replica not in self.members:
+            return False
+        self.pending[replica].append(pair)
+        return True
+
+    def take_pairs(self, replica: str) -> list[str] | None:
+        """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
+        if replica not in self.members:
+            return None
+        self.seen[replica] = time.monotonic()
+        out, self.pending[replica] = self.pending[replica], []
+        return out
+
+    def set(self, key: str, value: bytes) -> None:
+        self.kv[key] = value
+
+    def get(self, key: str) -> bytes | None:
+        return self.kv.get(key)
+
+    def add(self, key: str, n: int) -> int:
+        v = int(self.kv.get(key, b"0")) + n
+        self.kv[key] = str(v).encode()
+        return v
+
+    def drop(self, prefix: str) -> None:
+        for k in [k for k in self.kv if k.startswith(prefix)]:
+            del self.kv[k]
+
+
+def rendezvous_name(plan: dict[str, Any]) -> str:
+    return f"v4d-rendezvous-{plan['name']}"
+
+
+def rendezvous(name: str) -> Any:
+    """The app's rendezvous actor, created on first use (detached: it outlives any one replica)."""
+    import ray
+
+    actor = ray.remote(Rendezvous).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+    )
+    return actor.remote()
+
+
+class ActorStore(dist.Store):
+    """A c10d Store over the rendezvous actor's key-value store, under `prefix` (one per pair)."""
+
+    def __init__(self, actor: Any, prefix: str, timeout_s: float):
+        super().__init__()
+        self.actor, self.prefix, self.timeout_s = actor, prefix, timeout_s
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.actor, method).remote(*args), timeout=self.timeout_s)
+
+    def set(self, key: str, value: bytes | str) -> None:
+        self._call("set", self.prefix + key, value if isinstance(value, bytes) else value.encode())
+
+    def get(self, key: str) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        while (v := self._call("get", self.prefix + key)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rendezvous key {self.prefix + key!r}: peer did not arrive in {self.timeout_s} s")
+            time.sleep(POLL_S)
+        return v
+
+    def add(self, key: str, n: int) -> int:
+        return self._call("add", self.prefix + key, n)
+
+    def check(self, keys: list[str]) -> bool:
+        return all(self._call("get", self.prefix + k) is not None for k in keys)
+
+    def wait(self, keys: list[str], timeout: Any = None) -> None:
+        for k in keys:
+            self.get(k)
+
+
+def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float) -> dist.ProcessGroup:
+    """A two-rank gloo group (engine rank 0, shard rank 1) whose device binds `host` only. `timeout_s`
+    bounds every wait without its own timeout (the shard's: an idle pair waits a day for work)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def node_address() -> str:
+    """The address gloo binds: V4D_TRANSPORT_HOST (127.0.0.1 for `v4d serve`), else the Ray node's."""
+    import ray
+
+    return os.environ.get(HOST_ENV) or ray.util.get_node_ip_address()
+
+
+# -- the engine end -----------------------------------------------------------------------------
+class EngineChannel:
+    """Rank 0 of one pair: `send` starts a shard's call for one layer, `receive` waits for its output."""
+
+    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float):
+        self.pg, self.shard, self.replica = pg, shard, replica
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.locks = [threading.Lock() for _ in range(TAGS)]
+        self.dead = False
+
+    def send(self, tag: int, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Any:
+        """Start a call; returns what `receive` needs. Holds the tag's lock until `receive`."""
+        self.locks[tag].acquire()
+        try:
+            head = torch.tensor([layer, x.shape[0], ids.shape[1], x.shape[1]], dtype=torch.float32)
+            msg = torch.cat([head, torch.cat([x.float(), ids.float(), w.float()], dim=1).flatten()])
+            out = torch.empty(x.shape[0], x.shape[1])
+            recv = self.pg.recv([out], 1, tag)
+            sends = [self.pg.send([part], 1, tag) for part in msg.split(CHUNK)]
+            return sends, recv, out
+        except BaseException:
+            self.dead = True
+            self.locks[tag].release()
+            raise
+
+    def receive(self, tag: int, pending: Any) -> torch.Tensor:
+        sends, recv, out = pending
+        try:
+            for work in (*sends, recv):
+                work.wait(self.timeout)
+            return out
+        except BaseException:
+            self.dead = True  # a broken pair is never reused: the engine re-pairs from the rendezvous
+            raise
+        finally:
+            self.locks[tag].release()
+
+    def close(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        try:
+            for tag in range(TAGS):
+                with self.locks[tag]:
+                    self.pg.send([torch.tensor([CLOSE, 0, 0, 0], dtype=torch.float32)], 1, tag).wait(self.timeout)
+        except Exception:  # noqa: BLE001 - the peer is already gone
+            pass
+
+
+def connect(actor: Any, shard: str, replica: str, timeout_s: float) -> EngineChannel:
+    """Pair this engine with one shard replica (blocks until the shard joins, at most `timeout_s`)."""
+    import ray
+
+    pair = f"pair/{uuid.uuid4().hex}/"
+    if not ray.get(actor.pair.remote(replica, pair), timeout=timeout_s):
+        raise ConnectionError(f"shard replica {replica} is no longer registered")
+    store = ActorStore(actor, pair, timeout_s)
+    pg = open_pair(store, 0, node_address(), timeout_s)
+    release(store, pair)
+    return EngineChannel(pg, shard, replica, timeout_s)
+
+
+def release(store: ActorStore, pair: str) -> None:
+    """Drop a pair's rendezvous keys once both ends have joined (the second to finish drops them)."""
+    if store.add("joined", 1) == 2:
+        store.actor.drop.remote(pair)
+
+
+# -- the shard end ------------------------------------------------------------------------------
+class ShardEndpoint:
+    """Rank 1 of every pair with this shard replica: registers it at the rendezvous, joins the pairs
+    engines ask for and serves each tag in a thread with `compute(layer, x, local_ids, weights)`."""
+
+    def __init__(self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0):
+        self.actor, self.shard, self.compute, self.timeout_s = actor, shard, compute, timeout_s
+        self.replica = f"{shard}/{uuid.uuid4().hex[:12]}"
+        self.stopped = threading.Event()
+        self.pairs: list[dist.ProcessGroup] = []
+        import ray
+
+        ray.get(actor.register.remote(self.replica, shard), timeout=timeout_s)
+        threading.Thread(target=self._accept, name=f"v4d-accept-{shard}", daemon=True).start()
+
+    def _accept(self) -> None:
+        import ray
+
+        while not self.stopped.is_set():
+            try:
+                pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
+                if pairs is None:  # forgotten while it could not poll: register again
+                    ray.get(self.actor.register.remote(self.replica, self.shard), timeout=self.timeout_s)
+                for pair in pairs or ():
+                    threading.Thread(target=self._join, args=(pair,), daemon=True).start()
+            except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling
+                log.warning("rendezvous poll failed: %r", e)
+            self.stopped.wait(0.05)
+
+    def _join(self, pair: str) -> None:
+        try:
+            store = ActorStore(self.actor, pair, self.timeout_s)
+            pg = open_pair(store, 1, node_address(), IDLE_S)
+            release(store, pair)
+        except Exception as e:  # noqa: BLE001 - the engine gave up; it will ask again
+            log.warning("pairing %s failed: %r", pair, e)
+            return
+        self.pairs.append(pg)
+        for tag in range(TAGS):
+            threading.Thread(target=self._serve, args=(pg, tag), daemon=True).start()
+
+    def _serve(self, pg: dist.ProcessGroup, tag: int) -> None:
+        bufs, turn = [torch.empty(CHUNK), torch.empty(CHUNK)], 0
+        posted = pg.recv([bufs[0]], 0, tag)
+
+        def next_chunk() -> torch.Tensor:
+            nonlocal posted, turn
+            posted.wait()  # no timeout: a pair idles between requests
+            got, turn = bufs[turn], turn ^ 1
+            posted = pg.recv([bufs[turn]], 0, tag)  # the next chunk's receive is posted before it comes
+            return got
+
+        while not self.stopped.is_set():
+            try:
+                first = next_chunk()
+                layer, n, k, d = (int(v) for v in first[:HEADER].tolist())
+                if layer == CLOSE:
+                    return
+                size = n * (d + 2 * k)
+                parts, have = [first[HEADER : HEADER + size].clone()], min(size, CHUNK - HEADER)
+                while have < size:
+                    parts.append(next_chunk()[: min(CHUNK, size - have)].clone())
+                    have += parts[-1].numel()
+                body = torch.cat(parts).view(n, d + 2 * k)
+                x, ids, w = body[:, :d], body[:, d : d + k].long(), body[:, d + k :]
+                pg.send([self.compute(layer, x, ids, w).float().contiguous()], 0, tag).wait()
+            except Exception as e:  # noqa: BLE001 - engine gone or a bad call: this tag's loop ends
+                if not self.stopped.is_set():
+                    log.warning("shard %s: pair closed on tag %d: %r", self.shard, tag, e)
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
+        try:
+            import ray
+
+            ray.get(self.actor.unregister.remote(self.replica), timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001 - shutting down with the cluster
+            pass
+
+
+_local = threading.local()
+
+
+def current_tag() -> int:
+    """The channel tag of the calling thread's micro-batch (0 unless the runner set one)."""
+    return getattr(_local, "tag", 0)
+
+
+def set_tag(tag: int) -> None:
+    if not 0 <= tag < TAGS:
+        raise ValueError(f"micro-batch tag: expected 0..{TAGS - 1}, got {tag}")
+    _local.tag = tag
