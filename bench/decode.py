@@ -30,7 +30,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -272,7 +272,7 @@ def capacity() -> dict[str, int] | None:
         return None
     p = plan(yaml.safe_load((ROOT / "examples" / "flash-h200.yaml").read_text())["spec"], name="bench")
     cfg = ModelConfig.from_dict(p.config)
-    pages, _, _ = kv_layout(cfg, EngineLimits.from_plan(asdict(p.engine), p.max_context_tokens))
+    pages, _, _ = kv_layout(cfg, EngineLimits.from_plan(p.engine, p.max_context_tokens))
     return {"engine": pages * sizing.page_tokens(cfg), "planner": p.kv.capacity_tokens_per_replica,
             "budget_bytes": p.engine.kv_budget_bytes}
 

@@ -101,6 +101,7 @@ def main() -> None:
 
     from v4d.operator.planner import plan as make_plan
     from v4d.operator.validate import load_manifest
+    from v4d.serving.config import ModelConfig
     from v4d.serving.engine.engine import Engine, EngineLimits
     from v4d.serving.engine.transport import (
         ChannelTransport,
@@ -117,17 +118,16 @@ def main() -> None:
 
     name, spec = load_manifest(args.manifest)
     plan = ensure_checkpoint(make_plan(spec, name=name))
-    d = plan.to_dict()
-    cfg, weights = plan_cfg(d), plan.weights_uri
-    slot_map = SlotMap.from_shards(d["shards"])
-    limits = EngineLimits.from_plan(d["engine"], plan.max_context_tokens)
-    result: dict = {"manifest": os.path.relpath(args.manifest, ROOT), "shards": len(d["shards"]),
+    cfg, weights = ModelConfig.from_dict(plan.config), plan.weights_uri
+    slot_map = SlotMap.from_shards(plan.shards)
+    limits = EngineLimits.from_plan(plan.engine, plan.max_context_tokens)
+    result: dict = {"manifest": os.path.relpath(args.manifest, ROOT), "shards": len(plan.shards),
                     "moe_layers": cfg.num_hidden_layers, "quick": args.quick, "machine": platform.machine(),
                     "cpu_threads": torch.get_num_threads()}
 
     # In process: all experts local, and the same split over in-process shards (no transport cost).
     local_model = load_model(weights, progress=False)
-    cores = {s["name"]: ShardExperts.from_checkpoint(cfg, s["slots"], weights) for s in d["shards"]}
+    cores = {s.name: ShardExperts.from_checkpoint(cfg, s.slots, weights) for s in plan.shards}
     in_process = RemoteExperts(slot_map, InProcessTransport(cores))
     result["compute_ms"] = {str(t): round_trip_ms(in_process, cfg, t, reps) for t in TOKENS}
     result["in_process_tokens_per_s"] = {
@@ -137,8 +137,8 @@ def main() -> None:
     local = start_cluster(plan, args.port + 1)
     try:
         deploy(plan, args.port)
-        handles = {s["name"]: serve.get_deployment_handle(s["name"], app_name=APP_NAME) for s in d["shards"]}
-        channels = ChannelTransport(rendezvous(rendezvous_name(d)), shards=list(handles))
+        handles = {s.name: serve.get_deployment_handle(s.name, app_name=APP_NAME) for s in plan.shards}
+        channels = ChannelTransport(rendezvous(rendezvous_name(plan.name)), shards=list(handles))
         if not channels.ready(list(handles), timeout_s=120):
             raise SystemExit("no channel to every shard within 120 s")
         new = RemoteExperts(slot_map, channels)
@@ -186,12 +186,6 @@ def main() -> None:
     print(f"wrote {dest}")
     if args.json:
         print(json.dumps(result))
-
-
-def plan_cfg(d: dict):
-    from v4d.serving.config import ModelConfig
-
-    return ModelConfig.from_dict(d["config"])
 
 
 if __name__ == "__main__":

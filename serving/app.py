@@ -22,10 +22,9 @@ def build_app(plan: Plan, api_key: str | None = None) -> Application:
     """Bind every deployment of `plan`; `api_key` overrides the key read from `plan.serving.api_key_env`."""
     if not plan.weights_uri:
         raise ValueError("weights_uri: empty; `v4d serve` makes a random checkpoint, the operator needs a real path")
-    d = plan.to_dict()
-    shards = bind_shards(d, plan.weights_uri)
-    engine = bind_engine(d, plan.weights_uri, shards)
-    return Ingress.bind(engine, d, plan.weights_uri, api_key)
+    shards = bind_shards(plan, plan.weights_uri)
+    engine = bind_engine(plan, plan.weights_uri, shards)
+    return Ingress.bind(engine, plan, plan.weights_uri, api_key)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -23,6 +23,7 @@ from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autosca
 from v4d.serving.config import ModelConfig
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.names import POOL_LABEL
+from v4d.serving.plan import Plan
 from v4d.serving.precision import resolve_precision
 from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, rendezvous_name
 from v4d.serving.runtime.device import ray_options, torch_device
@@ -121,18 +122,17 @@ class ShardExperts:
 class ExpertShard:
     """Serve deployment body for one shard (bind one per shard with `bind_shards`)."""
 
-    def __init__(self, plan: dict[str, Any], shard: str, weights_dir: str, window_s: float = 10.0):
+    def __init__(self, plan: Plan, shard: str, weights_dir: str, window_s: float = 10.0):
         torch.set_num_threads(1)
-        cfg = ModelConfig.from_dict(plan["config"])
-        spec = next(s for s in plan["shards"] if s["name"] == shard)
+        cfg = ModelConfig.from_dict(plan.config)
+        spec = next(s for s in plan.shards if s.name == shard)
         self.name, self.window_s = shard, window_s
-        pool = next(p for p in plan["pools"] if p["name"] == spec["pool"])
-        self.experts = ShardExperts.from_checkpoint(cfg, spec["slots"], weights_dir, plan.get("precision", "auto"),
-                                                    torch_device(pool["vendor"]))
+        self.experts = ShardExperts.from_checkpoint(cfg, spec.slots, weights_dir, plan.precision,
+                                                    torch_device(plan.pool(spec.pool).vendor))
         self.tokens: dict[int, int] = {}
         self.recent: deque[tuple[float, int]] = deque()
-        self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec["pool"]))
-        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan)), shard, self.compute)
+        self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec.pool))
+        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan.name)), shard, self.compute)
         self.metrics.ready()
 
     def __del__(self) -> None:  # Serve's replica shutdown: leave the rendezvous so engines re-pair
@@ -160,36 +160,34 @@ class ExpertShard:
         return {EXPERT_TOKENS_PER_S: self.tokens_per_s()}
 
 
-def pool_actor_options(plan: dict[str, Any], pool: str, devices: int, num_cpus: float = 0.1) -> dict[str, Any]:
+def pool_actor_options(plan: Plan, pool: str, devices: int, num_cpus: float = 0.1) -> dict[str, Any]:
     """Place a replica on its pool's nodes (Ray node label `v4d.dev/pool`, set locally and by KubeRay)
     and claim `devices` of the pool's accelerators (`num_gpus` / the `NPU` resource)."""
-    spec = next(p for p in plan["pools"] if p["name"] == pool)
-    return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}, **ray_options(spec, devices)}
+    return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}, **ray_options(plan.pool(pool), devices)}
 
 
-def bind_shards(
-    plan: dict[str, Any], weights_dir: str, target_tokens_per_s: float = 2000.0, place: bool = True
-) -> dict[str, Any]:
-    """One bound Serve application per planned shard, named after it and scaling on its token load."""
+def bind_shards(plan: Plan, weights_dir: str, target_tokens_per_s: float = 2000.0, place: bool = True) -> dict[str, Any]:
+    """One bound Serve application per planned shard, named after it, scaling on its token load
+    with the engine's replica ceiling and delays."""
     from ray import serve
 
-    eng = plan["engine"]
+    eng = plan.engine
     apps = {}
-    for spec in plan["shards"]:
-        dep = serve.deployment(ExpertShard, name=spec["name"])
+    for spec in plan.shards:
+        dep = serve.deployment(ExpertShard, name=spec.name)
         options: dict[str, Any] = {
             "autoscaling_config": autoscaling_config(
-                ExpertLoadPolicy, 1, max(1, int(eng.get("max_replicas", 1))), 1,
+                ExpertLoadPolicy, 1, max(1, eng.max_replicas), 1,
                 target_tokens_per_s=target_tokens_per_s,
-                upscale_delay_s=float(eng.get("upscale_delay_s", 30)),
-                downscale_delay_s=float(eng.get("downscale_delay_s", 600)),
+                upscale_delay_s=eng.upscale_delay_s,
+                downscale_delay_s=eng.downscale_delay_s,
             ),
             "graceful_shutdown_wait_loop_s": 0.1,
             "graceful_shutdown_timeout_s": 1.0,
         }
         if place:
-            options["ray_actor_options"] = pool_actor_options(plan, spec["pool"], devices=1)
-        apps[spec["name"]] = dep.options(**options).bind(plan, spec["name"], weights_dir)
+            options["ray_actor_options"] = pool_actor_options(plan, spec.pool, devices=1)
+        apps[spec.name] = dep.options(**options).bind(plan, spec.name, weights_dir)
     return apps
 
 
@@ -197,5 +195,5 @@ def shard_app_builder(args: dict[str, Any]) -> Any:
     """Serve app builder for one shard deployed as its own app (serveConfigV2 `import_path:
     v4d.serving.experts:shard_app_builder`, `args: {"plan": <plan dict>, "shard": <name>}`); the engine
     then runs with `bind_engine(..., shard_apps=True)`."""
-    plan = args["plan"]
-    return bind_shards(plan, plan["weights_uri"])[args["shard"]]
+    plan = Plan.from_dict(args["plan"])
+    return bind_shards(plan, plan.weights_uri)[args["shard"]]

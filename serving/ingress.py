@@ -94,8 +94,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 )
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, plan: dict[str, Any], checkpoint: str, api_key: str | None = None):
-        self.plan = Plan.from_dict(plan)
+    def __init__(self, engine: DeploymentHandle, plan: Plan, checkpoint: str, api_key: str | None = None):
+        self.plan = plan
         self.model = self.plan.served_name
         self.created = int(time.time())
         self.engine = engine.options(stream=True)

@@ -87,7 +87,6 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
 
     cluster = Cluster(shutdown_at_exit=True)
-    plan_dict = plan.to_dict()
     try:
         cluster.add_node(
             num_cpus=1,
@@ -103,7 +102,7 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
                 object_store_memory=100 * 2**20,
                 labels={POOL_LABEL: pool.name},
                 metrics_export_port=metrics_port + i,
-                **node_resources(plan_dict, pool.name),  # its accelerators, as KubeRay's worker group declares them
+                **node_resources(plan, pool.name),  # its accelerators, as KubeRay's worker group declares them
             )
             urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
         ray.init(address=cluster.address, log_to_driver=False)

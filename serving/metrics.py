@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from v4d.serving.plan import Plan
+
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
 # Every serving metric carries these tags; the recorder fills them from its defaults.
@@ -266,10 +268,10 @@ def _replica_id() -> str:
         return ""
 
 
-def plan_labels(plan: dict[str, Any], pool: str) -> dict[str, str]:
-    """Metric labels (model, deployment, pool, vendor) for a component running in `pool`."""
-    vendor = next((p.get("vendor", "") for p in plan.get("pools", []) if p["name"] == pool), "")
-    return {"model": plan["served_name"], "deployment": plan["name"], "pool": pool, "vendor": vendor}
+def plan_labels(plan: Plan, pool: str) -> dict[str, str]:
+    """Metric labels (model, deployment, pool, vendor) for a component running in `pool` ("": the head node)."""
+    vendor = plan.pool(pool).vendor if pool else ""
+    return {"model": plan.served_name, "deployment": plan.name, "pool": pool, "vendor": vendor}
 
 
 class ServingMetrics:

@@ -26,6 +26,7 @@ from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
 from v4d.serving.model.cache import KVCache, page_bytes, slot_bytes
 from v4d.serving.model.graphs import DecodeGraphs, graphs_enabled
+from v4d.serving.plan import EnginePlan
 from v4d.serving.runtime.runner import ModelRunner
 from v4d.serving.sizing import page_tokens, pages_for
 
@@ -49,14 +50,14 @@ class EngineLimits:
         return self.prefix_snapshots if self.prefix_snapshots >= 0 else max(1, self.max_num_seqs // 4)
 
     @classmethod
-    def from_plan(cls, engine: dict[str, Any], max_context_tokens: int) -> EngineLimits:
+    def from_plan(cls, engine: EnginePlan, max_context_tokens: int) -> EngineLimits:
         return cls(
-            kv_budget_bytes=int(engine["kv_budget_bytes"]),
-            max_num_seqs=int(engine["max_num_seqs"]),
-            max_batch_tokens=int(engine["max_batch_tokens"]),
-            max_queue=int(engine["max_queue"]),
-            max_context_tokens=int(max_context_tokens),
-            kv_format=str(engine.get("kv_format", "deployed")),
+            kv_budget_bytes=engine.kv_budget_bytes,
+            max_num_seqs=engine.max_num_seqs,
+            max_batch_tokens=engine.max_batch_tokens,
+            max_queue=engine.max_queue,
+            max_context_tokens=max_context_tokens,
+            kv_format=engine.kv_format,
         )
 
 

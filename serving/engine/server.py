@@ -28,6 +28,7 @@ from v4d.serving.engine.transport import ChannelTransport, RemoteExperts, ServeT
 from v4d.serving.experts import pool_actor_options
 from v4d.serving.metrics import ServingMetrics, plan_labels
 from v4d.serving.model.loader import load_model
+from v4d.serving.plan import Plan
 from v4d.serving.runtime.channels import rendezvous, rendezvous_name
 from v4d.serving.runtime.device import torch_device
 
@@ -35,32 +36,29 @@ from v4d.serving.runtime.device import torch_device
 class EngineServer:
     """Serve deployment body: `generate` (streaming), `stats`, `abort`, `record_autoscaling_stats`."""
 
-    def __init__(
-        self, plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, shard_apps: bool = False
-    ):
+    def __init__(self, plan: Plan, weights_dir: str, shards: dict[str, Any] | None = None, shard_apps: bool = False):
         torch.set_num_threads(1)
         if shard_apps:
             from ray import serve
 
-            shards = {s["name"]: serve.get_deployment_handle(s["name"], app_name=s["name"]) for s in plan["shards"]}
-        eng = plan["engine"]
-        pool = next(p for p in plan["pools"] if p["name"] == eng["pool"])
+            shards = {s.name: serve.get_deployment_handle(s.name, app_name=s.name) for s in plan.shards}
+        eng = plan.engine
         # One device computes (index 0 of those Ray made visible); the replica claims all it was planned.
-        model = load_model(weights_dir, with_experts=not shards, precision=plan.get("precision", "auto"),
-                           device=torch_device(pool["vendor"]), progress=False, mtp=False)
+        model = load_model(weights_dir, with_experts=not shards, precision=plan.precision,
+                           device=torch_device(plan.pool(eng.pool).vendor), progress=False, mtp=False)
         self.remote: RemoteExperts | None = None
         self.channels: ChannelTransport | None = None
         if shards:  # token rows go over direct channels; Serve handles only until a shard's is up
             self.channels = ChannelTransport(
-                rendezvous(rendezvous_name(plan)), fallback=ServeTransport(shards), shards=list(shards)
+                rendezvous(rendezvous_name(plan.name)), fallback=ServeTransport(shards), shards=list(shards)
             )
-            self.remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), self.channels)
+            self.remote = RemoteExperts(SlotMap.from_shards(plan.shards), self.channels)
             model.experts = self.remote
-        self.metrics = ServingMetrics(role="engine", **plan_labels(plan, eng["pool"]))
+        self.metrics = ServingMetrics(role="engine", **plan_labels(plan, eng.pool))
         self.metrics.ready()
-        self.metrics.kv_cache_usage_target.set(float(eng.get("target_kv_utilization", 0.0)))
-        self.metrics.expert_redundant_copies.set(float(plan.get("experts", {}).get("redundant", 0)))
-        self.engine = Engine(model, EngineLimits.from_plan(eng, plan["max_context_tokens"]), self.metrics)
+        self.metrics.kv_cache_usage_target.set(eng.target_kv_utilization)
+        self.metrics.expert_redundant_copies.set(plan.experts.redundant)
+        self.engine = Engine(model, EngineLimits.from_plan(eng, plan.max_context_tokens), self.metrics)
 
     def __del__(self) -> None:  # Serve's replica shutdown: close this engine's pairs
         channels = getattr(self, "channels", None)
@@ -85,7 +83,7 @@ class EngineServer:
 
 
 def bind_engine(
-    plan: dict[str, Any], weights_dir: str, shards: dict[str, Any] | None = None, place: bool = True,
+    plan: Plan, weights_dir: str, shards: dict[str, Any] | None = None, place: bool = True,
     name: str = "engine", shard_apps: bool = False,
 ) -> Any:
     """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds.
@@ -94,26 +92,26 @@ def bind_engine(
     when each shard was deployed as its own app (named after the shard) before this one."""
     from ray import serve
 
-    eng = plan["engine"]
-    lo, hi = int(eng["min_replicas"]), int(eng["max_replicas"])
+    eng = plan.engine
+    lo, hi = eng.min_replicas, eng.max_replicas
     options: dict[str, Any] = {
         "name": name,
         "autoscaling_config": autoscaling_config(
-            KVPressurePolicy, lo, hi, min(max(int(eng["replicas"]), lo), hi),
-            target_kv_utilization=float(eng["target_kv_utilization"]),
-            target_waiting=max(1, int(eng["max_queue"]) // 4),
-            labels=plan_labels(plan, eng["pool"]),
-            upscale_delay_s=float(eng["upscale_delay_s"]),
-            downscale_delay_s=float(eng["downscale_delay_s"]),
-            time_to_ready_s=float(eng.get("time_to_ready_s", 0.0)),
+            KVPressurePolicy, lo, hi, min(max(eng.replicas, lo), hi),
+            target_kv_utilization=eng.target_kv_utilization,
+            target_waiting=max(1, eng.max_queue // 4),
+            labels=plan_labels(plan, eng.pool),
+            upscale_delay_s=eng.upscale_delay_s,
+            downscale_delay_s=eng.downscale_delay_s,
+            time_to_ready_s=eng.time_to_ready_s,
         ),
         # Above running + waiting, so requests beyond the engine's queue reach it and get Overloaded
         # (429) instead of waiting unbounded in Serve's router.
-        "max_ongoing_requests": int(eng["max_num_seqs"]) + int(eng["max_queue"]) + 8,
+        "max_ongoing_requests": eng.max_num_seqs + eng.max_queue + 8,
         # On shutdown or downscale, in-flight streams may finish (up to the request timeout).
         "graceful_shutdown_wait_loop_s": 0.1,
-        "graceful_shutdown_timeout_s": float(plan.get("serving", {}).get("request_timeout_s", 60)),
+        "graceful_shutdown_timeout_s": plan.serving.request_timeout_s,
     }
     if place:
-        options["ray_actor_options"] = pool_actor_options(plan, eng["pool"], int(eng["devices_per_replica"]))
+        options["ray_actor_options"] = pool_actor_options(plan, eng.pool, eng.devices_per_replica)
     return serve.deployment(EngineServer).options(**options).bind(plan, weights_dir, shards or None, shard_apps)

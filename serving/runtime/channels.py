@@ -100,8 +100,9 @@ class Rendezvous:
             del self.kv[k]
 
 
-def rendezvous_name(plan: dict[str, Any]) -> str:
-    return f"v4d-rendezvous-{plan['name']}"
+def rendezvous_name(deployment: str) -> str:
+    """The rendezvous actor of the plan named `deployment` (Plan.name)."""
+    return f"v4d-rendezvous-{deployment}"
 
 
 def rendezvous(name: str) -> Any:

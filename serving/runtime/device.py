@@ -16,33 +16,32 @@ from typing import Any
 
 import torch
 
+from v4d.serving.plan import Plan, PoolPlan
 
-def ray_options(pool: dict[str, Any], devices: int) -> dict[str, Any]:
-    """Ray actor options claiming `devices` accelerators of `pool` (a plan pool dict)."""
+
+def ray_options(pool: PoolPlan, devices: int) -> dict[str, Any]:
+    """Ray actor options claiming `devices` accelerators of `pool`."""
     if devices <= 0:
         return {}
-    resource = pool["ray_resource"]
+    resource = pool.ray_resource
     if resource == "GPU":
         return {"num_gpus": devices}
     return {"resources": {resource: devices}}
 
 
-def claims_at_max(plan: dict[str, Any], pool: str) -> int:
+def claims_at_max(plan: Plan, pool: str) -> int:
     """Devices the plan's replicas on `pool` claim at most: its shards, one each, plus the engine's
     `max_replicas x devices_per_replica` when the engine runs there."""
-    eng = plan["engine"]
-    engine = int(eng["max_replicas"]) * int(eng["devices_per_replica"]) if eng["pool"] == pool else 0
-    return engine + sum(1 for s in plan["shards"] if s["pool"] == pool)
+    eng = plan.engine
+    engine = eng.max_replicas * eng.devices_per_replica if eng.pool == pool else 0
+    return engine + sum(1 for s in plan.shards if s.pool == pool)
 
 
-def node_resources(plan: dict[str, Any], pool: str) -> dict[str, Any]:
+def node_resources(plan: Plan, pool: str) -> dict[str, Any]:
     """`Cluster.add_node` keyword arguments declaring a pool's devices on its one local node: as
     many as the plan uses or its replicas can claim at max scale (KubeRay adds nodes for those)."""
-    spec = next(p for p in plan["pools"] if p["name"] == pool)
-    n = max(int(spec["devices"]), claims_at_max(plan, pool))
-    if spec["ray_resource"] == "GPU":
-        return {"num_gpus": n}
-    return {"resources": {spec["ray_resource"]: n}}
+    spec = plan.pool(pool)
+    return ray_options(spec, max(spec.devices, claims_at_max(plan, pool)))
 
 
 def npu_available() -> bool:

@@ -1,25 +1,38 @@
 """Devices of a pool (no Ray started): the claims each replica makes, what `v4d serve` declares, and
 the torch device a replica picks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+from helpers.opspecs import tiny_spec
 
+from v4d.operator.planner import plan
 from v4d.serving.experts import pool_actor_options
+from v4d.serving.plan import Plan, PoolPlan
 from v4d.serving.runtime.device import claims_at_max, node_resources, ray_options, torch_device
 
-PLAN = {
-    "pools": [{"name": "h200", "vendor": "nvidia", "ray_resource": "GPU", "devices": 10},
-              {"name": "ascend", "vendor": "ascend", "ray_resource": "NPU", "devices": 3}],
-    "engine": {"pool": "h200", "max_replicas": 3, "devices_per_replica": 4},
-    "shards": [{"name": f"experts-ascend-{i}", "pool": "ascend"} for i in range(3)]
-    + [{"name": "experts-h200-0", "pool": "h200"}],
-}
+
+def _pool(name: str, vendor: str, resource: str, devices: int) -> PoolPlan:
+    return PoolPlan(name, vendor, f"{vendor}.example/device", resource, devices_per_node=8, device_memory_gib=64.0,
+                    nodes=1, devices=devices, roles=["attention", "experts"])
+
+
+def _plan() -> Plan:
+    p = plan(tiny_spec(), name="devices")
+    engine = replace(p.engine, pool="h200", max_replicas=3, devices_per_replica=4)
+    shards = [replace(p.shards[0], name=f"experts-ascend-{i}", pool="ascend") for i in range(3)]
+    return replace(p, pools=[_pool("h200", "nvidia", "GPU", 10), _pool("ascend", "ascend", "NPU", 3)],
+                   engine=engine, shards=[*shards, replace(p.shards[0], name="experts-h200-0", pool="h200")])
+
+
+PLAN = _plan()
 
 
 def test_claims_per_vendor():
-    assert ray_options(PLAN["pools"][0], 4) == {"num_gpus": 4}
-    assert ray_options(PLAN["pools"][1], 1) == {"resources": {"NPU": 1}}
-    assert ray_options(PLAN["pools"][0], 0) == {}
+    assert ray_options(PLAN.pools[0], 4) == {"num_gpus": 4}
+    assert ray_options(PLAN.pools[1], 1) == {"resources": {"NPU": 1}}
+    assert ray_options(PLAN.pools[0], 0) == {}
     engine = pool_actor_options(PLAN, "h200", devices=4)
     assert engine == {"num_cpus": 0.1, "label_selector": {"v4d.dev/pool": "h200"}, "num_gpus": 4}
     assert pool_actor_options(PLAN, "ascend", devices=1)["resources"] == {"NPU": 1}

@@ -5,6 +5,7 @@ reach Ray's Prometheus endpoint."""
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 
 import pytest
 import ray
@@ -20,6 +21,8 @@ from v4d.serving.errors import ContextTooLong, ShardUnavailable
 from v4d.serving.experts import bind_shards, shard_app_builder
 from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
+from v4d.serving.plan import Balance, EnginePlan, ExpertCounts, KVPlan, Plan, PoolPlan, ServingPlan, ShardPlan
+from v4d.serving.sizing import page_tokens
 
 from .reference import greedy
 
@@ -32,20 +35,22 @@ E, LAYERS = CFG.n_routed_experts, CFG.num_hidden_layers + CFG.num_nextn_predict_
 SLOTS = {"experts-gpu-a-0": list(range(0, 12)), "experts-gpu-a-1": list(range(8, 16))}
 
 
-def make_plan(weights: str) -> dict:
-    return {
-        "name": "tiny", "served_name": "v4-tiny-fast", "model": "v4-tiny-fast", "config": CFG.to_dict(),
-        "weights_uri": weights, "max_context_tokens": 512,
-        "pools": [{"name": "gpu-a", "vendor": "nvidia", "ray_resource": "GPU", "devices": 3}],
-        "engine": {
-            "pool": "gpu-a", "replicas": 1, "min_replicas": 1, "max_replicas": 1, "devices_per_replica": 1,
-            "kv_budget_bytes": 5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"),
-            "kv_format": "fp32", "max_num_seqs": 4, "max_batch_tokens": 64, "max_queue": 4, "target_kv_utilization": 0.7,
-            "upscale_delay_s": 0, "downscale_delay_s": 5,
-        },
-        "shards": [{"name": n, "pool": "gpu-a", "slots": [s] * LAYERS} for n, s in SLOTS.items()],
-        "experts": {"logical": E, "physical": 20, "redundant": 4},
-    }
+def make_plan(weights: str) -> Plan:
+    pool = PoolPlan("gpu-a", "nvidia", "nvidia.com/gpu", "GPU", devices_per_node=8, device_memory_gib=141.0,
+                    nodes=1, devices=3, roles=["attention", "experts"])
+    engine = EnginePlan(
+        pool="gpu-a", devices_per_replica=1, replicas=1, min_replicas=1, max_replicas=1,
+        kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"), capacity_tokens=0,
+        page_tokens=page_tokens(CFG), max_num_seqs=4, max_batch_tokens=64, max_queue=4, target_kv_utilization=0.7,
+        upscale_delay_s=0, downscale_delay_s=5, kv_format="fp32",
+    )
+    shards = [ShardPlan(n, "gpu-a", i, [s] * LAYERS, weight_bytes=0) for i, (n, s) in enumerate(SLOTS.items())]
+    return Plan(
+        name="tiny", served_name="v4-tiny-fast", model="v4-tiny-fast", config=CFG.to_dict(), weights_uri=weights,
+        max_context_tokens=512, pools=[pool], engine=engine, shards=shards,
+        experts=ExpertCounts(logical=E, physical=20, redundant=4), balance=Balance(1.0),
+        kv=KVPlan(0.0, 0), serving=ServingPlan(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def app(serve_instance, tmp_path_factory):
     weights = str(make_checkpoint(CFG, tmp_path_factory.mktemp("ckpt")))
     plan = make_plan(weights)
     for name in SLOTS:
-        serve.run(shard_app_builder({"plan": plan, "shard": name}), name=name, route_prefix=None)
+        serve.run(shard_app_builder({"plan": plan.to_dict(), "shard": name}), name=name, route_prefix=None)
     engine = serve.run(bind_engine(plan, weights, shard_apps=True), name=APP, route_prefix=None)
     handles = {n: serve.get_deployment_handle(n, n) for n in SLOTS}
     yield plan, load_model(weights, progress=False), engine, handles
@@ -77,7 +82,7 @@ def stream(engine, prompt, n):
 
 def test_remote_experts_over_serve_equal_local_experts(app):
     plan, model, _, handles = app
-    remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(handles))
+    remote = RemoteExperts(SlotMap.from_shards(plan.shards), ServeTransport(handles))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(10, CFG.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(10)])
@@ -142,7 +147,7 @@ def _kill_replica(deployment: str) -> None:
 
 def test_shard_failure_retries_on_a_copy_or_fails_fast(app):
     plan, model, _, handles = app
-    remote = RemoteExperts(SlotMap.from_shards(plan["shards"]), ServeTransport(handles, timeout_s=4))
+    remote = RemoteExperts(SlotMap.from_shards(plan.shards), ServeTransport(handles, timeout_s=4))
     x = torch.randn(6, CFG.hidden_size)
     w = torch.rand(6, 2)
     shared = torch.tensor([[8, 9], [10, 11]] * 3)  # experts with a copy on both shards
@@ -167,9 +172,8 @@ def test_expert_shard_scales_on_its_token_load(app):
     replica; when the load stops (10 s window) and the downscale delay (5 s) passes, it goes back."""
     plan, _, _, _ = app
     name = "experts-gpu-a-scaling"
-    one = {**plan, "engine": {**plan["engine"], "max_replicas": 2},
-           "shards": [{**plan["shards"][0], "name": name}]}
-    serve.run(bind_shards(one, plan["weights_uri"], target_tokens_per_s=5.0)[name], name=name, route_prefix=None)
+    one = replace(plan, engine=replace(plan.engine, max_replicas=2), shards=[replace(plan.shards[0], name=name)])
+    serve.run(bind_shards(one, plan.weights_uri, target_tokens_per_s=5.0)[name], name=name, route_prefix=None)
     handle = serve.get_deployment_handle(name, name)
 
     def running() -> int:

@@ -3,7 +3,6 @@ fp32, and the engine's capacity against the planner's."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -110,6 +109,6 @@ def test_engine_capacity_for_the_planned_budget_equals_the_planner_within_2pct(e
     manifest = yaml.safe_load((EXAMPLES / example).read_text())
     p = plan(manifest["spec"], name="cap")
     e, cfg = p.engine, ModelConfig.from_dict(p.config)
-    pages, _, _ = kv_layout(cfg, EngineLimits.from_plan(asdict(e), p.max_context_tokens))
+    pages, _, _ = kv_layout(cfg, EngineLimits.from_plan(e, p.max_context_tokens))
     engine_tokens = pages * sizing.page_tokens(cfg)
     assert abs(engine_tokens - p.kv.capacity_tokens_per_replica) <= 0.02 * p.kv.capacity_tokens_per_replica
