@@ -282,11 +282,6 @@ def layer_slot_bytes(cfg: ModelConfig, layer: int, fmt: KvFmt = "deployed") -> i
     return cfg.sliding_window * main_entry_bytes(cfg, fmt) + compressor_state_bytes(cfg, layer)
 
 
-def per_request_state_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
-    """Fixed per-request state (§3.4): window ring of every main layer + fp32 compressor tails."""
-    return sum(layer_slot_bytes(cfg, i, fmt) for i in range(cfg.num_hidden_layers))
-
-
 # -- paged layout (the engine's unit of allocation) -------------------------------------------
 def page_tokens(cfg: ModelConfig) -> int:
     """Token positions per KV page: 128, or a multiple of every compression ratio if larger."""
@@ -302,14 +297,19 @@ def layer_page_bytes(cfg: ModelConfig, layer: int, fmt: KvFmt = "deployed") -> i
     return page_tokens(cfg) // r * (main_entry_bytes(cfg, fmt) + idx)
 
 
-def page_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
-    """One page across all main layers (Pro deployed: 30 x 32 x (584+68) + 31 x 584 = 644,024 B)."""
-    return sum(layer_page_bytes(cfg, i, fmt) for i in range(cfg.num_hidden_layers))
+def cached_layers(cfg: ModelConfig, with_mtp: bool = False) -> range:
+    """Layers holding KV state: every main layer, plus the MTP layers when they run (speculation)."""
+    return range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0))
 
 
-def slot_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed") -> int:
-    """One request's state slot (window ring + compressor tails)."""
-    return per_request_state_bytes(cfg, fmt)
+def page_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed", with_mtp: bool = False) -> int:
+    """One page across the cached layers (Pro deployed, main layers: 30 x 32 x (584+68) + 31 x 584 = 644,024 B)."""
+    return sum(layer_page_bytes(cfg, i, fmt) for i in cached_layers(cfg, with_mtp))
+
+
+def slot_bytes(cfg: ModelConfig, fmt: KvFmt = "deployed", with_mtp: bool = False) -> int:
+    """One request's fixed state (§3.4): the window ring of every cached layer + fp32 compressor tails."""
+    return sum(layer_slot_bytes(cfg, i, fmt) for i in cached_layers(cfg, with_mtp))
 
 
 def pages_for(cfg: ModelConfig, n_tokens: int) -> int:
@@ -341,7 +341,7 @@ def model_info(cfg: ModelConfig, context_tokens: int | None = None) -> dict[str,
         "kv_bytes_per_token": {f: kv_bytes_per_token(cfg, f) for f in FORMATS},
         "context_tokens": n,
         "kv_bytes_at_context": kv_at,
-        "per_request_state_bytes": {f: per_request_state_bytes(cfg, f) for f in FORMATS},
+        "per_request_state_bytes": {f: slot_bytes(cfg, f) for f in FORMATS},
         "page": {"tokens": page_tokens(cfg), **{f"bytes_{f}": page_bytes(cfg, f) for f in FORMATS}},
         "kv_bytes_at_context_v32": v32,
         "kv_bytes_at_context_gqa8": gqa8,

@@ -24,11 +24,11 @@ from v4d.serving.engine.kv_manager import KVManager
 from v4d.serving.engine.scheduler import Scheduler
 from v4d.serving.engine.sequence import SamplingParams, Sequence, Status, prompt_ids
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
-from v4d.serving.model.cache import KVCache, page_bytes, slot_bytes
+from v4d.serving.model.cache import KVCache
 from v4d.serving.model.graphs import DecodeGraphs, graphs_enabled
 from v4d.serving.plan import EnginePlan
 from v4d.serving.runtime.runner import ModelRunner
-from v4d.serving.sizing import page_tokens, pages_for
+from v4d.serving.sizing import page_bytes, page_tokens, pages_for, slot_bytes
 
 log = logging.getLogger(__name__)
 SHARD_RETRIES = 3  # failed steps (ShardUnavailable) a request survives before it fails

@@ -31,26 +31,12 @@ class SeqCache:
     num_tokens: int = 0
 
 
-# -- byte accounting (one home: serving/sizing.py; these are the sizes KVCache allocates) ---------
+# -- shapes (byte sizes: sizing.page_bytes / slot_bytes, which KVCache allocates exactly) -------------
 def compressor_shape(ratio: int, width: int) -> tuple[int, int]:
     """(rows, cols) of one compressor's tail ring: CSA keeps the previous block plus the open one
     (2 x ratio positions), each row holding both branches (2 x width); HCA the open block at `width`.
     Position p of the sequence sits in row p % rows."""
     return (2 * ratio, 2 * width) if ratio == 4 else (ratio, width)
-
-
-def _cache_layers(cfg: ModelConfig, with_mtp: bool) -> range:
-    return range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0))
-
-
-def page_bytes(cfg: ModelConfig, fmt: Fmt, with_mtp: bool = False) -> int:
-    """One page over every cached layer (sizing.page_bytes, plus the MTP layer with `with_mtp`)."""
-    return sum(sizing.layer_page_bytes(cfg, layer, fmt) for layer in _cache_layers(cfg, with_mtp))
-
-
-def slot_bytes(cfg: ModelConfig, fmt: Fmt, with_mtp: bool = False) -> int:
-    """Window rings in `fmt` plus compressor tails, which stay fp32 in every format (value + gate)."""
-    return sum(sizing.layer_slot_bytes(cfg, layer, fmt) for layer in _cache_layers(cfg, with_mtp))
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -105,7 +91,7 @@ class KVCache:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=self.dtype, device=device)
 
-        for layer in _cache_layers(cfg, with_mtp):
+        for layer in sizing.cached_layers(cfg, with_mtp):
             ratio = cfg.compress_ratios[layer]
             lc = LayerCache(zeros(num_slots, cfg.sliding_window, main_row))
             if ratio:

@@ -10,8 +10,8 @@ from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 from v4d.serving.errors import BadRequest, ContextTooLong, Overloaded, ShardUnavailable
-from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
+from v4d.serving.sizing import page_bytes, slot_bytes
 
 from .reference import greedy
 

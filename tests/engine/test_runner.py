@@ -10,10 +10,10 @@ from v4d.serving.config import TINY_FAST
 from v4d.serving.engine.engine import Engine, EngineLimits
 from v4d.serving.engine.transport import InProcessTransport, RemoteExperts, SlotMap
 from v4d.serving.experts import ShardExperts
-from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.model import Transformer, init_weights
 from v4d.serving.runtime.channels import current_tag
 from v4d.serving.runtime.runner import ModelRunner
+from v4d.serving.sizing import page_bytes, slot_bytes
 
 from .reference import greedy
 

@@ -19,10 +19,9 @@ from v4d.serving.engine.server import bind_engine
 from v4d.serving.engine.transport import RemoteExperts, ServeTransport, SlotMap
 from v4d.serving.errors import ContextTooLong, ShardUnavailable
 from v4d.serving.experts import bind_shards, shard_app_builder
-from v4d.serving.model.cache import page_bytes, slot_bytes
 from v4d.serving.model.loader import load_model
 from v4d.serving.plan import Balance, EnginePlan, ExpertCounts, KVPlan, Plan, PoolPlan, ServingPlan, ShardPlan
-from v4d.serving.sizing import page_tokens
+from v4d.serving.sizing import page_bytes, page_tokens, slot_bytes
 
 from .reference import greedy
 

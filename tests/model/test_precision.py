@@ -157,7 +157,7 @@ def test_engine_serves_the_deployed_model(ckpt):
     import asyncio
 
     from v4d.serving.engine.engine import Engine, EngineLimits
-    from v4d.serving.model.cache import page_bytes, slot_bytes
+    from v4d.serving.sizing import page_bytes, slot_bytes
 
     model = load_model(ckpt, precision="deployed", progress=False, mtp=False)
     cfg = model.cfg

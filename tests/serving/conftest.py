@@ -59,7 +59,7 @@ def plan(cache_dir):
     from v4d.operator.planner import plan as make_plan
     from v4d.serving.config import get_preset
     from v4d.serving.local import ensure_checkpoint
-    from v4d.serving.model.cache import page_bytes, slot_bytes
+    from v4d.serving.sizing import page_bytes, slot_bytes
 
     p = ensure_checkpoint(make_plan(copy.deepcopy(SPEC), name="tiny"), log=lambda s: None)
     cfg = get_preset("v4-tiny")
