@@ -392,6 +392,19 @@ class OutputParser:
         return False
 
 
+class PlainParser:
+    """Raw completions: every generated character is content (OutputParser's feed/finish)."""
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        return [("content", text)] if text else []
+
+    def finish(self) -> list[tuple[str, Any]]:
+        return []
+
+
+Parser = OutputParser | PlainParser  # what turns generated text into ("reasoning" | "content" | "tool_call", value)
+
+
 @dataclass
 class ParsedOutput:
     reasoning_content: str | None  # None in chat (non-thinking) mode

@@ -27,9 +27,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from v4d.serving import chat
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
 from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
-from v4d.serving.api.generation import Event, Finished, GenRequest, PlainParser, events
+from v4d.serving.api.generation import Event, EventParser, Finished, GenRequest, events
 from v4d.serving.api.prepare import Preparer
 from v4d.serving.api.validation import preview
 from v4d.serving.metrics import ServingMetrics, plan_labels
@@ -141,7 +142,7 @@ class Ingress:
         if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
 
-    async def _start(self, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
+    async def _start(self, gen: GenRequest, parser: EventParser) -> AsyncIterator[Event]:
         """Submit to an engine and wait for its first item; return the request's event stream."""
         if self.draining:
             raise APIError(503, "The server is shutting down; retry on another instance.", code="shutting_down")
@@ -155,7 +156,7 @@ class Ingress:
             raise
         return self._events(stream, first, gen, parser)
 
-    async def _events(self, stream: Any, first: dict | None, gen: GenRequest, parser: Any) -> AsyncIterator[Event]:
+    async def _events(self, stream: Any, first: dict | None, gen: GenRequest, parser: EventParser) -> AsyncIterator[Event]:
         done = False
 
         async def items() -> AsyncIterator[dict]:
@@ -168,7 +169,7 @@ class Ingress:
             done = True
 
         try:
-            async for ev in events(items(), chat_bridge.decoder(self.tok), parser, gen.params.stop, len(gen.prompt_token_ids)):
+            async for ev in events(items(), chat_bridge.decoder(self.tok), parser, gen.stop, len(gen.prompt_token_ids)):
                 if isinstance(ev, Finished) and ev.reason == "abort":
                     raise APIError(503, "The request was aborted by the server; retry it.", code="aborted")
                 yield ev
@@ -216,7 +217,7 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         async def run() -> Response:
             req, prompt, gen = await self._prepared(request, self.prepare.chat)
-            parser = chat_bridge.ChatOutputParser(prompt.thinking)
+            parser = chat.OutputParser(prompt.thinking)
             evs = await self._start(gen, chat_bridge.output_parser(parser, self.tok, req.skip_special_tokens))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -230,7 +231,7 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         async def run() -> Response:
             req, gen = await self._prepared(request, self.prepare.completion)
-            evs = await self._start(gen, chat_bridge.output_parser(PlainParser(), self.tok, req.skip_special_tokens))
+            evs = await self._start(gen, chat_bridge.output_parser(chat.PlainParser(), self.tok, req.skip_special_tokens))
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.completion_stream(gen.request_id, self.model, evs, usage)
@@ -243,7 +244,7 @@ class Ingress:
     async def messages(self, request: Request) -> Response:
         async def run() -> Response:
             req, prompt, gen = await self._prepared(request, self.prepare.messages)
-            parser = chat_bridge.ChatOutputParser(prompt.thinking)
+            parser = chat.OutputParser(prompt.thinking)
             evs = await self._start(gen, chat_bridge.output_parser(parser, self.tok, req.skip_special_tokens))
             if req.stream:
                 chunks = anthropic_api.message_stream(gen.request_id, self.model, len(gen.prompt_token_ids), evs)

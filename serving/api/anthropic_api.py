@@ -16,7 +16,7 @@ from pydantic import Field
 from v4d.serving.api import sse
 from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCall
+from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCallDelta
 from v4d.serving.api.validation import MAX_TOOLS, Strict, check, check_stops
 from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 
@@ -167,11 +167,11 @@ class MessagesRequest(CountTokensRequest):
 STOP_REASON = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def _input(tc: ToolCall) -> dict[str, Any]:
+def _input(tc: ToolCallDelta) -> dict[str, Any]:
     try:
-        value = json.loads(tc.arguments or "{}")
+        value = json.loads(tc.call.arguments or "{}")
     except ValueError:
-        return {"_raw": tc.arguments}
+        return {"_raw": tc.call.arguments}
     return value if isinstance(value, dict) else {"value": value}
 
 
@@ -189,8 +189,8 @@ def message(rid: str, model: str, evs: list[Event]) -> dict[str, Any]:
                 last["text"] += ev.text
             else:
                 content.append({"type": "text", "text": ev.text})
-        elif isinstance(ev, ToolCall):
-            content.append({"type": "tool_use", "id": ev.id, "name": ev.name, "input": _input(ev)})
+        elif isinstance(ev, ToolCallDelta):
+            content.append({"type": "tool_use", "id": ev.id, "name": ev.call.name, "input": _input(ev)})
     fin = evs[-1]
     assert isinstance(fin, Finished)
     return {
@@ -249,8 +249,8 @@ async def message_stream(rid: str, model: str, prompt_tokens: int, evs: AsyncIte
                 yield stop_block()
             index += 1
             open_kind = kind
-            if isinstance(ev, ToolCall):
-                yield start_block({"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
+            if isinstance(ev, ToolCallDelta):
+                yield start_block({"type": "tool_use", "id": ev.id, "name": ev.call.name, "input": {}})
             else:
                 yield start_block({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""})
         if isinstance(ev, ReasoningDelta):

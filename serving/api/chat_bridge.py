@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from v4d.serving import chat
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import OutputParser, ReasoningDelta, TextDelta, ToolCall
+from v4d.serving.api.generation import EventParser
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -40,56 +39,7 @@ def decoder(tok: Tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: "".join(stream.step(tok.raw, i) or "" for i in ids)
 
 
-class ChatOutputParser:
-    """`chat.OutputParser` (reasoning / content / DSML tool calls) as generation events."""
-
-    def __init__(self, thinking: bool):
-        self._parser = chat.OutputParser(thinking)
-        self._calls = 0
-
-    def _events(self, parsed: list[tuple[str, Any]]) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        out: list[TextDelta | ReasoningDelta | ToolCall] = []
-        for kind, value in parsed:
-            if kind == "reasoning":
-                out.append(ReasoningDelta(value))
-            elif kind == "content":
-                out.append(TextDelta(value))
-            else:
-                out.append(ToolCall(self._calls, f"call_{uuid.uuid4().hex[:24]}", value.name, value.arguments))
-                self._calls += 1
-        return out
-
-    def feed(self, text: str) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return self._events(self._parser.feed(text))
-
-    def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return self._events(self._parser.finish())
-
-
-class SkipSpecial:
-    """`skip_special_tokens`: the wrapped parser sees special tokens (`</think>`, DSML, EOS), the
-    client's text does not: special-token strings are removed from its text and reasoning events."""
-
-    def __init__(self, parser: OutputParser, tok: Tokenizer):
-        self._parser = parser
-        self._tok = tok
-
-    def _strip(self, evs: list[TextDelta | ReasoningDelta | ToolCall]) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        out: list[TextDelta | ReasoningDelta | ToolCall] = []
-        for ev in evs:
-            if isinstance(ev, (TextDelta, ReasoningDelta)):
-                ev = type(ev)(self._tok.strip_special(ev.text))
-                if not ev.text:
-                    continue
-            out.append(ev)
-        return out
-
-    def feed(self, text: str) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return self._strip(self._parser.feed(text))
-
-    def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return self._strip(self._parser.close())
-
-
-def output_parser(parser: OutputParser, tok: Tokenizer, skip_special_tokens: bool) -> OutputParser:
-    return SkipSpecial(parser, tok) if skip_special_tokens else parser
+def output_parser(parser: chat.Parser, tok: Tokenizer, skip_special_tokens: bool) -> EventParser:
+    """`parser`'s events; with `skip_special_tokens` the parser still sees special tokens (`</think>`,
+    DSML, EOS) but the client's text and reasoning do not."""
+    return EventParser(parser, tok.strip_special if skip_special_tokens else None)

@@ -2,26 +2,21 @@
 
 Both APIs build a `GenRequest`, stream `Event`s from `events()`, and format them their own way.
 Order of work per engine item: incremental detokenization (`decode`, special tokens kept, so the chat parser
-sees `</think>` and DSML markers) -> the chat output parser splits reasoning / content / tool calls
-(and, with `skip_special_tokens`, special-token strings leave the text: `chat_bridge.SkipSpecial`)
--> text stop sequences are matched on the content and end the request early.
+sees `</think>` and DSML markers) -> the output parser (`chat.OutputParser`, or `chat.PlainParser` for raw
+completions, through `EventParser`) splits reasoning / content / tool calls (and, with
+`skip_special_tokens`, special-token strings leave the text) -> text stop sequences are matched on the
+content and end the request early.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+from v4d.serving.chat import Parser, ToolCall
+from v4d.serving.engine.sequence import SamplingParams
 
 
 @dataclass
@@ -35,11 +30,12 @@ class ReasoningDelta:
 
 
 @dataclass
-class ToolCall:
+class ToolCallDelta:
+    """One complete tool call the model made, numbered in order with the id the client answers it by."""
+
     index: int
     id: str
-    name: str
-    arguments: str  # JSON object text
+    call: ToolCall
 
 
 @dataclass
@@ -50,25 +46,37 @@ class Finished:
     stop_sequence: str | None = None
 
 
-Event = TextDelta | ReasoningDelta | ToolCall | Finished
+Delta = TextDelta | ReasoningDelta | ToolCallDelta
+Event = Delta | Finished
 
 
-class OutputParser(Protocol):
-    """Splits generated text into reasoning, content and tool calls (see `chat_parser`)."""
+class EventParser:
+    """A `chat.Parser` (reasoning / content / DSML tool calls, or plain text) as generation events.
 
-    def feed(self, text: str) -> list[TextDelta | ReasoningDelta | ToolCall]: ...
+    `strip` (`skip_special_tokens`: the tokenizer's `strip_special`) removes special-token strings
+    from the client's text and reasoning after the parser has seen them."""
 
-    def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]: ...
+    def __init__(self, parser: Parser, strip: Callable[[str], str] | None = None):
+        self._parser, self._strip = parser, strip
+        self._calls = 0
 
+    def _events(self, parsed: list[tuple[str, Any]]) -> list[Delta]:
+        out: list[Delta] = []
+        for kind, value in parsed:
+            if kind == "tool_call":
+                out.append(ToolCallDelta(self._calls, f"call_{uuid.uuid4().hex[:24]}", value))
+                self._calls += 1
+                continue
+            text = self._strip(value) if self._strip else value
+            if text:
+                out.append(ReasoningDelta(text) if kind == "reasoning" else TextDelta(text))
+        return out
 
-class PlainParser:
-    """Raw completions: everything is content."""
+    def feed(self, text: str) -> list[Delta]:
+        return self._events(self._parser.feed(text))
 
-    def feed(self, text: str) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return [TextDelta(text)] if text else []
-
-    def close(self) -> list[TextDelta | ReasoningDelta | ToolCall]:
-        return []
+    def finish(self) -> list[Delta]:
+        return self._events(self._parser.finish())
 
 
 class StopMatcher:
@@ -106,21 +114,13 @@ class StopMatcher:
 class GenRequest:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
-    stop_token_ids: list[int] = field(default_factory=list)
+    params: SamplingParams  # the engine's (stop_token_ids included)
+    stop: list[str] = field(default_factory=list)  # text stop sequences, matched here on the content
 
     def engine_request(self) -> dict[str, Any]:
-        p = self.params
-        return {
-            "request_id": self.request_id,
-            "prompt_token_ids": self.prompt_token_ids,
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "seed": p.seed,
-            "stop_token_ids": self.stop_token_ids,
-            "ignore_eos": p.ignore_eos,
-        }
+        """The engine request (docs/contracts.md) carrying `params` field for field."""
+        return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids,
+                **asdict(self.params), "stop_token_ids": list(self.params.stop_token_ids)}
 
 
 def _stop_filter(evs: list, matcher: StopMatcher) -> tuple[list[Event], str | None]:
@@ -141,7 +141,7 @@ def _stop_filter(evs: list, matcher: StopMatcher) -> tuple[list[Event], str | No
 async def events(
     items: AsyncIterator[dict],
     decode: Callable[[list[int]], str],  # incremental: new ids -> the text they complete
-    parser: OutputParser,
+    parser: EventParser,
     stops: list[str],
     num_prompt_tokens: int,
 ) -> AsyncIterator[Event]:
@@ -156,7 +156,7 @@ async def events(
     while not done:
         item = await anext(items, None)
         if item is None:
-            evs = parser.close()
+            evs = parser.finish()
             done = True
         else:
             n_out = item.get("num_output_tokens", n_out + len(item.get("token_ids", ())))
@@ -165,11 +165,11 @@ async def events(
             evs = parser.feed(text) if text else []
             if item.get("finish_reason"):
                 reason = item["finish_reason"]
-                evs += parser.close()
+                evs += parser.finish()
                 done = True
         out, hit = _stop_filter(evs, matcher)
         for ev in out:
-            saw_tool = saw_tool or isinstance(ev, ToolCall)
+            saw_tool = saw_tool or isinstance(ev, ToolCallDelta)
             yield ev
         if hit is not None:
             yield Finished("stop_sequence", n_prompt, n_out, stop_sequence=hit)

@@ -18,7 +18,7 @@ from pydantic import Field
 from v4d.serving.api import sse
 from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCall
+from v4d.serving.api.generation import Event, Finished, ReasoningDelta, TextDelta, ToolCallDelta
 from v4d.serving.api.validation import MAX_TOOLS, Strict, check, check_stops
 from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
 
@@ -192,8 +192,8 @@ def usage(fin: Finished) -> dict[str, int]:
     }
 
 
-def tool_call_dict(tc: ToolCall) -> dict[str, Any]:
-    return {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+def tool_call_dict(tc: ToolCallDelta) -> dict[str, Any]:
+    return {"id": tc.id, "type": "function", "function": {"name": tc.call.name, "arguments": tc.call.arguments}}
 
 
 def models_list(served_name: str, created: int) -> dict[str, Any]:
@@ -203,7 +203,7 @@ def models_list(served_name: str, created: int) -> dict[str, Any]:
 def chat_completion(rid: str, model: str, evs: list[Event]) -> dict[str, Any]:
     text = "".join(e.text for e in evs if isinstance(e, TextDelta))
     reasoning = "".join(e.text for e in evs if isinstance(e, ReasoningDelta))
-    calls = [tool_call_dict(e) for e in evs if isinstance(e, ToolCall)]
+    calls = [tool_call_dict(e) for e in evs if isinstance(e, ToolCallDelta)]
     fin = evs[-1]
     assert isinstance(fin, Finished)
     message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
@@ -245,7 +245,7 @@ async def chat_stream(
             yield chunk({"content": ev.text})
         elif isinstance(ev, ReasoningDelta):
             yield chunk({"reasoning_content": ev.text})
-        elif isinstance(ev, ToolCall):
+        elif isinstance(ev, ToolCallDelta):
             yield chunk({"tool_calls": [{"index": n_calls, **tool_call_dict(ev)}]})
             n_calls += 1
         else:

@@ -12,9 +12,10 @@ import uuid
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
 from v4d.serving.api.chat_bridge import ChatPrompt
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import GenRequest, SamplingParams
+from v4d.serving.api.generation import GenRequest
 from v4d.serving.api.validation import parse_body, preview
 from v4d.serving.chat import Prompt
+from v4d.serving.engine.sequence import SamplingParams
 from v4d.serving.tokenizer import Tokenizer
 
 
@@ -24,6 +25,9 @@ def longest_token_chars(tok: Tokenizer) -> int | None:
     if tok.raw.normalizer is not None:
         return None
     return max(len(t) for t in tok.raw.get_vocab(with_added_tokens=True))
+
+
+API_TEMPERATURE = 1.0  # an HTTP request's temperature when it names none
 
 
 class Preparer:
@@ -39,10 +43,10 @@ class Preparer:
         prompt = req.prompt()
         ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
         params = self._params(
-            len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
+            len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.ignore_eos,
             max_tokens_param=req.max_tokens_param(),
         )
-        return req, prompt, self._request("chatcmpl-", ids, params)
+        return req, prompt, self._request("chatcmpl-", ids, params, req.stops())
 
     def completion(self, raw: bytes) -> tuple[openai_api.CompletionRequest, GenRequest]:
         req = parse_body(raw, openai_api.CompletionRequest).validated()
@@ -53,18 +57,17 @@ class Preparer:
         if bad:
             raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {preview(bad[:5])}", param="prompt")
         params = self._params(
-            len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.stops(), req.ignore_eos,
-            prompt_param="prompt",
+            len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.ignore_eos, prompt_param="prompt",
         )
-        return req, self._request("cmpl-", ids, params)
+        return req, self._request("cmpl-", ids, params, req.stops())
 
     def messages(self, raw: bytes) -> tuple[anthropic_api.MessagesRequest, ChatPrompt, GenRequest]:
         req = parse_body(raw, anthropic_api.MessagesRequest).validated()
         self._check_model(req.model)
         prompt = req.prompt()
         ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
-        params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences or [])
-        return req, prompt, self._request("msg_", ids, params)
+        params = self._params(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed)
+        return req, prompt, self._request("msg_", ids, params, req.stop_sequences or [])
 
     def count_tokens(self, raw: bytes) -> int:
         """Exact, whatever the length (no context check): Anthropic's count_tokens."""
@@ -103,7 +106,6 @@ class Preparer:
         temperature: float | None,
         top_p: float | None,
         seed: int | None,
-        stop: list[str],
         ignore_eos: bool = False,
         prompt_param: str = "messages",
         max_tokens_param: str = "max_tokens",
@@ -127,13 +129,13 @@ class Preparer:
             )
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else temperature,
+            # Omitted: 1.0, OpenAI's and Anthropic's default (the engine's own default is greedy, 0).
+            temperature=API_TEMPERATURE if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
-            stop=stop,
+            stop_token_ids=() if ignore_eos else (self.tok.eos_id,),  # ignore_eos: max_tokens whatever comes
             ignore_eos=ignore_eos,
         )
 
-    def _request(self, prefix: str, ids: list[int], params: SamplingParams) -> GenRequest:
-        stops = [] if params.ignore_eos else [self.tok.eos_id]  # ignore_eos: generate max_tokens whatever comes
-        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop_token_ids=stops)
+    def _request(self, prefix: str, ids: list[int], params: SamplingParams, stop: list[str]) -> GenRequest:
+        return GenRequest(f"{prefix}{uuid.uuid4().hex}", ids, params, stop)

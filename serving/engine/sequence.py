@@ -16,6 +16,9 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """The one set of sampling parameters (engine requests and both HTTP APIs). An engine request that
+    names no temperature is greedy (0); the HTTP APIs fill in their own default, 1.0 (api/prepare.py)."""
+
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -36,10 +39,10 @@ class SamplingParams:
             return kind(v)
 
         p = cls(
-            max_tokens=num("max_tokens", 16, int),
-            temperature=num("temperature", 0.0, float),
-            top_p=num("top_p", 1.0, float),
-            seed=num("seed", None, int),
+            max_tokens=num("max_tokens", cls.max_tokens, int),
+            temperature=num("temperature", cls.temperature, float),
+            top_p=num("top_p", cls.top_p, float),
+            seed=num("seed", cls.seed, int),
             stop_token_ids=tuple(_ids(req.get("stop_token_ids") or [], "stop_token_ids")),
             ignore_eos=bool(req.get("ignore_eos", False)),
         )

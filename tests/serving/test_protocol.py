@@ -14,14 +14,16 @@ from v4d.serving import errors as engine_errors
 from v4d.serving.api import anthropic_api, openai_api
 from v4d.serving.api.errors import APIError, engine_counted, error_kind, from_exception
 from v4d.serving.api.generation import (
+    EventParser,
     Finished,
     ReasoningDelta,
     StopMatcher,
     TextDelta,
-    ToolCall,
+    ToolCallDelta,
     events,
 )
 from v4d.serving.api.validation import parse_body
+from v4d.serving.chat import PlainParser, ToolCall
 
 pytestmark = pytest.mark.ray
 
@@ -30,8 +32,8 @@ EVENTS = [
     ReasoningDelta("more"),
     TextDelta("Hello"),
     TextDelta(" world"),
-    ToolCall(0, "call_1", "get_weather", '{"city": "Paris"}'),
-    ToolCall(1, "call_2", "get_time", "{}"),
+    ToolCallDelta(0, "call_1", ToolCall("get_weather", '{"city": "Paris"}')),
+    ToolCallDelta(1, "call_2", ToolCall("get_time", "{}")),
     Finished("tool_calls", prompt_tokens=7, completion_tokens=12),
 ]
 
@@ -75,17 +77,10 @@ def test_events_apply_stop_sequences_and_report_usage():
     ]
     words = {1: "one ", 2: "two ", 3: "three"}
 
-    class Plain:
-        def feed(self, text):
-            return [TextDelta(text)]
-
-        def close(self):
-            return []
-
     decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731  (ids -> new text)
-    out = _collect(events(_aiter(items), decode, Plain(), ["two"], 5))
+    out = _collect(events(_aiter(items), decode, EventParser(PlainParser()), ["two"], 5))
     assert out == [TextDelta("one "), Finished("stop_sequence", 5, 2, stop_sequence="two")]
-    out = _collect(events(_aiter(items), decode, Plain(), [], 5))
+    out = _collect(events(_aiter(items), decode, EventParser(PlainParser()), [], 5))
     assert "".join(e.text for e in out[:-1]) == "one two three"
     assert out[-1] == Finished("length", 5, 3)
 

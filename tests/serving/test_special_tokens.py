@@ -15,7 +15,7 @@ from helpers.servingapp import API_KEY
 from v4d.serving import chat
 from v4d.serving.api import anthropic_api, chat_bridge, openai_api
 from v4d.serving.api.errors import APIError
-from v4d.serving.api.generation import Finished, PlainParser, ReasoningDelta, TextDelta, events
+from v4d.serving.api.generation import Finished, ReasoningDelta, TextDelta, events
 from v4d.serving.api.validation import parse_body
 from v4d.serving.tokenizer import Tokenizer
 
@@ -52,18 +52,18 @@ def _text(evs, kind) -> str:
 @pytest.mark.parametrize("thinking", [False, True])
 def test_parser_sees_special_tokens_and_the_client_text_does_not(trained, thinking):
     generated = f"plan{chat.END_THINK}{RAW}" if thinking else RAW
-    evs = _run(trained, generated, chat_bridge.ChatOutputParser(thinking), skip=True)
+    evs = _run(trained, generated, chat.OutputParser(thinking), skip=True)
     assert _text(evs, TextDelta) == CLEAN
     assert _text(evs, ReasoningDelta) == ("plan" if thinking else "")
     assert isinstance(evs[-1], Finished)
-    kept = _run(trained, generated, chat_bridge.ChatOutputParser(thinking), skip=False)
+    kept = _run(trained, generated, chat.OutputParser(thinking), skip=False)
     assert _text(kept, TextDelta) == RAW  # the parser consumed only its own </think>
 
 
 def test_raw_completions_skip_special_tokens_too(trained):
     text = f"{chat.BOS}The sea{chat.EOS} is"
-    assert _text(_run(trained, text, PlainParser(), skip=True), TextDelta) == "The sea is"
-    assert _text(_run(trained, text, PlainParser(), skip=False), TextDelta) == text
+    assert _text(_run(trained, text, chat.PlainParser(), skip=True), TextDelta) == "The sea is"
+    assert _text(_run(trained, text, chat.PlainParser(), skip=False), TextDelta) == text
 
 
 @pytest.mark.parametrize("model", [openai_api.ChatRequest, openai_api.CompletionRequest, anthropic_api.MessagesRequest])

@@ -14,7 +14,7 @@ from v4d.serving import errors as engine_errors
 from v4d.serving.api.errors import APIError, from_exception
 from v4d.serving.api.prepare import Preparer
 from v4d.serving.api.validation import MAX_JSON_DEPTH, MAX_STOP, read_json
-from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN
+from v4d.serving.engine.sequence import SEED_MAX, SEED_MIN, SamplingParams
 from v4d.serving.tokenizer import Tokenizer
 
 MODEL = "v4-tiny"
@@ -113,9 +113,19 @@ def test_a_prompt_certainly_over_the_context_is_refused_before_tokenizing(prep):
 
 def test_ignore_eos_drops_the_end_of_sentence_stop(prep):
     base = {"model": MODEL, "prompt": "The sea", "max_tokens": 4}
-    assert prep.completion(json.dumps(base).encode())[1].stop_token_ids == [prep.tok.eos_id]
+    assert prep.completion(json.dumps(base).encode())[1].engine_request()["stop_token_ids"] == [prep.tok.eos_id]
     gen = prep.completion(json.dumps({**base, "ignore_eos": True}).encode())[1]
-    assert gen.stop_token_ids == [] and gen.engine_request()["ignore_eos"] is True
+    assert gen.params.stop_token_ids == () and gen.engine_request()["ignore_eos"] is True
+
+
+def test_an_omitted_temperature_is_the_apis_default_and_the_engine_request_carries_it(prep):
+    """HTTP requests default to temperature 1.0 (OpenAI, Anthropic); an engine request without one is greedy."""
+    base = {"model": MODEL, "prompt": "The sea", "max_tokens": 4, "stop": ["x"]}
+    gen = prep.completion(json.dumps(base).encode())[1]
+    req = gen.engine_request()
+    assert req["temperature"] == 1.0 and gen.stop == ["x"] and "stop" not in req
+    assert SamplingParams.from_request(req) == gen.params
+    assert SamplingParams.from_request({"prompt_token_ids": [1]}).temperature == 0.0
 
 
 def test_tokenizing_a_big_prompt_leaves_the_event_loop_running(prep):
