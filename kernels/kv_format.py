@@ -1,4 +1,4 @@
-"""Byte layouts of the deployed KV cache (deepseek-v4.md §2.4), packed and unpacked in torch.
+"""Byte layouts of the deployed KV cache (docs/deepseek-v4.md §2.4), packed and unpacked in torch.
 
 Main entry (window ring and compressed pages), one uint8 row of `sizing.main_entry_bytes`:
   [nope FP8 E4M3 values][rope dims as BF16, 2 B each][one UE8M0 scale per 64 nope values][pad to 8]

@@ -20,7 +20,7 @@ def dot_dtype(t: torch.Tensor) -> tl.dtype:
     """Operand type of `tl.dot`: the 16-bit input type on a GPU (tensor cores), fp32 otherwise.
 
     Everything else is computed in fp32 after loading. The interpreter always gets fp32 operands,
-    since its bf16 arithmetic is broken (toolchain.md §1.2); fp32 dots use IEEE precision (no TF32)
+    since its bf16 arithmetic is broken (docs/toolchain.md §1.2); fp32 dots use IEEE precision (no TF32)
     so fp32 results match the reference closely.
     """
     if interpreting():

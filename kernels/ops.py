@@ -239,7 +239,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant:
 def hc_split_sinkhorn(
     mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, n: int, iters: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """pre[T,n], post[T,n], comb[T,n,n] (fp32) from the mHC mixes (deepseek-v4.md §4 steps 3-5)."""
+    """pre[T,n], post[T,n], comb[T,n,n] (fp32) from the mHC mixes (docs/deepseek-v4.md §4 steps 3-5)."""
     op = "hc_split_sinkhorn"
     m = (2 + n) * n
     _expect(mixes.dim() == 2 and mixes.shape[1] == m, op, f"mixes of shape [T,{m}]", _shape(mixes))

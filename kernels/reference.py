@@ -214,7 +214,7 @@ def hc_split_sinkhorn(
 
     pre = sigmoid(a0*m[:n] + b) + eps; post = 2*sigmoid(a1*m[n:2n] + b); comb = Sinkhorn-Knopp of
     a2*m[2n:] + b reshaped n x n: row softmax + eps, column-normalise, then iters-1 rounds of
-    (row-normalise, column-normalise), each dividing by (sum + eps) (deepseek-v4.md §4).
+    (row-normalise, column-normalise), each dividing by (sum + eps) (docs/deepseek-v4.md §4).
     """
     m, base, scale = mixes.float(), hc_base.float(), hc_scale.float()
     pre = torch.sigmoid(m[:, :n] * scale[0] + base[:n]) + eps

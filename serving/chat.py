@@ -1,4 +1,4 @@
-"""DeepSeek-V4 chat format: prompt encoding and output parsing (deepseek-v4.md §8).
+"""DeepSeek-V4 chat format: prompt encoding and output parsing (docs/deepseek-v4.md §8).
 
 V4 ships no Jinja template; its `encoding` module defines the format, which this follows:
 

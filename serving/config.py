@@ -1,7 +1,7 @@
 """DeepSeek-V4 model configuration: presets, HF-style `config.json` I/O, layer schedule.
 
 Torch-free on purpose: the operator and the planner import this module, and the operator image
-carries no torch. Field names are the official `config.json` keys (deepseek-v4.md §1.1), so a
+carries no torch. Field names are the official `config.json` keys (docs/deepseek-v4.md §1.1), so a
 real checkpoint's config loads unchanged and `to_json()` writes one a real loader accepts.
 """
 

@@ -62,3 +62,11 @@ def test_dotted_references_resolve():
             if obj is None:
                 missing.add(f"{path.relative_to(ROOT)}: {ref}")
     assert not missing, sorted(missing)
+
+
+def test_code_cites_the_documents_by_their_path_in_the_repository():
+    """Code and scripts name `docs/deepseek-v4.md`, not a bare `deepseek-v4.md` a reader cannot find."""
+    bare = re.compile(r"(?<![\w/.-])(" + "|".join(re.escape(n) for n in CITED) + ")")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in _tracked("*.py", "*.sh") if p != Path(__file__)
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""Hybrid attention of one layer (deepseek-v4.md §2.1): SWA-only, CSA or HCA by `compress_ratios`.
+"""Hybrid attention of one layer (docs/deepseek-v4.md §2.1): SWA-only, CSA or HCA by `compress_ratios`.
 
 Shared-KV MQA: one 512-d entry per cached position is both key and value. Queries come from a
 low-rank latent (also the indexer's), get a per-head RMS norm without gain and RoPE. Each query

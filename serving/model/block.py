@@ -1,4 +1,4 @@
-"""One transformer block: attention and MoE, each wrapped in an mHC site (deepseek-v4.md §4)."""
+"""One transformer block: attention and MoE, each wrapped in an mHC site (docs/deepseek-v4.md §4)."""
 
 from __future__ import annotations
 

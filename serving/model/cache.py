@@ -1,6 +1,6 @@
 """KV state of the V4 model: compressed entries in fixed-size pages, per-request state in slots.
 
-Layout (deepseek-v4.md §7.1): a page covers `sizing.page_tokens(cfg)` = 128 token positions, the
+Layout (docs/deepseek-v4.md §7.1): a page covers `sizing.page_tokens(cfg)` = 128 token positions, the
 lcm of the CSA and HCA ratios. Per page and layer it holds 128/ratio main entries (32 for CSA, 1 for HCA) and, on
 CSA layers, 32 lightning-indexer keys. A state slot holds, per layer, the 128-entry window ring and
 the compressor tails (fp32 value + gate of the not-yet-closed positions; CSA keeps the previous

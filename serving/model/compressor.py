@@ -1,4 +1,4 @@
-"""Token-level KV compressor (deepseek-v4.md §2.1 step 3): gated pooling of `ratio` tokens per entry.
+"""Token-level KV compressor (docs/deepseek-v4.md §2.1 step 3): gated pooling of `ratio` tokens per entry.
 
 Values C_j = wkv x_j and gate logits Z_j = wgate x_j + ape[j mod ratio] (fp32). HCA pools each block
 of `ratio` tokens; CSA (ratio 4) is overlapped: entry i pools 8 candidates, the previous block

@@ -1,4 +1,4 @@
-"""Lightning indexer of CSA layers (deepseek-v4.md §2.1 step 4): picks the top-k compressed entries.
+"""Lightning indexer of CSA layers (docs/deepseek-v4.md §2.1 step 4): picks the top-k compressed entries.
 
 Score I[t, s] = sum_h w[t, h] * relu(q_I[t, h] . K_I[s]) over the indexer keys of closed blocks
 (4s + 3 <= t). The keys come from the indexer's own overlapped compressor (width index_head_dim).

@@ -1,4 +1,4 @@
-"""mHC: the 4-stream residual around every sub-layer, and the reduction-only head (deepseek-v4.md §4).
+"""mHC: the 4-stream residual around every sub-layer, and the reduction-only head (docs/deepseek-v4.md §4).
 
 The parameters live on the owning module under the official names (`hc_attn_fn`, `hc_ffn_base`,
 `hc_head_scale`, ...); these functions hold the math. Mixing runs in fp32.

@@ -1,4 +1,4 @@
-"""Mixture of experts (deepseek-v4.md §5): sqrt-softplus router, hash routing, shared expert.
+"""Mixture of experts (docs/deepseek-v4.md §5): sqrt-softplus router, hash routing, shared expert.
 
 Routed experts run behind `ExpertBackend` (tokens + chosen ids + weights in, combined output out),
 so the serving engine can send them to remote shards and kernels can swap in a grouped GEMM.
@@ -83,7 +83,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
         y = backend(self.layer, x, ids, weights)
-        # The shared expert is clamped like the routed ones (deepseek-v4.md §5; official Expert(swiglu_limit=)).
+        # The shared expert is clamped like the routed ones (docs/deepseek-v4.md §5; official Expert(swiglu_limit=)).
         y = y + self.shared_experts(x, self.swiglu_limit)
         return y.to(x.dtype)
 

@@ -1,4 +1,4 @@
-"""MTP block (deepseek-v4.md §6): predicts token t+2 from the main model's streams at t and token t+1.
+"""MTP block (docs/deepseek-v4.md §6): predicts token t+2 from the main model's streams at t and token t+1.
 
 A full block (SWA-only attention, non-hash MoE) fed with e_proj(enorm(embed(next))) broadcast to
 the streams plus h_proj(hnorm(streams)); it has its own head-mHC and final norm, and shares the

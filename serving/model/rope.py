@@ -1,4 +1,4 @@
-"""Interleaved rotary embedding on the last `qk_rope_head_dim` dims (deepseek-v4.md §2.2).
+"""Interleaved rotary embedding on the last `qk_rope_head_dim` dims (docs/deepseek-v4.md §2.2).
 
 Pairs are adjacent dims (2i, 2i+1), not the half-split layout. CSA/HCA layers use
 `compress_rope_theta` with YaRN frequency blending (no attention-scale change); SWA-only layers use

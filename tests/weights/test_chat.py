@@ -1,4 +1,4 @@
-"""V4 chat prompt encoding and output parsing (deepseek-v4.md §8), both directions."""
+"""V4 chat prompt encoding and output parsing (docs/deepseek-v4.md §8), both directions."""
 
 import json
 

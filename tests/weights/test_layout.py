@@ -7,7 +7,7 @@ from v4d.serving.model.layout import expert_of, inference_name, official_layout,
 
 
 def test_parameter_counts_match_the_checkpoint_audit():
-    # deepseek-v4.md §1.2: 290,942,289,362 (Flash) and 1,598,837,347,742 (Pro) logical params with MTP
+    # docs/deepseek-v4.md §1.2: 290,942,289,362 (Flash) and 1,598,837,347,742 (Pro) logical params with MTP
     for cfg, expect in ((FLASH, 290_942_289_362), (PRO, 1_598_837_347_742)):
         layout = official_layout(cfg)
         assert sum(math.prod(t.shape) for t in layout.values() if t.storage != "int32") == expect
