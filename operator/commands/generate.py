@@ -47,10 +47,13 @@ def _ids(text: str) -> list[int]:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="deployed keeps the checkpoint's FP8/MXFP4 weights, bf16 or fp32 decode them; auto = "
                    "deployed on a GPU, fp32 on the CPU.")
+@click.option("--skip-special-tokens/--keep-special-tokens", default=True, show_default=True,
+              help="Print the text without special tokens (EOS, </think>, DSML markers), as the APIs' "
+                   "skip_special_tokens does.")
 @click.option("--device", default="auto", show_default=True, help="torch device; auto = cuda if available, else cpu.")
 def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat: bool, thinking: bool,
             max_new_tokens: int, temperature: float, seed: int, ignore_eos: bool, as_json: bool,
-            precision: str, device: str) -> None:
+            precision: str, skip_special_tokens: bool, device: str) -> None:
     """Load CHECKPOINT_DIR, generate from a prompt (greedy by default), print text and token ids."""
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --token-ids 1,2,3")
@@ -96,5 +99,5 @@ def command(checkpoint_dir: str, prompt: str | None, token_ids: str | None, chat
                                "logits": [v.tolist() for v in out.logits]}))
         return
     if tok is not None:
-        click.echo(tok.decode(out.token_ids))
+        click.echo(tok.decode(out.token_ids, skip_special_tokens=skip_special_tokens))
     click.echo(f"token ids: {out.token_ids} (finish: {out.finish_reason})")

@@ -107,6 +107,22 @@ def test_generate_text_prompt_and_chat(ckpt):
     assert json.loads(chat.stdout)["prompt_token_ids"][-2:] == [3, 4]  # <｜Assistant｜><think>
 
 
+def test_generate_prints_text_without_special_tokens_unless_kept(ckpt, monkeypatch):
+    from v4d.operator.commands import generate as command
+    from v4d.serving.chat import END_THINK, EOS
+    from v4d.serving.generate import Generation
+    from v4d.serving.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt))
+    answer = tok.encode(f"plan{END_THINK} sea", special_tokens=True) + [tok.eos_id]
+    monkeypatch.setattr(command, "generate", lambda *a, **k: Generation(answer, [], "stop"))
+    args = ["generate", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "4"]
+    skipped = CliRunner().invoke(main, args).stdout.splitlines()[-2]
+    kept = CliRunner().invoke(main, [*args, "--keep-special-tokens"]).stdout.splitlines()[-2]
+    assert END_THINK in kept and kept.endswith(EOS)
+    assert END_THINK not in skipped and EOS not in skipped and "sea" in skipped
+
+
 @pytest.mark.parametrize("args,message", [
     (["generate", "{ckpt}"], "exactly one of --prompt"),
     (["generate", "{ckpt}", "--token-ids", "1,x"], "comma-separated integers"),
