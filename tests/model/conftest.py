@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.models import build
 
-from v4d.serving.config import get_preset
-from v4d.serving.model.model import Transformer, init_weights
+from v4d.serving.model.model import Transformer
 
 # Small ops on a shared 2-core machine run far faster single-threaded.
 torch.set_num_threads(1)
-
-
-def build(name: str, seed: int = 0, **overrides) -> Transformer:
-    from dataclasses import replace
-
-    cfg = replace(get_preset(name), **overrides) if overrides else get_preset(name)
-    return init_weights(Transformer(cfg), seed).eval()
 
 
 @pytest.fixture(scope="session")

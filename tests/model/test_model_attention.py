@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.models import build
 
 from v4d.serving import sizing
 from v4d.serving.model.cache import KVCache
 from v4d.serving.model.step import Step
-
-from .conftest import build
 
 
 def compress_ref(comp, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.models import build
 
 from v4d.kernels import kv_format
 from v4d.operator.planner import plan
@@ -17,7 +18,6 @@ from v4d.serving.engine.engine import EngineLimits, kv_layout
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.step import Step
 
-from .conftest import build
 from .test_model_equivalence import TOL, run_chunks
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
