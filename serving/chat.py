@@ -206,7 +206,7 @@ def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             order = {c.get("id"): j for j, c in enumerate(msg["tool_calls"]) if c.get("id")}
         if role == "tool":
             # Unknown ids sort first, as in the official encoder (a stable sort with key 0).
-            block = ("tool", order.get(msg.get("tool_call_id"), 0),
+            block = ("tool", order.get(msg.get("tool_call_id", ""), 0),
                      _text(msg.get("content"), f"messages[{i}].content"))
         elif role == "user":
             block = ("text", 0, _text(msg.get("content"), f"messages[{i}].content"))
@@ -265,7 +265,7 @@ def encode_messages(
         msgs = [m for i, m in enumerate(msgs) if i >= last_user or m["role"] != "developer"]
         last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "developer")), default=-1)
 
-    pieces = [Special(BOS)] if add_bos else []
+    pieces: list[str] = [Special(BOS)] if add_bos else []
     if thinking and EFFORTS.get(reasoning_effort or "high"):
         pieces.append(REASONING_EFFORT_MAX)
     for i, m in enumerate(msgs):

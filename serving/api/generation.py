@@ -123,7 +123,7 @@ class GenRequest:
                 **asdict(self.params), "stop_token_ids": list(self.params.stop_token_ids)}
 
 
-def _stop_filter(evs: list, matcher: StopMatcher) -> tuple[list[Event], str | None]:
+def _stop_filter(evs: list[Delta], matcher: StopMatcher) -> tuple[list[Event], str | None]:
     """Pass parser events through the stop matcher (content only); cut at the first hit."""
     out: list[Event] = []
     for ev in evs:
@@ -139,7 +139,7 @@ def _stop_filter(evs: list, matcher: StopMatcher) -> tuple[list[Event], str | No
 
 
 async def events(
-    items: AsyncIterator[dict],
+    items: AsyncIterator[dict[str, Any]],
     decode: Callable[[list[int]], str],  # incremental: new ids -> the text they complete
     parser: EventParser,
     stops: list[str],

@@ -30,7 +30,7 @@ class SamplingParams:
     def from_request(cls, req: dict[str, Any]) -> SamplingParams:
         """Validate the sampling fields of an engine request (docs/contracts.md); BadRequest names the field."""
 
-        def num(name: str, default: float, kind: type) -> Any:
+        def num(name: str, default: float | None, kind: type) -> Any:
             v = req.get(name)
             if v is None:
                 return default

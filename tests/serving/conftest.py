@@ -99,7 +99,7 @@ def scripted_url(base_url, plan):
     ScriptedEngine = scripted.ScriptedEngine
 
     app = Ingress.options(name="scripted-ingress").bind(
-        ScriptedEngine.bind(plan.weights_uri), plan.to_dict(), plan.weights_uri, API_KEY
+        ScriptedEngine.bind(plan.weights_uri), plan, plan.weights_uri, API_KEY
     )
     serve.run(app, name="scripted", route_prefix="/scripted")
     return f"{base_url}/scripted"
