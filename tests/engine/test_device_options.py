@@ -48,3 +48,24 @@ def test_local_nodes_declare_what_replicas_can_claim():
 def test_torch_device_falls_back_to_the_cpu():
     assert torch_device("nvidia") == torch.device("cpu")
     assert torch_device("ascend") == torch.device("cpu")  # no torch_npu here
+
+
+def test_bound_deployments_take_their_delays_and_timeout_from_the_plan():
+    """Binding needs no cluster: the shard and engine options are the plan's, with no defaults of their own."""
+    from v4d.serving.engine.server import bind_engine
+    from v4d.serving.experts import bind_shards
+
+    p = plan(tiny_spec(), name="bound")
+    p = replace(p, engine=replace(p.engine, upscale_delay_s=7.0, downscale_delay_s=123.0),
+                serving=replace(p.serving, request_timeout_s=77.0))
+    shards = bind_shards(p, "/ckpt")
+    assert list(shards) == [s.name for s in p.shards]
+    shard = next(iter(shards.values()))._bound_deployment._deployment_config
+    assert shard.autoscaling_config.policy.policy_kwargs["downscale_delay_s"] == 123.0
+    assert shard.autoscaling_config.policy.policy_kwargs["upscale_delay_s"] == 7.0
+    assert shard.autoscaling_config.max_replicas == p.engine.max_replicas
+    engine = bind_engine(p, "/ckpt", shards)._bound_deployment
+    assert engine._deployment_config.graceful_shutdown_timeout_s == 77.0
+    kwargs = engine._deployment_config.autoscaling_config.policy.policy_kwargs
+    assert kwargs["downscale_delay_s"] == 123.0 and kwargs["labels"]["deployment"] == "bound"
+    assert engine.ray_actor_options["label_selector"] == {"v4d.dev/pool": p.engine.pool}
