@@ -25,8 +25,6 @@ from v4d.serving.api.generation import (
 from v4d.serving.api.validation import parse_body
 from v4d.serving.chat import PlainParser, ToolCall
 
-pytestmark = pytest.mark.ray
-
 EVENTS = [
     ReasoningDelta("think "),
     ReasoningDelta("more"),
