@@ -41,20 +41,48 @@ CLOSE = -1
 POLL_S = 0.005
 HOST_ENV = "V4D_TRANSPORT_HOST"
 STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
+GONE_S = 300.0  # a rendezvous nobody has called this long belongs to an app that went away
 IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 
 
 class Rendezvous:
     """Named Ray actor (one per plan name): shard membership, pairing requests and a key-value store.
-    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor)."""
+    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor).
 
-    def __init__(self) -> None:
+    It is detached (it outlives any one replica), so it removes itself once its app is gone: live
+    shards poll it every 50 ms and engines every second, so `gone_s` without a poll means neither
+    is left (`watch`, started by `rendezvous()`). A later deployment of the plan creates a new one."""
+
+    def __init__(self, gone_s: float = GONE_S) -> None:
         self.members: dict[str, str] = {}  # shard replica id -> shard name
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
         self.seen: dict[str, float] = {}  # shard replica id -> its last poll
         self.kv: dict[str, bytes] = {}
+        self.gone_s, self.last_call, self.watching = gone_s, time.monotonic(), False
+
+    def gone(self, now: float) -> bool:
+        """Nobody has registered, polled or paired for `gone_s`: the app it served has gone away."""
+        return now - self.last_call > self.gone_s
+
+    def watch(self) -> None:
+        """In the actor: a thread that kills it once `gone` (started once; a no-op when running)."""
+        if self.watching:
+            return
+        self.watching = True
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+
+        def loop() -> None:
+            while not self.gone(time.monotonic()):
+                time.sleep(min(self.gone_s, 10.0))
+            log.info("rendezvous unused for %.0f s: its app is gone, removing it", self.gone_s)
+            ray.kill(me)
+
+        threading.Thread(target=loop, name="v4d-rendezvous-watch", daemon=True).start()
 
     def register(self, replica: str, shard: str) -> None:
+        self.last_call = time.monotonic()
         self.members[replica] = shard
         self.pending.setdefault(replica, [])
         self.seen[replica] = time.monotonic()
@@ -65,12 +93,13 @@ class Rendezvous:
 
     def shards(self) -> dict[str, str]:
         """Live shard replicas; one that stopped polling (killed, node lost) is dropped."""
-        now = time.monotonic()
+        now = self.last_call = time.monotonic()
         for replica in [r for r, t in self.seen.items() if now - t > STALE_S]:
             self.unregister(replica)
         return dict(self.members)
 
     def pair(self, replica: str, pair: str) -> bool:
+        self.last_call = time.monotonic()
         if replica not in self.members:
             return False
         self.pending[replica].append(pair)
@@ -78,9 +107,10 @@ class Rendezvous:
 
     def take_pairs(self, replica: str) -> list[str] | None:
         """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
+        self.last_call = time.monotonic()
         if replica not in self.members:
             return None
-        self.seen[replica] = time.monotonic()
+        self.seen[replica] = self.last_call
         out, self.pending[replica] = self.pending[replica], []
         return out
 
@@ -104,14 +134,16 @@ def rendezvous_name(plan: dict[str, Any]) -> str:
     return f"v4d-rendezvous-{plan['name']}"
 
 
-def rendezvous(name: str) -> Any:
-    """The app's rendezvous actor, created on first use (detached: it outlives any one replica)."""
+def rendezvous(name: str, gone_s: float = GONE_S) -> Any:
+    """The app's rendezvous actor, created on first use (detached: it outlives any one replica; it
+    removes itself `gone_s` after its last caller left)."""
     import ray
 
     actor = ray.remote(Rendezvous).options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
-    )
-    return actor.remote()
+    ).remote(gone_s)
+    actor.watch.remote()
+    return actor
 
 
 class ActorStore(dist.Store):
