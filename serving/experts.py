@@ -127,12 +127,13 @@ class ExpertShard:
         spec = next(s for s in plan["shards"] if s["name"] == shard)
         self.name, self.window_s = shard, window_s
         pool = next(p for p in plan["pools"] if p["name"] == spec["pool"])
+        device = torch_device(pool["vendor"])
         self.experts = ShardExperts.from_checkpoint(cfg, spec["slots"], weights_dir, plan.get("precision", "auto"),
-                                                    torch_device(pool["vendor"]))
+                                                    device)
         self.tokens: dict[int, int] = {}
         self.recent: deque[tuple[float, int]] = deque()
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec["pool"]))
-        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan)), shard, self.compute)
+        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan)), shard, self.compute, device=device.type)
         self.metrics.ready()
 
     def __del__(self) -> None:  # Serve's replica shutdown: leave the rendezvous so engines re-pair

@@ -194,10 +194,12 @@ class ChannelTransport:
 
     def __init__(
         self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0,
-        shards: Sequence[str] | None = None,
+        shards: Sequence[str] | None = None, device: str = "cpu",
     ):
-        """`shards`: the shard names to pair with (default: every registered one)."""
+        """`shards`: the shard names to pair with (default: every registered one); `device`: the torch
+        device type this engine computes on (with each shard's, it picks the pair's link)."""
         self.actor, self.fallback, self.timeout_s, self.refresh_s = actor, fallback, timeout_s, refresh_s
+        self.device = device
         self.wanted = set(shards) if shards is not None else None
         self.channels: dict[str, list[Any]] = {}  # shard -> live EngineChannels
         self.pairing: set[str] = set()  # replicas a pairing thread is working on
@@ -251,7 +253,8 @@ class ChannelTransport:
         """Live channels per shard and calls that fell back to Serve (engine stats, tests)."""
         with self.lock:
             live = {s: sum(not c.dead for c in cs) for s, cs in self.channels.items()}
-        return {"expert_channels": live, "expert_fallback_calls": self.fallback_calls}
+            links = {s: sorted({c.link for c in cs if not c.dead}) for s, cs in self.channels.items()}
+        return {"expert_channels": live, "expert_channel_links": links, "expert_fallback_calls": self.fallback_calls}
 
     def close(self) -> None:
         self.stopped.set()
@@ -306,7 +309,7 @@ class ChannelTransport:
 
     def _pair(self, shard: str, replica: str) -> None:
         try:
-            ch = connect(self.actor, shard, replica, self.timeout_s)
+            ch = connect(self.actor, shard, replica, self.timeout_s, self.device)
         except Exception as e:  # noqa: BLE001 - a replica that left or died before pairing
             log.warning("pairing with %s failed: %r", replica, e)
             ch = None

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from v4d.serving.runtime.device import pair_backend
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "v4d"
@@ -57,6 +59,7 @@ class Rendezvous:
         self.members: dict[str, str] = {}  # shard replica id -> shard name
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
         self.seen: dict[str, float] = {}  # shard replica id -> its last poll
+        self.devices: dict[str, str] = {}  # shard replica id -> the torch device type it computes on
         self.kv: dict[str, bytes] = {}
         self.gone_s, self.last_call, self.watching = gone_s, time.monotonic(), False
 
@@ -81,14 +84,15 @@ class Rendezvous:
 
         threading.Thread(target=loop, name="v4d-rendezvous-watch", daemon=True).start()
 
-    def register(self, replica: str, shard: str) -> None:
+    def register(self, replica: str, shard: str, device: str = "cpu") -> None:
         self.last_call = time.monotonic()
         self.members[replica] = shard
+        self.devices[replica] = device
         self.pending.setdefault(replica, [])
         self.seen[replica] = time.monotonic()
 
     def unregister(self, replica: str) -> None:
-        for d in (self.members, self.pending, self.seen):
+        for d in (self.members, self.pending, self.seen, self.devices):
             d.pop(replica, None)
 
     def shards(self) -> dict[str, str]:
@@ -98,12 +102,13 @@ class Rendezvous:
             self.unregister(replica)
         return dict(self.members)
 
-    def pair(self, replica: str, pair: str) -> bool:
+    def pair(self, replica: str, pair: str) -> str | None:
+        """Ask `replica` to join `pair`; its device type, or None if it is not registered."""
         self.last_call = time.monotonic()
         if replica not in self.members:
-            return False
+            return None
         self.pending[replica].append(pair)
-        return True
+        return self.devices[replica]
 
     def take_pairs(self, replica: str) -> list[str] | None:
         """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
@@ -200,8 +205,9 @@ def node_address() -> str:
 class EngineChannel:
     """Rank 0 of one pair: `send` starts a shard's call for one layer, `receive` waits for its output."""
 
-    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float):
-        self.pg, self.shard, self.replica = pg, shard, replica
+    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float, link: str = "gloo"):
+        """`link`: the backend the two ends' devices call for (device.pair_backend); the pair runs gloo."""
+        self.pg, self.shard, self.replica, self.link = pg, shard, replica, link
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.locks = [threading.Lock() for _ in range(TAGS)]
         self.dead = False
@@ -245,17 +251,23 @@ class EngineChannel:
             pass
 
 
-def connect(actor: Any, shard: str, replica: str, timeout_s: float) -> EngineChannel:
-    """Pair this engine with one shard replica (blocks until the shard joins, at most `timeout_s`)."""
+def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str = "cpu") -> EngineChannel:
+    """Pair this engine (computing on `device`) with one shard replica (blocks until the shard
+    joins, at most `timeout_s`)."""
     import ray
 
     pair = f"pair/{uuid.uuid4().hex}/"
-    if not ray.get(actor.pair.remote(replica, pair), timeout=timeout_s):
+    shard_device = ray.get(actor.pair.remote(replica, pair), timeout=timeout_s)
+    if shard_device is None:
         raise ConnectionError(f"shard replica {replica} is no longer registered")
+    link = pair_backend(device, shard_device)
+    if link != "gloo":
+        log.info("pair with %s: %s devices, gloo through host memory (device-to-device pairs not built yet)",
+                 replica, link)
     store = ActorStore(actor, pair, timeout_s)
     pg = open_pair(store, 0, node_address(), timeout_s)
     release(store, pair)
-    return EngineChannel(pg, shard, replica, timeout_s)
+    return EngineChannel(pg, shard, replica, timeout_s, link)
 
 
 def release(store: ActorStore, pair: str) -> None:
@@ -269,14 +281,18 @@ class ShardEndpoint:
     """Rank 1 of every pair with this shard replica: registers it at the rendezvous, joins the pairs
     engines ask for and serves each tag in a thread with `compute(layer, x, local_ids, weights)`."""
 
-    def __init__(self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0):
-        self.actor, self.shard, self.compute, self.timeout_s = actor, shard, compute, timeout_s
+    def __init__(
+        self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0,
+        device: str = "cpu",
+    ):
+        """`device`: the torch device type `compute` runs on (engines pick the pair's link from it)."""
+        self.actor, self.shard, self.compute, self.timeout_s, self.device = actor, shard, compute, timeout_s, device
         self.replica = f"{shard}/{uuid.uuid4().hex[:12]}"
         self.stopped = threading.Event()
         self.pairs: list[dist.ProcessGroup] = []
         import ray
 
-        ray.get(actor.register.remote(self.replica, shard), timeout=timeout_s)
+        ray.get(actor.register.remote(self.replica, shard, device), timeout=timeout_s)
         threading.Thread(target=self._accept, name=f"v4d-accept-{shard}", daemon=True).start()
 
     def _accept(self) -> None:
@@ -286,7 +302,8 @@ class ShardEndpoint:
             try:
                 pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
                 if pairs is None:  # forgotten while it could not poll: register again
-                    ray.get(self.actor.register.remote(self.replica, self.shard), timeout=self.timeout_s)
+                    ray.get(self.actor.register.remote(self.replica, self.shard, self.device),
+                            timeout=self.timeout_s)
                 for pair in pairs or ():
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling

@@ -178,7 +178,8 @@ def test_a_transport_pairs_only_with_its_shards(world):
     try:
         assert only_c.ready(["c"], timeout_s=60)
         time.sleep(1.0)  # several refreshes: nothing else gets paired
-        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_fallback_calls": 0}
+        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_channel_links": {"c": ["gloo"]},
+                                 "expert_fallback_calls": 0}
     finally:
         only_c.close()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from v4d.serving.experts import pool_actor_options
-from v4d.serving.runtime.device import claims_at_max, node_resources, ray_options, torch_device
+from v4d.serving.runtime.device import claims_at_max, node_resources, pair_backend, ray_options, torch_device
 
 PLAN = {
     "pools": [{"name": "h200", "vendor": "nvidia", "ray_resource": "GPU", "devices": 10},
@@ -35,3 +35,13 @@ def test_local_nodes_declare_what_replicas_can_claim():
 def test_torch_device_falls_back_to_the_cpu():
     assert torch_device("nvidia") == torch.device("cpu")
     assert torch_device("ascend") == torch.device("cpu")  # no torch_npu here
+
+
+@pytest.mark.parametrize(("a", "b", "want"), [
+    ("cuda", "cuda", "nccl"), (torch.device("cuda", 0), "cuda:1", "nccl"),
+    ("npu", "npu", "hccl"),
+    ("cuda", "npu", "gloo"), ("npu", "cuda", "gloo"),  # NCCL and HCCL do not talk to each other
+    ("cuda", "cpu", "gloo"), ("cpu", "npu", "gloo"), ("cpu", "cpu", "gloo"),
+])
+def test_pair_backend_matches_both_ends_devices(a, b, want):
+    assert pair_backend(a, b) == want
