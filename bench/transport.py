@@ -1,5 +1,7 @@
 """Expert transport benchmark: one MoE layer's dispatch + combine round trip (Serve handles vs direct
 channels, by tokens), micro-batch overlap on/off, and local-tiny tokens/s through the server vs in process.
+The channel round trip is broken down into the expert compute (in-process shards), the engine's split
++ combine (shards answering at once) and the pair's wire (a shard returning its input).
 
     flock /tmp/v4d-servers.lock .venv/bin/python bench/transport.py [--quick] [--json]
 
@@ -42,6 +44,26 @@ def round_trip_ms(backend, cfg, t: int, reps: int) -> float:
     for i in range(reps):
         t0 = time.perf_counter()
         backend(i % moe_layers, *calls[i % 8])
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+class ZeroTransport:
+    """Shards that answer at once with zeros: what splitting rows and adding outputs costs alone."""
+
+    def dispatch(self, layer, calls):
+        return {s: torch.zeros(c[0].shape[0], c[0].shape[1]) for s, c in calls.items()}
+
+
+def wire_ms(transport, cfg, t: int, reps: int) -> float:
+    """Median ms of one call of `t` rows to a shard that returns its input (the pair's wire alone)."""
+    x, ids, w = layer_call(cfg, t, 0)
+    for _ in range(3):
+        transport.dispatch(0, {"echo": (x, ids, w)})
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        transport.dispatch(0, {"echo": (x, ids, w)})
         times.append(time.perf_counter() - t0)
     return round(statistics.median(times) * 1e3, 3)
 
@@ -97,6 +119,7 @@ def main() -> None:
     reps, max_tokens = (30, 24) if args.quick else (200, 64)
     torch.set_num_threads(1)
 
+    import ray
     from ray import serve
 
     from v4d.operator.planner import plan as make_plan
@@ -130,6 +153,8 @@ def main() -> None:
     cores = {s.name: ShardExperts.from_checkpoint(cfg, s.slots, weights) for s in plan.shards}
     in_process = RemoteExperts(slot_map, InProcessTransport(cores))
     result["compute_ms"] = {str(t): round_trip_ms(in_process, cfg, t, reps) for t in TOKENS}
+    result["split_combine_ms"] = {
+        str(t): round_trip_ms(RemoteExperts(slot_map, ZeroTransport()), cfg, t, reps) for t in TOKENS}
     result["in_process_tokens_per_s"] = {
         str(n): round(asyncio.run(engine_tokens_per_s(Engine(local_model, limits), cfg.vocab_size, n, max_tokens)), 2)
         for n in (1, 16)}
@@ -142,6 +167,14 @@ def main() -> None:
         if not channels.ready(list(handles), timeout_s=120):
             raise SystemExit("no channel to every shard within 120 s")
         new = RemoteExperts(slot_map, channels)
+        echo = echo_actor().remote(rendezvous_name(plan.name) + "-echo")
+        ray.get(echo.ready.remote())
+        wire = ChannelTransport(rendezvous(rendezvous_name(plan.name) + "-echo"), shards=["echo"])
+        if not wire.ready(["echo"], timeout_s=60):
+            raise SystemExit("no channel to the echo shard within 60 s")
+        result["wire_round_trip_ms"] = {str(t): wire_ms(wire, cfg, t, reps * 3) for t in TOKENS}
+        wire.close()
+        ray.kill(echo)
         result["round_trip_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
         # After the channels: a Serve handle's first call starts router threads in this process.
         old = RemoteExperts(slot_map, ServeTransport(handles))
@@ -170,10 +203,11 @@ def main() -> None:
     result["server_over_in_process"] = {
         n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")}
 
-    print(f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16}")
+    print(f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16} | "
+          f"{'split+combine ms':>16} | {'wire ms':>8}")
     for t in map(str, TOKENS):
         print(f"{t:>8} | {result['serve_round_trip_ms'][t]:>14} | {result['round_trip_ms'][t]:>12} | "
-              f"{result['compute_ms'][t]:>16}")
+              f"{result['compute_ms'][t]:>16} | {result['split_combine_ms'][t]:>16} | {result['wire_round_trip_ms'][t]:>8}")
     print(f"{'streams':>8} | {'in process tok/s':>16} | {'engine here, shards over channels':>33} | "
           f"{'server tok/s':>12} | {'in process / server':>19}")
     for n in ("1", "16"):
@@ -186,6 +220,24 @@ def main() -> None:
     print(f"wrote {dest}")
     if args.json:
         print(json.dumps(result))
+
+
+def echo_actor():
+    """A Ray actor with a shard endpoint whose compute returns its input (no expert math)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def __init__(self, rdv: str):
+            from v4d.serving.runtime.channels import ShardEndpoint, rendezvous
+
+            torch.set_num_threads(1)
+            self.endpoint = ShardEndpoint(rendezvous(rdv), "echo", lambda layer, x, ids, w: x)
+
+        def ready(self) -> bool:
+            return True
+
+    return Echo
 
 
 if __name__ == "__main__":

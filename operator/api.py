@@ -142,6 +142,9 @@ class ServingSpec(_Model):
     """End-to-end limit of one request."""
     maxRequestBytes: int = Field(default=8 << 20, ge=1024, le=1 << 30)
     """Largest request body the ingress reads; bigger ones get HTTP 413 (default 8 MiB)."""
+    microBatches: int = Field(default=1, ge=1, le=2)
+    """Decode micro-batches per engine step: 2 splits each decode batch in halves so one half's attention
+    runs while the other's tokens are on the expert shards (pays only when experts are remote)."""
 
 
 class V4DeploymentSpec(_Model):

@@ -153,6 +153,7 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
         downscale_delay_s=float(auto.downscaleStabilizationSeconds),
         num_pages=pages,
         time_to_ready_s=float(auto.timeToReadySeconds),
+        micro_batches=spec.serving.microBatches,
     )
     return _Engine(engine, hi * per_replica)
 

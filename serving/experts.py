@@ -127,12 +127,12 @@ class ExpertShard:
         cfg = ModelConfig.from_dict(plan.config)
         spec = next(s for s in plan.shards if s.name == shard)
         self.name, self.window_s = shard, window_s
-        self.experts = ShardExperts.from_checkpoint(cfg, spec.slots, weights_dir, plan.precision,
-                                                    torch_device(plan.pool(spec.pool).vendor))
+        device = torch_device(plan.pool(spec.pool).vendor)
+        self.experts = ShardExperts.from_checkpoint(cfg, spec.slots, weights_dir, plan.precision, device)
         self.tokens: dict[int, int] = {}
         self.recent: deque[tuple[float, int]] = deque()
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec.pool))
-        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan.name)), shard, self.compute)
+        self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan.name)), shard, self.compute, device=device.type)
         self.metrics.ready()
 
     def __del__(self) -> None:  # Serve's replica shutdown: leave the rendezvous so engines re-pair

@@ -50,6 +50,7 @@ class EnginePlan:
     num_pages: int = 0  # KV pages per replica (capacity_tokens // page_tokens)
     time_to_ready_s: float = 0.0  # autoscaler look-ahead (spec.autoscaling.timeToReadySeconds)
     kv_format: str = "deployed"  # KV storage the engine allocates (fp32 only for exactness tests)
+    micro_batches: int = 1  # decode micro-batches per step (spec.serving.microBatches; runtime/runner.py)
 
 
 @dataclass

@@ -44,6 +44,7 @@ class EngineLimits:
     prefix_snapshots: int = -1  # state slots kept for prefix sharing; -1: max_num_seqs // 4, at least 1
     kv_format: str = "deployed"  # KV storage: deployed (FP8/FP4, what the planner sizes), bf16 or fp32
     cuda_graphs: bool = True  # decode steps as CUDA graphs per batch bucket (CUDA only; V4D_CUDA_GRAPHS=0 too)
+    micro_batches: int = 1  # decode micro-batches per step, for the default runner (runtime/runner.py)
 
     @property
     def snapshots(self) -> int:
@@ -58,6 +59,7 @@ class EngineLimits:
             max_queue=engine.max_queue,
             max_context_tokens=max_context_tokens,
             kv_format=engine.kv_format,
+            micro_batches=engine.micro_batches,
         )
 
 
@@ -101,10 +103,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 
 class Engine:
     def __init__(self, model: Any, limits: EngineLimits, metrics: Any | None = None, runner: ModelRunner | None = None):
-        """`runner` runs the model's steps on its device (default: where the model's weights are)."""
+        """`runner` runs the model's steps on its device (default: where the model's weights are, with
+        `limits.micro_batches`)."""
         if runner is None:
             w = model.embed.weight
-            runner = ModelRunner(model, w.device, w.dtype)
+            runner = ModelRunner(model, w.device, w.dtype, micro_batches=limits.micro_batches)
         self.model, self.runner, self.cfg, self.limits, self.metrics = model, runner, model.cfg, limits, metrics
         num_pages, pb, sb = kv_layout(self.cfg, limits)
         slots, snaps = limits.max_num_seqs, limits.snapshots

@@ -50,7 +50,8 @@ class EngineServer:
         self.channels: ChannelTransport | None = None
         if shards:  # token rows go over direct channels; Serve handles only until a shard's is up
             self.channels = ChannelTransport(
-                rendezvous(rendezvous_name(plan.name)), fallback=ServeTransport(shards), shards=list(shards)
+                rendezvous(rendezvous_name(plan.name)), fallback=ServeTransport(shards), shards=list(shards),
+                device=model.embed.weight.device.type,
             )
             self.remote = RemoteExperts(SlotMap.from_shards(plan.shards), self.channels)
             model.experts = self.remote

@@ -94,40 +94,53 @@ class RemoteExperts:
     def _assign(
         self, layer: int, ids: torch.Tensor, pairs: torch.Tensor, excluded: set[str]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """shard -> (flat pair indices, local slots) for `pairs` of `ids`, balancing redundant copies."""
+        """shard -> (flat pair indices, local slots) for `pairs` of `ids`, balancing redundant copies.
+        The per-expert choice works on Python ints (pairs grouped by one stable sort) and the tensors
+        are cut once per shard: a decode layer is a few dozen experts, and small tensor ops cost
+        microseconds each (docs/engine.md "Measured")."""
         table = self.map.copies.get(layer)
         if table is None:
             raise ShardUnavailable(f"layer {layer}: no expert shard holds this MoE layer")
         flat = ids.flatten()[pairs]
+        order = torch.sort(flat, stable=True)
+        experts, counts = torch.unique_consecutive(order.values, return_counts=True)
         load: dict[str, int] = {}
-        out: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        shard_ids: dict[str, int] = {}  # first-use order: the combine adds shards in this order
+        seg_shard: list[int] = []
+        seg_slot: list[int] = []
+        seg_len: list[int] = []
         now = time.monotonic()
-        for e in flat.unique().tolist():
+        for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
             live = [c for c in table.get(e, ()) if c[0] not in excluded]
             if not live:
                 raise ShardUnavailable(f"layer {layer}: no live copy of expert {e} (failed: {sorted(excluded)})")
             healthy = [c for c in live if now - self.failed_at.get(c[0], -1e9) > self.suspect_s] or live
-            sel = pairs[flat == e]
             healthy.sort(key=lambda c: load.get(c[0], 0))
-            for (shard, slot), part in zip(healthy, sel.tensor_split(len(healthy)), strict=False):
-                if part.numel():
-                    load[shard] = load.get(shard, 0) + part.numel()
-                    idx, slots = out.setdefault(shard, ([], []))
-                    idx.append(part)
-                    slots.append(torch.full_like(part, slot))
-        return {s: (torch.cat(i), torch.cat(sl)) for s, (i, sl) in out.items()}
+            m = len(healthy)
+            for i, (shard, slot) in enumerate(healthy):
+                size = n // m + (i < n % m)  # torch.tensor_split's sizes
+                if size:
+                    load[shard] = load.get(shard, 0) + size
+                    seg_shard.append(shard_ids.setdefault(shard, len(shard_ids)))
+                    seg_slot.append(slot)
+                    seg_len.append(size)
+        dev = pairs.device
+        lens = torch.tensor(seg_len, device=dev)
+        who = torch.repeat_interleave(torch.tensor(seg_shard, device=dev), lens)
+        slots = torch.repeat_interleave(torch.tensor(seg_slot, dtype=ids.dtype, device=dev), lens)
+        sorted_pairs = pairs[order.indices]
+        return {s: (sorted_pairs[who == i], slots[who == i]) for s, i in shard_ids.items()}
 
     @staticmethod
     def _calls(x, ids, weights, assign) -> tuple[dict[str, Call], dict[str, torch.Tensor]]:
         k = ids.shape[1]
         calls, rows = {}, {}
         for shard, (pairs, slots) in assign.items():
-            local = torch.full_like(ids.flatten(), -1)
+            local = torch.full((ids.numel(),), -1, dtype=ids.dtype, device=ids.device)
             local[pairs] = slots
-            local = local.view_as(ids)
             tok = (pairs // k).unique()
             rows[shard] = tok
-            calls[shard] = (x[tok], local[tok], weights[tok])
+            calls[shard] = (x[tok], local.view_as(ids)[tok], weights[tok])
         return calls, rows
 
 
@@ -181,10 +194,12 @@ class ChannelTransport:
 
     def __init__(
         self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0,
-        shards: Sequence[str] | None = None,
+        shards: Sequence[str] | None = None, device: str = "cpu",
     ):
-        """`shards`: the shard names to pair with (default: every registered one)."""
+        """`shards`: the shard names to pair with (default: every registered one); `device`: the torch
+        device type this engine computes on (with each shard's, it picks the pair's link)."""
         self.actor, self.fallback, self.timeout_s, self.refresh_s = actor, fallback, timeout_s, refresh_s
+        self.device = device
         self.wanted = set(shards) if shards is not None else None
         self.channels: dict[str, list[Any]] = {}  # shard -> live EngineChannels
         self.pairing: set[str] = set()  # replicas a pairing thread is working on
@@ -238,7 +253,8 @@ class ChannelTransport:
         """Live channels per shard and calls that fell back to Serve (engine stats, tests)."""
         with self.lock:
             live = {s: sum(not c.dead for c in cs) for s, cs in self.channels.items()}
-        return {"expert_channels": live, "expert_fallback_calls": self.fallback_calls}
+            links = {s: sorted({c.link for c in cs if not c.dead}) for s, cs in self.channels.items()}
+        return {"expert_channels": live, "expert_channel_links": links, "expert_fallback_calls": self.fallback_calls}
 
     def close(self) -> None:
         self.stopped.set()
@@ -293,7 +309,7 @@ class ChannelTransport:
 
     def _pair(self, shard: str, replica: str) -> None:
         try:
-            ch = connect(self.actor, shard, replica, self.timeout_s)
+            ch = connect(self.actor, shard, replica, self.timeout_s, self.device)
         except Exception as e:  # noqa: BLE001 - a replica that left or died before pairing
             log.warning("pairing with %s failed: %r", replica, e)
             ch = None

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from v4d.serving.runtime.device import pair_backend
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "v4d"
@@ -41,46 +43,79 @@ CLOSE = -1
 POLL_S = 0.005
 HOST_ENV = "V4D_TRANSPORT_HOST"
 STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
+GONE_S = 300.0  # a rendezvous nobody has called this long belongs to an app that went away
 IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 
 
 class Rendezvous:
     """Named Ray actor (one per plan name): shard membership, pairing requests and a key-value store.
-    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor)."""
+    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor).
 
-    def __init__(self) -> None:
+    It is detached (it outlives any one replica), so it removes itself once its app is gone: live
+    shards poll it every 50 ms and engines every second, so `gone_s` without a poll means neither
+    is left (`watch`, started by `rendezvous()`). A later deployment of the plan creates a new one."""
+
+    def __init__(self, gone_s: float = GONE_S) -> None:
         self.members: dict[str, str] = {}  # shard replica id -> shard name
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
         self.seen: dict[str, float] = {}  # shard replica id -> its last poll
+        self.devices: dict[str, str] = {}  # shard replica id -> the torch device type it computes on
         self.kv: dict[str, bytes] = {}
+        self.gone_s, self.last_call, self.watching = gone_s, time.monotonic(), False
 
-    def register(self, replica: str, shard: str) -> None:
+    def gone(self, now: float) -> bool:
+        """Nobody has registered, polled or paired for `gone_s`: the app it served has gone away."""
+        return now - self.last_call > self.gone_s
+
+    def watch(self) -> None:
+        """In the actor: a thread that kills it once `gone` (started once; a no-op when running)."""
+        if self.watching:
+            return
+        self.watching = True
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+
+        def loop() -> None:
+            while not self.gone(time.monotonic()):
+                time.sleep(min(self.gone_s, 10.0))
+            log.info("rendezvous unused for %.0f s: its app is gone, removing it", self.gone_s)
+            ray.kill(me)
+
+        threading.Thread(target=loop, name="v4d-rendezvous-watch", daemon=True).start()
+
+    def register(self, replica: str, shard: str, device: str = "cpu") -> None:
+        self.last_call = time.monotonic()
         self.members[replica] = shard
+        self.devices[replica] = device
         self.pending.setdefault(replica, [])
         self.seen[replica] = time.monotonic()
 
     def unregister(self, replica: str) -> None:
-        for d in (self.members, self.pending, self.seen):
+        for d in (self.members, self.pending, self.seen, self.devices):
             d.pop(replica, None)
 
     def shards(self) -> dict[str, str]:
         """Live shard replicas; one that stopped polling (killed, node lost) is dropped."""
-        now = time.monotonic()
+        now = self.last_call = time.monotonic()
         for replica in [r for r, t in self.seen.items() if now - t > STALE_S]:
             self.unregister(replica)
         return dict(self.members)
 
-    def pair(self, replica: str, pair: str) -> bool:
+    def pair(self, replica: str, pair: str) -> str | None:
+        """Ask `replica` to join `pair`; its device type, or None if it is not registered."""
+        self.last_call = time.monotonic()
         if replica not in self.members:
-            return False
+            return None
         self.pending[replica].append(pair)
-        return True
+        return self.devices[replica]
 
     def take_pairs(self, replica: str) -> list[str] | None:
         """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
+        self.last_call = time.monotonic()
         if replica not in self.members:
             return None
-        self.seen[replica] = time.monotonic()
+        self.seen[replica] = self.last_call
         out, self.pending[replica] = self.pending[replica], []
         return out
 
@@ -105,14 +140,16 @@ def rendezvous_name(deployment: str) -> str:
     return f"v4d-rendezvous-{deployment}"
 
 
-def rendezvous(name: str) -> Any:
-    """The app's rendezvous actor, created on first use (detached: it outlives any one replica)."""
+def rendezvous(name: str, gone_s: float = GONE_S) -> Any:
+    """The app's rendezvous actor, created on first use (detached: it outlives any one replica; it
+    removes itself `gone_s` after its last caller left)."""
     import ray
 
     actor = ray.remote(Rendezvous).options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
-    )
-    return actor.remote()
+    ).remote(gone_s)
+    actor.watch.remote()
+    return actor
 
 
 class ActorStore(dist.Store):
@@ -169,8 +206,9 @@ def node_address() -> str:
 class EngineChannel:
     """Rank 0 of one pair: `send` starts a shard's call for one layer, `receive` waits for its output."""
 
-    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float):
-        self.pg, self.shard, self.replica = pg, shard, replica
+    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float, link: str = "gloo"):
+        """`link`: the backend the two ends' devices call for (device.pair_backend); the pair runs gloo."""
+        self.pg, self.shard, self.replica, self.link = pg, shard, replica, link
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.locks = [threading.Lock() for _ in range(TAGS)]
         self.dead = False
@@ -214,17 +252,23 @@ class EngineChannel:
             pass
 
 
-def connect(actor: Any, shard: str, replica: str, timeout_s: float) -> EngineChannel:
-    """Pair this engine with one shard replica (blocks until the shard joins, at most `timeout_s`)."""
+def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str = "cpu") -> EngineChannel:
+    """Pair this engine (computing on `device`) with one shard replica (blocks until the shard
+    joins, at most `timeout_s`)."""
     import ray
 
     pair = f"pair/{uuid.uuid4().hex}/"
-    if not ray.get(actor.pair.remote(replica, pair), timeout=timeout_s):
+    shard_device = ray.get(actor.pair.remote(replica, pair), timeout=timeout_s)
+    if shard_device is None:
         raise ConnectionError(f"shard replica {replica} is no longer registered")
+    link = pair_backend(device, shard_device)
+    if link != "gloo":
+        log.info("pair with %s: %s devices, gloo through host memory (device-to-device pairs not built yet)",
+                 replica, link)
     store = ActorStore(actor, pair, timeout_s)
     pg = open_pair(store, 0, node_address(), timeout_s)
     release(store, pair)
-    return EngineChannel(pg, shard, replica, timeout_s)
+    return EngineChannel(pg, shard, replica, timeout_s, link)
 
 
 def release(store: ActorStore, pair: str) -> None:
@@ -238,14 +282,18 @@ class ShardEndpoint:
     """Rank 1 of every pair with this shard replica: registers it at the rendezvous, joins the pairs
     engines ask for and serves each tag in a thread with `compute(layer, x, local_ids, weights)`."""
 
-    def __init__(self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0):
-        self.actor, self.shard, self.compute, self.timeout_s = actor, shard, compute, timeout_s
+    def __init__(
+        self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0,
+        device: str = "cpu",
+    ):
+        """`device`: the torch device type `compute` runs on (engines pick the pair's link from it)."""
+        self.actor, self.shard, self.compute, self.timeout_s, self.device = actor, shard, compute, timeout_s, device
         self.replica = f"{shard}/{uuid.uuid4().hex[:12]}"
         self.stopped = threading.Event()
         self.pairs: list[dist.ProcessGroup] = []
         import ray
 
-        ray.get(actor.register.remote(self.replica, shard), timeout=timeout_s)
+        ray.get(actor.register.remote(self.replica, shard, device), timeout=timeout_s)
         threading.Thread(target=self._accept, name=f"v4d-accept-{shard}", daemon=True).start()
 
     def _accept(self) -> None:
@@ -255,7 +303,8 @@ class ShardEndpoint:
             try:
                 pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
                 if pairs is None:  # forgotten while it could not poll: register again
-                    ray.get(self.actor.register.remote(self.replica, self.shard), timeout=self.timeout_s)
+                    ray.get(self.actor.register.remote(self.replica, self.shard, self.device),
+                            timeout=self.timeout_s)
                 for pair in pairs or ():
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling

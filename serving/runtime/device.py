@@ -44,6 +44,18 @@ def node_resources(plan: Plan, pool: str) -> dict[str, Any]:
     return ray_options(spec, max(spec.devices, claims_at_max(plan, pool)))
 
 
+def pair_backend(a: str | torch.device, b: str | torch.device) -> str:
+    """The process-group backend an engine <-> shard pair on devices `a` and `b` needs: "nccl" when
+    both are CUDA, "hccl" (torch_npu) when both are Ascend NPUs, else "gloo" through host memory
+    (NCCL and HCCL do not talk to each other; a CPU end has no device link)."""
+    ta, tb = (str(d).split(":")[0] for d in (a, b))  # not torch.device(): "npu" parses only with torch_npu
+    if ta == tb == "cuda":
+        return "nccl"
+    if ta == tb == "npu":
+        return "hccl"
+    return "gloo"
+
+
 def npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False

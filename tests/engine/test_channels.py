@@ -178,6 +178,29 @@ def test_a_transport_pairs_only_with_its_shards(world):
     try:
         assert only_c.ready(["c"], timeout_s=60)
         time.sleep(1.0)  # several refreshes: nothing else gets paired
-        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_fallback_calls": 0}
+        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_channel_links": {"c": ["gloo"]},
+                                 "expert_fallback_calls": 0}
     finally:
         only_c.close()
+
+
+def test_a_rendezvous_nobody_polls_removes_itself(serve_instance):
+    from v4d.serving.runtime.channels import NAMESPACE, Rendezvous
+
+    r = Rendezvous(gone_s=10)
+    t0 = r.last_call
+    assert not r.gone(t0 + 9)
+    r.shards()  # an engine's poll keeps it
+    assert not r.gone(t0 + 9.5) and r.gone(r.last_call + 11)
+
+    name = f"test-gone-{uuid.uuid4().hex[:8]}"
+    actor = rendezvous(name, gone_s=1.0)
+    ray.get(actor.register.remote("s/1", "s"))
+    deadline = time.monotonic() + 30
+    while True:  # the app went away (nobody polls): the detached actor ends
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, "abandoned rendezvous still alive after 30 s"
+        time.sleep(0.2)

@@ -10,7 +10,7 @@ from helpers.opspecs import tiny_spec
 from v4d.operator.planner import plan
 from v4d.serving.experts import pool_actor_options
 from v4d.serving.plan import Plan, PoolPlan
-from v4d.serving.runtime.device import claims_at_max, node_resources, ray_options, torch_device
+from v4d.serving.runtime.device import claims_at_max, node_resources, pair_backend, ray_options, torch_device
 
 
 def _pool(name: str, vendor: str, resource: str, devices: int) -> PoolPlan:
@@ -69,3 +69,13 @@ def test_bound_deployments_take_their_delays_and_timeout_from_the_plan():
     kwargs = engine._deployment_config.autoscaling_config.policy.policy_kwargs
     assert kwargs["downscale_delay_s"] == 123.0 and kwargs["labels"]["deployment"] == "bound"
     assert engine.ray_actor_options["label_selector"] == {"v4d.dev/pool": p.engine.pool}
+
+
+@pytest.mark.parametrize(("a", "b", "want"), [
+    ("cuda", "cuda", "nccl"), (torch.device("cuda", 0), "cuda:1", "nccl"),
+    ("npu", "npu", "hccl"),
+    ("cuda", "npu", "gloo"), ("npu", "cuda", "gloo"),  # NCCL and HCCL do not talk to each other
+    ("cuda", "cpu", "gloo"), ("cpu", "npu", "gloo"), ("cpu", "cpu", "gloo"),
+])
+def test_pair_backend_matches_both_ends_devices(a, b, want):
+    assert pair_backend(a, b) == want

@@ -76,3 +76,23 @@ def test_pack_and_arguments(model):
         ModelRunner(model, micro_batches=3)
     with pytest.raises(ValueError, match="rank: expected 0..0, got 1"):
         ModelRunner(model, rank=1)
+
+
+def test_micro_batches_from_the_manifest_reach_the_engines_runner(model):
+    from dataclasses import replace
+
+    from helpers.opspecs import load_example
+
+    from v4d.operator.planner import plan
+    from v4d.operator.validate import validate_spec
+
+    spec = load_example("local-tiny.yaml")["spec"]
+    assert plan(spec, name="tiny").engine.micro_batches == 1  # the default
+    spec["serving"]["microBatches"] = 2
+    limits = EngineLimits.from_plan(plan(spec, name="tiny").engine, 4096)
+    assert limits.micro_batches == 2
+    small = replace(limits, kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 8 * page_bytes(CFG, "fp32"),
+                    max_num_seqs=4, kv_format="fp32")
+    assert Engine(model, small).runner.micro_batches == 2
+    spec["serving"]["microBatches"] = 3
+    assert [i.path for i in validate_spec(spec)] == ["spec.serving.microBatches"]
