@@ -79,17 +79,30 @@ def indexer_scores(
 def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest finite scores per row (int32), -1 in the slots left over.
 
-    Ties at the k-th score go to the lowest index (a stable sort, not `topk`, whose tie order is
-    unspecified), so the choice does not depend on the masked columns after it. Order: descending
-    score here; callers treat the selection as a set (the Triton kernel returns ascending indices).
+    Ties at the k-th score go to the lowest index, so the choice does not depend on the masked
+    columns after it. `topk` (O(S), unspecified tie order) picks the candidates; only rows where
+    it left out an index tied with the k-th score fall back to a stable full sort. Order:
+    descending score, ties by ascending index (sorting k entries); callers treat the selection as
+    a set (the Triton kernel returns ascending indices).
     """
     t, s = scores.shape
     idx = torch.full((t, k), -1, dtype=torch.int32, device=scores.device)
     kk = min(k, s)
     if kk == 0:
         return idx
-    vals, order = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
-    idx[:, :kk] = torch.where(torch.isfinite(vals[:, :kk]), order[:, :kk], -1).to(torch.int32)
+    scores = scores.float()
+    vals, order = torch.topk(scores, kk, dim=-1)
+    kth = vals[:, -1:]
+    tied_out = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[:, 0])
+    if bool(tied_out.any()):
+        rows = tied_out.nonzero().squeeze(1)
+        v, o = torch.sort(scores[rows], dim=-1, descending=True, stable=True)
+        vals[rows], order[rows] = v[:, :kk], o[:, :kk]
+    order, pos = torch.sort(order, dim=-1)  # ascending index, then a stable sort by score
+    vals = vals.gather(1, pos)
+    vals, pos = torch.sort(vals, dim=-1, descending=True, stable=True)
+    order = order.gather(1, pos)
+    idx[:, :kk] = torch.where(torch.isfinite(vals), order, -1).to(torch.int32)
     return idx
 
 
