@@ -266,3 +266,25 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     _expect(_shape(post) == [t, n], op, f"post of shape [{t},{n}]", _shape(post))
     _expect(_shape(comb) == [t, n, n], op, f"comb of shape [{t},{n},{n}]", _shape(comb))
     return backend(X.device).hc_post(f, X, post, comb)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """(weight *) x / rms(x) over the last dim in fp32, stored as `dtype` (default x's): the norms
+    of the block, the query/KV/compressor norms and the mHC pre-norm, one launch each."""
+    op = "rms_norm"
+    _expect(x.dim() >= 1 and x.is_floating_point(), op, "floating point x of shape [..., C]", _shape(x))
+    if weight is not None:
+        _expect(_shape(weight) == [x.shape[-1]], op, f"weight of shape [{x.shape[-1]}]", _shape(weight))
+    return backend(x.device).rms_norm(x, weight, float(eps), dtype or x.dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by the
+    angle pos[t] * inv_freq[i] (minus it with `inverse`); a new tensor of x's dtype."""
+    op = "rope"
+    _expect(x.dim() >= 2, op, "x of shape [T, ..., C]", _shape(x))
+    _expect(_shape(pos) == [x.shape[0]], op, f"pos of shape [{x.shape[0]}]", _shape(pos))
+    _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1], op,
+            f"inv_freq of shape [<= {x.shape[-1] // 2}]", _shape(inv_freq))
+    return backend(x.device).rope(x, pos, inv_freq, bool(inverse))

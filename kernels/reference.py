@@ -250,3 +250,25 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     """X'[t,k] = post[t,k] f[t] + sum_j comb[t,j,k] X[t,j]: the new residual streams (X's dtype)."""
     mixed = torch.einsum("tjk,tjd->tkd", comb.float(), X.float())
     return (post.float()[:, :, None] * f.float()[:, None, :] + mixed).to(X.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """(weight *) x / rms(x) over the last dim, computed in fp32, stored as `dtype`."""
+    x = x.float()
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return (y if weight is None else weight * y).to(dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by
+    pos[t] * inv_freq[i] (by minus that with `inverse`); a new tensor of x's dtype."""
+    dim = 2 * inv_freq.shape[0]
+    angles = torch.outer(pos.to(torch.float32), inv_freq.float())
+    rot = torch.polar(torch.ones_like(angles), angles)
+    if inverse:
+        rot = rot.conj()
+    rot = rot.view(rot.shape[0], *([1] * (x.dim() - 2)), rot.shape[-1])
+    head, tail = x[..., :-dim], x[..., -dim:]
+    z = torch.view_as_complex(tail.float().unflatten(-1, (-1, 2)).contiguous())
+    tail = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+    return torch.cat([head, tail], dim=-1)

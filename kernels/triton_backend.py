@@ -1,6 +1,7 @@
 """The Triton launchers under the names of `v4d.kernels.ops` (imported lazily by ops)."""
 
 from v4d.kernels.compressor import gated_pool
+from v4d.kernels.elementwise import rms_norm, rope
 from v4d.kernels.fp8_gemm import fp8_linear
 from v4d.kernels.indexer import indexer_scores, indexer_topk
 from v4d.kernels.moe import moe_experts
@@ -20,5 +21,7 @@ __all__ = [
     "moe_experts",
     "paged_indexer_scores",
     "paged_sparse_attention",
+    "rms_norm",
+    "rope",
     "sparse_attention",
 ]
