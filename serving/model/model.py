@@ -96,6 +96,8 @@ class Transformer(nn.Module):
         """Embedding and every block over the step's rows (device work only: a static step's call is
         what serving/model/graphs.py captures)."""
         X = self.embed(ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        for ratio in sorted({b.attn.ratio for b in self.layers} - {0}):
+            step.compression(ratio)  # per-step metadata shared by the layers of that ratio: built once, here
         for block in self.layers:
             X = block(X, ids, step, kv, self.experts)
         return X
