@@ -288,3 +288,20 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1], op,
             f"inv_freq of shape [<= {x.shape[-1] // 2}]", _shape(inv_freq))
     return backend(x.device).rope(x, pos, inv_freq, bool(inverse))
+
+
+def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """[R, main_bytes] uint8: rows x [R, d] as deployed main entries (kernels/kv_format.py layout:
+    FP8 E4M3 + UE8M0 per 64 nope values, BF16 rope dims), one launch."""
+    op = "pack_main"
+    _expect(x.dim() == 2 and x.is_floating_point(), op, "floating point x of shape [R, d]", _shape(x))
+    _expect(0 <= rope_dim <= x.shape[1], op, f"rope_dim in 0..{x.shape[1]}", rope_dim)
+    return backend(x.device).pack_main(x, int(rope_dim))
+
+
+def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
+    """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
+    indexer keys (rope_dim None), or a cast for plain stores."""
+    if store.dtype == torch.uint8 and rope_dim is not None:
+        return pack_main(x, rope_dim)
+    return x.to(store.dtype) if store.dtype != torch.uint8 else kv_format.pack_index(x)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
-from v4d.kernels.kv_format import load_rows, store_rows
+from v4d.kernels.kv_format import load_rows
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         q = self.rope(rms_normalize(q, self.eps, x.dtype), pos)
         # Pack window entries in the storage format once: this step reads them unpacked and the ring
         # gets the same bytes, so a position reads the same value from this step's rows or the ring.
-        packed = store_rows(self.rope(self.kv_norm(self.wkv(x)), pos), cache.window, rd)
+        packed = ops.store_rows(self.rope(self.kv_norm(self.wkv(x)), pos), cache.window, rd)
         kv = load_rows(packed, self.head_dim, rd).to(x.dtype)
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
@@ -65,7 +65,7 @@ class Attention(nn.Module):
             comp = step.compression(self.ratio)
             store = cache.main.flatten(0, 1)
             entries = self.compressor.update(*self.compressor.project(x), pos, comp, cache.comp, x.dtype)
-            store[comp.entry_rows] = store_rows(entries, store, rd)
+            store[comp.entry_rows] = ops.store_rows(entries, store, rd)
             if self.indexer is not None:
                 rows = self.indexer.select(self.indexer.project(x, qr, pos), step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1

@@ -1,0 +1,84 @@
+"""Packing a main KV entry into its deployed bytes (kernels/kv_format.py layout) in one launch.
+
+One program per row: per group of 64 nope values the UE8M0 scale (the smallest power of two that
+keeps the group's largest magnitude within 448, from the float's exponent bits), then each value
+divided by it and rounded to E4M3 (nearest, ties to even) with integer bit arithmetic, so the
+bytes equal torch's casts on any device; the rope dims rounded to BF16 the same way; pad bytes 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4d.kernels.kv_format import FP8_GROUP, main_bytes
+from v4d.kernels.launch import pow2
+
+
+@triton.jit
+def _ceil_log2(v):
+    """ceil(log2(v)) of positive fp32 v, clamped to [-127, 127] (exact, from the bits)."""
+    bits = v.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) & 255
+    e = exp - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    e = tl.where(exp == 0, tl.where(v > 2.0**-127, -126, -127), e)
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
+def _e4m3_byte(y):
+    """E4M3 (fn) byte of fp32 |y| <= 448, round to nearest even, sign kept (also of zero)."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = ((bits >> 31) & 1) << 7
+    a = tl.abs(y)
+    abits = a.to(tl.int32, bitcast=True)
+    mant = abits & 0x7FFFFF
+    q = mant >> 20
+    rem = mant & 0xFFFFF
+    q += ((rem > 0x80000) | ((rem == 0x80000) & ((q & 1) == 1))).to(tl.int32)
+    normal = (((abits >> 23) & 255) - 127 + 7) * 8 + q             # carries into the exponent
+    m = a * 512.0                                                     # subnormals: steps of 2**-9
+    f = tl.floor(m)
+    r = m - f
+    fi = f.to(tl.int32)
+    sub = fi + ((r > 0.5) | ((r == 0.5) & ((fi & 1) == 1))).to(tl.int32)
+    return sign | tl.where(a < 2.0**-6, sub, normal)
+
+
+@triton.jit
+def _pack_main_kernel(x_ptr, out_ptr, sx, so, NOPE: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr,
+                      WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr):
+    row = tl.program_id(0)
+    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
+    c = tl.arange(0, GROUP)
+    for g in range(G):
+        offs = g * GROUP + c
+        ok = offs < NOPE
+        x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), 0)
+        e = _ceil_log2(tl.maximum(amax, 2.0**-126) / 448.0)
+        y = x / tl.exp2(e.to(tl.float32))
+        tl.store(orow + offs, _e4m3_byte(y).to(tl.uint8), mask=ok)
+        tl.store(orow + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8))
+    i = tl.arange(0, BLOCK_R)
+    ok = i < ROPE
+    r = tl.load(xrow + NOPE + i, mask=ok, other=0.0).to(tl.float32).to(tl.uint32, bitcast=True)
+    b = (r + 0x7FFF + ((r >> 16) & 1)) >> 16                          # BF16 bits, nearest even
+    tl.store(orow + NOPE + 2 * i, (b & 255).to(tl.uint8), mask=ok)
+    tl.store(orow + NOPE + 2 * i + 1, (b >> 8).to(tl.uint8), mask=ok)
+    p = NOPE + 2 * ROPE + G + tl.arange(0, 8)
+    tl.store(orow + p, tl.zeros((8,), dtype=tl.uint8), mask=p < WIDTH)
+
+
+def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    r, d = x.shape
+    nope = d - rope_dim
+    width = main_bytes(d, rope_dim)
+    x = x.contiguous()
+    out = torch.empty(r, width, dtype=torch.uint8, device=x.device)
+    if r:
+        _pack_main_kernel[(r,)](x, out, x.stride(0), out.stride(0), NOPE=nope, ROPE=rope_dim,
+                                G=-(-nope // FP8_GROUP), WIDTH=width, GROUP=FP8_GROUP,
+                                BLOCK_R=pow2(rope_dim))
+    return out
