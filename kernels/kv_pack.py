@@ -2,8 +2,9 @@
 
 One program per row: per group of 64 nope values the UE8M0 scale (the smallest power of two that
 keeps the group's largest magnitude within 448, from the float's exponent bits), then each value
-divided by it and rounded to E4M3 (nearest, ties to even) with integer bit arithmetic, so the
-bytes equal torch's casts on any device; the rope dims rounded to BF16 the same way; pad bytes 0.
+times its inverse (exact) rounded to E4M3 (nearest, ties to even) with integer bit arithmetic,
+not a float8 cast or approximate exp2/log2, so the bytes equal torch's on any device; the rope
+dims rounded to BF16 the same way; pad bytes 0.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _pack_main_kernel(x_ptr, out_ptr, sx, so, NOPE: tl.constexpr, ROPE: tl.const
         ok = offs < NOPE
         x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), 0)
-        e = _ceil_log2(tl.maximum(amax, 2.0**-126) / 448.0)
-        y = x / tl.exp2(e.to(tl.float32))
+        e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 448.0))   # IEEE division, as torch's
+        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)   # 2**-e, exact
+        y = x * inv
         tl.store(orow + offs, _e4m3_byte(y).to(tl.uint8), mask=ok)
         tl.store(orow + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8))
     i = tl.arange(0, BLOCK_R)
