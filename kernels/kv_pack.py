@@ -1,10 +1,13 @@
-"""Packing a main KV entry into its deployed bytes (kernels/kv_format.py layout) in one launch.
+"""Packing KV rows into their deployed bytes (kernels/kv_format.py layouts), one launch each.
 
+`pack_main` (main entries):
 One program per row: per group of 64 nope values the UE8M0 scale (the smallest power of two that
 keeps the group's largest magnitude within 448, from the float's exponent bits), then each value
 times its inverse (exact) rounded to E4M3 (nearest, ties to even) with integer bit arithmetic,
 not a float8 cast or approximate exp2/log2, so the bytes equal torch's on any device; the rope
 dims rounded to BF16 the same way; pad bytes 0.
+`pack_index` (indexer keys, already rotated): per group of 32 values the UE8M0 scale for 6, then
+each value's E2M1 nibble by comparison with the midpoints (ties down, as the reference), two per byte.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.kv_format import FP8_GROUP, main_bytes
+from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes, main_bytes
 from v4d.kernels.launch import pow2
 
 
@@ -83,4 +86,40 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
         _pack_main_kernel[(r,)](x, out, x.stride(0), out.stride(0), NOPE=nope, ROPE=rope_dim,
                                 G=-(-nope // FP8_GROUP), WIDTH=width, GROUP=FP8_GROUP,
                                 BLOCK_R=pow2(rope_dim))
+    return out
+
+
+@triton.jit
+def _e2m1_code(y):
+    """E2M1 nibble of fp32 |y| <= 6: the nearest magnitude, ties down (as `torch.bucketize`), sign bit 3."""
+    a = tl.abs(y)
+    code = ((a > 0.25).to(tl.int32) + (a > 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a > 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a > 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    return code | ((y < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _pack_index_kernel(x_ptr, out_ptr, sx, so, D: tl.constexpr, G: tl.constexpr, HALF_GROUP: tl.constexpr):
+    row = tl.program_id(0)
+    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
+    for g in range(G):
+        i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)             # byte i holds elements 2i, 2i+1
+        ok = 2 * i < D
+        xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
+        xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xe), 0), tl.max(tl.abs(xo), 0))
+        e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 6.0))
+        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)
+        byte = _e2m1_code(xe * inv) | (_e2m1_code(xo * inv) << 4)
+        tl.store(orow + i, byte.to(tl.uint8), mask=ok)
+        tl.store(orow + D // 2 + g, (e + 127).to(tl.uint8))
+
+
+def pack_index(x: torch.Tensor) -> torch.Tensor:
+    r, d = x.shape
+    x = x.contiguous()
+    out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device)
+    if r:
+        _pack_index_kernel[(r,)](x, out, x.stride(0), out.stride(0), D=d, G=-(-d // FP4_GROUP),
+                                 HALF_GROUP=FP4_GROUP // 2)
     return out

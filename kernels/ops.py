@@ -299,9 +299,18 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     return backend(x.device).pack_main(x, int(rope_dim))
 
 
+def pack_index(x: torch.Tensor) -> torch.Tensor:
+    """[R, index_bytes] uint8: already rotated indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32
+    (kernels/kv_format.py layout), one launch."""
+    op = "pack_index"
+    _expect(x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0, op,
+            "floating point x of shape [R, d], d even", _shape(x))
+    return backend(x.device).pack_index(x)
+
+
 def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
     """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
-    indexer keys (rope_dim None), or a cast for plain stores."""
+    indexer keys (rope_dim None; `pack_index`), or a cast for plain stores."""
     if store.dtype == torch.uint8 and rope_dim is not None:
         return pack_main(x, rope_dim)
-    return x.to(store.dtype) if store.dtype != torch.uint8 else kv_format.pack_index(x)
+    return x.to(store.dtype) if store.dtype != torch.uint8 else pack_index(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from v4d.kernels.kv_format import load_rows, pack_main  # noqa: F401  (the reference of ops.pack_main)
+from v4d.kernels.kv_format import load_rows, pack_index, pack_main  # noqa: F401  (references of ops.pack_*)
 from v4d.kernels.quant import act_quant as quantise_activations
 from v4d.kernels.quant import dequant_fp4, dequant_fp8
 

@@ -97,6 +97,7 @@ def calls(dtype: torch.dtype) -> None:
     tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)                # mHC pre-norm / per-head q norm
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
+    tb.pack_index(r(8, 128))
 
 
 def main() -> int:

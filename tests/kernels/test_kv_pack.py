@@ -19,3 +19,16 @@ def test_pack_main_bytes_equal_the_reference(kops, dtype, gen, d, rope_dim):
     want = kv_format.pack_main(x, rope_dim)
     assert got.dtype == torch.uint8 and got.shape == (40, kv_format.main_bytes(d, rope_dim))
     assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("d", [128, 64, 16], ids=["v4", "two-groups", "part-group"])
+def test_pack_index_bytes_equal_the_reference(kops, dtype, gen, d):
+    x = torch.randn(40, d, generator=gen) * torch.logspace(-8, 4, 40)[:, None]
+    x[0] = 0.0
+    x[1, :] = -0.0
+    x[2, :8] = torch.tensor([6.0, 0.25, -0.75, 1.25, 1.75, 2.5, -3.5, 5.0])   # every midpoint: ties go down
+    x = x.to(dtype)
+    got = kops.pack_index(x)
+    want = kv_format.pack_index(x)
+    assert got.dtype == torch.uint8 and got.shape == (40, kv_format.index_bytes(d))
+    assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
