@@ -80,8 +80,8 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest finite scores per row (int32), -1 in the slots left over.
 
     Ties at the k-th score go to the lowest index, so the choice does not depend on the masked
-    columns after it. `topk` (O(S), unspecified tie order) picks the candidates; only rows where
-    it left out an index tied with the k-th score fall back to a stable full sort. Order:
+    columns after it. `topk` (O(S), unspecified tie order) picks the candidates; rows where it left
+    out an index tied with the k-th score select again with the later ties masked (no full sort). Order:
     descending score, ties by ascending index (sorting k entries); callers treat the selection as
     a set (the Triton kernel returns ascending indices).
     """
@@ -94,10 +94,12 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     vals, order = torch.topk(scores, kk, dim=-1)
     kth = vals[:, -1:]
     tied_out = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[:, 0])
-    if bool(tied_out.any()):
+    if bool(tied_out.any()):  # keep the lowest-index ties: drop the later ones, select again
         rows = tied_out.nonzero().squeeze(1)
-        v, o = torch.sort(scores[rows], dim=-1, descending=True, stable=True)
-        vals[rows], order[rows] = v[:, :kk], o[:, :kk]
+        sr, kr = scores[rows], kth[rows]
+        eq = sr == kr
+        need = kk - (sr > kr).sum(-1, keepdim=True)
+        vals[rows], order[rows] = torch.topk(sr.masked_fill(eq & (eq.cumsum(-1) > need), float("-inf")), kk, dim=-1)
     order, pos = torch.sort(order, dim=-1)  # ascending index, then a stable sort by score
     vals = vals.gather(1, pos)
     vals, pos = torch.sort(vals, dim=-1, descending=True, stable=True)
