@@ -8,6 +8,7 @@ not a float8 cast or approximate exp2/log2, so the bytes equal torch's on any de
 dims rounded to BF16 the same way; pad bytes 0.
 `pack_index` (indexer keys, already rotated): per group of 32 values the UE8M0 scale for 6, then
 each value's E2M1 nibble by comparison with the midpoints (ties down, as the reference), two per byte.
+`unpack_main`: the inverse of `pack_main` with the paged kernels' inline decoder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton.language as tl
 
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes, main_bytes
 from v4d.kernels.launch import pow2
+from v4d.kernels.paged import _load_main
 
 
 @triton.jit
@@ -122,4 +124,26 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     if r:
         _pack_index_kernel[(r,)](x, out, x.stride(0), out.stride(0), D=d, G=-(-d // FP4_GROUP),
                                  HALF_GROUP=FP4_GROUP // 2)
+    return out
+
+
+@triton.jit
+def _unpack_main_kernel(rows_ptr, out_ptr, R, D, srow, so, NOPE: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    x = _load_main(rows_ptr, r, r < R, d, D, srow, NOPE, True, GROUP)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * so + d[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=(r < R)[:, None] & (d < D)[None, :])
+
+
+def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    r = rows.shape[0]
+    rows = rows.contiguous()
+    out = torch.empty(r, d, dtype=dtype, device=rows.device)
+    if r:
+        block_r = 4
+        _unpack_main_kernel[(triton.cdiv(r, block_r),)](rows, out, r, d, rows.stride(0), out.stride(0),
+                                                         NOPE=d - rope_dim, GROUP=FP8_GROUP, BLOCK_R=block_r,
+                                                         BLOCK_D=pow2(d))
     return out

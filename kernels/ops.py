@@ -308,6 +308,15 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     return backend(x.device).pack_index(x)
 
 
+def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[R, d] of `dtype`: deployed main entries [R, main_bytes] decoded (inverse of `pack_main`)."""
+    op = "unpack_main"
+    width = kv_format.main_bytes(d, rope_dim)
+    _expect(rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] == width, op,
+            f"uint8 rows of shape [R,{width}]", [*_shape(rows), rows.dtype])
+    return backend(rows.device).unpack_main(rows, int(d), int(rope_dim), dtype)
+
+
 def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
     """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
     indexer keys (rope_dim None; `pack_index`), or a cast for plain stores."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from v4d.kernels.kv_format import load_rows, pack_index, pack_main  # noqa: F401  (references of ops.pack_*)
+from v4d.kernels.kv_format import unpack_main as _unpack_main
 from v4d.kernels.quant import act_quant as quantise_activations
 from v4d.kernels.quant import dequant_fp4, dequant_fp8
 
@@ -274,3 +275,8 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     z = torch.view_as_complex(tail.float().unflatten(-1, (-1, 2)).contiguous())
     tail = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
     return torch.cat([head, tail], dim=-1)
+
+
+def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[R, d] of `dtype`: deployed main entries decoded (kv_format.unpack_main)."""
+    return _unpack_main(rows, d, rope_dim).to(dtype)

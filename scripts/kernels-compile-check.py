@@ -98,6 +98,7 @@ def calls(dtype: torch.dtype) -> None:
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))
+    tb.unpack_main(kv_format.pack_main(r(8, 512, dt=torch.float32), 64), 512, 64, dtype)
 
 
 def main() -> int:

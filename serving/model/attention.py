@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
-from v4d.kernels.kv_format import load_rows
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
@@ -58,7 +57,8 @@ class Attention(nn.Module):
         # Pack window entries in the storage format once: this step reads them unpacked and the ring
         # gets the same bytes, so a position reads the same value from this step's rows or the ring.
         packed = ops.store_rows(self.rope(self.kv_norm(self.wkv(x)), pos), cache.window, rd)
-        kv = load_rows(packed, self.head_dim, rd).to(x.dtype)
+        packed_rows = packed.dtype == torch.uint8
+        kv = ops.unpack_main(packed, self.head_dim, rd, x.dtype) if packed_rows else packed.to(x.dtype)
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
         if self.compressor is not None:

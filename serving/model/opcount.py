@@ -26,7 +26,7 @@ VIEW_OPS = frozenset(f"aten::{n}" for n in (
     "_reshape_alias", "narrow", "split", "chunk", "unbind", "conj", "_unsafe_view", "lift_fresh"))
 OP_NAMES = ("paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed",
             "moe_experts", "hc_split_sinkhorn", "hc_pre", "hc_post", "sparse_attention", "indexer_scores",
-            "gated_pool", "rms_norm", "rope", "pack_main", "pack_index")
+            "gated_pool", "rms_norm", "rope", "pack_main", "pack_index", "unpack_main")
 
 
 def _noop_cast(ev: Any) -> bool:

@@ -32,3 +32,11 @@ def test_pack_index_bytes_equal_the_reference(kops, dtype, gen, d):
     want = kv_format.pack_index(x)
     assert got.dtype == torch.uint8 and got.shape == (40, kv_format.index_bytes(d))
     assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("d,rope_dim", [(512, 64), (200, 40)], ids=["v4", "ragged-group"])
+def test_unpack_main_equals_the_reference(kops, dtype, gen, d, rope_dim):
+    rows = kv_format.pack_main(torch.randn(13, d, generator=gen) * 5, rope_dim)
+    got = kops.unpack_main(rows, d, rope_dim, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, kv_format.unpack_main(rows, d, rope_dim).to(dtype))
