@@ -19,8 +19,8 @@ decode work depends on the number of entries, not their values. CPU: small dims,
 torch reference ops, CPU seconds of this process. CUDA: four layers of V4-Flash's real dims with
 random weights made on the device, bf16, the Triton kernels, decode steps replayed as CUDA graphs
 (V4D_CUDA_GRAPHS=0: eager); CUDA-event timing.
-`--json` prints the result object (keys: ops_per_layer_step, step_s_by_context, kv_capacity_tokens,
-batches, prefill_4k) as the last line.
+`--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step,
+step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
 """
 
 from __future__ import annotations
@@ -298,14 +298,14 @@ def main() -> None:
     cap = capacity()
     print(f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)")
-    print(f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'non-view':>9} {'ops/step':>9} "
+    print(f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'launches':>9} {'ops/step':>9} "
           f"{'tok/s':>9} {'Flash tok/s':>12} {'Pro tok/s':>10}")
     for r in rows:
         print(f"{r['batch']:>6} {r['step_s'] * 1e3:>9.2f} {r['roofline_share']:>9.1%} {r['ops_per_layer_max']:>10} "
               f"{r['launching_ops_per_layer_max']:>9} {r['ops_per_step']:>9} {r['tokens_per_s']:>9.1f} "
               f"{r['tokens_per_s_flash']:>12.1f} {r['tokens_per_s_pro']:>10.1f}")
-    print("(ops/layer: the busiest layer's top-level torch ops, one per `ops` call; non-view: less the ops "
-          "that only make views)")
+    print("(ops/layer: the busiest layer's top-level torch ops, one per `ops` call; launches: less the ops "
+          "that only make views and the no-op casts, i.e. the kernel launches of the CUDA path)")
     print("\nOne sequence's decode step by context (and less the indexer's key scan + top-k)")
     print(f"{'context':>8} {'step ms':>9} {'vs 4K':>7} {'w/o scan ms':>12} {'vs 4K':>7}")
     for n, s in ctx.items():
@@ -319,6 +319,7 @@ def main() -> None:
     by_b = {r["batch"]: r for r in rows}
     result = {
         "ops_per_layer_step": {str(b): by_b[b]["ops_per_layer_max"] for b in (1, 64)},
+        "launches_per_layer_step": {str(b): by_b[b]["launching_ops_per_layer_max"] for b in (1, 64)},
         "step_s_by_context": ctx,
         "step_s_by_context_without_indexer_scan": ctx_rest,
         "kv_capacity_tokens": {k: cap[k] for k in ("engine", "planner")} if cap else None,

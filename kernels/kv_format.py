@@ -131,16 +131,8 @@ def unpack_index(rows: torch.Tensor, d: int) -> torch.Tensor:
     return (vals.unflatten(-1, (-1, FP4_GROUP)) * scale[..., None]).flatten(-2)[..., :d]
 
 
-def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
-    """Rows of `x` in `store`'s format: packed main entries (rope_dim given), packed indexer keys
-    (rope_dim None), or a cast for plain stores."""
-    if store.dtype != torch.uint8:
-        return x.to(store.dtype)
-    return pack_main(x, rope_dim) if rope_dim is not None else pack_index(x)
-
-
 def load_rows(rows: torch.Tensor, d: int, rope_dim: int | None) -> torch.Tensor:
-    """Inverse of `store_rows`, to fp32."""
+    """Inverse of `ops.store_rows`, to fp32."""
     if rows.dtype != torch.uint8:
         return rows.float()
     return unpack_main(rows, d, rope_dim) if rope_dim is not None else unpack_index(rows, d)

@@ -266,3 +266,60 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     _expect(_shape(post) == [t, n], op, f"post of shape [{t},{n}]", _shape(post))
     _expect(_shape(comb) == [t, n, n], op, f"comb of shape [{t},{n},{n}]", _shape(comb))
     return backend(X.device).hc_post(f, X, post, comb)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """(weight *) x / rms(x) over the last dim in fp32, stored as `dtype` (default x's): the norms
+    of the block, the query/KV/compressor norms and the mHC pre-norm, one launch each."""
+    op = "rms_norm"
+    _expect(x.dim() >= 1 and x.is_floating_point(), op, "floating point x of shape [..., C]", _shape(x))
+    if weight is not None:
+        _expect(_shape(weight) == [x.shape[-1]], op, f"weight of shape [{x.shape[-1]}]", _shape(weight))
+    return backend(x.device).rms_norm(x, weight, float(eps), dtype or x.dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by the
+    angle pos[t] * inv_freq[i] (minus it with `inverse`); a new tensor of x's dtype."""
+    op = "rope"
+    _expect(x.dim() >= 2, op, "x of shape [T, ..., C]", _shape(x))
+    _expect(_shape(pos) == [x.shape[0]], op, f"pos of shape [{x.shape[0]}]", _shape(pos))
+    _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1], op,
+            f"inv_freq of shape [<= {x.shape[-1] // 2}]", _shape(inv_freq))
+    return backend(x.device).rope(x, pos, inv_freq, bool(inverse))
+
+
+def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """[R, main_bytes] uint8: rows x [R, d] as deployed main entries (kernels/kv_format.py layout:
+    FP8 E4M3 + UE8M0 per 64 nope values, BF16 rope dims), one launch."""
+    op = "pack_main"
+    _expect(x.dim() == 2 and x.is_floating_point(), op, "floating point x of shape [R, d]", _shape(x))
+    _expect(0 <= rope_dim <= x.shape[1], op, f"rope_dim in 0..{x.shape[1]}", rope_dim)
+    return backend(x.device).pack_main(x, int(rope_dim))
+
+
+def pack_index(x: torch.Tensor) -> torch.Tensor:
+    """[R, index_bytes] uint8: already rotated indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32
+    (kernels/kv_format.py layout), one launch."""
+    op = "pack_index"
+    _expect(x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0, op,
+            "floating point x of shape [R, d], d even", _shape(x))
+    return backend(x.device).pack_index(x)
+
+
+def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[R, d] of `dtype`: deployed main entries [R, main_bytes] decoded (inverse of `pack_main`)."""
+    op = "unpack_main"
+    width = kv_format.main_bytes(d, rope_dim)
+    _expect(rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] == width, op,
+            f"uint8 rows of shape [R,{width}]", [*_shape(rows), rows.dtype])
+    return backend(rows.device).unpack_main(rows, int(d), int(rope_dim), dtype)
+
+
+def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
+    """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
+    indexer keys (rope_dim None; `pack_index`), or a cast for plain stores."""
+    if store.dtype == torch.uint8 and rope_dim is not None:
+        return pack_main(x, rope_dim)
+    return x.to(store.dtype) if store.dtype != torch.uint8 else pack_index(x)

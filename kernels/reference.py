@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from v4d.kernels.kv_format import load_rows
+from v4d.kernels.kv_format import load_rows, pack_index, pack_main  # noqa: F401  (references of ops.pack_*)
+from v4d.kernels.kv_format import unpack_main as _unpack_main
 from v4d.kernels.quant import act_quant as quantise_activations
 from v4d.kernels.quant import dequant_fp4, dequant_fp8
 
@@ -79,17 +80,32 @@ def indexer_scores(
 def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest finite scores per row (int32), -1 in the slots left over.
 
-    Ties at the k-th score go to the lowest index (a stable sort, not `topk`, whose tie order is
-    unspecified), so the choice does not depend on the masked columns after it. Order: descending
-    score here; callers treat the selection as a set (the Triton kernel returns ascending indices).
+    Ties at the k-th score go to the lowest index, so the choice does not depend on the masked
+    columns after it. `topk` (O(S), unspecified tie order) picks the candidates; rows where it left
+    out an index tied with the k-th score select again with the later ties masked (no full sort). Order:
+    descending score, ties by ascending index (sorting k entries); callers treat the selection as
+    a set (the Triton kernel returns ascending indices).
     """
     t, s = scores.shape
     idx = torch.full((t, k), -1, dtype=torch.int32, device=scores.device)
     kk = min(k, s)
     if kk == 0:
         return idx
-    vals, order = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
-    idx[:, :kk] = torch.where(torch.isfinite(vals[:, :kk]), order[:, :kk], -1).to(torch.int32)
+    scores = scores.float()
+    vals, order = torch.topk(scores, kk, dim=-1)
+    kth = vals[:, -1:]
+    tied_out = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[:, 0])
+    if bool(tied_out.any()):  # keep the lowest-index ties: drop the later ones, select again
+        rows = tied_out.nonzero().squeeze(1)
+        sr, kr = scores[rows], kth[rows]
+        eq = sr == kr
+        need = kk - (sr > kr).sum(-1, keepdim=True)
+        vals[rows], order[rows] = torch.topk(sr.masked_fill(eq & (eq.cumsum(-1) > need), float("-inf")), kk, dim=-1)
+    order, pos = torch.sort(order, dim=-1)  # ascending index, then a stable sort by score
+    vals = vals.gather(1, pos)
+    vals, pos = torch.sort(vals, dim=-1, descending=True, stable=True)
+    order = order.gather(1, pos)
+    idx[:, :kk] = torch.where(torch.isfinite(vals), order, -1).to(torch.int32)
     return idx
 
 
@@ -237,3 +253,30 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     """X'[t,k] = post[t,k] f[t] + sum_j comb[t,j,k] X[t,j]: the new residual streams (X's dtype)."""
     mixed = torch.einsum("tjk,tjd->tkd", comb.float(), X.float())
     return (post.float()[:, :, None] * f.float()[:, None, :] + mixed).to(X.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """(weight *) x / rms(x) over the last dim, computed in fp32, stored as `dtype`."""
+    x = x.float()
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return (y if weight is None else weight * y).to(dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by
+    pos[t] * inv_freq[i] (by minus that with `inverse`); a new tensor of x's dtype."""
+    dim = 2 * inv_freq.shape[0]
+    angles = torch.outer(pos.to(torch.float32), inv_freq.float())
+    rot = torch.polar(torch.ones_like(angles), angles)
+    if inverse:
+        rot = rot.conj()
+    rot = rot.view(rot.shape[0], *([1] * (x.dim() - 2)), rot.shape[-1])
+    head, tail = x[..., :-dim], x[..., -dim:]
+    z = torch.view_as_complex(tail.float().unflatten(-1, (-1, 2)).contiguous())
+    tail = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+    return torch.cat([head, tail], dim=-1)
+
+
+def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[R, d] of `dtype`: deployed main entries decoded (kv_format.unpack_main)."""
+    return _unpack_main(rows, d, rope_dim).to(dtype)

@@ -93,6 +93,12 @@ def calls(dtype: torch.dtype) -> None:
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
+    tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)     # block / KV norm, with gain
+    tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)                # mHC pre-norm / per-head q norm
+    tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
+    tb.pack_main(r(8, 512), 64)
+    tb.pack_index(r(8, 128))
+    tb.unpack_main(kv_format.pack_main(r(8, 512, dt=torch.float32), 64), 512, 64, dtype)
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
-from v4d.kernels.kv_format import load_rows, store_rows
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
@@ -54,25 +53,26 @@ class Attention(nn.Module):
         pos, rd = step.pos, self.rope.dim
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = self.rope(rms_normalize(q, self.eps).to(x.dtype), pos)
-        # Round window entries to the storage format now, so a position reads the same value whether
-        # it comes from this step's rows or, later, from the ring.
-        kv = self.rope(self.kv_norm(self.wkv(x)), pos)
-        kv = load_rows(store_rows(kv, cache.window, rd), self.head_dim, rd).to(x.dtype)
+        q = self.rope(rms_normalize(q, self.eps, x.dtype), pos)
+        # Pack window entries in the storage format once: this step reads them unpacked and the ring
+        # gets the same bytes, so a position reads the same value from this step's rows or the ring.
+        packed = ops.store_rows(self.rope(self.kv_norm(self.wkv(x)), pos), cache.window, rd)
+        packed_rows = packed.dtype == torch.uint8
+        kv = ops.unpack_main(packed, self.head_dim, rd, x.dtype) if packed_rows else packed.to(x.dtype)
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
         if self.compressor is not None:
             comp = step.compression(self.ratio)
             store = cache.main.flatten(0, 1)
             entries = self.compressor.update(*self.compressor.project(x), pos, comp, cache.comp, x.dtype)
-            store[comp.entry_rows] = store_rows(entries, store, rd)
+            store[comp.entry_rows] = ops.store_rows(entries, store, rd)
             if self.indexer is not None:
                 rows = self.indexer.select(self.indexer.project(x, qr, pos), step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1
                 rows = comp.all_visible_rows(step)
             idx = torch.cat([idx, torch.where(rows >= 0, rows + step.n_rows + ring.shape[0], -1)], dim=1)
         o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd)
-        ring[step.ring_dst] = store_rows(kv[step.ring_src], ring, rd)
+        ring[step.ring_dst] = packed[step.ring_src]
         o = self.rope(o, pos, inverse=True).view(x.shape[0], self.groups, -1)
         o = self.wo_a.grouped(o, self.groups)
         return self.wo_b(o.flatten(1))

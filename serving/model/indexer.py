@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
-from v4d.kernels.kv_format import hadamard, store_rows
+from v4d.kernels.kv_format import hadamard
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
@@ -47,7 +47,7 @@ class Indexer(nn.Module):
         store = cache.index.flatten(0, 1)
         if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis
             keys, q = hadamard(keys), hadamard(q)
-        store[comp.entry_rows] = store_rows(keys, store, None)
+        store[comp.entry_rows] = ops.store_rows(keys, store, None)
         # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
         table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
         scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible)

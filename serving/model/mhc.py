@@ -23,16 +23,16 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     """X: [T, n, d] streams -> (sub-layer input [T, d], post [T, n], comb [T, n, n])."""
     n = X.shape[1]
     pre, post, comb = ops.hc_split_sinkhorn(_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
-    return ops.hc_pre(X.float(), pre).to(X.dtype), post, comb
+    return ops.hc_pre(X, pre), post, comb  # fp32 math inside, X's dtype out: no cast launches
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k f + sum_j comb[j, k] X_j."""
-    return ops.hc_post(f.float(), X.float(), post, comb).to(X.dtype)
+    return ops.hc_post(f, X, post, comb)
 
 
 def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
     """Reduction-only mHC before the final norm: sigmoid weights, no Sinkhorn. [T, n, d] -> [T, d]."""
     pre = torch.sigmoid(_mixes(X, fn, norm_eps) * scale + base) + hc_eps
-    return ops.hc_pre(X.float(), pre).to(X.dtype)
+    return ops.hc_pre(X, pre)

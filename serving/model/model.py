@@ -30,6 +30,23 @@ from v4d.serving.model.step import Step
 Batch = Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]
 
 
+HEAD_CHUNK_ROWS = 8192  # vocab rows upcast at once: 8192 x 7168 x 4 B = 235 MB at V4-Flash size
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, vocab] = x W^T without an fp32 copy of the whole head (2 GB at V4-Flash size):
+    an fp32 weight is used as is, a narrower one is upcast HEAD_CHUNK_ROWS vocab rows at a time
+    (the same fp32 products and sums as one full upcast)."""
+    x = x.float()
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for lo in range(0, weight.shape[0], HEAD_CHUNK_ROWS):
+        rows = weight[lo:lo + HEAD_CHUNK_ROWS]
+        out[:, lo:lo + rows.shape[0]] = F.linear(x, rows.float())
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, with_experts: bool = True):
         """`with_experts=False` leaves out routed experts (an attention engine whose experts live on
@@ -79,6 +96,8 @@ class Transformer(nn.Module):
         """Embedding and every block over the step's rows (device work only: a static step's call is
         what serving/model/graphs.py captures)."""
         X = self.embed(ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        for ratio in sorted({b.attn.ratio for b in self.layers} - {0}):
+            step.compression(ratio)  # per-step metadata shared by the layers of that ratio: built once, here
         for block in self.layers:
             X = block(X, ids, step, kv, self.experts)
         return X
@@ -89,7 +108,7 @@ class Transformer(nn.Module):
         scale = self.hc_head_scale if scale is None else scale
         base = self.hc_head_base if base is None else base
         x = hc_head(X, fn, scale, base, self.cfg.rms_norm_eps, self.cfg.hc_eps)
-        return F.linear((norm or self.norm)(x).float(), self.head.weight.float())
+        return head_logits((norm or self.norm)(x), self.head.weight)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, kv: KVCache, all_logits: bool = False) -> list[torch.Tensor]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from v4d.kernels import ops
 
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim in fp32, no gain (the per-head query norm and mHC use this)."""
-    x = x.float()
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+def rms_normalize(x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x / rms(x) over the last dim in fp32, no gain, stored as `dtype` (the per-head query norm and
+    mHC use this); one `ops.rms_norm` launch."""
+    return ops.rms_norm(x, None, eps, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -19,4 +21,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight * rms_normalize(x, self.eps)).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)

@@ -26,7 +26,12 @@ VIEW_OPS = frozenset(f"aten::{n}" for n in (
     "_reshape_alias", "narrow", "split", "chunk", "unbind", "conj", "_unsafe_view", "lift_fresh"))
 OP_NAMES = ("paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed",
             "moe_experts", "hc_split_sinkhorn", "hc_pre", "hc_post", "sparse_attention", "indexer_scores",
-            "gated_pool")
+            "gated_pool", "rms_norm", "rope", "pack_main", "pack_index", "unpack_main")
+
+
+def _noop_cast(ev: Any) -> bool:
+    """A `.to()`/`.float()` to the tensor's own dtype and device returns it: no copy, no launch."""
+    return ev.name == "aten::to" and not any(c.name == "aten::_to_copy" for c in ev.cpu_children)
 
 
 @contextmanager
@@ -62,7 +67,7 @@ def _labelled(model: torch.nn.Module) -> Iterator[None]:
 
 def ops_per_layer(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[dict[int, int], dict[int, int]]:
     """Ops each block of `model` dispatches while `run()` executes one forward step: (all ops,
-    ops that may launch work: view ops left out, a no-op cast still counted)."""
+    ops that may launch work: view ops and no-op casts left out)."""
     with _labelled(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     counts: Counter[int] = Counter()
@@ -80,5 +85,5 @@ def ops_per_layer(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[dict[
             parent = parent.cpu_parent
         if layer is not None:
             counts[layer] += 1
-            launching[layer] += ev.name not in VIEW_OPS
+            launching[layer] += ev.name not in VIEW_OPS and not _noop_cast(ev)
     return dict(sorted(counts.items())), dict(sorted(launching.items()))

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from v4d.kernels import ops
 from v4d.serving.config import ModelConfig
 
 
@@ -53,13 +54,6 @@ class Rope(nn.Module):
         return cls(rd, inv_freq(rd, cfg.rope_theta))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """x: [T, ..., C] with C >= dim; pos: [T] absolute positions. Returns a new tensor."""
-        angles = torch.outer(pos.to(torch.float32), self.inv_freq)
-        rot = torch.polar(torch.ones_like(angles), angles)
-        if inverse:
-            rot = rot.conj()
-        rot = rot.view(rot.shape[0], *([1] * (x.dim() - 2)), rot.shape[-1])
-        head, tail = x[..., : -self.dim], x[..., -self.dim :]
-        z = torch.view_as_complex(tail.float().unflatten(-1, (-1, 2)).contiguous())
-        tail = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
-        return torch.cat([head, tail], dim=-1)
+        """x: [T, ..., C] with C >= dim; pos: [T] absolute positions. Returns a new tensor (one
+        `ops.rope` launch: angles computed in place, no table)."""
+        return ops.rope(x, pos, self.inv_freq, inverse)

@@ -24,7 +24,7 @@ def test_all_kernel_variants_compile_for_sm90():
                "_expert_up_kernel", "_expert_down_kernel", "_combine_kernel", "_split_sinkhorn_kernel",
                "_hc_pre_kernel", "_hc_post_kernel", "_paged_attention_kernel", "_paged_indexer_scores_kernel",
                "_gated_pool_indexed_kernel",
-               "_act_quant_kernel", "_fp8_gemm_kernel"}
+               "_act_quant_kernel", "_fp8_gemm_kernel", "_rms_norm_kernel", "_rope_kernel", "_pack_main_kernel", "_pack_index_kernel", "_unpack_main_kernel"}
     compiled = set(re.findall(r"^ok +(\w+)", proc.stdout, re.M))
     assert compiled == kernels
     # fp32, fp16 and bf16 variants of the kernels that take activations

@@ -17,7 +17,7 @@ from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.model import Transformer, init_weights
 
 OPS = ["paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed", "moe_experts",
-       "hc_split_sinkhorn", "hc_pre", "hc_post"]
+       "hc_split_sinkhorn", "hc_pre", "hc_post", "rms_norm", "rope", "pack_main", "pack_index", "unpack_main"]
 
 
 @torch.inference_mode()
@@ -54,9 +54,13 @@ def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("V4D_KERNELS", "triton")
     got = run(model, ids, chunks, fmt)
 
-    assert all(calls.values()), f"ops never sent to Triton: {[k for k, v in calls.items() if not v]}"
+    unused = {"fp32": {"pack_main", "pack_index", "unpack_main"}, "deployed": set()}[fmt]  # plain stores take casts, not packing
+    assert all(v for k, v in calls.items() if k not in unused), \
+        f"ops never sent to Triton: {[k for k, v in calls.items() if not v and k not in unused]}"
     assert want.shape == (33, cfg.vocab_size) and torch.isfinite(want).all()
-    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # Deployed: RoPE's cos/sin differ from torch's by an ulp here and there, which can flip one FP8
+    # rounding of a cached entry (a 6% step of that value): a few logits move by ~5e-4.
+    torch.testing.assert_close(got, want, atol=2e-4 if fmt == "fp32" else 1e-3, rtol=1e-4)
 
 
 def deployed_copy(model: Transformer, device: torch.device) -> Transformer:

@@ -63,6 +63,20 @@ def test_indexer_topk_pads_with_minus_one():
     assert ref.indexer_topk(ties, 4).tolist() == [[2500, 0, 1, 2], [2500, 1, 2, 4]]
 
 
+def test_indexer_topk_equals_a_stable_sort():
+    """topk + tie fix-up == the stable full sort's first k (descending, ties by index), -inf as -1."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (64, 700), generator=g).float()  # many ties at the k-th score
+    scores[::3, 400:] = float("-inf")
+    scores[5, 3:] = float("-inf")  # fewer finite scores than k
+    scores[7] = torch.randn(700, generator=g)  # no ties
+    for k in (1, 37, 256, 700, 900):
+        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        kk = min(k, 700)
+        want = torch.where(torch.isfinite(vals[:, :kk]), order[:, :kk], -1)
+        assert ref.indexer_topk(scores, k)[:, :kk].tolist() == want.tolist()
+
+
 def test_gated_pool_by_hand_and_padding():
     values = torch.tensor([[[1.0, 10.0], [3.0, 20.0]]])     # B=1, L=2, C=2
     gates = torch.tensor([[[0.0, float("-inf")], [math.log(3.0), 0.0]]])

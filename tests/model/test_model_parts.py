@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from v4d.serving import sizing
 from v4d.serving.config import get_preset
+from v4d.serving.model import model as model_mod
 from v4d.serving.model.mhc import hc_pre
-from v4d.serving.model.model import Transformer
+from v4d.serving.model.model import Transformer, head_logits
 from v4d.serving.model.moe import LocalExperts
 from v4d.serving.model.rope import Rope, inv_freq
 
@@ -141,3 +142,17 @@ def test_shared_expert_is_clamped_like_the_routed_ones(tiny):
     no_routed = lambda layer, x, ids, w: torch.zeros_like(x)  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(moe(x, torch.zeros(16, dtype=torch.long), no_routed), expect, atol=1e-4, rtol=1e-4)
+
+
+def test_head_logits_upcast_in_chunks_equal_one_full_upcast(monkeypatch):
+    """A bf16 head gives the fp32 logits of one full upcast, chunk by chunk (a ragged last chunk too);
+    an fp32 head is used as is."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    w = torch.randn(1000, 64, generator=g).to(torch.bfloat16)
+    monkeypatch.setattr(model_mod, "HEAD_CHUNK_ROWS", 96)
+    got = head_logits(x.to(torch.bfloat16), w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x.to(torch.bfloat16).float(), w.float()), rtol=1e-6, atol=1e-5)
+    w32 = w.float()
+    torch.testing.assert_close(head_logits(x, w32), F.linear(x, w32), rtol=0, atol=0)

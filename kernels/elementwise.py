@@ -1,0 +1,88 @@
+"""Fused row-wise chains the model ran as many small torch ops: RMSNorm and interleaved RoPE.
+
+`rms_norm`: one program per row, two passes over the channels in blocks (sum of squares, then
+scale, gain and cast), so any width fits. `rope`: one program per (token, block of heads); the
+leading channels are copied, the last `dim` ones rotated pairwise (2i, 2i+1) by pos * inv_freq[i]
+with cos/sin computed in the kernel (no angle table). Both compute in fp32 and store the output
+dtype, like their references.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4d.kernels.launch import pow2
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, C, sx, so, eps, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + row * sx + c, mask=c < C, other=0.0).to(tl.float32)
+        acc += x * x
+    inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + row * sx + c, mask=c < C, other=0.0).to(tl.float32)
+        y = x * inv
+        if HAS_W:
+            y = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32) * y
+        tl.store(out_ptr + row * so + c, y.to(out_ptr.dtype.element_ty), mask=c < C)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    if x2.shape[0]:
+        w = weight if weight is not None else x2
+        _rms_norm_kernel[(x2.shape[0],)](x2, w, out, c, x2.stride(0), out.stride(0), eps,
+                                         HAS_W=weight is not None, BLOCK_C=min(pow2(c), 2048))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, f_ptr, out_ptr, M, C, sign,
+                 HEAD: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    t = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    base = (t * M + m) * C                                      # [BLOCK_M] row starts
+    for c0 in range(0, HEAD, BLOCK_H):
+        c = c0 + tl.arange(0, BLOCK_H)
+        ok = m_ok[:, None] & (c < HEAD)[None, :]
+        v = tl.load(x_ptr + base[:, None] + c[None, :], mask=ok, other=0.0)
+        tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
+    i = tl.arange(0, BLOCK_P)
+    i_ok = i < HALF
+    p = tl.load(pos_ptr + t).to(tl.float32)
+    ang = p * tl.load(f_ptr + i, mask=i_ok, other=0.0)
+    cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
+    ok = m_ok[:, None] & i_ok[None, :]
+    even = base[:, None] + HEAD + 2 * i[None, :]
+    a = tl.load(x_ptr + even, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + even + 1, mask=ok, other=0.0).to(tl.float32)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + even, (a * cos - b * sin).to(ty), mask=ok)
+    tl.store(out_ptr + even + 1, (a * sin + b * cos).to(ty), mask=ok)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    x = x.contiguous()
+    t, c, dim = x.shape[0], x.shape[-1], 2 * inv_freq.shape[0]
+    m = x[0].numel() // c if t else 0
+    out = torch.empty_like(x)
+    if t and m:
+        block_m = min(pow2(m), 16)
+        _rope_kernel[(t, triton.cdiv(m, block_m))](
+            x, pos, inv_freq.float().contiguous(), out, m, c, -1.0 if inverse else 1.0,
+            HEAD=c - dim, HALF=dim // 2, BLOCK_M=block_m, BLOCK_H=min(pow2(max(c - dim, 1)), 128),
+            BLOCK_P=pow2(dim // 2))
+    return out

@@ -1,0 +1,32 @@
+"""Triton RMSNorm and RoPE (interpreter) against the references."""
+
+import pytest
+import torch
+
+from v4d.kernels import reference as ref
+from v4d.serving.model.rope import inv_freq
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 40), (2, 3000), (0, 16)], ids=["row", "heads", "wide", "empty"])
+@pytest.mark.parametrize("gain", [True, False])
+def test_rms_norm(kops, dtype, gen, tol, shape, gain):
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    w = torch.rand(shape[-1], generator=gen) + 0.5 if gain else None
+    for out in (dtype, torch.float32):
+        got = kops.rms_norm(x, w, 1e-6, out)
+        assert got.dtype == out and got.shape == x.shape
+        torch.testing.assert_close(got, ref.rms_norm(x, w, 1e-6, out), **tol(out))
+
+
+@pytest.mark.parametrize("shape,dim", [((6, 4, 48), 16), ((5, 32), 32), ((3, 2, 3, 24), 8)],
+                         ids=["heads", "all-rope", "4d"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope(kops, dtype, gen, tol, shape, dim, inverse):
+    x = torch.randn(shape, generator=gen).to(dtype)
+    pos = torch.tensor([0, 1, 7, 4096, 100_000, 3][: shape[0]])
+    f = inv_freq(dim, 10000.0, 4096, 16.0)
+    got = kops.rope(x, pos, f, inverse)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ref.rope(x, pos, f, inverse), **tol(dtype))
+    back = kops.rope(got.float(), pos, f, not inverse)  # rotating back restores x
+    torch.testing.assert_close(back, x.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
