@@ -52,13 +52,32 @@ ROOT = Path(__file__).resolve().parents[1]
 # enough next to the KV that, as in the real models, a decode step is mostly weight reads. Indexer
 # work per compressed key (4 heads x 64 / 4 positions) is 1/16 of the attention's per key (8 x 128),
 # V4-Flash's proportion (64 x 128 / 4 vs 64 x 512).
-CPU_CFG = replace(TINY, hidden_size=512, num_attention_heads=8, head_dim=128, qk_rope_head_dim=32,
-                  q_lora_rank=256, o_groups=2, o_lora_rank=256, index_n_heads=4, index_head_dim=64,
-                  index_topk=512, n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=512,
-                  vocab_size=4096, max_position_embeddings=1 << 20)
+CPU_CFG = replace(
+    TINY,
+    hidden_size=512,
+    num_attention_heads=8,
+    head_dim=128,
+    qk_rope_head_dim=32,
+    q_lora_rank=256,
+    o_groups=2,
+    o_lora_rank=256,
+    index_n_heads=4,
+    index_head_dim=64,
+    index_topk=512,
+    n_routed_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=512,
+    vocab_size=4096,
+    max_position_embeddings=1 << 20,
+)
 # Four layers of V4-Flash (SWA, SWA, CSA, HCA) at its real dims, for the GPU run.
-GPU_CFG = replace(FLASH, num_hidden_layers=4, num_nextn_predict_layers=0, compress_ratios=(0, 0, 4, 128),
-                  num_hash_layers=min(FLASH.num_hash_layers, 4))
+GPU_CFG = replace(
+    FLASH,
+    num_hidden_layers=4,
+    num_nextn_predict_layers=0,
+    compress_ratios=(0, 0, 4, 128),
+    num_hash_layers=min(FLASH.num_hash_layers, 4),
+)
 
 
 # -- model and cache --------------------------------------------------------------------------------
@@ -89,8 +108,9 @@ def random_model(cfg: ModelConfig, device: torch.device) -> Transformer:
     return model.to(torch.bfloat16)
 
 
-def filled_cache(cfg: ModelConfig, batch: int, context: int, device: torch.device, spare: int = 8
-                 ) -> tuple[KVCache, list[SeqCache]]:
+def filled_cache(
+    cfg: ModelConfig, batch: int, context: int, device: torch.device, spare: int = 8
+) -> tuple[KVCache, list[SeqCache]]:
     """A deployed-format cache where `batch` sequences hold `context` tokens (random entries), plus
     the scratch slot and page CUDA-graph padding rows write to (the last of each)."""
     pages = sizing.pages_for(cfg, context + spare)
@@ -114,6 +134,7 @@ def filled_cache(cfg: ModelConfig, batch: int, context: int, device: torch.devic
 
 def timer(device: torch.device):
     """Seconds of `fn()`: CPU seconds of this process, or CUDA-event time on a GPU."""
+
     def run(fn) -> float:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -126,17 +147,18 @@ def timer(device: torch.device):
         t0 = time.process_time()
         fn()
         return time.process_time() - t0
+
     return run
 
 
-def decode_steps(model: Transformer, kv: KVCache, seqs: list[SeqCache], steps: int, device: torch.device
-                 ) -> float:
+def decode_steps(model: Transformer, kv: KVCache, seqs: list[SeqCache], steps: int, device: torch.device) -> float:
     """Median time of `steps` decode steps (after one warm-up); on CUDA replayed as CUDA graphs
     (serving/model/graphs.py) unless V4D_CUDA_GRAPHS=0."""
     ids = torch.randint(0, model.cfg.vocab_size, (len(seqs),))
     run = timer(device)
-    graphs = DecodeGraphs(model, kv, len(seqs[0].page_ids), scratch_slot=kv.num_slots - 1,
-                          scratch_page=kv.num_pages - 1)
+    graphs = DecodeGraphs(
+        model, kv, len(seqs[0].page_ids), scratch_slot=kv.num_slots - 1, scratch_page=kv.num_pages - 1
+    )
 
     def step() -> None:
         batch = [(ids[b : b + 1], s) for b, s in enumerate(seqs)]
@@ -188,8 +210,9 @@ def bandwidth(device: torch.device) -> float:
 
 
 # -- the measurements -------------------------------------------------------------------------------
-def by_batch(model: Transformer, batches: list[int], context: int, steps: int, device: torch.device,
-             bw: float) -> list[dict]:
+def by_batch(
+    model: Transformer, batches: list[int], context: int, steps: int, device: torch.device, bw: float
+) -> list[dict]:
     cfg, rows = model.cfg, []
     for b in batches:
         kv, seqs = filled_cache(cfg, b, context, device, spare=steps + 2)
@@ -199,21 +222,31 @@ def by_batch(model: Transformer, batches: list[int], context: int, steps: int, d
             ids = torch.zeros(b, 1, dtype=torch.long)
             counts, launching = ops_per_layer(model, partial(model, [(ids[i], s) for i, s in enumerate(seqs)], kv))
         per_layer = secs / cfg.num_hidden_layers
-        rows.append({
-            "batch": b, "context": context, "step_s": secs, "weight_bytes": weights, "kv_bytes": kv_bytes,
-            "roofline_share": (weights + kv_bytes) / bw / secs, "ops_per_layer": counts,
-            "ops_per_layer_max": max(counts.values()), "ops_per_step": sum(counts.values()),
-            "launching_ops_per_layer": launching, "launching_ops_per_layer_max": max(launching.values()),
-            "tokens_per_s": b / secs,
-            "tokens_per_s_flash": b / (per_layer * PRESETS["deepseek-v4-flash"].num_hidden_layers),
-            "tokens_per_s_pro": b / (per_layer * PRESETS["deepseek-v4-pro"].num_hidden_layers),
-        })
+        rows.append(
+            {
+                "batch": b,
+                "context": context,
+                "step_s": secs,
+                "weight_bytes": weights,
+                "kv_bytes": kv_bytes,
+                "roofline_share": (weights + kv_bytes) / bw / secs,
+                "ops_per_layer": counts,
+                "ops_per_layer_max": max(counts.values()),
+                "ops_per_step": sum(counts.values()),
+                "launching_ops_per_layer": launching,
+                "launching_ops_per_layer_max": max(launching.values()),
+                "tokens_per_s": b / secs,
+                "tokens_per_s_flash": b / (per_layer * PRESETS["deepseek-v4-flash"].num_hidden_layers),
+                "tokens_per_s_pro": b / (per_layer * PRESETS["deepseek-v4-pro"].num_hidden_layers),
+            }
+        )
         del kv, seqs
     return rows
 
 
-def by_context(model: Transformer, contexts: list[int], steps: int, device: torch.device
-               ) -> tuple[dict[str, float], dict[str, float] | None]:
+def by_context(
+    model: Transformer, contexts: list[int], steps: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, float] | None]:
     """One sequence's decode step time by context, and (CPU) the same less the time spent in the
     indexer's key scan and top-k (`paged_indexer_scores`, `indexer_topk`), the one part of a step
     that grows with context by design."""
@@ -227,6 +260,7 @@ def by_context(model: Transformer, contexts: list[int], steps: int, device: torc
             out = fn(*args)
             scan[0] += time.process_time() - t0
             return out
+
         return call
 
     for n in contexts:
@@ -273,8 +307,11 @@ def capacity() -> dict[str, int] | None:
     p = plan(yaml.safe_load((ROOT / "examples" / "flash-h200.yaml").read_text())["spec"], name="bench")
     cfg = ModelConfig.from_dict(p.config)
     pages, _, _ = kv_layout(cfg, EngineLimits.from_plan(p.engine, p.max_context_tokens))
-    return {"engine": pages * sizing.page_tokens(cfg), "planner": p.kv.capacity_tokens_per_replica,
-            "budget_bytes": p.engine.kv_budget_bytes}
+    return {
+        "engine": pages * sizing.page_tokens(cfg),
+        "planner": p.kv.capacity_tokens_per_replica,
+        "budget_bytes": p.engine.kv_budget_bytes,
+    }
 
 
 def main() -> None:
@@ -296,16 +333,24 @@ def main() -> None:
     ctx, ctx_rest = by_context(model, [4096, 65536, 262144], 5, device)  # cheap: one sequence
     prefill = prefill_chunk(model, 4096, device)
     cap = capacity()
-    print(f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)")
-    print(f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'launches':>9} {'ops/step':>9} "
-          f"{'tok/s':>9} {'Flash tok/s':>12} {'Pro tok/s':>10}")
+    print(
+        f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)"
+    )
+    print(
+        f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'launches':>9} {'ops/step':>9} "
+        f"{'tok/s':>9} {'Flash tok/s':>12} {'Pro tok/s':>10}"
+    )
     for r in rows:
-        print(f"{r['batch']:>6} {r['step_s'] * 1e3:>9.2f} {r['roofline_share']:>9.1%} {r['ops_per_layer_max']:>10} "
-              f"{r['launching_ops_per_layer_max']:>9} {r['ops_per_step']:>9} {r['tokens_per_s']:>9.1f} "
-              f"{r['tokens_per_s_flash']:>12.1f} {r['tokens_per_s_pro']:>10.1f}")
-    print("(ops/layer: the busiest layer's top-level torch ops, one per `ops` call; launches: less the ops "
-          "that only make views and the no-op casts, i.e. the kernel launches of the CUDA path)")
+        print(
+            f"{r['batch']:>6} {r['step_s'] * 1e3:>9.2f} {r['roofline_share']:>9.1%} {r['ops_per_layer_max']:>10} "
+            f"{r['launching_ops_per_layer_max']:>9} {r['ops_per_step']:>9} {r['tokens_per_s']:>9.1f} "
+            f"{r['tokens_per_s_flash']:>12.1f} {r['tokens_per_s_pro']:>10.1f}"
+        )
+    print(
+        "(ops/layer: the busiest layer's top-level torch ops, one per `ops` call; launches: less the ops "
+        "that only make views and the no-op casts, i.e. the kernel launches of the CUDA path)"
+    )
     print("\nOne sequence's decode step by context (and less the indexer's key scan + top-k)")
     print(f"{'context':>8} {'step ms':>9} {'vs 4K':>7} {'w/o scan ms':>12} {'vs 4K':>7}")
     for n, s in ctx.items():
@@ -314,8 +359,10 @@ def main() -> None:
         print(f"{n:>8} {s * 1e3:>9.2f} {s / ctx['4096']:>7.2f} {r * 1e3:>12.2f} {r / r0:>7.2f}")
     print(f"\nOne 4K-token prefill chunk: {prefill:.3f} s ({4096 / prefill:,.0f} tokens/s)")
     if cap:
-        print(f"KV capacity for {sizing.human_bytes(cap['budget_bytes'])} per replica (flash-h200): engine "
-              f"{cap['engine']:,} tokens, planner {cap['planner']:,} ({cap['engine'] / cap['planner'] - 1:+.2%})")
+        print(
+            f"KV capacity for {sizing.human_bytes(cap['budget_bytes'])} per replica (flash-h200): engine "
+            f"{cap['engine']:,} tokens, planner {cap['planner']:,} ({cap['engine'] / cap['planner'] - 1:+.2%})"
+        )
     by_b = {r["batch"]: r for r in rows}
     result = {
         "ops_per_layer_step": {str(b): by_b[b]["ops_per_layer_max"] for b in (1, 64)},
@@ -323,12 +370,23 @@ def main() -> None:
         "step_s_by_context": ctx,
         "step_s_by_context_without_indexer_scan": ctx_rest,
         "kv_capacity_tokens": {k: cap[k] for k in ("engine", "planner")} if cap else None,
-        "batches": rows, "prefill_4k": {"tokens": 4096, "seconds": prefill, "tokens_per_s": 4096 / prefill},
-        "bandwidth_bytes_s": bw, "device": device.type, "quick": args.quick,
-        "config": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-                   "experts": cfg.n_routed_experts, "index_topk": cfg.index_topk},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "batches": rows,
+        "prefill_4k": {"tokens": 4096, "seconds": prefill, "tokens_per_s": 4096 / prefill},
+        "bandwidth_bytes_s": bw,
+        "device": device.type,
+        "quick": args.quick,
+        "config": {
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads,
+            "experts": cfg.n_routed_experts,
+            "index_topk": cfg.index_topk,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        },
         "wall_s": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,19 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
 from v4d.kernels import kv_format, reference, triton_backend  # noqa: E402
 from v4d.serving.config import PRESETS  # noqa: E402
 
 # Dense peaks (bytes/s, bf16 FLOP/s) by device-name fragment, from the vendors' data sheets.
-PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12),
-         "L40S": (0.864e12, 362e12), "B200": (8.0e12, 2250e12)}
+PEAKS = {
+    "H200": (4.8e12, 989e12),
+    "H100": (3.35e12, 989e12),
+    "A100": (2.0e12, 312e12),
+    "L40S": (0.864e12, 362e12),
+    "B200": (8.0e12, 2250e12),
+}
 
 
 @dataclass
@@ -47,10 +52,10 @@ class Case:
     phase: str
     kernel: str
     shape: str
-    bytes: float              # minimum traffic: every input read once, every output written once
+    bytes: float  # minimum traffic: every input read once, every output written once
     flops: float
-    run: Callable[[object], object]   # run(backend) -> output(s)
-    fp8: bool = False                 # FP8 tensor-core math: twice the bf16 compute peak
+    run: Callable[[object], object]  # run(backend) -> output(s)
+    fp8: bool = False  # FP8 tensor-core math: twice the bf16 compute peak
 
 
 @dataclass
@@ -77,7 +82,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     """The op calls of one model at one phase. `small` shrinks everything for the interpreter."""
     cfg = PRESETS[name]
     gen = torch.Generator(device=dev).manual_seed(0)
-    bf16 = torch.bfloat16 if CUDA else torch.float32   # the interpreter cannot do bf16 math
+    bf16 = torch.bfloat16 if CUDA else torch.float32  # the interpreter cannot do bf16 math
     decode = phase == "decode"
     t = (64 if decode else 2048) if not small else (4 if decode else 16)
     h, d = (cfg.num_attention_heads, cfg.head_dim) if not small else (16, 64)
@@ -86,8 +91,8 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     win = cfg.sliding_window if not small else 8
     dm, inter = (cfg.hidden_size, cfg.moe_intermediate_size) if not small else (64, 32)
     n_hc, k_act = cfg.hc_mult, cfg.num_experts_per_tok
-    e_local = 32 if not small else 8       # one expert shard's worth of experts
-    s_comp = (32768 if decode else 8192) if not small else 48   # visible compressed entries
+    e_local = 32 if not small else 8  # one expert shard's worth of experts
+    s_comp = (32768 if decode else 8192) if not small else 48  # visible compressed entries
     n_pool = 262144 if not small else 256
 
     def rnd(*shape, dtype=bf16, scale=1.0):
@@ -99,107 +104,227 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     q, kv = rnd(t, h, d), rnd(n_pool, d)
     idx = torch.randint(0, n_pool, (t, k_sel), generator=gen, device=dev, dtype=torch.int32)
     sink = rnd(h, dtype=torch.float32)
-    out.append(Case(name, phase, "sparse_attention", f"T={t} H={h} D={d} K={k_sel}",
-                    _nbytes(q, q, idx) + t * k_sel * d * kv.element_size(), 4.0 * t * h * k_sel * d,
-                    lambda b, a=(q, kv, idx, sink, d**-0.5): b.sparse_attention(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "sparse_attention",
+            f"T={t} H={h} D={d} K={k_sel}",
+            _nbytes(q, q, idx) + t * k_sel * d * kv.element_size(),
+            4.0 * t * h * k_sel * d,
+            lambda b, a=(q, kv, idx, sink, d**-0.5): b.sparse_attention(*a),
+        )
+    )
     # Indexer scores over the visible compressed keys, then top-k.
     qi, w, keys = rnd(t, hi, di), rnd(t, hi, dtype=torch.float32), rnd(s_comp, di)
     n_vis = torch.full((t,), s_comp, device=dev, dtype=torch.int32)
-    out.append(Case(name, phase, "indexer_scores", f"T={t} Hi={hi} Di={di} S={s_comp}",
-                    _nbytes(qi, w, keys) + t * s_comp * 4.0, 2.0 * t * hi * s_comp * di,
-                    lambda b, a=(qi, w, keys, n_vis): b.indexer_scores(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "indexer_scores",
+            f"T={t} Hi={hi} Di={di} S={s_comp}",
+            _nbytes(qi, w, keys) + t * s_comp * 4.0,
+            2.0 * t * hi * s_comp * di,
+            lambda b, a=(qi, w, keys, n_vis): b.indexer_scores(*a),
+        )
+    )
     # The paged ops the model calls, over a deployed-format cache (packed FP8 / FP4 rows in place).
     rd = cfg.qk_rope_head_dim if not small else 16
     ring = kv_format.pack_main(rnd(t * win, d, dtype=torch.float32), rd)
     store = kv_format.pack_main(rnd(n_pool, d, dtype=torch.float32), rd)
     fresh = rnd(t, d)
-    pidx = torch.cat([t + torch.arange(t * win, device=dev, dtype=torch.int32).view(t, win),
-                      t + t * win + idx[:, win:]], dim=1)
-    out.append(Case(name, phase, "paged_sparse_attention", f"T={t} H={h} D={d} K={k_sel} deployed",
-                    _nbytes(q, q, pidx) + t * k_sel * kv_format.main_bytes(d, rd), 4.0 * t * h * k_sel * d,
-                    lambda b, a=(q, fresh, ring, store, pidx, sink, d**-0.5, rd): b.paged_sparse_attention(*a)))
+    pidx = torch.cat(
+        [t + torch.arange(t * win, device=dev, dtype=torch.int32).view(t, win), t + t * win + idx[:, win:]], dim=1
+    )
+    out.append(
+        Case(
+            name,
+            phase,
+            "paged_sparse_attention",
+            f"T={t} H={h} D={d} K={k_sel} deployed",
+            _nbytes(q, q, pidx) + t * k_sel * kv_format.main_bytes(d, rd),
+            4.0 * t * h * k_sel * d,
+            lambda b, a=(q, fresh, ring, store, pidx, sink, d**-0.5, rd): b.paged_sparse_attention(*a),
+        )
+    )
     nseq, per_seq = (t, -(-s_comp // 32)) if decode else (1, -(-s_comp // 32))
     pkeys = kv_format.pack_index(rnd(nseq * per_seq * 32, di, dtype=torch.float32)).unflatten(0, (-1, 32))
     table = torch.arange(nseq * per_seq, device=dev, dtype=torch.int32).view(nseq, per_seq)
     pseq = torch.arange(t, device=dev) if decode else torch.zeros(t, dtype=torch.long, device=dev)
-    out.append(Case(name, phase, "paged_indexer_scores", f"T={t} Hi={hi} Di={di} S={s_comp} FP4",
-                    _nbytes(qi, w) + (t if decode else 1) * s_comp * kv_format.index_bytes(di) + t * s_comp * 4.0,
-                    2.0 * t * hi * s_comp * di,
-                    lambda b, a=(qi, w, pkeys, table, pseq, n_vis): b.paged_indexer_scores(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "paged_indexer_scores",
+            f"T={t} Hi={hi} Di={di} S={s_comp} FP4",
+            _nbytes(qi, w) + (t if decode else 1) * s_comp * kv_format.index_bytes(di) + t * s_comp * 4.0,
+            2.0 * t * hi * s_comp * di,
+            lambda b, a=(qi, w, pkeys, table, pseq, n_vis): b.paged_indexer_scores(*a),
+        )
+    )
     closing = t if decode else max(1, t // 4)
     ckv, csc = rnd(t, 2 * d, dtype=torch.float32), rnd(t, 2 * d, dtype=torch.float32)
     tkv, tsc = rnd(8 * t, 2 * d, dtype=torch.float32), rnd(8 * t, 2 * d, dtype=torch.float32)
     cidx = torch.randint(0, 9 * t, (closing, 8), generator=gen, device=dev)
-    out.append(Case(name, phase, "gated_pool_indexed", f"E={closing} L=8 C={d} CSA",
-                    _nbytes(cidx) + closing * 8 * 2 * d * 4.0 + closing * d * 4.0, 4.0 * closing * 8 * d,
-                    lambda b, a=(ckv, csc, tkv, tsc, cidx, True): b.gated_pool_indexed(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "gated_pool_indexed",
+            f"E={closing} L=8 C={d} CSA",
+            _nbytes(cidx) + closing * 8 * 2 * d * 4.0 + closing * d * 4.0,
+            4.0 * closing * 8 * d,
+            lambda b, a=(ckv, csc, tkv, tsc, cidx, True): b.gated_pool_indexed(*a),
+        )
+    )
     scores = rnd(t, s_comp, dtype=torch.float32)
-    out.append(Case(name, phase, "indexer_topk", f"T={t} S={s_comp} k={topk}",
-                    _nbytes(scores) + t * topk * 4.0, 0.0,
-                    lambda b, a=(scores, topk): b.indexer_topk(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "indexer_topk",
+            f"T={t} S={s_comp} k={topk}",
+            _nbytes(scores) + t * topk * 4.0,
+            0.0,
+            lambda b, a=(scores, topk): b.indexer_topk(*a),
+        )
+    )
     # Gated pooling: CSA (8 overlapped candidates) and HCA (128 tokens), fp32 like the compressor.
     for kind, length in (("csa", 8), ("hca", 128)):
-        blocks = t if decode else max(1, t // (4 if kind == "csa" else 128))    # entries closed
+        blocks = t if decode else max(1, t // (4 if kind == "csa" else 128))  # entries closed
         v, g = rnd(blocks, length, d, dtype=torch.float32), rnd(blocks, length, d, dtype=torch.float32)
-        out.append(Case(name, phase, f"gated_pool_{kind}", f"B={blocks} L={length} C={d}",
-                        _nbytes(v, g) + blocks * d * 4.0, 4.0 * blocks * length * d,
-                        lambda b, a=(v, g): b.gated_pool(*a)))
+        out.append(
+            Case(
+                name,
+                phase,
+                f"gated_pool_{kind}",
+                f"B={blocks} L={length} C={d}",
+                _nbytes(v, g) + blocks * d * 4.0,
+                4.0 * blocks * length * d,
+                lambda b, a=(v, g): b.gated_pool(*a),
+            )
+        )
     # Routed experts of one shard: every token picks k of the shard's experts.
     x = rnd(t, dm)
-    ids = torch.rand(t, e_local, generator=gen, device=dev).argsort(1)[:, :k_act]      # k distinct
+    ids = torch.rand(t, e_local, generator=gen, device=dev).argsort(1)[:, :k_act]  # k distinct
     wts = torch.rand(t, k_act, generator=gen, device=dev)
     w1, w3 = rnd(e_local, inter, dm, scale=dm**-0.5), rnd(e_local, inter, dm, scale=dm**-0.5)
     w2 = rnd(e_local, dm, inter, scale=inter**-0.5)
     used = min(e_local, t * k_act)
-    out.append(Case(name, phase, "moe_experts", f"T={t} k={k_act} E={e_local} d={dm} I={inter}",
-                    _nbytes(x, x, ids, wts) + _nbytes(w1) * 3 * used / e_local,
-                    6.0 * t * k_act * dm * inter,
-                    lambda b, a=(x, ids, wts, w1, w3, w2, cfg.swiglu_limit): b.moe_experts(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "moe_experts",
+            f"T={t} k={k_act} E={e_local} d={dm} I={inter}",
+            _nbytes(x, x, ids, wts) + _nbytes(w1) * 3 * used / e_local,
+            6.0 * t * k_act * dm * inter,
+            lambda b, a=(x, ids, wts, w1, w3, w2, cfg.swiglu_limit): b.moe_experts(*a),
+        )
+    )
     # The same experts packed MXFP4 as deployed (random valid bytes, scales 2^-6), decoded in registers.
-    packed = [torch.randint(-128, 128, (e_local, o, i // 2), generator=gen, device=dev, dtype=torch.int8)
-              for o, i in ((inter, dm), (inter, dm), (dm, inter))]
-    fp4_scales = tuple(torch.full((e_local, o, i // 32), 127 - 6, device=dev, dtype=torch.uint8)
-                       .view(torch.float8_e8m0fnu) for o, i in ((inter, dm), (inter, dm), (dm, inter)))
-    out.append(Case(name, phase, "moe_experts_fp4", f"T={t} k={k_act} E={e_local} d={dm} I={inter}",
-                    _nbytes(x, x, ids, wts) + _nbytes(*packed, *fp4_scales) * used / e_local,
-                    6.0 * t * k_act * dm * inter,
-                    lambda b, a=(x, ids, wts, *packed, cfg.swiglu_limit, fp4_scales): b.moe_experts(*a)))
+    packed = [
+        torch.randint(-128, 128, (e_local, o, i // 2), generator=gen, device=dev, dtype=torch.int8)
+        for o, i in ((inter, dm), (inter, dm), (dm, inter))
+    ]
+    fp4_scales = tuple(
+        torch.full((e_local, o, i // 32), 127 - 6, device=dev, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+        for o, i in ((inter, dm), (inter, dm), (dm, inter))
+    )
+    out.append(
+        Case(
+            name,
+            phase,
+            "moe_experts_fp4",
+            f"T={t} k={k_act} E={e_local} d={dm} I={inter}",
+            _nbytes(x, x, ids, wts) + _nbytes(*packed, *fp4_scales) * used / e_local,
+            6.0 * t * k_act * dm * inter,
+            lambda b, a=(x, ids, wts, *packed, cfg.swiglu_limit, fp4_scales): b.moe_experts(*a),
+        )
+    )
     # FP8 block-scaled projections as deployed: wq_b (q_lora -> heads x head_dim) and wo_b
     # (o_groups x o_lora -> d); random finite E4M3 bytes with scales 2^-12.
-    for proj, (n_out, k_in) in (("wq_b", (h * d, cfg.q_lora_rank if not small else 128)),
-                                ("wo_b", (dm, cfg.o_groups * cfg.o_lora_rank if not small else 256))):
+    for proj, (n_out, k_in) in (
+        ("wq_b", (h * d, cfg.q_lora_rank if not small else 128)),
+        ("wo_b", (dm, cfg.o_groups * cfg.o_lora_rank if not small else 256)),
+    ):
         bits = torch.randint(0, 0x7F, (n_out, k_in), generator=gen, device=dev, dtype=torch.uint8)
-        wq = (bits | (torch.randint(0, 2, (n_out, k_in), generator=gen, device=dev, dtype=torch.uint8) << 7)
-              ).view(torch.float8_e4m3fn)
+        wq = (bits | (torch.randint(0, 2, (n_out, k_in), generator=gen, device=dev, dtype=torch.uint8) << 7)).view(
+            torch.float8_e4m3fn
+        )
         ws = torch.full((-(-n_out // 128), -(-k_in // 128)), 127 - 12, device=dev, dtype=torch.uint8)
         ws = ws.view(torch.float8_e8m0fnu)
         xin = rnd(t, k_in)
-        out.append(Case(name, phase, f"fp8_linear_{proj}", f"M={t} N={n_out} K={k_in}",
-                        _nbytes(xin, wq, ws) + t * n_out * xin.element_size(), 2.0 * t * n_out * k_in,
-                        lambda b, a=(xin, wq, ws): b.fp8_linear(*a), fp8=True))
+        out.append(
+            Case(
+                name,
+                phase,
+                f"fp8_linear_{proj}",
+                f"M={t} N={n_out} K={k_in}",
+                _nbytes(xin, wq, ws) + t * n_out * xin.element_size(),
+                2.0 * t * n_out * k_in,
+                lambda b, a=(xin, wq, ws): b.fp8_linear(*a),
+                fp8=True,
+            )
+        )
         # the alternative measured side by side: weight-only dequantisation, bf16 dots
-        out.append(Case(name, phase, f"fp8_w_only_{proj}", f"M={t} N={n_out} K={k_in}",
-                        _nbytes(xin, wq, ws) + t * n_out * xin.element_size(), 2.0 * t * n_out * k_in,
-                        lambda b, a=(xin, wq, ws, False): b.fp8_linear(*a)))
+        out.append(
+            Case(
+                name,
+                phase,
+                f"fp8_w_only_{proj}",
+                f"M={t} N={n_out} K={k_in}",
+                _nbytes(xin, wq, ws) + t * n_out * xin.element_size(),
+                2.0 * t * n_out * k_in,
+                lambda b, a=(xin, wq, ws, False): b.fp8_linear(*a),
+            )
+        )
     # mHC: split + Sinkhorn of the mixes, then the stream reduction and expansion.
     mix = (2 + n_hc) * n_hc
     mixes, scale, base = rnd(t, mix, dtype=torch.float32), rnd(3, dtype=torch.float32), rnd(mix, dtype=torch.float32)
     it = cfg.hc_sinkhorn_iters
-    out.append(Case(name, phase, "hc_split_sinkhorn", f"T={t} n={n_hc} iters={it}",
-                    _nbytes(mixes) + t * (2 * n_hc + n_hc * n_hc) * 4.0, t * it * 4.0 * n_hc * n_hc,
-                    lambda b, a=(mixes, scale, base, n_hc, it, cfg.hc_eps): b.hc_split_sinkhorn(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "hc_split_sinkhorn",
+            f"T={t} n={n_hc} iters={it}",
+            _nbytes(mixes) + t * (2 * n_hc + n_hc * n_hc) * 4.0,
+            t * it * 4.0 * n_hc * n_hc,
+            lambda b, a=(mixes, scale, base, n_hc, it, cfg.hc_eps): b.hc_split_sinkhorn(*a),
+        )
+    )
     X, f = rnd(t, n_hc, dm), rnd(t, dm)
     pre, post = torch.rand(t, n_hc, device=dev), torch.rand(t, n_hc, device=dev)
     comb = torch.softmax(rnd(t, n_hc, n_hc, dtype=torch.float32), -1)
-    out.append(Case(name, phase, "hc_pre", f"T={t} n={n_hc} d={dm}", _nbytes(X, f), 2.0 * t * n_hc * dm,
-                    lambda b, a=(X, pre): b.hc_pre(*a)))
-    out.append(Case(name, phase, "hc_post", f"T={t} n={n_hc} d={dm}", _nbytes(X, X, f),
-                    2.0 * t * n_hc * dm * (n_hc + 1), lambda b, a=(f, X, post, comb): b.hc_post(*a)))
+    out.append(
+        Case(
+            name,
+            phase,
+            "hc_pre",
+            f"T={t} n={n_hc} d={dm}",
+            _nbytes(X, f),
+            2.0 * t * n_hc * dm,
+            lambda b, a=(X, pre): b.hc_pre(*a),
+        )
+    )
+    out.append(
+        Case(
+            name,
+            phase,
+            "hc_post",
+            f"T={t} n={n_hc} d={dm}",
+            _nbytes(X, X, f),
+            2.0 * t * n_hc * dm * (n_hc + 1),
+            lambda b, a=(f, X, post, comb): b.hc_post(*a),
+        )
+    )
     return out
 
 
 def max_err(kernel: str, got, want) -> float:
-    if kernel == "indexer_topk":      # a set per row: count rows whose sets differ
+    if kernel == "indexer_topk":  # a set per row: count rows whose sets differ
         return float(sum(sorted(a) != sorted(b) for a, b in zip(got.tolist(), want.tolist(), strict=True)))
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
@@ -259,15 +384,19 @@ def _fmt(v, spec: str) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'model':<18} {'phase':<8} {'kernel':<22} {'shape':<42} {'triton ms':>9} {'ref ms':>9} " \
-           f"{'x ref':>7} {'TB/s':>6} {'TFLOP/s':>8} {'% peak':>7} {'max err':>8}"
+    head = (
+        f"{'model':<18} {'phase':<8} {'kernel':<22} {'shape':<42} {'triton ms':>9} {'ref ms':>9} "
+        f"{'x ref':>7} {'TB/s':>6} {'TFLOP/s':>8} {'% peak':>7} {'max err':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         pk = "-" if r.peak_frac is None else f"{100 * r.peak_frac:.0f}% {r.bound[:3]}"
-        print(f"{r.model:<18} {r.phase:<8} {r.kernel:<22} {r.shape:<42} {_fmt(r.triton_ms, '9.3f')} "
-              f"{_fmt(r.reference_ms, '9.3f')} {_fmt(r.speedup, '7.1f')} {_fmt(r.tb_s, '6.2f')} "
-              f"{_fmt(r.tflop_s, '8.1f')} {pk:>7} {r.max_err:8.1e}")
+        print(
+            f"{r.model:<18} {r.phase:<8} {r.kernel:<22} {r.shape:<42} {_fmt(r.triton_ms, '9.3f')} "
+            f"{_fmt(r.reference_ms, '9.3f')} {_fmt(r.speedup, '7.1f')} {_fmt(r.tb_s, '6.2f')} "
+            f"{_fmt(r.tflop_s, '8.1f')} {pk:>7} {r.max_err:8.1e}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,16 +420,27 @@ def main(argv: list[str] | None = None) -> int:
             if CUDA:
                 torch.cuda.empty_cache()
     print_table(rows)
-    targets = [{"model": r.model, "phase": r.phase, "kernel": r.kernel, "bound": bound, "target": goal,
-                "achieved": None if r.peak_frac is None else round(mem if bound == "memory" else comp, 3)}
-               for r in rows if r.kernel.startswith(("fp8_linear", "moe_experts_fp4"))
-               for bound, goal in [("memory", 0.6) if r.phase == "decode" else ("compute", 0.5)]
-               if r.phase == "decode" or r.kernel.startswith("fp8_linear")
-               for mem, comp in [_fracs(r, peaks)]]
+    targets = [
+        {
+            "model": r.model,
+            "phase": r.phase,
+            "kernel": r.kernel,
+            "bound": bound,
+            "target": goal,
+            "achieved": None if r.peak_frac is None else round(mem if bound == "memory" else comp, 3),
+        }
+        for r in rows
+        if r.kernel.startswith(("fp8_linear", "moe_experts_fp4"))
+        for bound, goal in [("memory", 0.6) if r.phase == "decode" else ("compute", 0.5)]
+        if r.phase == "decode" or r.kernel.startswith("fp8_linear")
+        for mem, comp in [_fracs(r, peaks)]
+    ]
     for t in targets:
         if t["achieved"] is not None:
-            print(f"target {t['model']} {t['phase']} {t['kernel']}: {100 * t['achieved']:.0f}% of {t['bound']} "
-                  f"peak (target {100 * t['target']:.0f}%): {'met' if t['achieved'] >= t['target'] else 'MISSED'}")
+            print(
+                f"target {t['model']} {t['phase']} {t['kernel']}: {100 * t['achieved']:.0f}% of {t['bound']} "
+                f"peak (target {100 * t['target']:.0f}%): {'met' if t['achieved'] >= t['target'] else 'MISSED'}"
+            )
     # Topk errors count rows; the rest are errors relative to max(1, |reference|).
     worst = max(r.max_err for r in rows)
     ok = worst < 5e-2
@@ -309,8 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         "device": name,
         "mode": "cuda" if CUDA else "cpu-interpreter-correctness-only",
         "peaks": None if peaks is None else {"bytes_per_s": peaks[0], "bf16_flop_per_s": peaks[1]},
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "triton": __import__("triton").__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+        },
         "seconds": round(time.perf_counter() - t0, 1),
         "correct": ok,
         "rows": [asdict(r) for r in rows],
@@ -318,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'all kernels match the reference' if ok else 'MISMATCH against the reference'} "
-          f"(worst {worst:.1e}); {result['seconds']} s; wrote {args.out}")
+    print(
+        f"\n{'all kernels match the reference' if ok else 'MISMATCH against the reference'} "
+        f"(worst {worst:.1e}); {result['seconds']} s; wrote {args.out}"
+    )
     return 0 if ok else 1
 
 

@@ -40,8 +40,13 @@ TOLERANCE = 0.05
 
 
 def flash_2layer() -> ModelConfig:
-    return replace(get_preset("deepseek-v4-flash"), num_hidden_layers=2, num_hash_layers=1,
-                   compress_ratios=(4, 128, 0), n_routed_experts=16)
+    return replace(
+        get_preset("deepseek-v4-flash"),
+        num_hidden_layers=2,
+        num_hash_layers=1,
+        compress_ratios=(4, 128, 0),
+        n_routed_experts=16,
+    )
 
 
 def write_random(cfg: ModelConfig, out: Path, shard_size: int = 512 << 20) -> Path:
@@ -73,7 +78,9 @@ def write_random(cfg: ModelConfig, out: Path, shard_size: int = 512 << 20) -> Pa
             data = torch.randint(0, cfg.n_routed_experts, t.shape, generator=g, dtype=torch.int32)
             scale = None
         else:
-            data = (torch.randn(t.shape, generator=g) * 0.02).to(torch.bfloat16 if t.storage == "bf16" else torch.float32)
+            data = (torch.randn(t.shape, generator=g) * 0.02).to(
+                torch.bfloat16 if t.storage == "bf16" else torch.float32
+            )
             scale = None
         shard[name] = data
         if scale is not None:
@@ -115,8 +122,9 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(label: str, ckpt: Path, slots: list[list[int]], shard_planned: int, precision: str,
-            device: torch.device) -> list[dict]:
+def measure(
+    label: str, ckpt: Path, slots: list[list[int]], shard_planned: int, precision: str, device: torch.device
+) -> list[dict]:
     cfg = ModelConfig.from_json(ckpt / CONFIG_FILE)
     rows = []
     for role in ("replica", "shard"):
@@ -132,9 +140,16 @@ def measure(label: str, ckpt: Path, slots: list[list[int]], shard_planned: int, 
             held = ShardExperts.from_checkpoint(cfg, slots, str(ckpt), precision, device)
             resident = resident_bytes(t for stacks in held.weights.values() for t in stacks)
             planned = shard_planned
-        row = {"model": label, "role": role, "resident_bytes": resident, "planned_bytes": planned,
-               "ratio": round(resident / planned, 4), "precision": precision, "device": str(device),
-               "peak_rss_growth_bytes": peak_rss() - rss}
+        row = {
+            "model": label,
+            "role": role,
+            "resident_bytes": resident,
+            "planned_bytes": planned,
+            "ratio": round(resident / planned, 4),
+            "precision": precision,
+            "device": str(device),
+            "peak_rss_growth_bytes": peak_rss() - rss,
+        }
         if device.type == "cuda":
             row["cuda_allocated_bytes"] = torch.cuda.memory_allocated() - base
         rows.append(row)
@@ -182,8 +197,10 @@ def main() -> int:
     else:
         print(f"{'model':<14}{'role':<9}{'resident':>16}{'planned':>16}{'ratio':>8}{'peak RSS +':>16}")
         for r in rows:
-            print(f"{r['model']:<14}{r['role']:<9}{r['resident_bytes']:>16,}{r['planned_bytes']:>16,}"
-                  f"{r['ratio']:>8.3f}{r['peak_rss_growth_bytes']:>16,}")
+            print(
+                f"{r['model']:<14}{r['role']:<9}{r['resident_bytes']:>16,}{r['planned_bytes']:>16,}"
+                f"{r['ratio']:>8.3f}{r['peak_rss_growth_bytes']:>16,}"
+            )
     off = [r for r in rows if abs(r["ratio"] - 1) > TOLERANCE]
     for r in off:
         print(f"{r['model']} {r['role']}: resident {r['ratio']:.3f} x planned, beyond {TOLERANCE:.0%}", file=sys.stderr)

@@ -72,9 +72,18 @@ def main() -> None:
         ns = cluster.namespace("bench")
         log = open(ROOT / ".cache" / "kube" / "bench-operator.log", "w")  # noqa: SIM115 - closed below
         operator = subprocess.Popen(
-            [str(Path(sys.executable).parent / "v4d"), "operator", "--metrics-port", "8403", "--metrics-addr",
-             "127.0.0.1"], env={**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)},
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(Path(sys.executable).parent / "v4d"),
+                "operator",
+                "--metrics-port",
+                "8403",
+                "--metrics-addr",
+                "127.0.0.1",
+            ],
+            env={**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(3)
 
         def converged() -> bool:
@@ -96,8 +105,9 @@ def main() -> None:
         before = len(cluster.writes())
         t1 = time.monotonic()
         for i in range(args.n):
-            custom.patch_namespaced_custom_object("ray.io", "v1", ns, "rayservices", f"b{i:04d}",
-                                                  {"metadata": {"labels": {"bench/touched": "1"}}})
+            custom.patch_namespaced_custom_object(
+                "ray.io", "v1", ns, "rayservices", f"b{i:04d}", {"metadata": {"labels": {"bench/touched": "1"}}}
+            )
         time.sleep(5)
         t_touch = time.monotonic() - t1
         resync_writes = cluster.writes()[before:]

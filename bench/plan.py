@@ -16,9 +16,7 @@ from v4d.operator.planner import plan
 from v4d.serving.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "eplb_reference", ROOT / "tests" / "spine" / "eplb_reference.py"
-)
+_spec = importlib.util.spec_from_file_location("eplb_reference", ROOT / "tests" / "spine" / "eplb_reference.py")
 reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference)
 
@@ -136,9 +134,7 @@ def main() -> None:
         print("  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths, strict=True)))
     out = ROOT / "bench" / "results" / "plan.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2) + "\n"
-    )
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
 

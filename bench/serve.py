@@ -24,7 +24,7 @@ import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parents[1]
-KV_LINE = re.compile(r'^ray_vllm_kv_cache_usage_perc\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
+KV_LINE = re.compile(r"^ray_vllm_kv_cache_usage_perc\{([^}]*)\}\s+([0-9.eE+-]+)", re.M)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -38,7 +38,10 @@ async def one_request(client: openai.AsyncOpenAI, model: str, max_tokens: int, i
     t0 = time.perf_counter()
     times: list[float] = []
     stream = await client.chat.completions.create(
-        model=model, max_tokens=max_tokens, temperature=0, stream=True,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
         messages=[{"role": "user", "content": f"Request {i}: tell me about the sea."}],
         extra_body={"thinking": {"type": "disabled"}, "ignore_eos": True},
         stream_options={"include_usage": True},
@@ -50,8 +53,12 @@ async def one_request(client: openai.AsyncOpenAI, model: str, max_tokens: int, i
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"ttft": times[0] - t0 if times else end - t0, "itl": [b - a for a, b in zip(times, times[1:], strict=False)],
-            "tokens": tokens, "latency": end - t0}
+    return {
+        "ttft": times[0] - t0 if times else end - t0,
+        "itl": [b - a for a, b in zip(times, times[1:], strict=False)],
+        "tokens": tokens,
+        "latency": end - t0,
+    }
 
 
 async def level(base: str, model: str, concurrency: int, max_tokens: int) -> dict:
@@ -63,10 +70,17 @@ async def level(base: str, model: str, concurrency: int, max_tokens: int) -> dic
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": concurrency, "output_tokens": tokens, "wall_s": round(wall, 3),
-            "output_tokens_per_s": round(tokens / wall, 2),
-            "ttft_p50_s": round(pct(ttft, 50), 4), "ttft_p99_s": round(pct(ttft, 99), 4),
-            "itl_p50_s": round(pct(itl, 50), 4), "itl_p99_s": round(pct(itl, 99), 4)}
+    return {
+        "concurrency": concurrency,
+        "requests": concurrency,
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "output_tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_s": round(pct(ttft, 50), 4),
+        "ttft_p99_s": round(pct(ttft, 99), 4),
+        "itl_p50_s": round(pct(itl, 50), 4),
+        "itl_p99_s": round(pct(itl, 99), 4),
+    }
 
 
 def trace_loop(metrics_urls: list[str], base: str, stop: threading.Event, out: list[dict], t0: float) -> None:
@@ -82,8 +96,13 @@ def trace_loop(metrics_urls: list[str], base: str, stop: threading.Event, out: l
                 kv[next(g for g in replica.groups() if g) if replica else labels] = float(value)
         decisions = httpx.get(f"{base}/v4d/autoscaling", timeout=5).json()["decisions"]
         engine = [d for d in decisions if d.get("deployment") == "engine"]
-        out.append({"t_s": round(time.time() - t0, 2), "kv_cache_utilization": kv,
-                    "target_replicas": engine[-1]["to"] if engine else None})
+        out.append(
+            {
+                "t_s": round(time.time() - t0, 2),
+                "kv_cache_utilization": kv,
+                "target_replicas": engine[-1]["to"] if engine else None,
+            }
+        )
         stop.wait(1.0)
 
 
@@ -91,13 +110,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", default=str(ROOT / "examples/local-tiny.yaml"))
     ap.add_argument("--port", type=int, default=8170)
-    ap.add_argument("--concurrency", default="1,4,16,32", help="levels; 32 overfills the queue target so the engines scale")
+    ap.add_argument(
+        "--concurrency", default="1,4,16,32", help="levels; 32 overfills the queue target so the engines scale"
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cooldown-s", type=float, default=45.0, help="trace time after the load, for scale-down")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "serve", args.manifest, "--port", str(args.port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "v4d"), "serve", args.manifest, "--port", str(args.port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     log: list[str] = []
     try:
         for line in proc.stdout:
@@ -125,17 +151,35 @@ def main() -> None:
     by_c = {r["concurrency"]: r for r in rows}
     lo, hi = min(by_c), (16 if 16 in by_c else max(by_c))
     gain = by_c[hi]["output_tokens_per_s"] / by_c[lo]["output_tokens_per_s"]
-    cols = ["concurrency", "output_tokens", "wall_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"]
+    cols = [
+        "concurrency",
+        "output_tokens",
+        "wall_s",
+        "output_tokens_per_s",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "itl_p50_s",
+        "itl_p99_s",
+    ]
     print(" | ".join(f"{c:>19}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>19}" for c in cols))
     print(f"batching gain (tokens/s at {hi} concurrent over {lo}): {gain:.2f}x")
     replicas = [t["target_replicas"] for t in trace if t["target_replicas"] is not None]
     kv_max = max((max(t["kv_cache_utilization"].values(), default=0) for t in trace), default=0)
-    print(f"autoscaling trace: {len(trace)} samples, max KV utilization {kv_max:.2f}, target replicas seen {sorted(set(replicas))}")
-    result = {"manifest": args.manifest, "model": model, "max_tokens": args.max_tokens, "levels": rows,
-              "batching_gain": round(gain, 3), "trace": trace,
-              "note": "CPU-only run: the absolute numbers measure this machine, the ratios compare levels in one run"}
+    print(
+        f"autoscaling trace: {len(trace)} samples, max KV utilization {kv_max:.2f}, "
+        f"target replicas seen {sorted(set(replicas))}"
+    )
+    result = {
+        "manifest": args.manifest,
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "levels": rows,
+        "batching_gain": round(gain, 3),
+        "trace": trace,
+        "note": "CPU-only run: the absolute numbers measure this machine, the ratios compare levels in one run",
+    }
     dest = ROOT / "bench/results/serve.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {dest}")

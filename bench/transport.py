@@ -70,6 +70,7 @@ def wire_ms(transport, cfg, t: int, reps: int) -> float:
 
 async def engine_tokens_per_s(engine, vocab: int, streams: int, max_tokens: int) -> float:
     """Decode tokens/s over `streams` concurrent requests (from each stream's first token on)."""
+
     async def one(i: int) -> tuple[int, float, float]:
         prompt = [(7 + 13 * i + 5 * j) % vocab for j in range(16)]
         first = last = None
@@ -89,8 +90,13 @@ def server_tokens_per_s(base: str, model: str, streams: int, max_tokens: int) ->
 
     async def one(client, i: int) -> tuple[int, float, float]:
         stream = await client.completions.create(
-            model=model, prompt=f"Request {i}: the sea", max_tokens=max_tokens, temperature=0, stream=True,
-            extra_body={"ignore_eos": True})
+            model=model,
+            prompt=f"Request {i}: the sea",
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         first = last = None
         n = 0
         async for chunk in stream:
@@ -144,9 +150,14 @@ def main() -> None:
     cfg, weights = ModelConfig.from_dict(plan.config), plan.weights_uri
     slot_map = SlotMap.from_shards(plan.shards)
     limits = EngineLimits.from_plan(plan.engine, plan.max_context_tokens)
-    result: dict = {"manifest": os.path.relpath(args.manifest, ROOT), "shards": len(plan.shards),
-                    "moe_layers": cfg.num_hidden_layers, "quick": args.quick, "machine": platform.machine(),
-                    "cpu_threads": torch.get_num_threads()}
+    result: dict = {
+        "manifest": os.path.relpath(args.manifest, ROOT),
+        "shards": len(plan.shards),
+        "moe_layers": cfg.num_hidden_layers,
+        "quick": args.quick,
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
 
     # In process: all experts local, and the same split over in-process shards (no transport cost).
     local_model = load_model(weights, progress=False)
@@ -154,10 +165,12 @@ def main() -> None:
     in_process = RemoteExperts(slot_map, InProcessTransport(cores))
     result["compute_ms"] = {str(t): round_trip_ms(in_process, cfg, t, reps) for t in TOKENS}
     result["split_combine_ms"] = {
-        str(t): round_trip_ms(RemoteExperts(slot_map, ZeroTransport()), cfg, t, reps) for t in TOKENS}
+        str(t): round_trip_ms(RemoteExperts(slot_map, ZeroTransport()), cfg, t, reps) for t in TOKENS
+    }
     result["in_process_tokens_per_s"] = {
         str(n): round(asyncio.run(engine_tokens_per_s(Engine(local_model, limits), cfg.vocab_size, n, max_tokens)), 2)
-        for n in (1, 16)}
+        for n in (1, 16)
+    }
 
     local = start_cluster(plan, args.port + 1)
     try:
@@ -191,30 +204,46 @@ def main() -> None:
         result["channels_16_streams_tokens_per_s_by_micro_batches"] = overlap
         eng = Engine(remote_model, limits)
         result["channels_in_process_tokens_per_s"] = {
-            "1": round(asyncio.run(engine_tokens_per_s(eng, cfg.vocab_size, 1, max_tokens)), 2), "16": overlap["1"]}
+            "1": round(asyncio.run(engine_tokens_per_s(eng, cfg.vocab_size, 1, max_tokens)), 2),
+            "16": overlap["1"],
+        }
 
         base = f"http://127.0.0.1:{args.port}"
         server_tokens_per_s(base, plan.served_name, 1, 4)  # warm-up
         result["server_tokens_per_s"] = {
-            str(n): round(server_tokens_per_s(base, plan.served_name, n, max_tokens), 2) for n in (1, 16)}
+            str(n): round(server_tokens_per_s(base, plan.served_name, n, max_tokens), 2) for n in (1, 16)
+        }
         channels.close()
     finally:
         local.shutdown()
     result["server_over_in_process"] = {
-        n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")}
+        n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")
+    }
 
-    print(f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16} | "
-          f"{'split+combine ms':>16} | {'wire ms':>8}")
+    print(
+        f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16} | "
+        f"{'split+combine ms':>16} | {'wire ms':>8}"
+    )
     for t in map(str, TOKENS):
-        print(f"{t:>8} | {result['serve_round_trip_ms'][t]:>14} | {result['round_trip_ms'][t]:>12} | "
-              f"{result['compute_ms'][t]:>16} | {result['split_combine_ms'][t]:>16} | {result['wire_round_trip_ms'][t]:>8}")
-    print(f"{'streams':>8} | {'in process tok/s':>16} | {'engine here, shards over channels':>33} | "
-          f"{'server tok/s':>12} | {'in process / server':>19}")
+        print(
+            f"{t:>8} | {result['serve_round_trip_ms'][t]:>14} | {result['round_trip_ms'][t]:>12} | "
+            f"{result['compute_ms'][t]:>16} | {result['split_combine_ms'][t]:>16} | "
+            f"{result['wire_round_trip_ms'][t]:>8}"
+        )
+    print(
+        f"{'streams':>8} | {'in process tok/s':>16} | {'engine here, shards over channels':>33} | "
+        f"{'server tok/s':>12} | {'in process / server':>19}"
+    )
     for n in ("1", "16"):
-        print(f"{n:>8} | {result['in_process_tokens_per_s'][n]:>16} | {result['channels_in_process_tokens_per_s'][n]:>33} | "
-              f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}")
+        print(
+            f"{n:>8} | {result['in_process_tokens_per_s'][n]:>16} | "
+            f"{result['channels_in_process_tokens_per_s'][n]:>33} | "
+            f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}"
+        )
     o = result["channels_16_streams_tokens_per_s_by_micro_batches"]
-    print(f"micro-batch overlap, 16 streams over channels: {o['1']} tok/s (1 batch) vs {o['2']} tok/s (2 micro-batches)")
+    print(
+        f"micro-batch overlap, 16 streams over channels: {o['1']} tok/s (1 batch) vs {o['2']} tok/s (2 micro-batches)"
+    )
     dest = ROOT / "bench/results/transport.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {dest}")

@@ -42,19 +42,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: to
     out = torch.empty(x2.shape, dtype=dtype, device=x.device)
     if x2.shape[0]:
         w = weight if weight is not None else x2
-        _rms_norm_kernel[(x2.shape[0],)](x2, w, out, c, x2.stride(0), out.stride(0), eps,
-                                         HAS_W=weight is not None, BLOCK_C=min(pow2(c), 2048))
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, w, out, c, x2.stride(0), out.stride(0), eps, HAS_W=weight is not None, BLOCK_C=min(pow2(c), 2048)
+        )
     return out.view(x.shape)
 
 
 @triton.jit
-def _rope_kernel(x_ptr, pos_ptr, f_ptr, out_ptr, M, C, sign,
-                 HEAD: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
+def _rope_kernel(
+    x_ptr,
+    pos_ptr,
+    f_ptr,
+    out_ptr,
+    M,
+    C,
+    sign,
+    HEAD: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     t = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
-    base = (t * M + m) * C                                      # [BLOCK_M] row starts
+    base = (t * M + m) * C  # [BLOCK_M] row starts
     for c0 in range(0, HEAD, BLOCK_H):
         c = c0 + tl.arange(0, BLOCK_H)
         ok = m_ok[:, None] & (c < HEAD)[None, :]
@@ -82,7 +94,17 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     if t and m:
         block_m = min(pow2(m), 16)
         _rope_kernel[(t, triton.cdiv(m, block_m))](
-            x, pos, inv_freq.float().contiguous(), out, m, c, -1.0 if inverse else 1.0,
-            HEAD=c - dim, HALF=dim // 2, BLOCK_M=block_m, BLOCK_H=min(pow2(max(c - dim, 1)), 128),
-            BLOCK_P=pow2(dim // 2))
+            x,
+            pos,
+            inv_freq.float().contiguous(),
+            out,
+            m,
+            c,
+            -1.0 if inverse else 1.0,
+            HEAD=c - dim,
+            HALF=dim // 2,
+            BLOCK_M=block_m,
+            BLOCK_H=min(pow2(max(c - dim, 1)), 128),
+            BLOCK_P=pow2(dim // 2),
+        )
     return out

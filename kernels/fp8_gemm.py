@@ -37,8 +37,8 @@ def _round_e4m3(v):
     1.5 * 2^(23 + ulp exponent) makes fp32 rounding drop exactly the bits E4M3 lacks. The cast that
     follows is then exact (the interpreter's own fp32 -> fp8 cast misrounds some values)."""
     bits = v.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)       # below 2^-6 E4M3 is subnormal: ulp 2^-9
-    c = 1.5 * tl.exp2((e + 20).to(tl.float32))            # 2^(e - 3) is the ulp
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6 E4M3 is subnormal: ulp 2^-9
+    c = 1.5 * tl.exp2((e + 20).to(tl.float32))  # 2^(e - 3) is the ulp
     return (v + c) - c
 
 
@@ -58,10 +58,27 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx, sq, ss, BLOCK_K: tl.constexpr)
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB_PER_SPLIT,
-    sa, sas, sb, sbs, sc, s_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
-    W_ONLY: tl.constexpr, DOT: tl.constexpr,
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    KB_PER_SPLIT,
+    sa,
+    sas,
+    sb,
+    sbs,
+    sc,
+    s_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    W_ONLY: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """W_ONLY: a is the 16-bit x itself (no scales), W dequantised per tile to DOT before the dot.
     Program (m tile, n tile, split): K blocks split*KB_PER_SPLIT.. of the tile, written to
@@ -91,8 +108,11 @@ def _fp8_gemm_kernel(
                 part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             acc += part * a_s[:, None] * b_s[None, :]
     c_ptr += split.to(tl.int64) * s_split
-    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * sc + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        c_ptr + offs_m.to(tl.int64)[:, None] * sc + offs_n[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 def quantise_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +121,9 @@ def quantise_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, triton.cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
     if m:
-        _act_quant_kernel[(m, triton.cdiv(k, BLOCK))](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
-                                                      BLOCK_K=BLOCK, num_warps=1 if interpreting() else 4)
+        _act_quant_kernel[(m, triton.cdiv(k, BLOCK))](
+            x, q, s, k, x.stride(0), q.stride(0), s.stride(0), BLOCK_K=BLOCK, num_warps=1 if interpreting() else 4
+        )
     return q, s
 
 
@@ -117,10 +138,10 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant:
     q, s = quantise_activations(x) if act_quant else (x, x)
     if interpreting():
         bm, bn, warps, stages, sms = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1, 4
-    elif m <= 64:   # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
+    elif m <= 64:  # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
         bm, bn, warps, stages = max(16, pow2(m)), 64, 4, 4
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    else:           # prefill: compute-bound, big tiles on the FP8 tensor cores
+    else:  # prefill: compute-bound, big tiles on the FP8 tensor cores
         bm, bn, warps, stages, sms = 128, 128, 8, 3, 0
     tiles, kbs = triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, BLOCK)
     # Decode with few output tiles (e.g. V4-Flash wo_b: N=4096 -> 64 tiles on 132 SMs): split K so
@@ -129,9 +150,28 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant:
     splits = triton.cdiv(kbs, per)
     dest = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), splits)](
-        q, s, w, bs, dest, m, n, k, per,
-        q.stride(0), s.stride(0), w.stride(0), bs.stride(0), dest.stride(-2), m * n,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, FP8_DOT=not interpreting(), W_ONLY=not act_quant, DOT=dot_dtype(x),
-        num_warps=warps, num_stages=stages,
+        q,
+        s,
+        w,
+        bs,
+        dest,
+        m,
+        n,
+        k,
+        per,
+        q.stride(0),
+        s.stride(0),
+        w.stride(0),
+        bs.stride(0),
+        dest.stride(-2),
+        m * n,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=BLOCK,
+        FP8_DOT=not interpreting(),
+        W_ONLY=not act_quant,
+        DOT=dot_dtype(x),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out if splits == 1 else dest.sum(0).to(x.dtype)

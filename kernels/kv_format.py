@@ -50,10 +50,10 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     r, d = x.shape
     nope = d - rope_dim
     xf = x.float()
-    g = _grouped(xf[:, :nope], FP8_GROUP)                          # [R, G, 64]
-    e = _ue8m0(g.abs().amax(-1), FP8_MAX)                          # [R, G]
+    g = _grouped(xf[:, :nope], FP8_GROUP)  # [R, G, 64]
+    e = _ue8m0(g.abs().amax(-1), FP8_MAX)  # [R, G]
     q = (g / torch.exp2(e)[..., None]).flatten(1)[:, :nope].to(torch.float8_e4m3fn).view(torch.uint8)
-    rope = xf[:, nope:].to(torch.bfloat16).view(torch.uint8)       # [R, 2 * rope]
+    rope = xf[:, nope:].to(torch.bfloat16).view(torch.uint8)  # [R, 2 * rope]
     out = torch.zeros(r, main_bytes(d, rope_dim), dtype=torch.uint8, device=x.device)
     out[:, :nope] = q
     out[:, nope : nope + 2 * rope_dim] = rope
@@ -98,10 +98,10 @@ def _fp4_midpoints(device: torch.device) -> torch.Tensor:
 def pack_index(x: torch.Tensor) -> torch.Tensor:
     """[R, d] float (already rotated) -> [R, index_bytes] uint8."""
     r, d = x.shape
-    g = _grouped(x.float(), FP4_GROUP)                             # [R, G, 32]
+    g = _grouped(x.float(), FP4_GROUP)  # [R, G, 32]
     e = _ue8m0(g.abs().amax(-1), FP4_MAX)
     y = (g / torch.exp2(e)[..., None]).flatten(1)[:, :d]
-    code = torch.bucketize(y.abs(), _fp4_midpoints(x.device))       # nearest magnitude (ties down)
+    code = torch.bucketize(y.abs(), _fp4_midpoints(x.device))  # nearest magnitude (ties down)
     nib = (code | ((y < 0).long() << 3)).to(torch.uint8)
     out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device)
     out[:, : d // 2] = nib[:, 0::2] | (nib[:, 1::2] << 4)

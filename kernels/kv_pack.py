@@ -43,8 +43,8 @@ def _e4m3_byte(y):
     q = mant >> 20
     rem = mant & 0xFFFFF
     q += ((rem > 0x80000) | ((rem == 0x80000) & ((q & 1) == 1))).to(tl.int32)
-    normal = (((abits >> 23) & 255) - 127 + 7) * 8 + q             # carries into the exponent
-    m = a * 512.0                                                     # subnormals: steps of 2**-9
+    normal = (((abits >> 23) & 255) - 127 + 7) * 8 + q  # carries into the exponent
+    m = a * 512.0  # subnormals: steps of 2**-9
     f = tl.floor(m)
     r = m - f
     fi = f.to(tl.int32)
@@ -53,8 +53,18 @@ def _e4m3_byte(y):
 
 
 @triton.jit
-def _pack_main_kernel(x_ptr, out_ptr, sx, so, NOPE: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr,
-                      WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr):
+def _pack_main_kernel(
+    x_ptr,
+    out_ptr,
+    sx,
+    so,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    G: tl.constexpr,
+    WIDTH: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     row = tl.program_id(0)
     xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
     c = tl.arange(0, GROUP)
@@ -63,15 +73,15 @@ def _pack_main_kernel(x_ptr, out_ptr, sx, so, NOPE: tl.constexpr, ROPE: tl.const
         ok = offs < NOPE
         x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), 0)
-        e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 448.0))   # IEEE division, as torch's
-        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)   # 2**-e, exact
+        e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 448.0))  # IEEE division, as torch's
+        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)  # 2**-e, exact
         y = x * inv
         tl.store(orow + offs, _e4m3_byte(y).to(tl.uint8), mask=ok)
         tl.store(orow + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8))
     i = tl.arange(0, BLOCK_R)
     ok = i < ROPE
     r = tl.load(xrow + NOPE + i, mask=ok, other=0.0).to(tl.float32).to(tl.uint32, bitcast=True)
-    b = (r + 0x7FFF + ((r >> 16) & 1)) >> 16                          # BF16 bits, nearest even
+    b = (r + 0x7FFF + ((r >> 16) & 1)) >> 16  # BF16 bits, nearest even
     tl.store(orow + NOPE + 2 * i, (b & 255).to(tl.uint8), mask=ok)
     tl.store(orow + NOPE + 2 * i + 1, (b >> 8).to(tl.uint8), mask=ok)
     p = NOPE + 2 * ROPE + G + tl.arange(0, 8)
@@ -85,9 +95,18 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(r, width, dtype=torch.uint8, device=x.device)
     if r:
-        _pack_main_kernel[(r,)](x, out, x.stride(0), out.stride(0), NOPE=nope, ROPE=rope_dim,
-                                G=-(-nope // FP8_GROUP), WIDTH=width, GROUP=FP8_GROUP,
-                                BLOCK_R=pow2(rope_dim))
+        _pack_main_kernel[(r,)](
+            x,
+            out,
+            x.stride(0),
+            out.stride(0),
+            NOPE=nope,
+            ROPE=rope_dim,
+            G=-(-nope // FP8_GROUP),
+            WIDTH=width,
+            GROUP=FP8_GROUP,
+            BLOCK_R=pow2(rope_dim),
+        )
     return out
 
 
@@ -95,8 +114,15 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
 def _e2m1_code(y):
     """E2M1 nibble of fp32 |y| <= 6: the nearest magnitude, ties down (as `torch.bucketize`), sign bit 3."""
     a = tl.abs(y)
-    code = ((a > 0.25).to(tl.int32) + (a > 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-            + (a > 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a > 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    code = (
+        (a > 0.25).to(tl.int32)
+        + (a > 0.75).to(tl.int32)
+        + (a > 1.25).to(tl.int32)
+        + (a > 1.75).to(tl.int32)
+        + (a > 2.5).to(tl.int32)
+        + (a > 3.5).to(tl.int32)
+        + (a > 5.0).to(tl.int32)
+    )
     return code | ((y < 0).to(tl.int32) << 3)
 
 
@@ -105,7 +131,7 @@ def _pack_index_kernel(x_ptr, out_ptr, sx, so, D: tl.constexpr, G: tl.constexpr,
     row = tl.program_id(0)
     xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
     for g in range(G):
-        i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)             # byte i holds elements 2i, 2i+1
+        i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)  # byte i holds elements 2i, 2i+1
         ok = 2 * i < D
         xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
         xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
@@ -122,19 +148,33 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device)
     if r:
-        _pack_index_kernel[(r,)](x, out, x.stride(0), out.stride(0), D=d, G=-(-d // FP4_GROUP),
-                                 HALF_GROUP=FP4_GROUP // 2)
+        _pack_index_kernel[(r,)](
+            x, out, x.stride(0), out.stride(0), D=d, G=-(-d // FP4_GROUP), HALF_GROUP=FP4_GROUP // 2
+        )
     return out
 
 
 @triton.jit
-def _unpack_main_kernel(rows_ptr, out_ptr, R, D, srow, so, NOPE: tl.constexpr, GROUP: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _unpack_main_kernel(
+    rows_ptr,
+    out_ptr,
+    R,
+    D,
+    srow,
+    so,
+    NOPE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     x = _load_main(rows_ptr, r, r < R, d, D, srow, NOPE, True, GROUP)
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * so + d[None, :], x.to(out_ptr.dtype.element_ty),
-             mask=(r < R)[:, None] & (d < D)[None, :])
+    tl.store(
+        out_ptr + r.to(tl.int64)[:, None] * so + d[None, :],
+        x.to(out_ptr.dtype.element_ty),
+        mask=(r < R)[:, None] & (d < D)[None, :],
+    )
 
 
 def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -143,7 +183,16 @@ def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -
     out = torch.empty(r, d, dtype=dtype, device=rows.device)
     if r:
         block_r = 4
-        _unpack_main_kernel[(triton.cdiv(r, block_r),)](rows, out, r, d, rows.stride(0), out.stride(0),
-                                                         NOPE=d - rope_dim, GROUP=FP8_GROUP, BLOCK_R=block_r,
-                                                         BLOCK_D=pow2(d))
+        _unpack_main_kernel[(triton.cdiv(r, block_r),)](
+            rows,
+            out,
+            r,
+            d,
+            rows.stride(0),
+            out.stride(0),
+            NOPE=d - rope_dim,
+            GROUP=FP8_GROUP,
+            BLOCK_R=block_r,
+            BLOCK_D=pow2(d),
+        )
     return out

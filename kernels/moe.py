@@ -41,10 +41,30 @@ def _fp4_tile(w_ptr, s_ptr, row_off, s_row_off, offs_k, mask):
 
 @triton.jit
 def _expert_up_kernel(
-    x_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w1_ptr, w3_ptr, h_ptr, s1_ptr, s3_ptr,
-    TOPK, Dm, Di, limit,
-    sx, s1e, s1i, sh, ss_e, ss_i,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    x_ptr,
+    order_ptr,
+    tile_e_ptr,
+    tile_row_ptr,
+    tile_end_ptr,
+    w1_ptr,
+    w3_ptr,
+    h_ptr,
+    s1_ptr,
+    s3_ptr,
+    TOPK,
+    Dm,
+    Di,
+    limit,
+    sx,
+    s1e,
+    s1i,
+    sh,
+    ss_e,
+    ss_i,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
     FP4: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -62,8 +82,9 @@ def _expert_up_kernel(
         for k0 in range(0, Dm, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Dm
-            xb = tl.load(x_ptr + tok.to(tl.int64)[:, None] * sx + offs_k[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+            xb = tl.load(
+                x_ptr + tok.to(tl.int64)[:, None] * sx + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            ).to(DOT)
             w_ok = k_ok[:, None] & n_ok[None, :]
             if FP4:
                 w1b = _fp4_tile(w1_ptr, s1_ptr, w_base, s_base, offs_k[:, None], w_ok).to(DOT)
@@ -78,16 +99,36 @@ def _expert_up_kernel(
             acc1 = tl.minimum(acc1, limit)
             acc3 = tl.minimum(tl.maximum(acc3, -limit), limit)
         h = acc1 * tl.sigmoid(acc1) * acc3
-        tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_n[None, :],
+            h.to(h_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
 
 @triton.jit
 def _expert_down_kernel(
-    h_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, w2_ptr, wt_ptr, y_ptr, s2_ptr,
-    Dm, Di,
-    sh, s2e, s2d, sy, ss_e, ss_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    h_ptr,
+    order_ptr,
+    tile_e_ptr,
+    tile_row_ptr,
+    tile_end_ptr,
+    w2_ptr,
+    wt_ptr,
+    y_ptr,
+    s2_ptr,
+    Dm,
+    Di,
+    sh,
+    s2e,
+    s2d,
+    sy,
+    ss_e,
+    ss_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
     FP4: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -104,8 +145,11 @@ def _expert_down_kernel(
         for k0 in range(0, Di, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Di
-            hb = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_k[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+            hb = tl.load(
+                h_ptr + offs_m.to(tl.int64)[:, None] * sh + offs_k[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(DOT)
             w_ok = k_ok[:, None] & n_ok[None, :]
             if FP4:
                 w2b = _fp4_tile(w2_ptr, s2_ptr, w_base, s_base, offs_k[:, None], w_ok).to(DOT)
@@ -113,23 +157,44 @@ def _expert_down_kernel(
                 w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=w_ok, other=0.0).to(DOT)
             acc += tl.dot(hb, w2b, input_precision="ieee")
         wt = tl.load(wt_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :], acc * wt[:, None],
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :],
+            acc * wt[:, None],
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
 
 @triton.jit
-def _combine_kernel(ypair_ptr, ids_ptr, out_ptr, T, E, TOPK, Dm, sy, so,
-                    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+def _combine_kernel(
+    ypair_ptr,
+    ids_ptr,
+    out_ptr,
+    T,
+    E,
+    TOPK,
+    Dm,
+    sy,
+    so,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pair = offs_t[:, None] * TOPK + offs_j[None, :]                          # [t, j]
+    pair = offs_t[:, None] * TOPK + offs_j[None, :]  # [t, j]
     ids = tl.load(ids_ptr + pair, mask=(offs_t < T)[:, None] & (offs_j < TOPK)[None, :], other=-1)
     local = (ids >= 0) & (ids < E)
-    rows = tl.load(ypair_ptr + pair.to(tl.int64)[:, :, None] * sy + offs_n[None, None, :],
-                   mask=local[:, :, None] & (offs_n < Dm)[None, None, :], other=0.0)
-    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
-             mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :])
+    rows = tl.load(
+        ypair_ptr + pair.to(tl.int64)[:, :, None] * sy + offs_n[None, None, :],
+        mask=local[:, :, None] & (offs_n < Dm)[None, None, :],
+        other=0.0,
+    )
+    tl.store(
+        out_ptr + offs_t[:, None] * so + offs_n[None, :],
+        tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
+        mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :],
+    )
 
 
 def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
@@ -141,7 +206,7 @@ def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
     ends = torch.cumsum(tiles, 0)
     n_tiles = int(ends[-1]) if bound is None else bound
     g = torch.arange(n_tiles, device=expert.device)
-    te = torch.searchsorted(ends, g, right=True)                     # e for real tiles, e past them
+    te = torch.searchsorted(ends, g, right=True)  # e for real tiles, e past them
     ec = te.clamp(max=e - 1)
     row = start[ec] + (g - (ends[ec] - tiles[ec])) * bm
     tile_e = torch.where(te < e, te, -1).to(torch.int32)
@@ -173,36 +238,87 @@ def moe_experts(
         return out
     x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
     flat = ids.reshape(-1).to(torch.int64)
-    expert = torch.where((flat >= 0) & (flat < e), flat, e)          # e = not local
+    expert = torch.where((flat >= 0) & (flat < e), flat, e)  # e = not local
     order = torch.argsort(expert, stable=True).to(torch.int32)
-    if interpreting():      # few programs and loop steps: the interpreter pays per op
+    if interpreting():  # few programs and loop steps: the interpreter pays per op
         bm, bn_up, bn_down, bk, warps = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4
         bound = None
     else:
-        bm, bn_up, bn_down, bk, warps = 64, 64, 64, 64, 8     # 8 warps: no register spills (sm_90)
+        bm, bn_up, bn_down, bk, warps = 64, 64, 64, 64, 8  # 8 warps: no register spills (sm_90)
         bound = min(pairs, triton.cdiv(pairs, bm) + e)
     n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
     if n_tiles == 0:
         return out
-    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)        # sorted order
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # sorted order
     y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
     dot = dot_dtype(x)
     _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
-        x, order, tile_e, tile_row, tile_end, w1, w3, h, s1, s3,
-        topk, d, inter, float(swiglu_limit),
-        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0), s1.stride(0) if fp4 else 0, s1.stride(1) if fp4 else 0,
-        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, FP4=fp4, num_warps=warps,
+        x,
+        order,
+        tile_e,
+        tile_row,
+        tile_end,
+        w1,
+        w3,
+        h,
+        s1,
+        s3,
+        topk,
+        d,
+        inter,
+        float(swiglu_limit),
+        x.stride(0),
+        w1.stride(0),
+        w1.stride(1),
+        h.stride(0),
+        s1.stride(0) if fp4 else 0,
+        s1.stride(1) if fp4 else 0,
+        BLOCK_M=bm,
+        BLOCK_N=bn_up,
+        BLOCK_K=bk,
+        DOT=dot,
+        FP4=fp4,
+        num_warps=warps,
     )
     _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
-        h, order, tile_e, tile_row, tile_end, w2, weights.float().reshape(-1).contiguous(), y_pairs, s2,
-        d, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), y_pairs.stride(0), s2.stride(0) if fp4 else 0,
+        h,
+        order,
+        tile_e,
+        tile_row,
+        tile_end,
+        w2,
+        weights.float().reshape(-1).contiguous(),
+        y_pairs,
+        s2,
+        d,
+        inter,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        y_pairs.stride(0),
+        s2.stride(0) if fp4 else 0,
         s2.stride(1) if fp4 else 0,
-        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, FP4=fp4, num_warps=warps,
+        BLOCK_M=bm,
+        BLOCK_N=bn_down,
+        BLOCK_K=bk,
+        DOT=dot,
+        FP4=fp4,
+        num_warps=warps,
     )
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
-        y_pairs, flat, out, t, e, topk, d, y_pairs.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_J=pow2(topk), BLOCK_N=block_n, num_warps=4,
+        y_pairs,
+        flat,
+        out,
+        t,
+        e,
+        topk,
+        d,
+        y_pairs.stride(0),
+        out.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_J=pow2(topk),
+        BLOCK_N=block_n,
+        num_warps=4,
     )
     return out

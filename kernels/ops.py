@@ -87,8 +87,14 @@ def sparse_attention(
 
 
 def paged_sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, store: torch.Tensor | None, idx: torch.Tensor,
-    sink: torch.Tensor, scale: float, rope_dim: int,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    ring: torch.Tensor,
+    store: torch.Tensor | None,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    rope_dim: int,
 ) -> torch.Tensor:
     """o[T,H,D] like `sparse_attention`, with idx addressing kv [N,D] (j < N), then the flattened
     window rings [R,*] and the flattened page store [S,*] (plain rows or packed deployed entries),
@@ -110,9 +116,7 @@ def paged_sparse_attention(
     return backend(q.device).paged_sparse_attention(q, kv, ring, store, idx, sink, float(scale), int(rope_dim))
 
 
-def indexer_scores(
-    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor
-) -> torch.Tensor:
+def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
     """scores[T,S] (fp32) = sum_h w[t,h] relu(q[t,h] . k[s]); -inf where s >= n_visible[t]."""
     op = "indexer_scores"
     _expect(q.dim() == 3, op, "q of shape [T,Hi,Di]", _shape(q))
@@ -125,7 +129,11 @@ def indexer_scores(
 
 
 def paged_indexer_scores(
-    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, seq: torch.Tensor,
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    block_table: torch.Tensor,
+    seq: torch.Tensor,
     n_visible: torch.Tensor,
 ) -> torch.Tensor:
     """scores[T, P*E] (fp32) of each row against its own sequence's keys, read from the pages
@@ -136,8 +144,12 @@ def paged_indexer_scores(
     _expect(_shape(w) == [t, h], op, f"w of shape [{t},{h}]", _shape(w))
     width = kv_format.index_bytes(d) if keys.dtype == torch.uint8 else d
     _expect(keys.dim() == 3 and keys.shape[2] == width, op, f"keys of shape [pages,E,{width}]", _shape(keys))
-    _expect(block_table.dim() == 2 and not block_table.is_floating_point(), op,
-            "integer block_table of shape [B,P]", _shape(block_table))
+    _expect(
+        block_table.dim() == 2 and not block_table.is_floating_point(),
+        op,
+        "integer block_table of shape [B,P]",
+        _shape(block_table),
+    )
     _expect(_shape(seq) == [t] and not seq.is_floating_point(), op, f"integer seq of shape [{t}]", _shape(seq))
     _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
     _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
@@ -161,7 +173,11 @@ def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 
 def gated_pool_indexed(
-    kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor, idx: torch.Tensor,
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    state_kv: torch.Tensor,
+    state_score: torch.Tensor,
+    idx: torch.Tensor,
     overlap: bool,
 ) -> torch.Tensor:
     """[E,C]: `gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
@@ -172,8 +188,7 @@ def gated_pool_indexed(
     _expect(score.shape == kv.shape, op, f"score of shape {_shape(kv)}", _shape(score))
     w = kv.shape[1]
     _expect(state_kv.dim() == 2 and state_kv.shape[1] == w, op, f"state_kv of shape [R,{w}]", _shape(state_kv))
-    _expect(state_score.shape == state_kv.shape, op, f"state_score of shape {_shape(state_kv)}",
-            _shape(state_score))
+    _expect(state_score.shape == state_kv.shape, op, f"state_score of shape {_shape(state_kv)}", _shape(state_score))
     _expect(idx.dim() == 2 and not idx.is_floating_point(), op, "integer idx of shape [E,L]", _shape(idx))
     if overlap:
         _expect(w % 2 == 0 and idx.shape[1] % 2 == 0, op, "even W and L with overlap", [w, idx.shape[1]])
@@ -211,8 +226,9 @@ def moe_experts(
         _expect(len(scales) == 3, op, "scales = (s1, s3, s2)", len(scales))
         _expect(w1.dtype in (torch.int8, torch.uint8), op, "packed int8 w1/w3/w2 with scales", w1.dtype)
         _expect(d % 32 == 0 and i % 32 == 0, op, "d and I multiples of 32 for MXFP4", (d, i))
-        for name, s, want in zip(("s1", "s3", "s2"), scales, ([e, i, d // 32], [e, i, d // 32], [e, d, i // 32]),
-                                 strict=True):
+        for name, s, want in zip(
+            ("s1", "s3", "s2"), scales, ([e, i, d // 32], [e, i, d // 32], [e, d, i // 32]), strict=True
+        ):
             _expect(_shape(s) == want, op, f"{name} of shape {want}", _shape(s))
         scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
     return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales)
@@ -268,8 +284,9 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     return backend(X.device).hc_post(f, X, post, comb)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None
-             ) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """(weight *) x / rms(x) over the last dim in fp32, stored as `dtype` (default x's): the norms
     of the block, the query/KV/compressor norms and the mHC pre-norm, one launch each."""
     op = "rms_norm"
@@ -285,8 +302,12 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     op = "rope"
     _expect(x.dim() >= 2, op, "x of shape [T, ..., C]", _shape(x))
     _expect(_shape(pos) == [x.shape[0]], op, f"pos of shape [{x.shape[0]}]", _shape(pos))
-    _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1], op,
-            f"inv_freq of shape [<= {x.shape[-1] // 2}]", _shape(inv_freq))
+    _expect(
+        inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1],
+        op,
+        f"inv_freq of shape [<= {x.shape[-1] // 2}]",
+        _shape(inv_freq),
+    )
     return backend(x.device).rope(x, pos, inv_freq, bool(inverse))
 
 
@@ -303,8 +324,12 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     """[R, index_bytes] uint8: already rotated indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32
     (kernels/kv_format.py layout), one launch."""
     op = "pack_index"
-    _expect(x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0, op,
-            "floating point x of shape [R, d], d even", _shape(x))
+    _expect(
+        x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0,
+        op,
+        "floating point x of shape [R, d], d even",
+        _shape(x),
+    )
     return backend(x.device).pack_index(x)
 
 
@@ -312,8 +337,12 @@ def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype = 
     """[R, d] of `dtype`: deployed main entries [R, main_bytes] decoded (inverse of `pack_main`)."""
     op = "unpack_main"
     width = kv_format.main_bytes(d, rope_dim)
-    _expect(rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] == width, op,
-            f"uint8 rows of shape [R,{width}]", [*_shape(rows), rows.dtype])
+    _expect(
+        rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] == width,
+        op,
+        f"uint8 rows of shape [R,{width}]",
+        [*_shape(rows), rows.dtype],
+    )
     return backend(rows.device).unpack_main(rows, int(d), int(rope_dim), dtype)
 
 

@@ -64,18 +64,43 @@ def _load_main(ptr, rows, ok, offs_d, D, stride, NOPE: tl.constexpr, PACKED: tl.
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, kv_ptr, ring_ptr, store_ptr, idx_ptr, sink_ptr, o_ptr,
-    H, K, D, N, R, qk_scale,
-    sq_t, sq_h, skv, sring, sstore, sidx, so_t, so_h,
-    NOPE: tl.constexpr, PACKED: tl.constexpr, HAS_STORE: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    q_ptr,
+    kv_ptr,
+    ring_ptr,
+    store_ptr,
+    idx_ptr,
+    sink_ptr,
+    o_ptr,
+    H,
+    K,
+    D,
+    N,
+    R,
+    qk_scale,
+    sq_t,
+    sq_h,
+    skv,
+    sring,
+    sstore,
+    sidx,
+    so_t,
+    so_h,
+    NOPE: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_STORE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok, d_ok = offs_h < H, offs_d < D
-    q = tl.load(q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0
+    ).to(tl.float32)
     q = (q * qk_scale).to(DOT)
     m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
     den = tl.full([BLOCK_H], 1.0, tl.float32)
@@ -86,8 +111,9 @@ def _paged_attention_kernel(
         ok = ids >= 0
         fresh = ok & (ids < N)
         in_ring = (ids >= N) & (ids < N + R)
-        rows = tl.load(kv_ptr + ids[:, None] * skv + offs_d[None, :], mask=fresh[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
+        rows = tl.load(
+            kv_ptr + ids[:, None] * skv + offs_d[None, :], mask=fresh[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         rows += _load_main(ring_ptr, ids - N, in_ring, offs_d, D, sring, NOPE, PACKED, GROUP)
         if HAS_STORE:
             rows += _load_main(store_ptr, ids - N - R, ids >= N + R, offs_d, D, sstore, NOPE, PACKED, GROUP)
@@ -101,13 +127,22 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), rows, input_precision="ieee")
         m = m_new
     o = acc / den[:, None]
-    tl.store(o_ptr + t * so_t + offs_h[:, None] * so_h + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + t * so_t + offs_h[:, None] * so_h + offs_d[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=h_ok[:, None] & d_ok[None, :],
+    )
 
 
 def paged_sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, store: torch.Tensor | None, idx: torch.Tensor,
-    sink: torch.Tensor, scale: float, rope_dim: int,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    ring: torch.Tensor,
+    store: torch.Tensor | None,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    rope_dim: int,
 ) -> torch.Tensor:
     t, h, d = q.shape
     packed = ring.dtype == torch.uint8
@@ -126,21 +161,60 @@ def paged_sparse_attention(
         block_h, block_k, warps = 16, (32 if d > 128 else 64), 8
     block_h = min(block_h, 64)
     _paged_attention_kernel[(t, triton.cdiv(h, block_h))](
-        q, kv, ring, store_t, idx, (sink.float() * LOG2E).contiguous(), o,
-        h, k, d, kv.shape[0], ring.shape[0], scale * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), ring.stride(0), store_t.stride(0), idx.stride(0),
-        o.stride(0), o.stride(1),
-        NOPE=d - rope_dim, PACKED=packed, HAS_STORE=store is not None, GROUP=FP8_GROUP,
-        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=pow2(d, 16), DOT=dot_dtype(q), num_warps=warps,
+        q,
+        kv,
+        ring,
+        store_t,
+        idx,
+        (sink.float() * LOG2E).contiguous(),
+        o,
+        h,
+        k,
+        d,
+        kv.shape[0],
+        ring.shape[0],
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        kv.stride(0),
+        ring.stride(0),
+        store_t.stride(0),
+        idx.stride(0),
+        o.stride(0),
+        o.stride(1),
+        NOPE=d - rope_dim,
+        PACKED=packed,
+        HAS_STORE=store is not None,
+        GROUP=FP8_GROUP,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k,
+        BLOCK_D=pow2(d, 16),
+        DOT=dot_dtype(q),
+        num_warps=warps,
     )
     return o
 
 
 @triton.jit
 def _gated_pool_indexed_kernel(
-    kv_ptr, sc_ptr, skv_ptr, ssc_ptr, idx_ptr, o_ptr, N, L, C,
-    s_kv, s_sc, s_skv, s_ssc, s_idx, s_o,
-    OVERLAP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    kv_ptr,
+    sc_ptr,
+    skv_ptr,
+    ssc_ptr,
+    idx_ptr,
+    o_ptr,
+    N,
+    L,
+    C,
+    s_kv,
+    s_sc,
+    s_skv,
+    s_ssc,
+    s_idx,
+    s_o,
+    OVERLAP: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     e = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -167,7 +241,11 @@ def _gated_pool_indexed_kernel(
 
 
 def gated_pool_indexed(
-    kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor, idx: torch.Tensor,
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    state_kv: torch.Tensor,
+    state_score: torch.Tensor,
+    idx: torch.Tensor,
     overlap: bool,
 ) -> torch.Tensor:
     n, w = kv.shape
@@ -181,20 +259,56 @@ def gated_pool_indexed(
     block_l = pow2(length)
     block_c = min(pow2(c), 1024) if interpreting() else max(16, min(pow2(c), 8192 // block_l))
     _gated_pool_indexed_kernel[(e, triton.cdiv(c, block_c))](
-        kv, score, state_kv, state_score, idx, out, n, length, c,
-        kv.stride(0), score.stride(0), state_kv.stride(0), state_score.stride(0), idx.stride(0), out.stride(0),
-        OVERLAP=overlap, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+        kv,
+        score,
+        state_kv,
+        state_score,
+        idx,
+        out,
+        n,
+        length,
+        c,
+        kv.stride(0),
+        score.stride(0),
+        state_kv.stride(0),
+        state_score.stride(0),
+        idx.stride(0),
+        out.stride(0),
+        OVERLAP=overlap,
+        BLOCK_L=block_l,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return out
 
 
 @triton.jit
 def _paged_indexer_scores_kernel(
-    q_ptr, w_ptr, k_ptr, bt_ptr, seq_ptr, nvis_ptr, out_ptr,
-    H, S, D, E, P,
-    sq_t, sq_h, sw_t, sw_h, sk, sbt, so_t,
-    PACKED: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    q_ptr,
+    w_ptr,
+    k_ptr,
+    bt_ptr,
+    seq_ptr,
+    nvis_ptr,
+    out_ptr,
+    H,
+    S,
+    D,
+    E,
+    P,
+    sq_t,
+    sq_h,
+    sw_t,
+    sw_h,
+    sk,
+    sbt,
+    so_t,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     s0 = tl.program_id(1) * BLOCK_S
@@ -220,8 +334,11 @@ def _paged_indexer_scores_kernel(
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             h_ok = offs_h < H
-            q = tl.load(q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :],
-                        mask=h_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+            q = tl.load(
+                q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :],
+                mask=h_ok[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
             w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32)
             s = tl.dot(q.to(DOT), tl.trans(keys), input_precision="ieee")
             acc += tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
@@ -229,7 +346,11 @@ def _paged_indexer_scores_kernel(
 
 
 def paged_indexer_scores(
-    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, seq: torch.Tensor,
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    block_table: torch.Tensor,
+    seq: torch.Tensor,
     n_visible: torch.Tensor,
 ) -> torch.Tensor:
     t, h, d = q.shape
@@ -253,11 +374,31 @@ def paged_indexer_scores(
     else:
         block_s, block_h = 64, min(pow2(h, 16), 64)
     _paged_indexer_scores_kernel[(t, triton.cdiv(s, block_s))](
-        q, w, keys, block_table, seq, n_visible, out,
-        h, s, d, e, p,
-        q.stride(0), q.stride(1), w.stride(0), w.stride(1), keys.stride(1), block_table.stride(0), out.stride(0),
-        PACKED=packed, GROUP=FP4_GROUP,
-        BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=pow2(d, 16), DOT=dot_dtype(q), num_warps=4,
+        q,
+        w,
+        keys,
+        block_table,
+        seq,
+        n_visible,
+        out,
+        h,
+        s,
+        d,
+        e,
+        p,
+        q.stride(0),
+        q.stride(1),
+        w.stride(0),
+        w.stride(1),
+        keys.stride(1),
+        block_table.stride(0),
+        out.stride(0),
+        PACKED=packed,
+        GROUP=FP4_GROUP,
+        BLOCK_H=block_h,
+        BLOCK_S=block_s,
+        BLOCK_D=pow2(d, 16),
+        DOT=dot_dtype(q),
+        num_warps=4,
     )
     return out
-

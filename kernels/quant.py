@@ -61,8 +61,10 @@ def dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (
     out, inp = q.shape
     expect = (-(-out // block[0]), -(-inp // block[1]))
     if tuple(scale.shape) != expect:
-        raise ValueError(f"dequant_fp8: scale shape {tuple(scale.shape)} does not fit weight {(out, inp)} "
-                         f"with block {block}; expected {expect}")
+        raise ValueError(
+            f"dequant_fp8: scale shape {tuple(scale.shape)} does not fit weight {(out, inp)} "
+            f"with block {block}; expected {expect}"
+        )
     s = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out, :inp]
     return q.float() * s
 
@@ -90,8 +92,10 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     b = packed.view(torch.uint8)
     out, half = b.shape
     if tuple(scale.shape) != (out, 2 * half // FP4_GROUP):
-        raise ValueError(f"dequant_fp4: scale shape {tuple(scale.shape)} does not fit packed weight "
-                         f"{(out, half)}; expected {(out, 2 * half // FP4_GROUP)}")
+        raise ValueError(
+            f"dequant_fp4: scale shape {tuple(scale.shape)} does not fit packed weight "
+            f"{(out, half)}; expected {(out, 2 * half // FP4_GROUP)}"
+        )
     codes = torch.stack((b & 0x0F, b >> 4), dim=-1).view(out, 2 * half).long()
     # index_select, not fancy indexing: the latter is ~500x slower on CPU for a small table.
     mag = FP4_VALUES.to(b.device).index_select(0, (codes & 7).flatten()).view(codes.shape)

@@ -26,13 +26,12 @@ def sparse_attention(
     z[t,h,j] = scale * q[t,h] . kv[idx[t,j]]; entries with idx == -1 are left out. Keys are the
     values (shared K=V). A row whose indices are all -1 returns zeros.
     """
-    valid = idx >= 0                                              # [T,K]
-    rows = kv.float()[idx.clamp(min=0).long()]                    # [T,K,D]
+    valid = idx >= 0  # [T,K]
+    rows = kv.float()[idx.clamp(min=0).long()]  # [T,K,D]
     return _attend(q, rows, valid, sink, scale)
 
 
-def _attend(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float
-            ) -> torch.Tensor:
+def _attend(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax with sink of q[T,H,D] over its gathered rows[T,K,D] where valid[T,K]."""
     z = torch.einsum("thd,tkd->thk", q.float(), rows) * scale
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
@@ -44,16 +43,28 @@ def _attend(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, sink: torc
 
 
 def paged_sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, store: torch.Tensor | None, idx: torch.Tensor,
-    sink: torch.Tensor, scale: float, rope_dim: int,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    ring: torch.Tensor,
+    store: torch.Tensor | None,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    rope_dim: int,
 ) -> torch.Tensor:
     """`sparse_attention` over three row sources addressed by one index space, without copying them:
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
     rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). Ring and store
     rows are plain floats or packed deployed entries (kv_format), decoded as they are gathered."""
     if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
-        return torch.cat([paged_sparse_attention(q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK],
-                                                 sink, scale, rope_dim) for lo in range(0, q.shape[0], QUERY_BLOCK)])
+        return torch.cat(
+            [
+                paged_sparse_attention(
+                    q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK], sink, scale, rope_dim
+                )
+                for lo in range(0, q.shape[0], QUERY_BLOCK)
+            ]
+        )
     n, r, d = kv.shape[0], ring.shape[0], q.shape[-1]
     i = idx.long()
     valid = i >= 0
@@ -67,9 +78,7 @@ def paged_sparse_attention(
     return _attend(q, rows, valid, sink, scale)
 
 
-def indexer_scores(
-    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor
-) -> torch.Tensor:
+def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
     """scores[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]), -inf where s >= n_visible[t] (fp32)."""
     s = torch.relu(torch.einsum("thd,sd->ths", q.float(), k.float()))
     scores = torch.einsum("ths,th->ts", s, w.float())
@@ -124,7 +133,11 @@ def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 
 def paged_indexer_scores(
-    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, seq: torch.Tensor,
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    block_table: torch.Tensor,
+    seq: torch.Tensor,
     n_visible: torch.Tensor,
 ) -> torch.Tensor:
     """`indexer_scores` of each query row against its own sequence's keys, read from pages.
@@ -150,7 +163,11 @@ def paged_indexer_scores(
 
 
 def gated_pool_indexed(
-    kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor, idx: torch.Tensor,
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    state_kv: torch.Tensor,
+    state_score: torch.Tensor,
+    idx: torch.Tensor,
     overlap: bool,
 ) -> torch.Tensor:
     """`gated_pool` of entries whose L candidate tokens are given by index: j < N is row j of this

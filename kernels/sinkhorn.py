@@ -18,9 +18,19 @@ from v4d.kernels.launch import interpreting, pow2
 
 @triton.jit
 def _split_sinkhorn_kernel(
-    mix_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr,
-    T, sm, eps,
-    N: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr,
+    mix_ptr,
+    scale_ptr,
+    base_ptr,
+    pre_ptr,
+    post_ptr,
+    comb_ptr,
+    T,
+    sm,
+    eps,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
@@ -41,14 +51,14 @@ def _split_sinkhorn_kernel(
 
     r = tl.arange(0, NP)[None, :, None]
     c = tl.arange(0, NP)[None, None, :]
-    cell = r * N + c                                      # [1, NP, NP] position in the n x n block
+    cell = r * N + c  # [1, NP, NP] position in the n x n block
     in_nn = (r < N) & (c < N)
     ok3 = t_ok[:, None, None] & in_nn
     m_res = tl.load(mix_ptr + offs_t[:, None, None] * sm + 2 * N + cell, mask=ok3, other=0.0).to(tl.float32)
     b_res = tl.load(base_ptr + 2 * N + cell, mask=in_nn, other=0.0).to(tl.float32)
     z = tl.where(in_nn, m_res * a_res + b_res, float("-inf"))
     row_max = tl.max(z, 2)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)    # padded rows
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # padded rows
     ez = tl.exp(z - row_max[:, :, None])
     row_sum = tl.sum(ez, 2)
     comb = tl.where(in_nn, ez / tl.maximum(row_sum, 1e-30)[:, :, None] + eps, 0.0)
@@ -72,32 +82,65 @@ def hc_split_sinkhorn(
     mixes = mixes.contiguous()
     block_t = min(pow2(t), 256) if interpreting() else 32
     _split_sinkhorn_kernel[(triton.cdiv(t, block_t),)](
-        mixes, hc_scale.float().contiguous(), hc_base.float().contiguous(), pre, post, comb,
-        t, mixes.stride(0), eps,
-        N=n, NP=pow2(n), ITERS=iters, BLOCK_T=block_t, num_warps=4,
+        mixes,
+        hc_scale.float().contiguous(),
+        hc_base.float().contiguous(),
+        pre,
+        post,
+        comb,
+        t,
+        mixes.stride(0),
+        eps,
+        N=n,
+        NP=pow2(n),
+        ITERS=iters,
+        BLOCK_T=block_t,
+        num_warps=4,
     )
     return pre, post, comb
 
 
 @triton.jit
-def _hc_pre_kernel(x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so,
-                   NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_pre_kernel(
+    x_ptr, pre_ptr, o_ptr, T, N, Dm, sx_t, sx_n, sp, so, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
-    X = tl.load(x_ptr + t3 * sx_t + k3 * sx_n + d3, mask=(t3 < T) & (k3 < N) & (d3 < Dm),
-                other=0.0).to(tl.float32)
-    w = tl.load(pre_ptr + offs_t[:, None] * sp + k[None, :], mask=(offs_t < T)[:, None] & (k < N)[None, :],
-                other=0.0).to(tl.float32)
+    X = tl.load(x_ptr + t3 * sx_t + k3 * sx_n + d3, mask=(t3 < T) & (k3 < N) & (d3 < Dm), other=0.0).to(tl.float32)
+    w = tl.load(
+        pre_ptr + offs_t[:, None] * sp + k[None, :], mask=(offs_t < T)[:, None] & (k < N)[None, :], other=0.0
+    ).to(tl.float32)
     out = tl.sum(w[:, :, None] * X, 1)
-    tl.store(o_ptr + offs_t[:, None] * so + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=(offs_t < T)[:, None] & (offs_d < Dm)[None, :])
+    tl.store(
+        o_ptr + offs_t[:, None] * so + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=(offs_t < T)[:, None] & (offs_d < Dm)[None, :],
+    )
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, T, Dm, sf, sx_t, sx_n, sp, sc_t, so_t, so_n,
-                    N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_post_kernel(
+    f_ptr,
+    x_ptr,
+    post_ptr,
+    comb_ptr,
+    o_ptr,
+    T,
+    Dm,
+    sf,
+    sx_t,
+    sx_n,
+    sp,
+    sc_t,
+    so_t,
+    so_n,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, NP)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -106,14 +149,13 @@ def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, o_ptr, T, Dm, sf, sx_t, sx
     td_ok = t_ok[:, None] & d_ok[None, :]
     f = tl.load(f_ptr + offs_t[:, None] * sf + offs_d[None, :], mask=td_ok, other=0.0).to(tl.float32)
     post = tl.load(post_ptr + offs_t[:, None] * sp + k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
-    acc = post[:, :, None] * f[:, None, :]                                  # [t, k, d]
+    acc = post[:, :, None] * f[:, None, :]  # [t, k, d]
     for j in tl.static_range(N):
         c_j = tl.load(comb_ptr + offs_t[:, None] * sc_t + j * N + k[None, :], mask=tk_ok, other=0.0)
         x_j = tl.load(x_ptr + offs_t[:, None] * sx_t + j * sx_n + offs_d[None, :], mask=td_ok, other=0.0)
         acc += c_j.to(tl.float32)[:, :, None] * x_j.to(tl.float32)[:, None, :]
     t3, k3, d3 = offs_t[:, None, None], k[None, :, None], offs_d[None, None, :]
-    tl.store(o_ptr + t3 * so_t + k3 * so_n + d3, acc.to(o_ptr.dtype.element_ty),
-             mask=(t3 < T) & (k3 < N) & (d3 < Dm))
+    tl.store(o_ptr + t3 * so_t + k3 * so_n + d3, acc.to(o_ptr.dtype.element_ty), mask=(t3 < T) & (k3 < N) & (d3 < Dm))
 
 
 def _blocks(t: int, d: int) -> tuple[int, int]:
@@ -131,8 +173,20 @@ def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return out
     bt, bd = _blocks(t, d)
     _hc_pre_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
-        X, pre, out, t, n, d, X.stride(0), X.stride(1), pre.stride(0), out.stride(0),
-        NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+        X,
+        pre,
+        out,
+        t,
+        n,
+        d,
+        X.stride(0),
+        X.stride(1),
+        pre.stride(0),
+        out.stride(0),
+        NP=pow2(n),
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+        num_warps=4,
     )
     return out
 
@@ -145,8 +199,24 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
         return out
     bt, bd = _blocks(t, d)
     _hc_post_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
-        f, X, post, comb, out, t, d, f.stride(0), X.stride(0), X.stride(1), post.stride(0), comb.stride(0),
-        out.stride(0), out.stride(1),
-        N=n, NP=pow2(n), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+        f,
+        X,
+        post,
+        comb,
+        out,
+        t,
+        d,
+        f.stride(0),
+        X.stride(0),
+        X.stride(1),
+        post.stride(0),
+        comb.stride(0),
+        out.stride(0),
+        out.stride(1),
+        N=n,
+        NP=pow2(n),
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+        num_warps=4,
     )
     return out

@@ -28,9 +28,7 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 class _Model(BaseModel):
     # strict: a string "3" is not an integer, as on the apiserver; unknown fields are errors, not pruned.
-    model_config = ConfigDict(
-        extra="forbid", strict=True, use_attribute_docstrings=True, populate_by_name=True
-    )
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, populate_by_name=True)
 
 
 # -- spec -------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ class ModelSpec(_Model):
     maxContextTokens: int = Field(default=131072, ge=1, le=1048576)
     """Longest sequence (prompt + output) a request may have; the planner warns if a replica's KV cache holds less."""
     precision: Literal["auto", "deployed", "bf16", "fp32"] = "auto"
-    """Weights and activations in the replicas: deployed keeps the checkpoint's FP8 and MXFP4 weights (what the plan budgets), bf16 or fp32 decode them at load; auto is deployed on accelerators, fp32 on CPU-only nodes."""
+    """Weights and activations in the replicas: deployed keeps the checkpoint's FP8 and MXFP4 weights (what the plan budgets), bf16 or fp32 decode them at load; auto is deployed on accelerators, fp32 on CPU-only nodes."""  # noqa: E501 (one line: the CRD's description)
 
 
 class Toleration(_Model):

@@ -80,9 +80,7 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def crd() -> dict[str, Any]:
     spec = openapi_schema(api.V4DeploymentSpec)
-    spec["description"] = (
-        "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
-    )
+    spec["description"] = "Desired state: model, accelerator pools, expert placement, replicas, autoscaling, serving."
     status = openapi_schema(api.V4DeploymentStatus)
     status["description"] = "Observed state, written by the v4d operator."
     schema = {

@@ -39,9 +39,7 @@ def device_loads(item_load: np.ndarray, device: np.ndarray, n_devices: int) -> n
     """[L, D] sum of item loads per device, per layer (one bincount over layer-offset device ids)."""
     n_layers = item_load.shape[0]
     flat = (device + n_devices * np.arange(n_layers)[:, None]).ravel()
-    return np.bincount(flat, weights=item_load.ravel(), minlength=n_layers * n_devices).reshape(
-        n_layers, n_devices
-    )
+    return np.bincount(flat, weights=item_load.ravel(), minlength=n_layers * n_devices).reshape(n_layers, n_devices)
 
 
 def replicate(load: np.ndarray, n_physical: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +110,7 @@ def _improve(item_load: np.ndarray, device: np.ndarray, slots: np.ndarray, weigh
             return
 
 
-def place(
-    load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None
-) -> Placement:
+def place(load: np.ndarray, slots: list[int] | np.ndarray, weight: list[float] | np.ndarray | None = None) -> Placement:
     """Global EPLB policy: load [L, E] (token counts or rates), slots[d] per layer on device d."""
     load = np.asarray(load, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)

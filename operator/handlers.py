@@ -101,10 +101,15 @@ def login(**_: Any) -> kopf.ConnectionInfo:
     header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
     scheme, _, token = (header or "").rpartition(" ")
     return kopf.ConnectionInfo(
-        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-        username=cfg.username or None, password=cfg.password or None,
-        scheme=scheme or None, token=token or None,
-        certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
     )
 
 
@@ -119,15 +124,20 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = cfg.max_workers
     if cfg.webhook_port:
         settings.admission.server = kopf.WebhookServer(
-            addr=cfg.webhook_addr, port=cfg.webhook_port, host=cfg.webhook_host,
-            certfile=cfg.webhook_cert, pkeyfile=cfg.webhook_key)
+            addr=cfg.webhook_addr,
+            port=cfg.webhook_port,
+            host=cfg.webhook_host,
+            certfile=cfg.webhook_cert,
+            pkeyfile=cfg.webhook_key,
+        )
         settings.admission.managed = f"{PLURAL}.{GROUP}"
     metrics = OperatorMetrics()
     api_config = _configuration()
     api_config.connection_pool_maxsize = cfg.max_workers * 2  # one connection per reconcile thread
     kube = Kube(client.ApiClient(api_config), on_write=metrics.api_write)
-    options = render.RenderOptions(images=cfg.images, ray_version=cfg.ray_version,
-                                   monitoring=kube.has_api(*MONITORING_API))
+    options = render.RenderOptions(
+        images=cfg.images, ray_version=cfg.ray_version, monitoring=kube.has_api(*MONITORING_API)
+    )
     STATE.metrics = metrics
     STATE.reconciler = Reconciler(kube=kube, metrics=metrics, options=options)
     if cfg.metrics_port is not None:
@@ -156,8 +166,9 @@ async def _rediscover(interval: float) -> None:
             continue
         if served == reconciler.options.monitoring:
             continue
-        log.info("PodMonitor API %s: resyncing %d V4Deployments", "appeared" if served else "went away",
-                 len(STATE.known))
+        log.info(
+            "PodMonitor API %s: resyncing %d V4Deployments", "appeared" if served else "went away", len(STATE.known)
+        )
         reconciler.options = dataclasses.replace(reconciler.options, monitoring=served)
         for namespace, name in sorted(STATE.known):
             try:

@@ -44,21 +44,32 @@ def contains(live: Any, want: Any, ignore: frozenset[str] = frozenset()) -> bool
     fields; neither counts as drift."""
     if isinstance(want, dict):
         return isinstance(live, dict) and all(
-            k in ignore or (k in live and contains(live[k], v, ignore)) for k, v in want.items())
+            k in ignore or (k in live and contains(live[k], v, ignore)) for k, v in want.items()
+        )
     if isinstance(want, list):
-        return (isinstance(live, list) and len(live) == len(want)
-                and all(contains(a, b, ignore) for a, b in zip(live, want, strict=True)))
+        return (
+            isinstance(live, list)
+            and len(live) == len(want)
+            and all(contains(a, b, ignore) for a, b in zip(live, want, strict=True))
+        )
     return live == want
 
 
-def request(api: client.ApiClient, method: str, url: str, body: Any = None, content_type: str | None = None,
-            query: list[tuple[str, str]] | None = None) -> dict[str, Any] | None:
+def request(
+    api: client.ApiClient,
+    method: str,
+    url: str,
+    body: Any = None,
+    content_type: str | None = None,
+    query: list[tuple[str, str]] | None = None,
+) -> dict[str, Any] | None:
     """One REST call; the decoded JSON body, or ApiException on a non-2xx status."""
     headers = {"Accept": "application/json"}
     if content_type:
         headers["Content-Type"] = content_type
-    params = api.param_serialize(method, url, query_params=query or [], header_params=headers, body=body,
-                                 auth_settings=["BearerToken"])
+    params = api.param_serialize(
+        method, url, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
+    )
     resp = api.call_api(*params)
     data = resp.read()
     if not 200 <= resp.status <= 299:
@@ -73,8 +84,14 @@ class Kube:
         self.api = api
         self.on_write = on_write
 
-    def _call(self, method: str, url: str, body: Any = None, content_type: str | None = None,
-              query: list[tuple[str, str]] | None = None) -> dict[str, Any] | None:
+    def _call(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any] | None:
         try:
             return request(self.api, method, url, body, content_type, query)
         except ApiException as exc:
@@ -93,9 +110,13 @@ class Kube:
         """Server-side apply under our field manager; `force` takes back fields others changed."""
         meta = obj["metadata"]
         self.on_write(obj["kind"])
-        return self._call("PATCH", path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
-                          content_type="application/apply-patch+yaml",
-                          query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+        return self._call(
+            "PATCH",
+            path(obj["kind"], meta["namespace"], meta["name"]),
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        )
 
     @staticmethod
     def holds(live: Any, want: Any, ignore: tuple[str, ...] = ()) -> bool:
@@ -103,13 +124,21 @@ class Kube:
 
     def create_event(self, event: dict[str, Any]) -> None:
         self.on_write("Event")
-        self._call("POST", f"/api/v1/namespaces/{event['metadata']['namespace']}/events", body=event,
-                   content_type="application/json")
+        self._call(
+            "POST",
+            f"/api/v1/namespaces/{event['metadata']['namespace']}/events",
+            body=event,
+            content_type="application/json",
+        )
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.on_write(f"{kind}/status")
-        return self._call("PATCH", path(kind, namespace, name, "status"), body={"status": status},
-                          content_type="application/merge-patch+json")
+        return self._call(
+            "PATCH",
+            path(kind, namespace, name, "status"),
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
 
     def has_api(self, group_version: str, kind: str) -> bool:
         """Whether the server serves `kind` in `group_version` (e.g. a Prometheus Operator CRD)."""

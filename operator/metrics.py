@@ -20,20 +20,30 @@ RESULTS = ("success", "error", "retry")
 
 
 def _spec(name: str, kind: str, help: str, tags: tuple[str, ...] = (), **kw) -> MetricSpec:
-    return MetricSpec(name=name, kind=kind, help=help, tags=tags, recorded_by=("operator",),
-                      base_tags=(), prefix="", **kw)
+    return MetricSpec(
+        name=name, kind=kind, help=help, tags=tags, recorded_by=("operator",), base_tags=(), prefix="", **kw
+    )
 
 
 OPERATOR_METRICS: tuple[MetricSpec, ...] = (
-    _spec("v4d_operator_reconciles_total", COUNTER, "Reconciles of V4Deployments by result.", ("result",),
-          values={"result": RESULTS}),
-    _spec("v4d_operator_reconcile_errors_total", COUNTER, "Failed reconciles by reason (exception class).",
-          ("reason",)),
-    _spec("v4d_operator_reconcile_duration_seconds", HISTOGRAM, "Time one reconcile took.",
-          buckets=RECONCILE_BUCKETS),
+    _spec(
+        "v4d_operator_reconciles_total",
+        COUNTER,
+        "Reconciles of V4Deployments by result.",
+        ("result",),
+        values={"result": RESULTS},
+    ),
+    _spec(
+        "v4d_operator_reconcile_errors_total", COUNTER, "Failed reconciles by reason (exception class).", ("reason",)
+    ),
+    _spec("v4d_operator_reconcile_duration_seconds", HISTOGRAM, "Time one reconcile took.", buckets=RECONCILE_BUCKETS),
     _spec("v4d_operator_objects", GAUGE, "V4Deployments known to the operator by status phase.", ("phase",)),
-    _spec("v4d_operator_api_writes_total", COUNTER, "Kubernetes API writes (create/patch/delete) by object kind.",
-          ("kind",)),
+    _spec(
+        "v4d_operator_api_writes_total",
+        COUNTER,
+        "Kubernetes API writes (create/patch/delete) by object kind.",
+        ("kind",),
+    ),
 )
 
 
@@ -50,8 +60,7 @@ class OperatorMetrics:
 
         self.reconciles = make("v4d_operator_reconciles_total", Counter)
         self.reconcile_errors = make("v4d_operator_reconcile_errors_total", Counter)
-        self.reconcile_duration = make("v4d_operator_reconcile_duration_seconds", Histogram,
-                                       buckets=RECONCILE_BUCKETS)
+        self.reconcile_duration = make("v4d_operator_reconcile_duration_seconds", Histogram, buckets=RECONCILE_BUCKETS)
         self.objects = make("v4d_operator_objects", Gauge)
         self.api_writes = make("v4d_operator_api_writes_total", Counter)
         for result in RESULTS:  # rate() needs the series before the first event

@@ -34,12 +34,19 @@ def _yaml(obj) -> str:
 def _dashboard_configmaps() -> str:
     docs = []
     for spec in dashboards.DASHBOARDS:
-        docs.append(_yaml({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": f"{spec.uid}-dashboard", "labels": {SIDECAR_LABEL[0]: SIDECAR_LABEL[1],
-                                                                    "app.kubernetes.io/name": "v4d"}},
-            "data": {f"{spec.uid}.json": dashboards.render_json(spec)},
-        }))
+        docs.append(
+            _yaml(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": f"{spec.uid}-dashboard",
+                        "labels": {SIDECAR_LABEL[0]: SIDECAR_LABEL[1], "app.kubernetes.io/name": "v4d"},
+                    },
+                    "data": {f"{spec.uid}.json": dashboards.render_json(spec)},
+                }
+            )
+        )
     return HEADER + "---\n".join(docs)
 
 
@@ -51,14 +58,17 @@ def _metric_rows(specs: tuple[MetricSpec, ...]) -> list[str]:
     rows = []
     for m in specs:
         tags = ", ".join(m.tags) or "-"
-        rows.append(f"| `{m.name}` | `{m.exported}` | {m.kind} | {tags} | {', '.join(m.recorded_by)} | "
-                    f"{_cell(m.help)} |")
+        rows.append(
+            f"| `{m.name}` | `{m.exported}` | {m.kind} | {tags} | {', '.join(m.recorded_by)} | {_cell(m.help)} |"
+        )
     return rows
 
 
 def metric_table() -> str:
-    head = ["| Name | Exported series | Kind | Labels (besides the common ones) | Recorded by | Meaning |",
-            "|---|---|---|---|---|---|"]
+    head = [
+        "| Name | Exported series | Kind | Labels (besides the common ones) | Recorded by | Meaning |",
+        "|---|---|---|---|---|---|",
+    ]
     return "\n".join(head + _metric_rows(SERVING_METRICS) + _metric_rows(OPERATOR_METRICS))
 
 
@@ -69,8 +79,13 @@ def rules_table() -> str:
 
 def alerts_table() -> str:
     head = ["| Alert | For | Severity | Fires when |", "|---|---|---|---|"]
-    return "\n".join(head + [f"| `{a['alert']}` | {a['for']} | {a['labels']['severity']} | "
-                             f"{_cell(a['annotations']['description'])} |" for a in rules.ALERTS])
+    return "\n".join(
+        head
+        + [
+            f"| `{a['alert']}` | {a['for']} | {a['labels']['severity']} | {_cell(a['annotations']['description'])} |"
+            for a in rules.ALERTS
+        ]
+    )
 
 
 def panels_guide() -> str:
@@ -110,8 +125,11 @@ def generated_files(root: Path) -> dict[str, str]:
 
 def stale_files(root: Path) -> list[str]:
     """Generated files whose committed content differs (or that are missing)."""
-    return [path for path, text in generated_files(root).items()
-            if not (root / path).exists() or (root / path).read_text() != text]
+    return [
+        path
+        for path, text in generated_files(root).items()
+        if not (root / path).exists() or (root / path).read_text() != text
+    ]
 
 
 def main(argv: list[str]) -> int:

@@ -66,7 +66,9 @@ def _usable(pool: api.PoolSpec) -> float:
 
 
 def _shape(pool: api.PoolSpec) -> str:
-    return f"{pool.maxNodes} node{'s' if pool.maxNodes > 1 else ''} x {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB"
+    return (
+        f"{pool.maxNodes} node{'s' if pool.maxNodes > 1 else ''} x {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB"
+    )
 
 
 def distribute(total: int, shares: Sequence[float], caps: list[int], least: int = 1) -> list[int]:
@@ -97,13 +99,12 @@ def _plan_engine(spec: api.V4DeploymentSpec, cfg: ModelConfig, warnings: list[st
     one_seq = sizing.pages_for(cfg, ctx) * page + slot
     usable = _usable(pool)
     sizes = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= pool.devicesPerNode]
-    fits = [d for d in sizes if d * usable >= dense + one_seq] or [
-        d for d in sizes if d * usable > dense + slot
-    ]
+    fits = [d for d in sizes if d * usable >= dense + one_seq] or [d for d in sizes if d * usable > dense + slot]
     if not fits:
         raise PlanError(
             [
-                f"pool `{pool.name}`: one node of {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB cannot hold an attention "
+                f"pool `{pool.name}`: one node of {pool.devicesPerNode} x {pool.deviceMemoryGiB:g} GiB "
+                "cannot hold an attention "
                 f"replica: dense weights {human_bytes(dense)} + one request's state {human_bytes(slot)} with a "
                 f"{RESERVE_FRACTION:.0%} working reserve per device; need devices of at least "
                 f"{human_bytes((dense + one_seq) / pool.devicesPerNode / (1 - RESERVE_FRACTION))}"
@@ -165,9 +166,7 @@ def _expert_load(expert_load: Any, n_layers: int, n_experts: int) -> np.ndarray:
     load = np.asarray(expert_load, dtype=np.float64)
     if load.shape != (n_layers, n_experts):
         raise PlanError(
-            [
-                f"expert_load: expected shape ({n_layers}, {n_experts}) (MoE layers x experts), got {load.shape}"
-            ]
+            [f"expert_load: expected shape ({n_layers}, {n_experts}) (MoE layers x experts), got {load.shape}"]
         )
     if not np.isfinite(load).all() or (load < 0).any():
         raise PlanError(["expert_load: entries must be finite and non-negative"])
@@ -196,12 +195,16 @@ def _expert_devices(
             )
         elif avail[-1] <= 0:
             problems.append(
-                f"pool `{p.name}`: attention replicas take all {p.maxNodes * p.devicesPerNode} devices, none left for experts"
+                f"pool `{p.name}`: attention replicas take all {p.maxNodes * p.devicesPerNode} devices, "
+                "none left for experts"
             )
     if problems:
         raise PlanError(problems)
     offer = [a * c for a, c in zip(avail, cap, strict=True)]
-    need = f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x {human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(n_slots * column)})"
+    need = (
+        f"{n_slots} expert slots per layer ({n_slots} x {cfg.num_hidden_layers} layers x "
+        f"{human_bytes(sizing.expert_bytes(cfg))} = {human_bytes(n_slots * column)})"
+    )
     if sum(offer) < n_slots:
         msgs = []
         for p, a, c, o in zip(pools, avail, cap, offer, strict=True):
@@ -222,9 +225,7 @@ def _expert_devices(
     else:
         if ep > sum(avail):
             raise PlanError(
-                [
-                    f"parallelism.expertParallelSize: {ep} devices requested, the expert pools offer {sum(avail)}"
-                ]
+                [f"parallelism.expertParallelSize: {ep} devices requested, the expert pools offer {sum(avail)}"]
             )
         if ep > n_slots:
             raise PlanError(
@@ -254,9 +255,7 @@ def _plan_experts(
     devices = [(p, i, c) for p, used, c in groups for i in range(used)]
     for p, used, _ in groups:
         if used == 0:
-            warnings.append(
-                f"pool `{p.name}` has role experts but gets no expert device at this expertParallelSize"
-            )
+            warnings.append(f"pool `{p.name}` has role experts but gets no expert device at this expertParallelSize")
     slots = distribute(n_slots, [c for _, _, c in devices], [c for _, _, c in devices])
     placement = eplb.place(load, slots)
     column = n_layers * sizing.expert_bytes(cfg)
@@ -355,9 +354,7 @@ def plan(
         pools=pools,
         engine=engine.plan,
         shards=shards,
-        experts=ExpertCounts(
-            logical=cfg.n_routed_experts, physical=n_slots, redundant=n_slots - cfg.n_routed_experts
-        ),
+        experts=ExpertCounts(logical=cfg.n_routed_experts, physical=n_slots, redundant=n_slots - cfg.n_routed_experts),
         balance=Balance(max_over_mean=round(balance, 6)),
         kv=KVPlan(
             bytes_per_token=sizing.kv_bytes_per_token(cfg),

@@ -80,8 +80,13 @@ class Reconciler:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
             "type": type_,
             "reason": reason,
             "message": message[:1024],
@@ -137,8 +142,7 @@ class Reconciler:
                 self.event(obj, "Warning", e.reason, f"nothing applied: {e}")
             return new["phase"]
 
-        children = render.render(plan, spec, {"name": name, "namespace": namespace, "uid": meta["uid"]},
-                                 self.options)
+        children = render.render(plan, spec, {"name": name, "namespace": namespace, "uid": meta["uid"]}, self.options)
         changes = []
         for child in children:
             try:
@@ -157,8 +161,16 @@ class Reconciler:
         rs = self.kube.get("RayService", namespace, n.rayservice)
         cm = self.kube.get("ConfigMap", namespace, n.autoscaling)
         groups = render.layout(plan, spec, self.options)
-        new = status.compute(name=name, generation=generation, plan=plan, groups=groups, rayservice=rs,
-                             autoscaling_cm=cm, previous=previous, now=_now())
+        new = status.compute(
+            name=name,
+            generation=generation,
+            plan=plan,
+            groups=groups,
+            rayservice=rs,
+            autoscaling_cm=cm,
+            previous=previous,
+            now=_now(),
+        )
         if self._write_status(obj, previous, new):
             old_phase = previous.get("phase")
             if old_phase != new["phase"]:
@@ -180,10 +192,16 @@ class Reconciler:
         if live is None:
             return f"created {what}"
         if child["kind"] == "RayService":
-            in_place = self.kube.holds(live["spec"].get("rayClusterConfig"), child["spec"]["rayClusterConfig"],
-                                       ignore=("replicas", "minReplicas", "maxReplicas"))
-            return f"updated {what} " + ("in place (serveConfigV2/replicas only)" if in_place
-                                         else "(cluster spec changed: KubeRay rolls out a new cluster)")
+            in_place = self.kube.holds(
+                live["spec"].get("rayClusterConfig"),
+                child["spec"]["rayClusterConfig"],
+                ignore=("replicas", "minReplicas", "maxReplicas"),
+            )
+            return f"updated {what} " + (
+                "in place (serveConfigV2/replicas only)"
+                if in_place
+                else "(cluster spec changed: KubeRay rolls out a new cluster)"
+            )
         return f"updated {what}"
 
     def _write_status(self, obj: dict[str, Any], previous: dict[str, Any], new: dict[str, Any]) -> bool:

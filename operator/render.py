@@ -117,9 +117,18 @@ def layout(plan: Plan, spec: dict[str, Any], options: RenderOptions | None = Non
         expert_pods = math.ceil(shards / dpn)
         per_pod = math.ceil(shards / expert_pods) if shards else 0  # shards spread evenly over pods
         if "experts" in pool.roles and shards:
-            groups.append(WorkerGroup(role="experts", devices_per_pod=per_pod, hosts=1, replicas=expert_pods,
-                                      min_replicas=expert_pods, max_replicas=expert_pods,
-                                      wanted_max_replicas=expert_pods, **common))
+            groups.append(
+                WorkerGroup(
+                    role="experts",
+                    devices_per_pod=per_pod,
+                    hosts=1,
+                    replicas=expert_pods,
+                    min_replicas=expert_pods,
+                    max_replicas=expert_pods,
+                    wanted_max_replicas=expert_pods,
+                    **common,
+                )
+            )
         if "attention" in pool.roles and engine.pool == pool.name:
             dpr = engine.devices_per_replica
             hosts = math.ceil(dpr / dpn)
@@ -137,9 +146,18 @@ def layout(plan: Plan, spec: dict[str, Any], options: RenderOptions | None = Non
             maximum = min(wanted, fit)
             minimum = min(engine.min_replicas, maximum)
             replicas = min(max(engine.replicas, minimum), maximum)
-            groups.append(WorkerGroup(role="attention", devices_per_pod=min(dpr, dpn), hosts=hosts,
-                                      replicas=replicas, min_replicas=minimum, max_replicas=maximum,
-                                      wanted_max_replicas=wanted, **common))
+            groups.append(
+                WorkerGroup(
+                    role="attention",
+                    devices_per_pod=min(dpr, dpn),
+                    hosts=hosts,
+                    replicas=replicas,
+                    min_replicas=minimum,
+                    max_replicas=maximum,
+                    wanted_max_replicas=wanted,
+                    **common,
+                )
+            )
     groups.sort(key=lambda g: (g.pool, ROLES.index(g.role)))
     return groups
 
@@ -194,17 +212,19 @@ def _weights_volume(uri: str) -> Weights:
     mounted read-only at /mnt/v4d/weights; file:// (in the image) and remote schemes need none."""
     mount = "/mnt/v4d/weights"
     if uri.startswith("pvc://"):
-        claim, _, sub = uri[len("pvc://"):].partition("/")
+        claim, _, sub = uri[len("pvc://") :].partition("/")
         volumes = [{"name": "weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
         path = f"{mount}/{sub}".rstrip("/")
     elif uri.startswith("hostpath://"):
-        volumes = [{"name": "weights", "hostPath": {"path": uri[len("hostpath://"):], "type": "Directory"}}]
+        volumes = [{"name": "weights", "hostPath": {"path": uri[len("hostpath://") :], "type": "Directory"}}]
         path = mount
     else:
         return [], [], []
-    return volumes, [{"name": "weights", "mountPath": mount, "readOnly": True}], [
-        {"name": "V4D_WEIGHTS_DIR", "value": path}
-    ]
+    return (
+        volumes,
+        [{"name": "weights", "mountPath": mount, "readOnly": True}],
+        [{"name": "V4D_WEIGHTS_DIR", "value": path}],
+    )
 
 
 def _env(name: str, role: str, pool: str = "", vendor: str = "") -> list[dict[str, str]]:
@@ -257,8 +277,10 @@ def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], opti
     volumes, mounts, wenv = weights
     engine = plan.engine
     autoscaling = engine.max_replicas > engine.min_replicas
-    head_image = next((g.image for g in groups if g.role == "attention"), groups[0].image if groups else
-                      next(iter(options.images.values())))
+    head_image = next(
+        (g.image for g in groups if g.role == "attention"),
+        groups[0].image if groups else next(iter(options.images.values())),
+    )
     head_container: dict[str, Any] = {
         "name": "ray-head",
         "image": head_image,
@@ -277,8 +299,10 @@ def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], opti
     }
     if mounts:
         head_container["volumeMounts"] = mounts
-    head_pod: dict[str, Any] = {"serviceAccountName": ChildNames(meta["name"]).ray_account,
-                                "containers": [head_container]}
+    head_pod: dict[str, Any] = {
+        "serviceAccountName": ChildNames(meta["name"]).ray_account,
+        "containers": [head_container],
+    }
     if volumes:
         head_pod["volumes"] = volumes
     cluster: dict[str, Any] = {
@@ -343,8 +367,14 @@ def autoscaling_objects(meta: dict[str, Any]) -> list[dict[str, Any]]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(meta, n.ray_account),
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n.autoscaling],
-                   "verbs": ["get", "patch"]}],
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [n.autoscaling],
+                "verbs": ["get", "patch"],
+            }
+        ],
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -368,8 +398,9 @@ def pod_monitor(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render(plan: Plan, spec: dict[str, Any], meta: dict[str, Any],
-           options: RenderOptions | None = None) -> list[dict[str, Any]]:
+def render(
+    plan: Plan, spec: dict[str, Any], meta: dict[str, Any], options: RenderOptions | None = None
+) -> list[dict[str, Any]]:
     """All children of one V4Deployment. `meta` needs name, namespace and uid."""
     options = options or RenderOptions()
     groups = layout(plan, spec, options)

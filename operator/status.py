@@ -23,13 +23,20 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     return planner.summary(plan).model_dump(mode="json")
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
-               previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
+def _condition(
+    type_: str, ok: bool, reason: str, message: str, generation: int, previous: dict[str, dict[str, Any]], now: str
+) -> dict[str, Any]:
     status = "True" if ok else "False"
     old = previous.get(type_)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since, "observedGeneration": generation}
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
 
 
 def _rs_condition(rs_status: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -71,8 +78,10 @@ def roles(plan: Plan, rs_status: dict[str, Any], target_replicas: int | None) ->
     ready_att = desired_att if engines and all(s == "HEALTHY" for s in engines) else 0
     shard_names = {s.name for s in plan.shards}
     ready_exp = sum(1 for d, s in deps.items() if d in shard_names and s == "HEALTHY")
-    return {"attention": {"desired": desired_att, "ready": ready_att},
-            "experts": {"desired": len(shard_names), "ready": ready_exp}}
+    return {
+        "attention": {"desired": desired_att, "ready": ready_att},
+        "experts": {"desired": len(shard_names), "ready": ready_exp},
+    }
 
 
 def autoscaling_view(cm: dict[str, Any] | None) -> DecisionsConfigMap:
@@ -81,15 +90,23 @@ def autoscaling_view(cm: dict[str, Any] | None) -> DecisionsConfigMap:
     return DecisionsConfigMap.from_data((cm or {}).get("data"))
 
 
-def _override(previous: dict[str, Any], phase: str, generation: int, now: str, reason: str, message: str,
-              set_to: dict[str, bool]) -> dict[str, Any]:
+def _override(
+    previous: dict[str, Any], phase: str, generation: int, now: str, reason: str, message: str, set_to: dict[str, bool]
+) -> dict[str, Any]:
     """`previous` with phase `phase` and the conditions in `set_to` set (one reason and message); the
     other conditions and the rest of the status stay. Conditions keep the CONDITIONS order."""
     prev = {c["type"]: c for c in previous.get("conditions") or []}
-    conds = [_condition(t, set_to[t], reason, message, generation, prev, now) if t in set_to else prev[t]
-             for t in CONDITIONS if t in set_to or t in prev]
-    return {**{k: v for k, v in previous.items() if k != "kopf"}, "phase": phase,
-            "observedGeneration": generation, "conditions": conds}
+    conds = [
+        _condition(t, set_to[t], reason, message, generation, prev, now) if t in set_to else prev[t]
+        for t in CONDITIONS
+        if t in set_to or t in prev
+    ]
+    return {
+        **{k: v for k, v in previous.items() if k != "kopf"},
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": conds,
+    }
 
 
 def invalid_status(message: str, reason: str, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
@@ -103,9 +120,17 @@ def apply_failed_status(message: str, generation: int, previous: dict[str, Any],
     return _override(previous, "Degraded", generation, now, "ApplyFailed", message, {"Degraded": True})
 
 
-def compute(*, name: str, generation: int, plan: Plan, groups: list[WorkerGroup],
-            rayservice: dict[str, Any] | None, autoscaling_cm: dict[str, Any] | None,
-            previous: dict[str, Any], now: str) -> dict[str, Any]:
+def compute(
+    *,
+    name: str,
+    generation: int,
+    plan: Plan,
+    groups: list[WorkerGroup],
+    rayservice: dict[str, Any] | None,
+    autoscaling_cm: dict[str, Any] | None,
+    previous: dict[str, Any],
+    now: str,
+) -> dict[str, Any]:
     prev = {c["type"]: c for c in previous.get("conditions") or []}
     rs_status = (rayservice or {}).get("status") or {}
     scaling = autoscaling_view(autoscaling_cm)
@@ -113,14 +138,19 @@ def compute(*, name: str, generation: int, plan: Plan, groups: list[WorkerGroup]
     summary = plan_summary(plan)
 
     limited = [g for g in groups if g.capacity_limited]
-    limit_msg = "; ".join(
-        f"pool {g.pool}: {g.role} maxReplicas {g.wanted_max_replicas} wanted, {g.max_replicas} fit in maxNodes"
-        for g in limited) or "every group's bounds fit its pool's maxNodes"
+    limit_msg = (
+        "; ".join(
+            f"pool {g.pool}: {g.role} maxReplicas {g.wanted_max_replicas} wanted, {g.max_replicas} fit in maxNodes"
+            for g in limited
+        )
+        or "every group's bounds fit its pool's maxNodes"
+    )
 
     rs_ready = _rs_condition(rs_status, "Ready")
     upgrading = _rs_condition(rs_status, "UpgradeInProgress")
     rs_gen_seen = rs_status.get("observedGeneration", 0) >= ((rayservice or {}).get("metadata") or {}).get(
-        "generation", 1)
+        "generation", 1
+    )
     apps = _app_statuses(rs_status)
     all_ready = all(r["ready"] >= r["desired"] for r in per_role.values())
     ready = bool(rs_ready and rs_ready.get("status") == "True" and all_ready and rs_gen_seen)
@@ -152,11 +182,25 @@ def compute(*, name: str, generation: int, plan: Plan, groups: list[WorkerGroup]
 
     conds = [
         _condition("Invalid", False, "SpecValid", "the spec is valid", generation, prev, now),
-        _condition("Planned", True, "PlanReady",
-                   f"{summary['expertSlots']} expert slots on {summary['expertShards']} devices; "
-                   f"{summary['tokenCapacityPerReplica']} tokens of KV per replica", generation, prev, now),
-        _condition("CapacityLimited", bool(limited), "MaxNodesBound" if limited else "WithinMaxNodes",
-                   limit_msg, generation, prev, now),
+        _condition(
+            "Planned",
+            True,
+            "PlanReady",
+            f"{summary['expertSlots']} expert slots on {summary['expertShards']} devices; "
+            f"{summary['tokenCapacityPerReplica']} tokens of KV per replica",
+            generation,
+            prev,
+            now,
+        ),
+        _condition(
+            "CapacityLimited",
+            bool(limited),
+            "MaxNodesBound" if limited else "WithinMaxNodes",
+            limit_msg,
+            generation,
+            prev,
+            now,
+        ),
         _condition("Progressing", progressing, prog_reason, prog_msg, generation, prev, now),
         _condition("Ready", ready, ready_reason, ready_msg, generation, prev, now),
         _condition("Degraded", degraded, deg_reason, deg_msg, generation, prev, now),

@@ -106,9 +106,7 @@ def _message(err: Mapping[str, Any]) -> str:
         return f"must be {op} {ctx[key]:g}, got {got!r}"
     if kind == "string_too_short":
         return (
-            "must not be empty"
-            if ctx.get("min_length") == 1
-            else f"must have at least {ctx['min_length']} characters"
+            "must not be empty" if ctx.get("min_length") == 1 else f"must have at least {ctx['min_length']} characters"
         )
     if kind == "string_too_long":
         return f"must have at most {ctx['max_length']} characters, got {len(got or '')}"
@@ -165,9 +163,7 @@ def _config_type_issues(config: dict[str, Any]) -> list[Issue]:
         }.get(want, True)
         if not ok:
             name = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[want]
-            issues.append(
-                Issue(f"spec.model.config.{f.name}", f"expected {name}, got {_type_name(value)} {value!r}")
-            )
+            issues.append(Issue(f"spec.model.config.{f.name}", f"expected {name}, got {_type_name(value)} {value!r}"))
     return issues
 
 
@@ -310,9 +306,7 @@ def _scaling_issues(spec: dict[str, Any]) -> list[Issue]:
     serving = _dict(spec.get("serving"))
     port = _int(serving.get("port"))
     if port in RAY_PORTS:
-        issues.append(
-            Issue("spec.serving.port", f"{port} is taken by the {RAY_PORTS[port]} on every Ray head")
-        )
+        issues.append(Issue("spec.serving.port", f"{port} is taken by the {RAY_PORTS[port]} on every Ray head"))
     seqs, batch = _int(serving.get("maxNumSeqs", 64)), _int(serving.get("maxBatchTokens", 8192))
     if seqs is not None and batch is not None and batch < seqs:
         issues.append(
@@ -347,9 +341,7 @@ def validate_manifest(doc: Any) -> list[Issue]:
         issues.append(Issue("kind", f"expected {names.KIND!r}, got {doc.get('kind')!r}"))
     name = _dict(doc.get("metadata")).get("name")
     if not isinstance(name, str) or not re.match(api.DNS_LABEL, name) or len(name) > MAX_NAME:
-        issues.append(
-            Issue("metadata.name", f"expected a DNS label of at most {MAX_NAME} characters, got {name!r}")
-        )
+        issues.append(Issue("metadata.name", f"expected a DNS label of at most {MAX_NAME} characters, got {name!r}"))
     if "spec" not in doc:
         return issues + [Issue("spec", "required field is missing")]
     return issues + validate_spec(doc["spec"])

@@ -15,7 +15,7 @@ import inspect
 import os
 import sys
 
-os.environ.pop("TRITON_INTERPRET", None)   # compiled-kernel mode; launches are recorded, never run
+os.environ.pop("TRITON_INTERPRET", None)  # compiled-kernel mode; launches are recorded, never run
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -26,22 +26,33 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from v4d.kernels import kv_format, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8", torch.int8: "i8"}
+TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+}
 OPTIONS = ("num_warps", "num_stages")
 launches: dict[tuple, tuple] = {}
 
 
 def record(self, *args, grid, warmup, **kwargs):
-    names = list(inspect.signature(self.fn).parameters)    # self: the JITFunction being launched
+    names = list(inspect.signature(self.fn).parameters)  # self: the JITFunction being launched
     sig, consts = {}, {}
     for i, name in enumerate(names):
         if name in kwargs:
             sig[name], consts[(i,)] = "constexpr", kwargs[name]
         else:
             a = args[i]
-            sig[name] = ("*" + TYPES[a.dtype]) if isinstance(a, torch.Tensor) else \
-                ("fp32" if isinstance(a, float) else "i64" if abs(a) >= 2**31 else "i32")
+            sig[name] = (
+                ("*" + TYPES[a.dtype])
+                if isinstance(a, torch.Tensor)
+                else ("fp32" if isinstance(a, float) else "i64" if abs(a) >= 2**31 else "i32")
+            )
     opts = {k: kwargs[k] for k in OPTIONS if k in kwargs}
     key = (self.fn.__name__, tuple(sig.items()), tuple(map(str, consts.items())), tuple(opts.items()))
     launches[key] = (self, sig, consts, opts)
@@ -55,46 +66,83 @@ def calls(dtype: torch.dtype) -> None:
         return torch.randn(*shape, generator=g).to(dt)
 
     tb = triton_backend
-    tb.sparse_attention(r(4, 64, 512), r(300, 512), torch.randint(-1, 300, (4, 40), dtype=torch.int32),
-                        r(64, dt=torch.float32), 0.04)
+    tb.sparse_attention(
+        r(4, 64, 512), r(300, 512), torch.randint(-1, 300, (4, 40), dtype=torch.int32), r(64, dt=torch.float32), 0.04
+    )
     tb.indexer_scores(r(4, 64, 128), r(4, 64), r(100, 128), torch.tensor([0, 10, 50, 100]))
     tb.indexer_topk(r(4, 100, dt=torch.float32), 16)
     tb.gated_pool(r(3, 8, 512), r(3, 8, 512))
     tb.gated_pool(r(2, 128, 512), r(2, 128, 512))
-    tb.moe_experts(r(8, 256), torch.randint(-1, 4, (8, 6)), r(8, 6, dt=torch.float32), r(4, 128, 256),
-                   r(4, 128, 256), r(4, 256, 128), 10.0)
+    tb.moe_experts(
+        r(8, 256),
+        torch.randint(-1, 4, (8, 6)),
+        r(8, 6, dt=torch.float32),
+        r(4, 128, 256),
+        r(4, 128, 256),
+        r(4, 256, 128),
+        10.0,
+    )
     # the paged ops: plain rows of the activation dtype, and packed deployed rows (uint8)
     for packed in (False, True):
         rows = (lambda n, d: kv_format.pack_main(r(n, d, dt=torch.float32), 64)) if packed else r
         keys = kv_format.pack_index(r(6 * 32, 128, dt=torch.float32)) if packed else r(6 * 32, 128)
-        tb.paged_sparse_attention(r(4, 64, 512), r(3, 512), rows(64, 512), rows(96, 512),
-                                  torch.randint(-1, 163, (4, 40), dtype=torch.int32), r(64, dt=torch.float32), 0.04, 64)
-        tb.paged_indexer_scores(r(4, 64, 128), r(4, 64), keys.unflatten(0, (6, 32)),
-                                torch.tensor([[0, 1, -1], [2, 3, 4]]), torch.tensor([0, 0, 1, 1]),
-                                torch.tensor([1, 40, 0, 96]))
+        tb.paged_sparse_attention(
+            r(4, 64, 512),
+            r(3, 512),
+            rows(64, 512),
+            rows(96, 512),
+            torch.randint(-1, 163, (4, 40), dtype=torch.int32),
+            r(64, dt=torch.float32),
+            0.04,
+            64,
+        )
+        tb.paged_indexer_scores(
+            r(4, 64, 128),
+            r(4, 64),
+            keys.unflatten(0, (6, 32)),
+            torch.tensor([[0, 1, -1], [2, 3, 4]]),
+            torch.tensor([0, 0, 1, 1]),
+            torch.tensor([1, 40, 0, 96]),
+        )
     f32 = torch.float32
-    tb.gated_pool_indexed(r(5, 1024, dt=f32), r(5, 1024, dt=f32), r(16, 1024, dt=f32), r(16, 1024, dt=f32),
-                          torch.randint(-1, 21, (3, 8)), True)
-    tb.gated_pool_indexed(r(5, 512, dt=f32), r(5, 512, dt=f32), r(256, 512, dt=f32), r(256, 512, dt=f32),
-                          torch.randint(-1, 261, (2, 128)), False)
+    tb.gated_pool_indexed(
+        r(5, 1024, dt=f32),
+        r(5, 1024, dt=f32),
+        r(16, 1024, dt=f32),
+        r(16, 1024, dt=f32),
+        torch.randint(-1, 21, (3, 8)),
+        True,
+    )
+    tb.gated_pool_indexed(
+        r(5, 512, dt=f32),
+        r(5, 512, dt=f32),
+        r(256, 512, dt=f32),
+        r(256, 512, dt=f32),
+        torch.randint(-1, 261, (2, 128)),
+        False,
+    )
     # deployed precision: packed MXFP4 experts; FP8 GEMM at a decode and a prefill batch
-    packed = [torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
-              for shape in ((4, 128, 128), (4, 128, 128), (4, 256, 64))]
-    scales = tuple(torch.full(shape, 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
-                   for shape in ((4, 128, 8), (4, 128, 8), (4, 256, 4)))
+    packed = [
+        torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        for shape in ((4, 128, 128), (4, 128, 128), (4, 256, 64))
+    ]
+    scales = tuple(
+        torch.full(shape, 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+        for shape in ((4, 128, 8), (4, 128, 8), (4, 256, 4))
+    )
     tb.moe_experts(r(8, 256), torch.randint(-1, 4, (8, 6)), r(8, 6, dt=torch.float32), *packed, 10.0, scales)
     w8 = torch.randn(200, 300, generator=g).to(torch.float8_e4m3fn)
     s8 = torch.full((2, 3), 120, dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    tb.fp8_linear(r(8, 300), w8, s8)              # decode, split K (fp32 partials)
-    tb.fp8_linear(r(8, 128), w8[:, :128].contiguous(), s8[:, :1].contiguous())   # decode, one K block
+    tb.fp8_linear(r(8, 300), w8, s8)  # decode, split K (fp32 partials)
+    tb.fp8_linear(r(8, 128), w8[:, :128].contiguous(), s8[:, :1].contiguous())  # decode, one K block
     tb.fp8_linear(r(100, 300), w8, s8)
-    tb.fp8_linear(r(8, 300), w8, s8, False)       # weight-only variant (bench comparison)
+    tb.fp8_linear(r(8, 300), w8, s8, False)  # weight-only variant (bench comparison)
     tb.fp8_linear(r(100, 300), w8, s8, False)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
-    tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)     # block / KV norm, with gain
-    tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)                # mHC pre-norm / per-head q norm
+    tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)  # block / KV norm, with gain
+    tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm / per-head q norm
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))
@@ -114,8 +162,9 @@ def main() -> int:
         except Exception as e:  # report every kernel, then fail
             failed += 1
             print(f"FAIL  {name} {sig}\n      {type(e).__name__}: {str(e)[:2000]}")
-    print(f"{len(launches) - failed}/{len(launches)} kernel variants compile for sm_90 with triton "
-          f"{triton.__version__}")
+    print(
+        f"{len(launches) - failed}/{len(launches)} kernel variants compile for sm_90 with triton {triton.__version__}"
+    )
     return 1 if failed else 0
 
 

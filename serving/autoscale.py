@@ -65,7 +65,11 @@ def kv_slope(samples: list[tuple[float, float]]) -> float:
 
 
 def kv_desired(
-    current: int, kv: list[float], waiting: list[float], target_kv: float, target_waiting: float,
+    current: int,
+    kv: list[float],
+    waiting: list[float],
+    target_kv: float,
+    target_waiting: float,
     kv_projected: float | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Engines wanted for these per-replica figures, and the figures (for the decision record).
@@ -127,9 +131,7 @@ class _Policy:
         current = ctx.target_num_replicas
         metrics = ctx.aggregated_metrics or {}
         running = set(ctx.running_replicas)
-        values = {
-            name: [v for rid, v in (metrics.get(name) or {}).items() if rid in running] for name in self.metrics
-        }
+        values = {name: [v for rid, v in (metrics.get(name) or {}).items() if rid in running] for name in self.metrics}
         if not values[self.metrics[0]]:
             return Tick(current, ctx.policy_state)  # no figures yet: hold
         now = ctx.current_time or time.time()
@@ -138,8 +140,7 @@ class _Policy:
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         desired = min(max(wanted, lo), hi)
         pending = (ctx.policy_state or {}).get("pending", {})
-        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s,
-                                    self.downscale_delay_s)
+        target, pending = stabilize(pending, now, current, desired, self.upscale_delay_s, self.downscale_delay_s)
         last = (ctx.policy_state or {}).get("last_decision")
         state = {"pending": pending, "last_decision": last, "memory": memory}
         decision = None

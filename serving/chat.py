@@ -178,8 +178,12 @@ def render_tool_calls(calls: list[dict[str, Any]], param: str = "tool_calls") ->
         if not isinstance(args, dict):
             raise ChatFormatError(f"{param}[{i}].function.arguments", "must be a JSON object")
         params = [
-            _fill(PARAMETER, name=str(k), is_str="true" if isinstance(v, str) else "false",
-                  value=v if isinstance(v, str) else _json(v))
+            _fill(
+                PARAMETER,
+                name=str(k),
+                is_str="true" if isinstance(v, str) else "false",
+                value=v if isinstance(v, str) else _json(v),
+            )
             for k, v in args.items()
         ]
         invokes.append(_fill(INVOKE_OPEN, name=name) + _join("\n", params) + _fill(f"\n{INVOKE_CLOSE}"))
@@ -206,8 +210,11 @@ def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             order = {c.get("id"): j for j, c in enumerate(msg["tool_calls"]) if c.get("id")}
         if role == "tool":
             # Unknown ids sort first, as in the official encoder (a stable sort with key 0).
-            block = ("tool", order.get(msg.get("tool_call_id", ""), 0),
-                     _text(msg.get("content"), f"messages[{i}].content"))
+            block = (
+                "tool",
+                order.get(msg.get("tool_call_id", ""), 0),
+                _text(msg.get("content"), f"messages[{i}].content"),
+            )
         elif role == "user":
             block = ("text", 0, _text(msg.get("content"), f"messages[{i}].content"))
         else:
@@ -250,8 +257,9 @@ def encode_messages(
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             role = m.get("role") if isinstance(m, dict) else m
-            raise ChatFormatError(f"messages[{i}].role",
-                                  f"expected system, developer, user, assistant or tool, got {role!r}")
+            raise ChatFormatError(
+                f"messages[{i}].role", f"expected system, developer, user, assistant or tool, got {role!r}"
+            )
         m["_index"] = i
     if tools or response_format:
         if msgs[0]["role"] != "system":
@@ -306,9 +314,7 @@ def _render(m: dict[str, Any], i: int, thinking: bool, keep_reasoning: bool, las
 
 # -- parsing ------------------------------------------------------------------------------------
 _INVOKE = re.compile(rf'<{DSML}invoke\s+name="([^"]*)"\s*>(.*?){re.escape(INVOKE_CLOSE)}', re.DOTALL)
-_PARAM = re.compile(
-    rf'<{DSML}parameter\s+name="([^"]*)"\s+string="(true|false)"\s*>(.*?)</{DSML}parameter>', re.DOTALL
-)
+_PARAM = re.compile(rf'<{DSML}parameter\s+name="([^"]*)"\s+string="(true|false)"\s*>(.*?)</{DSML}parameter>', re.DOTALL)
 
 
 def _parse_invoke(name: str, body: str) -> ToolCall:
@@ -365,7 +371,7 @@ class OutputParser:
             close = self.buf.find(TOOLS_CLOSE)
             if m and (close < 0 or m.start() < close):
                 events.append(("tool_call", _parse_invoke(m.group(1), m.group(2))))
-                self.buf = self.buf[m.end():]
+                self.buf = self.buf[m.end() :]
                 return True
             if close >= 0:
                 self.buf, self.state = "", "done"  # what follows the block (EOS) is not content
@@ -380,7 +386,7 @@ class OutputParser:
                 text = text.rstrip("\n")  # the blank line before the block belongs to the block
             if text:
                 events.append((kind, text))
-            self.buf = self.buf[pos + len(marker):]
+            self.buf = self.buf[pos + len(marker) :]
             self.state = {END_THINK: "content", TOOLS_OPEN: "tools", EOS: "done"}[marker]
             return True
         head = self.buf[: len(self.buf) - _held(self.buf, markers)]
@@ -388,7 +394,7 @@ class OutputParser:
             head = head.rstrip("\n")
         if head:
             events.append((kind, head))
-            self.buf = self.buf[len(head):]
+            self.buf = self.buf[len(head) :]
         return False
 
 

@@ -54,8 +54,10 @@ def write_checkpoint(
     layout, block = official_layout(cfg), tuple(cfg.weight_block_size)
     tok = tokenizer or Tokenizer.train(cfg.vocab_size)
     if (tok.bos_id, tok.eos_id) != (cfg.bos_token_id, cfg.eos_token_id):
-        raise ValueError(f"bos_token_id/eos_token_id: the config says {cfg.bos_token_id}/{cfg.eos_token_id}, "
-                         f"the tokenizer has {tok.bos_id}/{tok.eos_id}")
+        raise ValueError(
+            f"bos_token_id/eos_token_id: the config says {cfg.bos_token_id}/{cfg.eos_token_id}, "
+            f"the tokenizer has {tok.bos_id}/{tok.eos_id}"
+        )
     missing = [n for n in layout if n not in tensors]
     extra = [n for n in tensors if n not in layout]
     if missing or extra:
@@ -92,10 +94,18 @@ def write_checkpoint(
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.to_json(out / CONFIG_FILE)
     tok.save(out / TOKENIZER_FILE)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.raw.id_to_token(tok.bos_id),
-        "eos_token": tok.raw.id_to_token(tok.eos_id), "model_max_length": cfg.max_position_embeddings,
-    }, indent=2, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": tok.raw.id_to_token(tok.bos_id),
+                "eos_token": tok.raw.id_to_token(tok.eos_id),
+                "model_max_length": cfg.max_position_embeddings,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     return out
 
 
@@ -110,7 +120,9 @@ def make_checkpoint(
     cfg = get_preset(model) if isinstance(model, str) else model
     n = params_total(cfg, mtp=True)
     if n > MAX_RANDOM_PARAMS:
-        raise ValueError(f"model: {n / 1e9:.1f}B parameters; random checkpoints are limited to "
-                         f"{MAX_RANDOM_PARAMS / 1e9:.0f}B (use a small preset such as v4-tiny, or a custom config.json)")
+        raise ValueError(
+            f"model: {n / 1e9:.1f}B parameters; random checkpoints are limited to "
+            f"{MAX_RANDOM_PARAMS / 1e9:.0f}B (use a small preset such as v4-tiny, or a custom config.json)"
+        )
     net = init_weights(Transformer(cfg), seed)
     return write_checkpoint(net.state_dict(), cfg, out_dir, parse_size(shard_size))

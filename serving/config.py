@@ -165,9 +165,24 @@ class ModelConfig:
 
 
 _POSITIVE = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
-    "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
-    "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "q_lora_rank",
+    "o_groups",
+    "o_lora_rank",
+    "sliding_window",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "max_position_embeddings",
 )
 
 
@@ -180,11 +195,20 @@ def _fit_ratios(ratios: tuple[int, ...], n_layers: int, n_mtp: int) -> tuple[int
     """
     want = n_layers + n_mtp
     if len(ratios) < n_layers:
-        raise ValueError(f"compress_ratios: expected at least {n_layers} entries (one per main layer, "
-                         f"num_hidden_layers {n_layers}; then one per MTP layer), got {len(ratios)}")
+        raise ValueError(
+            f"compress_ratios: expected at least {n_layers} entries (one per main layer, "
+            f"num_hidden_layers {n_layers}; then one per MTP layer), got {len(ratios)}"
+        )
     if len(ratios) > want:
-        log.info("compress_ratios: %d entries, using the first %d (num_hidden_layers %d + "
-                 "num_nextn_predict_layers %d); ignoring %s", len(ratios), want, n_layers, n_mtp, list(ratios[want:]))
+        log.info(
+            "compress_ratios: %d entries, using the first %d (num_hidden_layers %d + "
+            "num_nextn_predict_layers %d); ignoring %s",
+            len(ratios),
+            want,
+            n_layers,
+            n_mtp,
+            list(ratios[want:]),
+        )
     elif len(ratios) < want:
         log.info("compress_ratios: no entry for %d MTP layer(s); they are SWA-only (0)", want - len(ratios))
     return (ratios + (0,) * n_mtp)[:want]

@@ -61,9 +61,13 @@ class ConfigMapTarget:
         if not (host and deployment and (SA_DIR / "token").is_file()):
             return None
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(),
-                   (SA_DIR / "namespace").read_text().strip(), ChildNames(deployment).autoscaling,
-                   str(SA_DIR / "ca.crt"))
+        return cls(
+            f"https://{host}:{port}",
+            (SA_DIR / "token").read_text().strip(),
+            (SA_DIR / "namespace").read_text().strip(),
+            ChildNames(deployment).autoscaling,
+            str(SA_DIR / "ca.crt"),
+        )
 
 
 def patch_configmap(target: ConfigMapTarget, content: DecisionsConfigMap, timeout_s: float = 2.0) -> None:
@@ -97,8 +101,7 @@ class DecisionPublisher:
         if not internal_kv._internal_kv_initialized():
             return
         decisions = read_decisions(app)[-(self.history - 1) :] + [decision]
-        internal_kv._internal_kv_put(decisions_key(app), json.dumps(decisions), overwrite=True,
-                                     namespace=_KV_NAMESPACE)
+        internal_kv._internal_kv_put(decisions_key(app), json.dumps(decisions), overwrite=True, namespace=_KV_NAMESPACE)
         if self.configmap is not None and is_engine_decision(decision):
             content = DecisionsConfigMap.from_decisions([d for d in decisions if is_engine_decision(d)])
             try:

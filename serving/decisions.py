@@ -67,9 +67,14 @@ class ScalingRecord:
         if not (isinstance(time, str) and isinstance(reason, str) and isinstance(frm, int) and isinstance(to, int)):
             return None
         kv, waiting = d.get("kvCacheUtilization"), d.get("waitingRequests")
-        return cls(time, frm, to, reason,
-                   float(kv) if isinstance(kv, int | float) else None,
-                   waiting if isinstance(waiting, int) else None)
+        return cls(
+            time,
+            frm,
+            to,
+            reason,
+            float(kv) if isinstance(kv, int | float) else None,
+            waiting if isinstance(waiting, int) else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,11 @@ class DecisionsConfigMap:
     def from_decisions(cls, decisions: list[dict[str, Any]]) -> DecisionsConfigMap:
         """From the KV-pressure policy's decisions, oldest first (at least one)."""
         last = decisions[-1]
-        return cls([ScalingRecord.from_decision(d) for d in decisions[-STATUS_SCALING_HISTORY:]],
-                   target_replicas=last["to"], kv_cache_utilization=last["kv_mean"])
+        return cls(
+            [ScalingRecord.from_decision(d) for d in decisions[-STATUS_SCALING_HISTORY:]],
+            target_replicas=last["to"],
+            kv_cache_utilization=last["kv_mean"],
+        )
 
     def to_data(self) -> dict[str, str]:
         state: dict[str, Any] = {}
@@ -111,6 +119,8 @@ class DecisionsConfigMap:
             return cls()
         records = [r for r in map(ScalingRecord.from_json, decisions) if r is not None]
         target, kv = state.get("targetReplicas"), state.get("kvCacheUtilization")
-        return cls(records[-STATUS_SCALING_HISTORY:],
-                   target if isinstance(target, int) else None,
-                   float(kv) if isinstance(kv, int | float) else None)
+        return cls(
+            records[-STATUS_SCALING_HISTORY:],
+            target if isinstance(target, int) else None,
+            float(kv) if isinstance(kv, int | float) else None,
+        )

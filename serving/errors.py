@@ -41,8 +41,7 @@ class ContextTooLong(ServingError):
 
     def __str__(self) -> str:
         return (
-            f"this request needs {self.got} tokens (prompt + max_tokens) but the context limit is "
-            f"{self.limit} tokens"
+            f"this request needs {self.got} tokens (prompt + max_tokens) but the context limit is {self.limit} tokens"
         )
 
 

@@ -41,8 +41,14 @@ class ShardExperts:
     In deployed precision the stacks hold packed MXFP4 (int8 [slots, out, in/2]) with their UE8M0
     scales, as the checkpoint stores routed experts; otherwise decoded values of `dtype`."""
 
-    def __init__(self, cfg: ModelConfig, slots: list[list[int]], tensors: Mapping[str, torch.Tensor] | None = None,
-                 precision: str = "fp32", device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        slots: list[list[int]],
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+    ):
         """`tensors`: decoded values by official name to fill the stacks with (else read them with
         `from_checkpoint`)."""
         self.cfg, self.slots = cfg, [list(map(int, s)) for s in slots]
@@ -63,8 +69,9 @@ class ShardExperts:
                 self.weights[layer] = tuple(torch.empty(n, o, i, dtype=dtype, device=device) for o, i in shapes)
         if tensors is not None:
             if self.precision == "deployed":
-                raise ValueError("ShardExperts: decoded tensors fill bf16/fp32 stacks; read deployed ones "
-                                 "with from_checkpoint")
+                raise ValueError(
+                    "ShardExperts: decoded tensors fill bf16/fp32 stacks; read deployed ones with from_checkpoint"
+                )
             for name, dst in self.destinations().items():
                 dst.copy_(tensors[name])
             self._fill_copies()
@@ -97,8 +104,14 @@ class ShardExperts:
         return sum(t.numel() * t.element_size() for stacks in self.weights.values() for t in stacks)
 
     @classmethod
-    def from_checkpoint(cls, cfg: ModelConfig, slots: list[list[int]], path: str, precision: str = "auto",
-                        device: str | torch.device = "cpu") -> ShardExperts:
+    def from_checkpoint(
+        cls,
+        cfg: ModelConfig,
+        slots: list[list[int]],
+        path: str,
+        precision: str = "auto",
+        device: str | torch.device = "cpu",
+    ) -> ShardExperts:
         from v4d.serving.model.loader import Checkpoint, read_into
 
         shard = cls(cfg, slots, precision=precision, device=device)
@@ -114,8 +127,9 @@ class ShardExperts:
             raise ValueError(f"local_ids: layer {layer} has {n} slots here, got id {int(local_ids.max())}")
         w1, w3, w2, *scales = self.weights[layer]
         dev = w1.device
-        y = ops.moe_experts(x.to(dev), local_ids.to(dev), weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit,
-                            tuple(scales) or None)
+        y = ops.moe_experts(
+            x.to(dev), local_ids.to(dev), weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit, tuple(scales) or None
+        )
         return y.to(x.device)
 
 
@@ -166,7 +180,9 @@ def pool_actor_options(plan: Plan, pool: str, devices: int, num_cpus: float = 0.
     return {"num_cpus": num_cpus, "label_selector": {POOL_LABEL: pool}, **ray_options(plan.pool(pool), devices)}
 
 
-def bind_shards(plan: Plan, weights_dir: str, target_tokens_per_s: float = 2000.0, place: bool = True) -> dict[str, Any]:
+def bind_shards(
+    plan: Plan, weights_dir: str, target_tokens_per_s: float = 2000.0, place: bool = True
+) -> dict[str, Any]:
     """One bound Serve application per planned shard, named after it, scaling on its token load
     with the engine's replica ceiling and delays."""
     from ray import serve
@@ -177,7 +193,10 @@ def bind_shards(plan: Plan, weights_dir: str, target_tokens_per_s: float = 2000.
         dep = serve.deployment(ExpertShard, name=spec.name)
         options: dict[str, Any] = {
             "autoscaling_config": autoscaling_config(
-                ExpertLoadPolicy, 1, max(1, eng.max_replicas), 1,
+                ExpertLoadPolicy,
+                1,
+                max(1, eng.max_replicas),
+                1,
                 target_tokens_per_s=target_tokens_per_s,
                 upscale_delay_s=eng.upscale_delay_s,
                 downscale_delay_s=eng.downscale_delay_s,

@@ -9,7 +9,6 @@ HTTP status; after that, errors end the stream with an error event in the API's 
 client that goes away cancels the engine request (the handle's response is cancelled).
 """
 
-
 import asyncio
 import hmac
 import json
@@ -54,8 +53,12 @@ def _flavor(request: Request) -> Flavor:
 def _error_response(err: APIError, flavor: Flavor, headers: dict[str, str] | None = None) -> Response:
     body = err.anthropic_body() if flavor == "anthropic" else err.openai_body()
     # ASCII-escaped JSON: whatever a message quotes, the reply always encodes
-    return Response(json.dumps(body), status_code=err.status, media_type="application/json",
-                    headers={**(headers or {}), **err.headers()})
+    return Response(
+        json.dumps(body),
+        status_code=err.status,
+        media_type="application/json",
+        headers={**(headers or {}), **err.headers()},
+    )
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -70,8 +73,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    too_large = APIError(413, f"Request body is larger than {limit} bytes (spec.serving.maxRequestBytes).",
-                         code="request_too_large")
+    too_large = APIError(
+        413, f"Request body is larger than {limit} bytes (spec.serving.maxRequestBytes).", code="request_too_large"
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -83,7 +87,9 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise too_large
             chunks.append(chunk)
     except ClientDisconnect:
-        raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") from None
+        raise APIError(
+            400, "The client disconnected before sending the whole body.", code="client_disconnected"
+        ) from None
     return b"".join(chunks)
 
 
@@ -114,7 +120,11 @@ class Ingress:
 
     # -- plumbing --------------------------------------------------------------------------
     async def _answer(
-        self, request: Request, flavor: Flavor, handler: Callable[[], Awaitable[Response]], prompt_param: str = "messages"
+        self,
+        request: Request,
+        flavor: Flavor,
+        handler: Callable[[], Awaitable[Response]],
+        prompt_param: str = "messages",
     ) -> Response:
         try:
             self._authorize(request)
@@ -156,7 +166,9 @@ class Ingress:
             raise
         return self._events(stream, first, gen, parser)
 
-    async def _events(self, stream: Any, first: dict | None, gen: GenRequest, parser: EventParser) -> AsyncIterator[Event]:
+    async def _events(
+        self, stream: Any, first: dict | None, gen: GenRequest, parser: EventParser
+    ) -> AsyncIterator[Event]:
         done = False
 
         async def items() -> AsyncIterator[dict]:
@@ -231,7 +243,9 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         async def run() -> Response:
             req, gen = await self._prepared(request, self.prepare.completion)
-            evs = await self._start(gen, chat_bridge.output_parser(chat.PlainParser(), self.tok, req.skip_special_tokens))
+            evs = await self._start(
+                gen, chat_bridge.output_parser(chat.PlainParser(), self.tok, req.skip_special_tokens)
+            )
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 chunks = openai_api.completion_stream(gen.request_id, self.model, evs, usage)

@@ -21,8 +21,12 @@ from v4d.serving.runtime.device import node_resources
 
 # Ray on a shared development box (docs/toolchain.md §1.3): no token file, loopback only, no telemetry.
 # V4D_TRANSPORT_HOST: the expert channels' gloo address (serving/runtime/channels.py).
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "V4D_TRANSPORT_HOST": "127.0.0.1"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "V4D_TRANSPORT_HOST": "127.0.0.1",
+}
 NODE_CPUS = 8  # logical CPUs per pool node: room for every replica (0.1 CPU each) the autoscaler adds
 APP_NAME = "v4d"
 
@@ -146,11 +150,16 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     plan = ensure_checkpoint(plan, log)
-    log(f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})")
+    log(
+        f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})"
+    )
     local = start_cluster(plan, port + 1)
     try:
         if not stop.is_set():
-            log(f"deploying {plan.served_name}: {plan.engine.replicas} engine replica(s), {len(plan.shards)} expert shard(s)")
+            log(
+                f"deploying {plan.served_name}: {plan.engine.replicas} engine replica(s), "
+                f"{len(plan.shards)} expert shard(s)"
+            )
             deploy(plan, port)
             log(f"ready: model {plan.served_name}")
             log(f"  OpenAI API:     http://127.0.0.1:{port}/v1")

@@ -34,12 +34,74 @@ BASE_TAGS: tuple[str, ...] = ("model", "deployment", "role", "pool", "vendor", "
 ROLES: tuple[str, ...] = ("ingress", "engine", "experts", "autoscaler")
 
 # vLLM's bucket boundaries, so quantiles compare with vLLM deployments.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-               20.0, 40.0, 80.0)
-REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 @dataclass(frozen=True)
@@ -85,61 +147,188 @@ def _spec(name: str, kind: str, help: str, attr: str, by: str, **kw: Any) -> Met
 
 FINISHED_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "kv_capacity")
-ERROR_KINDS = ("bad_request", "unauthorized", "not_found", "context_too_long", "shard_unavailable", "unavailable",
-               "timeout", "internal")
+ERROR_KINDS = (
+    "bad_request",
+    "unauthorized",
+    "not_found",
+    "context_too_long",
+    "shard_unavailable",
+    "unavailable",
+    "timeout",
+    "internal",
+)
 DIRECTIONS = ("up", "down")
 KV_PAGE_KINDS = ("csa", "hca", "indexer")
 
 SERVING_METRICS: tuple[MetricSpec, ...] = (
     # --- vLLM-compatible engine metrics ---
-    _spec("vllm:kv_cache_usage_perc", GAUGE, "KV-cache usage of the engine replica, 0-1 (pages in use / pages).",
-          "kv_cache_usage", "engine"),
-    _spec("vllm:num_requests_running", GAUGE, "Requests in the running batch of the engine replica.",
-          "requests_running", "engine"),
-    _spec("vllm:num_requests_waiting", GAUGE, "Requests queued in the engine replica, not yet scheduled.",
-          "requests_waiting", "engine"),
-    _spec("vllm:time_to_first_token_seconds", HISTOGRAM, "Time from request arrival to its first output token.",
-          "ttft", "engine", buckets=TTFT_BUCKETS),
-    _spec("vllm:inter_token_latency_seconds", HISTOGRAM, "Time between consecutive output tokens of a request.",
-          "itl", "engine", buckets=ITL_BUCKETS),
-    _spec("vllm:e2e_request_latency_seconds", HISTOGRAM, "Time from request arrival to its last token.",
-          "e2e_latency", "engine", buckets=REQUEST_BUCKETS),
-    _spec("vllm:request_queue_time_seconds", HISTOGRAM, "Time a request waited before its first schedule.",
-          "queue_time", "engine", buckets=REQUEST_BUCKETS),
+    _spec(
+        "vllm:kv_cache_usage_perc",
+        GAUGE,
+        "KV-cache usage of the engine replica, 0-1 (pages in use / pages).",
+        "kv_cache_usage",
+        "engine",
+    ),
+    _spec(
+        "vllm:num_requests_running",
+        GAUGE,
+        "Requests in the running batch of the engine replica.",
+        "requests_running",
+        "engine",
+    ),
+    _spec(
+        "vllm:num_requests_waiting",
+        GAUGE,
+        "Requests queued in the engine replica, not yet scheduled.",
+        "requests_waiting",
+        "engine",
+    ),
+    _spec(
+        "vllm:time_to_first_token_seconds",
+        HISTOGRAM,
+        "Time from request arrival to its first output token.",
+        "ttft",
+        "engine",
+        buckets=TTFT_BUCKETS,
+    ),
+    _spec(
+        "vllm:inter_token_latency_seconds",
+        HISTOGRAM,
+        "Time between consecutive output tokens of a request.",
+        "itl",
+        "engine",
+        buckets=ITL_BUCKETS,
+    ),
+    _spec(
+        "vllm:e2e_request_latency_seconds",
+        HISTOGRAM,
+        "Time from request arrival to its last token.",
+        "e2e_latency",
+        "engine",
+        buckets=REQUEST_BUCKETS,
+    ),
+    _spec(
+        "vllm:request_queue_time_seconds",
+        HISTOGRAM,
+        "Time a request waited before its first schedule.",
+        "queue_time",
+        "engine",
+        buckets=REQUEST_BUCKETS,
+    ),
     _spec("vllm:prompt_tokens_total", COUNTER, "Prompt tokens prefilled.", "prompt_tokens", "engine"),
     _spec("vllm:generation_tokens_total", COUNTER, "Output tokens generated.", "generation_tokens", "engine"),
-    _spec("vllm:num_preemptions_total", COUNTER, "Running requests preempted to free KV pages.",
-          "preemptions", "engine"),
-    _spec("vllm:request_success_total", COUNTER, "Finished requests by finish reason.", "request_success",
-          "engine", tags=("finished_reason",), values={"finished_reason": FINISHED_REASONS}),
+    _spec(
+        "vllm:num_preemptions_total", COUNTER, "Running requests preempted to free KV pages.", "preemptions", "engine"
+    ),
+    _spec(
+        "vllm:request_success_total",
+        COUNTER,
+        "Finished requests by finish reason.",
+        "request_success",
+        "engine",
+        tags=("finished_reason",),
+        values={"finished_reason": FINISHED_REASONS},
+    ),
     # --- V4-specific ---
-    _spec("v4d:kv_pages_in_use", GAUGE, "Compressed KV pages in use (128 positions each) by page kind.",
-          "kv_pages_in_use", "engine", tags=("kind",)),
-    _spec("v4d:kv_state_slots_in_use", GAUGE, "Per-request state slots (window ring + compressor tails) in use.",
-          "kv_state_slots_in_use", "engine"),
-    _spec("v4d:kv_cache_usage_target", GAUGE, "Target KV-cache usage the autoscaler holds the engines at, 0-1.",
-          "kv_cache_usage_target", "engine"),
-    _spec("v4d:replica_ready", GAUGE, "1 while this replica is serving (sum = ready replicas per role and pool).",
-          "replica_ready", "ingress engine experts"),
-    _spec("v4d:expert_tokens_total", COUNTER, "Tokens routed to the experts of a shard, per MoE layer.",
-          "expert_tokens", "experts", tags=("shard", "layer")),
-    _spec("v4d:expert_balance_max_over_mean", GAUGE, "Expert-load balance across shards: max/mean tokens (1 = even).",
-          "expert_balance", "engine"),
-    _spec("v4d:expert_redundant_copies", GAUGE, "Redundant physical expert copies placed by EPLB.",
-          "expert_redundant_copies", "engine"),
-    _spec("v4d:requests_rejected_total", COUNTER, "Requests refused with HTTP 429 (load shedding), by reason.",
-          "requests_rejected", "ingress engine", tags=("reason",), values={"reason": REJECT_REASONS}),
-    _spec("v4d:request_errors_total", COUNTER, "Requests failed with an error (HTTP 4xx/5xx other than 429), by kind.",
-          "request_errors", "ingress engine", tags=("kind",), values={"kind": ERROR_KINDS}),
-    _spec("v4d:autoscale_decisions_total", COUNTER, "Engine scale decisions taken by the KV-pressure policy.",
-          "autoscale_decisions", "autoscaler", tags=("direction",), values={"direction": DIRECTIONS}),
-    _spec("v4d:autoscale_target_replicas", GAUGE, "Engine replicas the autoscaler asks for (within min/max).",
-          "autoscale_target_replicas", "autoscaler"),
-    _spec("v4d:autoscale_desired_replicas", GAUGE,
-          "Engine replicas the KV-pressure policy wants before the max bound (> target = capacity limited).",
-          "autoscale_desired_replicas", "autoscaler"),
-    _spec("v4d:autoscale_max_replicas", GAUGE, "Upper bound on engine replicas (spec.engine.maxReplicas).",
-          "autoscale_max_replicas", "autoscaler"),
+    _spec(
+        "v4d:kv_pages_in_use",
+        GAUGE,
+        "Compressed KV pages in use (128 positions each) by page kind.",
+        "kv_pages_in_use",
+        "engine",
+        tags=("kind",),
+    ),
+    _spec(
+        "v4d:kv_state_slots_in_use",
+        GAUGE,
+        "Per-request state slots (window ring + compressor tails) in use.",
+        "kv_state_slots_in_use",
+        "engine",
+    ),
+    _spec(
+        "v4d:kv_cache_usage_target",
+        GAUGE,
+        "Target KV-cache usage the autoscaler holds the engines at, 0-1.",
+        "kv_cache_usage_target",
+        "engine",
+    ),
+    _spec(
+        "v4d:replica_ready",
+        GAUGE,
+        "1 while this replica is serving (sum = ready replicas per role and pool).",
+        "replica_ready",
+        "ingress engine experts",
+    ),
+    _spec(
+        "v4d:expert_tokens_total",
+        COUNTER,
+        "Tokens routed to the experts of a shard, per MoE layer.",
+        "expert_tokens",
+        "experts",
+        tags=("shard", "layer"),
+    ),
+    _spec(
+        "v4d:expert_balance_max_over_mean",
+        GAUGE,
+        "Expert-load balance across shards: max/mean tokens (1 = even).",
+        "expert_balance",
+        "engine",
+    ),
+    _spec(
+        "v4d:expert_redundant_copies",
+        GAUGE,
+        "Redundant physical expert copies placed by EPLB.",
+        "expert_redundant_copies",
+        "engine",
+    ),
+    _spec(
+        "v4d:requests_rejected_total",
+        COUNTER,
+        "Requests refused with HTTP 429 (load shedding), by reason.",
+        "requests_rejected",
+        "ingress engine",
+        tags=("reason",),
+        values={"reason": REJECT_REASONS},
+    ),
+    _spec(
+        "v4d:request_errors_total",
+        COUNTER,
+        "Requests failed with an error (HTTP 4xx/5xx other than 429), by kind.",
+        "request_errors",
+        "ingress engine",
+        tags=("kind",),
+        values={"kind": ERROR_KINDS},
+    ),
+    _spec(
+        "v4d:autoscale_decisions_total",
+        COUNTER,
+        "Engine scale decisions taken by the KV-pressure policy.",
+        "autoscale_decisions",
+        "autoscaler",
+        tags=("direction",),
+        values={"direction": DIRECTIONS},
+    ),
+    _spec(
+        "v4d:autoscale_target_replicas",
+        GAUGE,
+        "Engine replicas the autoscaler asks for (within min/max).",
+        "autoscale_target_replicas",
+        "autoscaler",
+    ),
+    _spec(
+        "v4d:autoscale_desired_replicas",
+        GAUGE,
+        "Engine replicas the KV-pressure policy wants before the max bound (> target = capacity limited).",
+        "autoscale_desired_replicas",
+        "autoscaler",
+    ),
+    _spec(
+        "v4d:autoscale_max_replicas",
+        GAUGE,
+        "Upper bound on engine replicas (spec.engine.maxReplicas).",
+        "autoscale_max_replicas",
+        "autoscaler",
+    ),
 )
 
 BY_ATTR: dict[str, MetricSpec] = {m.attr: m for m in SERVING_METRICS}
@@ -288,8 +477,9 @@ class ServingMetrics:
     `replica` defaults to the Serve replica id (empty outside a replica).
     """
 
-    def __init__(self, *, model: str, deployment: str, role: str, pool: str = "", vendor: str = "",
-                 replica: str | None = None):
+    def __init__(
+        self, *, model: str, deployment: str, role: str, pool: str = "", vendor: str = "", replica: str | None = None
+    ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}")
         self.model, self.deployment, self.role, self.pool, self.vendor = model, deployment, role, pool, vendor
@@ -299,8 +489,14 @@ class ServingMetrics:
     def default_tags(self) -> dict[str, str]:
         if self._replica is None:
             self._replica = _replica_id()
-        return {"model": self.model, "deployment": self.deployment, "role": self.role,
-                "pool": self.pool, "vendor": self.vendor, "replica": self._replica}
+        return {
+            "model": self.model,
+            "deployment": self.deployment,
+            "role": self.role,
+            "pool": self.pool,
+            "vendor": self.vendor,
+            "replica": self._replica,
+        }
 
     def __getattr__(self, attr: str) -> Recorder:
         spec = BY_ATTR.get(attr)

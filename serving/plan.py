@@ -166,9 +166,7 @@ class Plan:
     def expert_map(self) -> list[list[list[tuple[str, int]]]]:
         """[moe_layer][logical expert] -> [(shard name, slot index)] over every copy (for routing)."""
         n_layers = len(self.shards[0].slots) if self.shards else 0
-        out: list[list[list[tuple[str, int]]]] = [
-            [[] for _ in range(self.experts.logical)] for _ in range(n_layers)
-        ]
+        out: list[list[list[tuple[str, int]]]] = [[[] for _ in range(self.experts.logical)] for _ in range(n_layers)]
         for shard in self.shards:
             for layer, slots in enumerate(shard.slots):
                 for j, e in enumerate(slots):

@@ -134,9 +134,7 @@ def block_tensors(cfg: ModelConfig, layer: int) -> list[Tensor]:
     expert_fmt: Storage = "fp4" if cfg.expert_dtype == "fp4" else "fp8"
     for w, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
         ts.append(Tensor(f"{p}.ffn.experts.*.{w}.weight", shape, expert_fmt, "routed", copies=E))
-        ts.append(
-            Tensor(f"{p}.ffn.shared_experts.{w}.weight", shape, "fp8", "shared", copies=cfg.n_shared_experts)
-        )
+        ts.append(Tensor(f"{p}.ffn.shared_experts.{w}.weight", shape, "fp8", "shared", copies=cfg.n_shared_experts))
     mix, hc_dim = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * d
     ts += [Tensor(f"{p}.{n}_norm.weight", (d,), "bf16", "norm") for n in ("attn", "ffn")]
     for site in ("attn", "ffn"):

@@ -65,7 +65,9 @@ class Tokenizer:
     def train(cls, vocab_size: int, corpus: str | Path = CORPUS) -> Tokenizer:
         """Train a byte-level BPE of at most `vocab_size` tokens (fewer if the corpus runs out of merges)."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}"
+            )
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

@@ -34,15 +34,23 @@ def cluster():
 
 
 # Fixtures that start servers on fixed ports -> the marker a test using them must carry (pyproject).
-SERVER_FIXTURES = {"cluster": "apiserver", "ray_cluster": "ray", "serve_instance": "ray", "ray_scrape": "ray",
-                   "prometheus": "prometheus"}
+SERVER_FIXTURES = {
+    "cluster": "apiserver",
+    "ray_cluster": "ray",
+    "serve_instance": "ray",
+    "ray_scrape": "ray",
+    "prometheus": "prometheus",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that starts a server is marked for it, so `-m` selects exactly the unit tests."""
-    unmarked = [f"{item.nodeid} uses `{fixture}` but is not marked `{mark}`"
-                for item in items for fixture, mark in SERVER_FIXTURES.items()
-                if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(mark) is None]
+    unmarked = [
+        f"{item.nodeid} uses `{fixture}` but is not marked `{mark}`"
+        for item in items
+        for fixture, mark in SERVER_FIXTURES.items()
+        if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(mark) is None
+    ]
     if unmarked:
         raise pytest.UsageError("\n".join(unmarked))
 

@@ -33,9 +33,13 @@ def test_cited_sections_exist_in_docs():
 
 def test_no_citation_outside_the_repository():
     """The repository stands alone: nothing points at a reference folder outside it."""
-    outside = [f"{p.relative_to(ROOT)}:{i}" for p in _tracked("*.py", "*.md", "*.sh", "*.yaml")
-               if p != Path(__file__) for i, line in enumerate(p.read_text().splitlines(), 1)
-               if "/work/shared" in line]
+    outside = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _tracked("*.py", "*.md", "*.sh", "*.yaml")
+        if p != Path(__file__)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "/work/shared" in line
+    ]
     assert not outside, outside
 
 
@@ -67,6 +71,11 @@ def test_dotted_references_resolve():
 def test_code_cites_the_documents_by_their_path_in_the_repository():
     """Code and scripts name `docs/deepseek-v4.md`, not a bare `deepseek-v4.md` a reader cannot find."""
     bare = re.compile(r"(?<![\w/.-])(" + "|".join(re.escape(n) for n in CITED) + ")")
-    found = [f"{p.relative_to(ROOT)}:{i}" for p in _tracked("*.py", "*.sh") if p != Path(__file__)
-             for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _tracked("*.py", "*.sh")
+        if p != Path(__file__)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if bare.search(line)
+    ]
     assert not found, found

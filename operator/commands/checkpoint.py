@@ -17,8 +17,9 @@ def command() -> None:
 @click.argument("model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
-@click.option("--shard-size", default=f"{DEFAULT_SHARD_SIZE >> 30}GiB", show_default=True,
-              help="Largest shard file, e.g. 512MB.")
+@click.option(
+    "--shard-size", default=f"{DEFAULT_SHARD_SIZE >> 30}GiB", show_default=True, help="Largest shard file, e.g. 512MB."
+)
 def make(model: str, out_dir: str, seed: int, shard_size: str) -> None:
     """Write config.json, FP8/MXFP4 safetensors shards with model.safetensors.index.json, and a
     trained byte-level BPE tokenizer.json for MODEL (a preset or a config.json) into OUT_DIR."""

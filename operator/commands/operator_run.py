@@ -6,31 +6,63 @@ import click
 
 
 @click.command("operator")
-@click.option("--namespace", "-n", "namespaces", multiple=True,
-              help="Watch only this namespace (repeatable; globs like 'team-*' work). Default: all namespaces.")
+@click.option(
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    help="Watch only this namespace (repeatable; globs like 'team-*' work). Default: all namespaces.",
+)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (/metrics).")
 @click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address of the metrics server.")
 @click.option("--health-port", type=int, default=None, help="Serve the liveness probe on http://0.0.0.0:PORT/healthz.")
-@click.option("--peering", default=None,
-              help="Peering name for several operator replicas (one is active, the others stand by). "
-                   "Needs the kopf peering CRDs. Default: standalone.")
+@click.option(
+    "--peering",
+    default=None,
+    help="Peering name for several operator replicas (one is active, the others stand by). "
+    "Needs the kopf peering CRDs. Default: standalone.",
+)
 @click.option("--image-nvidia", default=None, help="Serving image for NVIDIA pools (pools may override).")
 @click.option("--image-ascend", default=None, help="Serving image for Ascend pools (pools may override).")
 @click.option("--ray-version", default=None, help="rayVersion written into each RayService.")
-@click.option("--webhook-port", type=int, default=None,
-              help="Serve the validating admission webhook on this port and register it with the cluster.")
+@click.option(
+    "--webhook-port",
+    type=int,
+    default=None,
+    help="Serve the validating admission webhook on this port and register it with the cluster.",
+)
 @click.option("--webhook-addr", default="0.0.0.0", show_default=True, help="Address the webhook server binds.")
-@click.option("--webhook-host", default=None,
-              help="Host name the apiserver reaches the webhook at (e.g. the webhook Service's DNS name).")
+@click.option(
+    "--webhook-host",
+    default=None,
+    help="Host name the apiserver reaches the webhook at (e.g. the webhook Service's DNS name).",
+)
 @click.option("--webhook-cert", default=None, help="TLS certificate file for the webhook (default: self-signed).")
 @click.option("--webhook-key", default=None, help="TLS private key file for the webhook.")
-@click.option("--discovery-interval", type=float, default=None,
-              help="Seconds between checks for the Prometheus Operator's PodMonitor API [default: 60].")
+@click.option(
+    "--discovery-interval",
+    type=float,
+    default=None,
+    help="Seconds between checks for the Prometheus Operator's PodMonitor API [default: 60].",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def command(namespaces: tuple[str, ...], metrics_port: int | None, metrics_addr: str, health_port: int | None,
-            peering: str | None, image_nvidia: str | None, image_ascend: str | None, ray_version: str | None,
-            webhook_port: int | None, webhook_addr: str, webhook_host: str | None, webhook_cert: str | None,
-            webhook_key: str | None, discovery_interval: float | None, verbose: bool) -> None:
+def command(
+    namespaces: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_addr: str,
+    health_port: int | None,
+    peering: str | None,
+    image_nvidia: str | None,
+    image_ascend: str | None,
+    ray_version: str | None,
+    webhook_port: int | None,
+    webhook_addr: str,
+    webhook_host: str | None,
+    webhook_cert: str | None,
+    webhook_key: str | None,
+    discovery_interval: float | None,
+    verbose: bool,
+) -> None:
     """Reconcile V4Deployments into KubeRay RayServices.
 
     Uses the current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster service account.

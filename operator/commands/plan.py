@@ -45,7 +45,8 @@ def render_text(p: Plan) -> str:
         f"  KV budget {human_bytes(e.kv_budget_bytes)} per replica: {e.num_pages:,} pages x {e.page_tokens} = "
         f"{e.capacity_tokens:,} tokens at {p.kv.bytes_per_token:,.1f} B/token, {e.max_num_seqs} sequences; "
         f"max context {p.max_context_tokens:,}",
-        f"Experts: {p.experts.logical} logical + {p.experts.redundant} redundant = {p.experts.physical} slots per layer "
+        f"Experts: {p.experts.logical} logical + {p.experts.redundant} redundant = "
+        f"{p.experts.physical} slots per layer "
         f"on {len(p.shards)} shard(s); balance max/mean {p.balance.max_over_mean:.3f}",
         f"Transport: {p.transport.per_token_us:,.1f} us per token, {p.transport.cross_vendor_share:.0%} of "
         f"token-expert pairs cross vendors ({p.transport.cross_vendor_step_ms:,.2f} ms per decode step at "
@@ -53,10 +54,7 @@ def render_text(p: Plan) -> str:
         "",
         _table(
             [["SHARD", "POOL", "DEVICE", "SLOTS/LAYER", "WEIGHTS"]]
-            + [
-                [s.name, s.pool, str(s.device), str(len(s.slots[0])), human_bytes(s.weight_bytes)]
-                for s in p.shards
-            ]
+            + [[s.name, s.pool, str(s.device), str(len(s.slots[0])), human_bytes(s.weight_bytes)] for s in p.shards]
         ),
     ]
     if p.warnings:

@@ -12,11 +12,20 @@ from v4d.serving.precision import PRECISIONS
 
 @click.command("serve")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--port", type=int, default=None, help="HTTP port of the APIs (default: spec.serving.port). "
-              "Ray's metrics are exported on the following ports (head, then one per pool).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Weights in the replicas (default: spec.model.precision): deployed keeps FP8/MXFP4, bf16 "
-                   "or fp32 decode them; auto = deployed on accelerators, fp32 on the CPU.")
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help="HTTP port of the APIs (default: spec.serving.port). "
+    "Ray's metrics are exported on the following ports (head, then one per pool).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Weights in the replicas (default: spec.model.precision): deployed keeps FP8/MXFP4, bf16 "
+    "or fp32 decode them; auto = deployed on accelerators, fp32 on the CPU.",
+)
 def command(file: str, port: int | None, precision: str | None) -> None:
     """Serve the V4Deployment in FILE locally until Ctrl-C (SIGINT) or SIGTERM.
 

@@ -99,11 +99,23 @@ class CountTokensRequest(Strict):
     def validated(self) -> CountTokensRequest:
         for i, m in enumerate(self.messages):
             for j, b in enumerate(m.content if isinstance(m.content, list) else []):
-                check(not isinstance(b, ImageBlock), f"messages.{i}.content.{j}", f"'{b.type}' blocks are not supported (text-only model)")
+                check(
+                    not isinstance(b, ImageBlock),
+                    f"messages.{i}.content.{j}",
+                    f"'{b.type}' blocks are not supported (text-only model)",
+                )
                 if m.role == "user":
-                    check(not isinstance(b, (ToolUseBlock, ThinkingBlock)), f"messages.{i}.content.{j}", f"'{b.type}' blocks belong to assistant turns")
+                    check(
+                        not isinstance(b, (ToolUseBlock, ThinkingBlock)),
+                        f"messages.{i}.content.{j}",
+                        f"'{b.type}' blocks belong to assistant turns",
+                    )
                 else:
-                    check(not isinstance(b, ToolResultBlock), f"messages.{i}.content.{j}", "'tool_result' blocks belong to user turns")
+                    check(
+                        not isinstance(b, ToolResultBlock),
+                        f"messages.{i}.content.{j}",
+                        "'tool_result' blocks belong to user turns",
+                    )
         return self
 
     def prompt(self) -> ChatPrompt:
@@ -123,7 +135,10 @@ class CountTokensRequest(Strict):
                 if text:
                     messages.append({"role": "user", "content": "".join(text)})
                 continue
-            msg: dict[str, Any] = {"role": "assistant", "content": "".join(b.text for b in blocks if isinstance(b, TextBlock))}
+            msg: dict[str, Any] = {
+                "role": "assistant",
+                "content": "".join(b.text for b in blocks if isinstance(b, TextBlock)),
+            }
             reasoning = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
             if reasoning:
                 msg["reasoning_content"] = reasoning
@@ -138,7 +153,10 @@ class CountTokensRequest(Strict):
         tools = None
         if self.tools and not (self.tool_choice and self.tool_choice.type == "none"):
             tools = [
-                {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+                }
                 for t in self.tools
             ]
         thinking = self.thinking is None or self.thinking.type != "disabled"
@@ -252,7 +270,11 @@ async def message_stream(rid: str, model: str, prompt_tokens: int, evs: AsyncIte
             if isinstance(ev, ToolCallDelta):
                 yield start_block({"type": "tool_use", "id": ev.id, "name": ev.call.name, "input": {}})
             else:
-                yield start_block({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""})
+                yield start_block(
+                    {"type": "thinking", "thinking": "", "signature": ""}
+                    if kind == "thinking"
+                    else {"type": "text", "text": ""}
+                )
         if isinstance(ev, ReasoningDelta):
             yield delta({"type": "thinking_delta", "thinking": ev.text})
         elif isinstance(ev, TextDelta):

@@ -76,7 +76,8 @@ def error_kind(err: APIError) -> str:
     if err.status == 503:
         return "shard_unavailable" if err.code == "shard_unavailable" else "unavailable"
     return {401: "unauthorized", 404: "not_found", 504: "timeout"}.get(
-        err.status, "bad_request" if err.status < 500 else "internal")
+        err.status, "bad_request" if err.status < 500 else "internal"
+    )
 
 
 def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIError:
@@ -87,9 +88,7 @@ def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIErr
     cause = _root_cause(exc)
     for e in (cause, exc):  # the original exception first: its str() is the message, not a traceback
         if isinstance(e, engine_errors.Overloaded):
-            return APIError(
-                429, f"The server is overloaded: {e}", code="overloaded", retry_after_s=e.retry_after_s
-            )
+            return APIError(429, f"The server is overloaded: {e}", code="overloaded", retry_after_s=e.retry_after_s)
         if isinstance(e, engine_errors.ContextTooLong):
             return APIError(
                 400,

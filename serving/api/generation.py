@@ -119,8 +119,12 @@ class GenRequest:
 
     def engine_request(self) -> dict[str, Any]:
         """The engine request (docs/contracts.md) carrying `params` field for field."""
-        return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids,
-                **asdict(self.params), "stop_token_ids": list(self.params.stop_token_ids)}
+        return {
+            "request_id": self.request_id,
+            "prompt_token_ids": self.prompt_token_ids,
+            **asdict(self.params),
+            "stop_token_ids": list(self.params.stop_token_ids),
+        }
 
 
 def _stop_filter(evs: list[Delta], matcher: StopMatcher) -> tuple[list[Event], str | None]:

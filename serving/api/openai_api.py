@@ -141,7 +141,11 @@ class ChatRequest(_Sampling):
                 msg["reasoning_content"] = m.reasoning_content
             if m.tool_calls:
                 msg["tool_calls"] = [
-                    {"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                    {
+                        "id": tc.id,
+                        "type": "function",
+                        "function": {"name": tc.function.name, "arguments": tc.function.arguments},
+                    }
                     for tc in m.tool_calls
                 ]
             if m.tool_call_id:
@@ -221,9 +225,7 @@ def chat_completion(rid: str, model: str, evs: list[Event]) -> dict[str, Any]:
     }
 
 
-async def chat_stream(
-    rid: str, model: str, evs: AsyncIterator[Event], include_usage: bool
-) -> AsyncIterator[str]:
+async def chat_stream(rid: str, model: str, evs: AsyncIterator[Event], include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
@@ -270,9 +272,7 @@ def completion(rid: str, model: str, evs: list[Event]) -> dict[str, Any]:
     }
 
 
-async def completion_stream(
-    rid: str, model: str, evs: AsyncIterator[Event], include_usage: bool
-) -> AsyncIterator[str]:
+async def completion_stream(rid: str, model: str, evs: AsyncIterator[Event], include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     async for ev in evs:

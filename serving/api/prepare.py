@@ -43,7 +43,12 @@ class Preparer:
         prompt = req.prompt()
         ids = self._encode(chat_bridge.render_prompt(prompt), "messages")
         params = self._params(
-            len(ids), req.max_new_tokens(), req.temperature, req.top_p, req.seed, req.ignore_eos,
+            len(ids),
+            req.max_new_tokens(),
+            req.temperature,
+            req.top_p,
+            req.seed,
+            req.ignore_eos,
             max_tokens_param=req.max_tokens_param(),
         )
         return req, prompt, self._request("chatcmpl-", ids, params, req.stops())
@@ -55,9 +60,17 @@ class Preparer:
         ids = self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
         if bad:
-            raise APIError(400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {preview(bad[:5])}", param="prompt")
+            raise APIError(
+                400, f"prompt: token ids out of range [0, {self.tok.vocab_size}): {preview(bad[:5])}", param="prompt"
+            )
         params = self._params(
-            len(ids), req.max_tokens or 16, req.temperature, req.top_p, req.seed, req.ignore_eos, prompt_param="prompt",
+            len(ids),
+            req.max_tokens or 16,
+            req.temperature,
+            req.top_p,
+            req.seed,
+            req.ignore_eos,
+            prompt_param="prompt",
         )
         return req, self._request("cmpl-", ids, params, req.stops())
 
@@ -78,8 +91,12 @@ class Preparer:
     # -- pieces --------------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model != self.model:
-            raise APIError(404, f"The model '{preview(model)}' does not exist; this server serves '{self.model}'.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{preview(model)}' does not exist; this server serves '{self.model}'.",
+                param="model",
+                code="model_not_found",
+            )
 
     def _encode(self, prompt: Prompt | str, param: str) -> list[int]:
         """Token ids of a chat prompt (markers special, client text plain) or of a raw completions
@@ -94,7 +111,9 @@ class Preparer:
                 param=param,
                 code="context_length_exceeded",
             )
-        ids = self.tok.encode_prompt(prompt) if isinstance(prompt, Prompt) else self.tok.encode(text, special_tokens=True)
+        ids = (
+            self.tok.encode_prompt(prompt) if isinstance(prompt, Prompt) else self.tok.encode(text, special_tokens=True)
+        )
         if not ids:
             raise APIError(400, f"{param}: the prompt has no tokens", param=param)
         return ids

@@ -116,14 +116,20 @@ class Engine:
         self.kv = runner.new_cache(num_pages + graphs, slots + snaps + graphs, limits.kv_format)
         if graphs:
             runner.graphs = DecodeGraphs(
-                model, self.kv, pages_for(self.cfg, limits.max_context_tokens), scratch_slot=slots + snaps,
+                model,
+                self.kv,
+                pages_for(self.cfg, limits.max_context_tokens),
+                scratch_slot=slots + snaps,
                 scratch_page=num_pages,
             )
         self.kv_manager = KVManager(
             num_pages, slots, page_tokens(self.cfg), pb, sb, snaps, copy_slot=lambda s, d: copy_slot(self.kv, s, d)
         )
         self.scheduler = Scheduler(
-            self.kv_manager, limits.max_num_seqs, limits.max_batch_tokens, limits.max_queue,
+            self.kv_manager,
+            limits.max_num_seqs,
+            limits.max_batch_tokens,
+            limits.max_queue,
             limits.max_context_tokens,
         )
         self.snapshot_bytes = snaps * sb
@@ -136,7 +142,8 @@ class Engine:
         self._preempt_seen = 0
         self.retry_backoff_s = 1.0
         self.layer_pages = {
-            "csa": self.cfg.count_layers("csa"), "indexer": self.cfg.count_layers("csa"),
+            "csa": self.cfg.count_layers("csa"),
+            "indexer": self.cfg.count_layers("csa"),
             "hca": self.cfg.count_layers("hca"),
         }
 
@@ -280,12 +287,14 @@ class Engine:
     def _emit(self, seq: Sequence, token_ids: list[int], reason: str | None) -> None:
         queue = self.queues.get(seq.request_id)
         if queue is not None:
-            queue.put_nowait({
-                "token_ids": token_ids,
-                "finish_reason": reason,
-                "num_prompt_tokens": len(seq.prompt),
-                "num_output_tokens": len(seq.output),
-            })
+            queue.put_nowait(
+                {
+                    "token_ids": token_ids,
+                    "finish_reason": reason,
+                    "num_prompt_tokens": len(seq.prompt),
+                    "num_output_tokens": len(seq.output),
+                }
+            )
         if reason:
             self._forget(seq)
             self._inc("request_success", 1, {"finished_reason": reason})

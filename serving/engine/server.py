@@ -44,13 +44,21 @@ class EngineServer:
             shards = {s.name: serve.get_deployment_handle(s.name, app_name=s.name) for s in plan.shards}
         eng = plan.engine
         # One device computes (index 0 of those Ray made visible); the replica claims all it was planned.
-        model = load_model(weights_dir, with_experts=not shards, precision=plan.precision,
-                           device=torch_device(plan.pool(eng.pool).vendor), progress=False, mtp=False)
+        model = load_model(
+            weights_dir,
+            with_experts=not shards,
+            precision=plan.precision,
+            device=torch_device(plan.pool(eng.pool).vendor),
+            progress=False,
+            mtp=False,
+        )
         self.remote: RemoteExperts | None = None
         self.channels: ChannelTransport | None = None
         if shards:  # token rows go over direct channels; Serve handles only until a shard's is up
             self.channels = ChannelTransport(
-                rendezvous(rendezvous_name(plan.name)), fallback=ServeTransport(shards), shards=list(shards),
+                rendezvous(rendezvous_name(plan.name)),
+                fallback=ServeTransport(shards),
+                shards=list(shards),
                 device=model.embed.weight.device.type,
             )
             self.remote = RemoteExperts(SlotMap.from_shards(plan.shards), self.channels)
@@ -84,8 +92,12 @@ class EngineServer:
 
 
 def bind_engine(
-    plan: Plan, weights_dir: str, shards: dict[str, Any] | None = None, place: bool = True,
-    name: str = "engine", shard_apps: bool = False,
+    plan: Plan,
+    weights_dir: str,
+    shards: dict[str, Any] | None = None,
+    place: bool = True,
+    name: str = "engine",
+    shard_apps: bool = False,
 ) -> Any:
     """The engine deployment bound to the plan, autoscaled on KV pressure within the plan's bounds.
 
@@ -98,7 +110,10 @@ def bind_engine(
     options: dict[str, Any] = {
         "name": name,
         "autoscaling_config": autoscaling_config(
-            KVPressurePolicy, lo, hi, min(max(eng.replicas, lo), hi),
+            KVPressurePolicy,
+            lo,
+            hi,
+            min(max(eng.replicas, lo), hi),
             target_kv_utilization=eng.target_kv_utilization,
             target_waiting=max(1, eng.max_queue // 4),
             labels=plan_labels(plan, eng.pool),

@@ -188,13 +188,19 @@ class ServeTransport:
 class ChannelTransport:
     """Direct channels to every registered replica of every shard (one gloo pair each), re-formed as
     replicas come and go: a background thread pairs with new ones, forgets departed ones and re-pairs
-    with live ones whose channel broke, so membership changes never stall a step. A shard's call goes to one of its replicas in turn; if
+    with live ones whose channel broke, so membership changes never stall a step. A shard's call goes to one of its
+    replicas in turn; if
     that channel breaks it is retried on another replica, then on `fallback` (Serve handles), and only
     then reported as the shard's error (RemoteExperts then fails over to redundant copies)."""
 
     def __init__(
-        self, actor: Any, fallback: Transport | None = None, timeout_s: float = 10.0, refresh_s: float = 1.0,
-        shards: Sequence[str] | None = None, device: str = "cpu",
+        self,
+        actor: Any,
+        fallback: Transport | None = None,
+        timeout_s: float = 10.0,
+        refresh_s: float = 1.0,
+        shards: Sequence[str] | None = None,
+        device: str = "cpu",
     ):
         """`shards`: the shard names to pair with (default: every registered one); `device`: the torch
         device type this engine computes on (with each shard's, it picks the pair's link)."""

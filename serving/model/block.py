@@ -34,8 +34,9 @@ class Block(nn.Module):
         fn, base, scale = (getattr(self, f"hc_{name}_{p}") for p in ("fn", "base", "scale"))
         return hc_pre(X, fn, scale, base, self.iters, self.norm_eps, self.hc_eps)
 
-    def forward(self, X: torch.Tensor, input_ids: torch.Tensor, step: Step, kv: KVCache,
-                experts: ExpertBackend) -> torch.Tensor:
+    def forward(
+        self, X: torch.Tensor, input_ids: torch.Tensor, step: Step, kv: KVCache, experts: ExpertBackend
+    ) -> torch.Tensor:
         """X: [N, hc_mult, d] residual streams of every token in the batch."""
         x, post, comb = self._site("attn", X)
         X = hc_post(self.attn(self.attn_norm(x), step, kv.layer(self.layer)), X, post, comb)

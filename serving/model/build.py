@@ -19,8 +19,9 @@ from v4d.serving.precision import resolve_precision
 _QUANTISED = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
 
 
-def build_model(cfg: ModelConfig, precision: str = "auto", device: str | torch.device = "cpu",
-                with_experts: bool = True) -> Transformer:
+def build_model(
+    cfg: ModelConfig, precision: str = "auto", device: str | torch.device = "cpu", with_experts: bool = True
+) -> Transformer:
     device = torch.device(device)
     precision = resolve_precision(precision, device.type)
     default = torch.get_default_dtype()

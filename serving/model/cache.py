@@ -62,8 +62,10 @@ class LayerCache:
 
 def _state(num_slots: int, ratio: int, width: int, device) -> CompressorState:
     rows, cols = compressor_shape(ratio, width)
-    return CompressorState(torch.zeros(num_slots, rows, cols, device=device),
-                           torch.full((num_slots, rows, cols), float("-inf"), device=device))
+    return CompressorState(
+        torch.zeros(num_slots, rows, cols, device=device),
+        torch.full((num_slots, rows, cols), float("-inf"), device=device),
+    )
 
 
 _PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,8 +76,16 @@ class KVCache:
     "deployed" (FP8 + BF16 rope main entries, FP4 indexer keys, packed bytes), "bf16" or "fp32";
     by default the plain format of `dtype`."""
 
-    def __init__(self, cfg: ModelConfig, num_pages: int, num_slots: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", with_mtp: bool = False, fmt: Fmt | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_pages: int,
+        num_slots: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        with_mtp: bool = False,
+        fmt: Fmt | None = None,
+    ):
         fmt = fmt or ("bf16" if dtype == torch.bfloat16 else "fp32")
         if fmt not in ("deployed", *_PLAIN):
             raise ValueError(f"KVCache.fmt: expected deployed, bf16 or fp32, got {fmt!r}")
@@ -126,7 +136,8 @@ class KVCache:
     def check_pages(self, seq: SeqCache, num_tokens: int) -> None:
         need = sizing.pages_for(self.cfg, num_tokens)
         if len(seq.page_ids) < need:
-            raise ValueError(f"SeqCache(slot={seq.slot}).page_ids: {num_tokens} tokens need {need} pages, "
-                             f"got {len(seq.page_ids)}")
+            raise ValueError(
+                f"SeqCache(slot={seq.slot}).page_ids: {num_tokens} tokens need {need} pages, got {len(seq.page_ids)}"
+            )
         if not 0 <= seq.slot < self.num_slots:
             raise ValueError(f"SeqCache.slot: expected 0..{self.num_slots - 1}, got {seq.slot}")

@@ -39,8 +39,15 @@ class Compressor(nn.Module):
         x = x.float()  # compression runs in fp32 whatever the model dtype
         return F.linear(x, self.wkv.weight.float()), F.linear(x, self.wgate.weight.float())
 
-    def update(self, kv: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, comp: Compression,
-               state: CompressorState, out_dtype: torch.dtype) -> torch.Tensor:
+    def update(
+        self,
+        kv: torch.Tensor,
+        score: torch.Tensor,
+        pos: torch.Tensor,
+        comp: Compression,
+        state: CompressorState,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         """Feed the step's rows (projections from `project`, positions `pos`): returns the entries
         [E, head_dim] the step closes (in `comp.entry` order) and updates the tail rings."""
         score = score + self.ape[pos % self.ratio]

@@ -38,8 +38,16 @@ def graphs_enabled() -> bool:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, kv: KVCache, max_pages: int, scratch_slot: int, scratch_page: int,
-                 buckets: Sequence[int] = BUCKETS, use_graphs: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVCache,
+        max_pages: int,
+        scratch_slot: int,
+        scratch_page: int,
+        buckets: Sequence[int] = BUCKETS,
+        use_graphs: bool | None = None,
+    ):
         self.model, self.kv, self.max_pages = model, kv, max_pages
         self.scratch_slot, self.scratch_page, self.buckets = scratch_slot, scratch_page, tuple(buckets)
         device = kv.layer(0).window.device
@@ -49,15 +57,20 @@ class DecodeGraphs:
 
     def _step(self, chunks: list[tuple[int, int, int, Sequence[int]]], size: int) -> Step:
         pad = [(0, 1, self.scratch_slot, [self.scratch_page])] * (size - len(chunks))
-        return Step.build(self.model.cfg, chunks + pad, self.kv.num_slots, self.device,
-                          static_pages=self.max_pages, scratch_page=self.scratch_page)
+        return Step.build(
+            self.model.cfg,
+            chunks + pad,
+            self.kv.num_slots,
+            self.device,
+            static_pages=self.max_pages,
+            scratch_page=self.scratch_page,
+        )
 
     def __call__(self, batch: Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]) -> list[torch.Tensor] | None:
         """Last-token logits per sequence of a decode-only batch, or None (run it eagerly)."""
         size = bucket_for(len(batch), self.buckets)
         ids = [torch.as_tensor(t, dtype=torch.long).flatten() for t, _ in batch]
-        if size is None or any(t.numel() != 1 for t in ids) or any(
-                len(s.page_ids) > self.max_pages for _, s in batch):
+        if size is None or any(t.numel() != 1 for t in ids) or any(len(s.page_ids) > self.max_pages for _, s in batch):
             return None
         chunks = [(s.num_tokens, 1, s.slot, s.page_ids) for _, s in batch]
         step = self._step(chunks, size)

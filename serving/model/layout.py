@@ -32,7 +32,7 @@ def official_layout(cfg: ModelConfig) -> dict[str, Tensor]:
         name = t.name
         m = re.match(r"layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= L:
-            name = f"mtp.{int(m.group(1)) - L}.{name[m.end():]}"
+            name = f"mtp.{int(m.group(1)) - L}.{name[m.end() :]}"
         names = [name.replace(".*.", f".{e}.") for e in range(t.copies)] if ".*." in name else [name]
         if len(names) != t.copies:
             raise AssertionError(f"{t.name}: {t.copies} copies of a tensor without an expert index")
@@ -63,10 +63,20 @@ def scale_name(name: str) -> str:
 # checkpoint saved as `model.layers.0.self_attn.q_a_proj.weight` + `...weight_scale_inv` maps onto
 # the same inference names as the released `layers.0.attn.wq_a.weight` + `...scale`.
 _HF_PARTS = {
-    "embed_tokens": "embed", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "self_attn": "attn", "mlp": "ffn",
-    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "lm_head": "head",
-    "weight_scale_inv": "scale", "e_score_correction_bias": "bias",
+    "embed_tokens": "embed",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "q_a_proj": "wq_a",
+    "q_a_layernorm": "q_norm",
+    "q_b_proj": "wq_b",
+    "self_attn": "attn",
+    "mlp": "ffn",
+    "gate_proj": "w1",
+    "down_proj": "w2",
+    "up_proj": "w3",
+    "lm_head": "head",
+    "weight_scale_inv": "scale",
+    "e_score_correction_bias": "bias",
 }
 
 

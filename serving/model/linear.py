@@ -77,9 +77,13 @@ class Linear(nn.Linear):
         rows = self.out_features // groups
         if self.fmt == "fp8" and rows % BLOCK == 0:
             nb = rows // BLOCK
-            return torch.stack([
-                ops.fp8_linear(x[:, g], self.weight[g * rows:(g + 1) * rows], self.scale[g * nb:(g + 1) * nb])
-                for g in range(groups)], dim=1)
+            return torch.stack(
+                [
+                    ops.fp8_linear(x[:, g], self.weight[g * rows : (g + 1) * rows], self.scale[g * nb : (g + 1) * nb])
+                    for g in range(groups)
+                ],
+                dim=1,
+            )
         return torch.einsum("tgc,grc->tgr", x, self.dense_weight(x.dtype).view(groups, rows, -1))
 
 

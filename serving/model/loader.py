@@ -127,8 +127,9 @@ class Checkpoint:
         for name, shard, data, scale in self.iter_raw(names, progress):
             yield name, self.decode(shard, name, data, scale, block)
 
-    def iter_raw(self, names: Iterable[str], progress: bool = True, device: str | torch.device = "cpu"
-                 ) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
+    def iter_raw(
+        self, names: Iterable[str], progress: bool = True, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
         """(name, shard file, stored tensor, its UE8M0 scales or None) as stored, dtype checked."""
         names = list(names)
         by_shard: dict[str, list[str]] = defaultdict(list)
@@ -145,8 +146,9 @@ class Checkpoint:
                         yield name, shard, *self._read_one(f, shard, name, device)
                         bar.update()
 
-    def _read_one(self, f, shard: str, name: str, device: str | torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read_one(
+        self, f, shard: str, name: str, device: str | torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.layout[name]
         data = f.get_tensor(self.file_keys[name])
         self.stats.tensors_read.append(name)
@@ -167,8 +169,9 @@ class Checkpoint:
             self.stats.tensors_read.append(sname)
         return data, scale
 
-    def decode(self, shard: str, name: str, data: torch.Tensor, scale: torch.Tensor | None,
-               block: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self, shard: str, name: str, data: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int]
+    ) -> torch.Tensor:
         """A stored tensor's logical values (float32; int32 tables), shape checked."""
         spec = self.layout[name]
         try:
@@ -199,8 +202,11 @@ def read_into(ckpt: Checkpoint, dest: Mapping[str, torch.Tensor], progress: bool
     `X.scale` in `dest`) and packed FP4 (int8) weights as stored when the checkpoint has that format,
     re-quantised from the decoded values otherwise; plain float/int destinations get decoded values."""
     names = [n for n in dest if n in ckpt.layout]
-    extra = [n for n in dest if n not in ckpt.layout and not (n.endswith(".scale") and
-                                                            n.removesuffix(".scale") + ".weight" in dest)]
+    extra = [
+        n
+        for n in dest
+        if n not in ckpt.layout and not (n.endswith(".scale") and n.removesuffix(".scale") + ".weight" in dest)
+    ]
     if extra:
         raise CheckpointError(f"not tensors of the official layout for this config: {extra[:5]}")
     device = next(iter(dest.values())).device if dest else torch.device("cpu")
@@ -212,8 +218,12 @@ def read_into(ckpt: Checkpoint, dest: Mapping[str, torch.Tensor], progress: bool
             out_scale = dest.get(scale_name(name)) if out.dtype in (torch.float8_e4m3fn, torch.int8) else None
             if out.dtype == torch.int8 and data.dtype in (torch.uint8, torch.float4_e2m1fn_x2):
                 data = data.view(torch.int8)  # the same packed bytes
-            if (out_scale is not None and scale is not None and (data.dtype, scale.dtype) == (out.dtype, out_scale.dtype)
-                    and (data.shape, scale.shape) == (out.shape, out_scale.shape)):
+            if (
+                out_scale is not None
+                and scale is not None
+                and (data.dtype, scale.dtype) == (out.dtype, out_scale.dtype)
+                and (data.shape, scale.shape) == (out.shape, out_scale.shape)
+            ):
                 out.copy_(data)
                 out_scale.copy_(scale)
                 continue

@@ -18,8 +18,15 @@ def _mixes(X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     return F.linear(rms_normalize(X.flatten(1), norm_eps), fn.float())
 
 
-def hc_pre(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hc_pre(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    iters: int,
+    norm_eps: float,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X: [T, n, d] streams -> (sub-layer input [T, d], post [T, n], comb [T, n, n])."""
     n = X.shape[1]
     pre, post, comb = ops.hc_split_sinkhorn(_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
@@ -31,8 +38,9 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     return ops.hc_post(f, X, post, comb)
 
 
-def hc_head(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            norm_eps: float, hc_eps: float) -> torch.Tensor:
+def hc_head(
+    X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float
+) -> torch.Tensor:
     """Reduction-only mHC before the final norm: sigmoid weights, no Sinkhorn. [T, n, d] -> [T, d]."""
     pre = torch.sigmoid(_mixes(X, fn, norm_eps) * scale + base) + hc_eps
     return ops.hc_pre(X, pre)

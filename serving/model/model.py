@@ -42,8 +42,8 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for lo in range(0, weight.shape[0], HEAD_CHUNK_ROWS):
-        rows = weight[lo:lo + HEAD_CHUNK_ROWS]
-        out[:, lo:lo + rows.shape[0]] = F.linear(x, rows.float())
+        rows = weight[lo : lo + HEAD_CHUNK_ROWS]
+        out[:, lo : lo + rows.shape[0]] = F.linear(x, rows.float())
     return out
 
 
@@ -121,8 +121,9 @@ class Transformer(nn.Module):
 
     # -- MTP --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, step: Step, kv: KVCache,
-                   depth: int = 0) -> torch.Tensor:
+    def mtp_logits(
+        self, X: torch.Tensor, next_ids: torch.Tensor, step: Step, kv: KVCache, depth: int = 0
+    ) -> torch.Tensor:
         """MTP block `depth` over the streams `hidden` returned: row t (given token t+1 in
         `next_ids`) predicts token t+2. Needs `KVCache(..., with_mtp=True)`. Returns [N, vocab]."""
         block = self.mtp[depth]
@@ -130,12 +131,20 @@ class Transformer(nn.Module):
         return self.logits(H, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
 
     # -- whole-sequence convenience (tests, tools) ------------------------------------------------
-    def scratch_cache(self, num_tokens: int, with_mtp: bool = False, fmt: Fmt | None = None
-                      ) -> tuple[KVCache, SeqCache]:
+    def scratch_cache(
+        self, num_tokens: int, with_mtp: bool = False, fmt: Fmt | None = None
+    ) -> tuple[KVCache, SeqCache]:
         """A one-sequence cache for `num_tokens`, in `fmt` (default: the plain format of the weights)."""
         pages = sizing.pages_for(self.cfg, num_tokens)
-        kv = KVCache(self.cfg, pages, 1, dtype=self.embed.weight.dtype, device=self.embed.weight.device,
-                     with_mtp=with_mtp, fmt=fmt)
+        kv = KVCache(
+            self.cfg,
+            pages,
+            1,
+            dtype=self.embed.weight.dtype,
+            device=self.embed.weight.device,
+            with_mtp=with_mtp,
+            fmt=fmt,
+        )
         return kv, SeqCache(0, list(range(pages)))
 
     @torch.inference_mode()

@@ -67,8 +67,15 @@ class Expert(nn.Module):
         if self.w1.fmt == "fp8":  # three block-scaled GEMMs
             return self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
         one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        return ops.moe_experts(x, one, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
-                               self.w1.weight[None], self.w3.weight[None], self.w2.weight[None], limit)
+        return ops.moe_experts(
+            x,
+            one,
+            torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
+            self.w1.weight[None],
+            self.w3.weight[None],
+            self.w2.weight[None],
+            limit,
+        )
 
 
 class MoE(nn.Module):

@@ -32,8 +32,15 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
 
-    def forward(self, X: torch.Tensor, next_ids: torch.Tensor, step: Step, kv: KVCache,
-                experts: ExpertBackend, embed: nn.Embedding) -> torch.Tensor:
+    def forward(
+        self,
+        X: torch.Tensor,
+        next_ids: torch.Tensor,
+        step: Step,
+        kv: KVCache,
+        experts: ExpertBackend,
+        embed: nn.Embedding,
+    ) -> torch.Tensor:
         e = self.e_proj(self.enorm(embed(next_ids)))
         X = e.unsqueeze(1) + self.h_proj(self.hnorm(X))
         return super().forward(X, next_ids, step, kv, experts)

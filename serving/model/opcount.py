@@ -20,13 +20,54 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from v4d.kernels import ops
 
 # Ops that only make a view (no kernel on a GPU); the second count of `ops_per_layer` leaves them out.
-VIEW_OPS = frozenset(f"aten::{n}" for n in (
-    "view", "slice", "flatten", "unflatten", "unsqueeze", "squeeze", "select", "expand", "permute",
-    "transpose", "t", "as_strided", "view_as_complex", "view_as_real", "alias", "detach", "reshape",
-    "_reshape_alias", "narrow", "split", "chunk", "unbind", "conj", "_unsafe_view", "lift_fresh"))
-OP_NAMES = ("paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed",
-            "moe_experts", "hc_split_sinkhorn", "hc_pre", "hc_post", "sparse_attention", "indexer_scores",
-            "gated_pool", "rms_norm", "rope", "pack_main", "pack_index", "unpack_main")
+VIEW_OPS = frozenset(
+    f"aten::{n}"
+    for n in (
+        "view",
+        "slice",
+        "flatten",
+        "unflatten",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "expand",
+        "permute",
+        "transpose",
+        "t",
+        "as_strided",
+        "view_as_complex",
+        "view_as_real",
+        "alias",
+        "detach",
+        "reshape",
+        "_reshape_alias",
+        "narrow",
+        "split",
+        "chunk",
+        "unbind",
+        "conj",
+        "_unsafe_view",
+        "lift_fresh",
+    )
+)
+OP_NAMES = (
+    "paged_sparse_attention",
+    "paged_indexer_scores",
+    "indexer_topk",
+    "gated_pool_indexed",
+    "moe_experts",
+    "hc_split_sinkhorn",
+    "hc_pre",
+    "hc_post",
+    "sparse_attention",
+    "indexer_scores",
+    "gated_pool",
+    "rms_norm",
+    "rope",
+    "pack_main",
+    "pack_index",
+    "unpack_main",
+)
 
 
 def _noop_cast(ev: Any) -> bool:
@@ -44,6 +85,7 @@ def _labelled(model: torch.nn.Module) -> Iterator[None]:
         def call(*args, **kw):
             with record_function(f"ops::{name}"):
                 return fn(*args, **kw)
+
         return call
 
     def enter(block, _args):

@@ -17,8 +17,9 @@ from v4d.kernels import ops
 from v4d.serving.config import ModelConfig
 
 
-def inv_freq(dim: int, base: float, original_len: int = 0, factor: float = 1.0,
-             beta_fast: int = 32, beta_slow: int = 1) -> torch.Tensor:
+def inv_freq(
+    dim: int, base: float, original_len: int = 0, factor: float = 1.0, beta_fast: int = 32, beta_slow: int = 1
+) -> torch.Tensor:
     """Per-pair frequencies; with `original_len > 0`, YaRN blends interpolated and raw ones."""
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if original_len <= 0:
@@ -49,8 +50,17 @@ class Rope(nn.Module):
         rd = cfg.qk_rope_head_dim
         if cfg.compress_ratios[layer]:
             rs = cfg.rope_scaling
-            return cls(rd, inv_freq(rd, cfg.compress_rope_theta, rs.original_max_position_embeddings,
-                                    rs.factor, rs.beta_fast, rs.beta_slow))
+            return cls(
+                rd,
+                inv_freq(
+                    rd,
+                    cfg.compress_rope_theta,
+                    rs.original_max_position_embeddings,
+                    rs.factor,
+                    rs.beta_fast,
+                    rs.beta_slow,
+                ),
+            )
         return cls(rd, inv_freq(rd, cfg.rope_theta))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:

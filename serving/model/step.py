@@ -59,8 +59,15 @@ class Compression:
         return self._all_rows
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.idx, self.entry, self.entry_rows, self.state_src, self.state_dst, self.visible,
-                *([self._all_rows] if self._all_rows is not None else [])]
+        return [
+            self.idx,
+            self.entry,
+            self.entry_rows,
+            self.state_src,
+            self.state_dst,
+            self.visible,
+            *([self._all_rows] if self._all_rows is not None else []),
+        ]
 
 
 @dataclass
@@ -87,8 +94,15 @@ class Step:
         return self.pos.shape[0]
 
     @classmethod
-    def build(cls, cfg: ModelConfig, chunks: Sequence[tuple[int, int, int, Sequence[int]]], num_slots: int,
-              device: torch.device | str, static_pages: int = 0, scratch_page: int = 0) -> Step:
+    def build(
+        cls,
+        cfg: ModelConfig,
+        chunks: Sequence[tuple[int, int, int, Sequence[int]]],
+        num_slots: int,
+        device: torch.device | str,
+        static_pages: int = 0,
+        scratch_page: int = 0,
+    ) -> Step:
         """chunks: per sequence (start position, new tokens, slot, page ids). `static_pages` > 0
         builds a static decode step (one token per chunk) with a block table that wide; entries of
         rows whose block does not close go to page `scratch_page`."""
@@ -112,10 +126,23 @@ class Step:
         window = torch.where(q >= 0, window, -1)
         keep = pos >= end - w
         dev = torch.device(device)
-        step = cls(cfg, pos.to(dev), seq.to(dev), spans, table.to(dev), window.to(dev),
-                   keep.nonzero().flatten().to(dev), (slot * w + pos % w)[keep].to(dev), num_slots * w,
-                   start.to(dev), r0.to(dev), slot.to(dev), end.to(dev), static=bool(static_pages),
-                   scratch_row=scratch_page)
+        step = cls(
+            cfg,
+            pos.to(dev),
+            seq.to(dev),
+            spans,
+            table.to(dev),
+            window.to(dev),
+            keep.nonzero().flatten().to(dev),
+            (slot * w + pos % w)[keep].to(dev),
+            num_slots * w,
+            start.to(dev),
+            r0.to(dev),
+            slot.to(dev),
+            end.to(dev),
+            static=bool(static_pages),
+            scratch_row=scratch_page,
+        )
         if step.static:  # everything the layers read, built now
             for ratio in {r for r in cfg.compress_ratios if r}:
                 step.compression(ratio).all_visible_rows(step)
@@ -152,7 +179,7 @@ class Step:
         closing = torch.arange(n, device=pos.device) if self.static else closes.nonzero().flatten()
         e = pos[closing] // m
         offs = torch.arange(-m if overlap else 0, m, device=pos.device)
-        q = e[:, None] * m + offs                                   # [E, L] candidate positions
+        q = e[:, None] * m + offs  # [E, L] candidate positions
         start, r0, slot = self._start[closing, None], self._row0[closing, None], self._slot[closing, None]
         idx = torch.where(q >= start, r0 + q - start, n + slot * tail + q % tail)
         idx = torch.where(q >= 0, idx, -1)
@@ -165,6 +192,13 @@ class Step:
             rows = torch.where(closes, rows, self.scratch_row * per_page)
             keep = torch.ones_like(keep)
         return Compression(
-            m, per_page, idx, e, rows, keep.nonzero().flatten(), (self._slot * tail + pos % tail)[keep], visible,
+            m,
+            per_page,
+            idx,
+            e,
+            rows,
+            keep.nonzero().flatten(),
+            (self._slot * tail + pos % tail)[keep],
+            visible,
             self.block_table.shape[1] * per_page if self.static else int(visible.max()) if n else 0,
         )

@@ -145,9 +145,11 @@ def rendezvous(name: str, gone_s: float = GONE_S) -> Any:
     removes itself `gone_s` after its last caller left)."""
     import ray
 
-    actor = ray.remote(Rendezvous).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
-    ).remote(gone_s)
+    actor = (
+        ray.remote(Rendezvous)
+        .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
+        .remote(gone_s)
+    )
     actor.watch.remote()
     return actor
 
@@ -263,8 +265,9 @@ def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str 
         raise ConnectionError(f"shard replica {replica} is no longer registered")
     link = pair_backend(device, shard_device)
     if link != "gloo":
-        log.info("pair with %s: %s devices, gloo through host memory (device-to-device pairs not built yet)",
-                 replica, link)
+        log.info(
+            "pair with %s: %s devices, gloo through host memory (device-to-device pairs not built yet)", replica, link
+        )
     store = ActorStore(actor, pair, timeout_s)
     pg = open_pair(store, 0, node_address(), timeout_s)
     release(store, pair)
@@ -283,7 +286,11 @@ class ShardEndpoint:
     engines ask for and serves each tag in a thread with `compute(layer, x, local_ids, weights)`."""
 
     def __init__(
-        self, actor: Any, shard: str, compute: Callable[..., torch.Tensor], timeout_s: float = 10.0,
+        self,
+        actor: Any,
+        shard: str,
+        compute: Callable[..., torch.Tensor],
+        timeout_s: float = 10.0,
         device: str = "cpu",
     ):
         """`device`: the torch device type `compute` runs on (engines pick the pair's link from it)."""
@@ -303,8 +310,7 @@ class ShardEndpoint:
             try:
                 pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
                 if pairs is None:  # forgotten while it could not poll: register again
-                    ray.get(self.actor.register.remote(self.replica, self.shard, self.device),
-                            timeout=self.timeout_s)
+                    ray.get(self.actor.register.remote(self.replica, self.shard, self.device), timeout=self.timeout_s)
                 for pair in pairs or ():
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling

@@ -27,8 +27,13 @@ from v4d.serving.runtime.channels import TAGS, set_tag
 
 class ModelRunner:
     def __init__(
-        self, model: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        rank: int = 0, world_size: int = 1, micro_batches: int = 1,
+        self,
+        model: Any,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batches: int = 1,
     ):
         if micro_batches not in range(1, TAGS + 1):
             raise ValueError(f"micro_batches: expected 1..{TAGS}, got {micro_batches}")

@@ -12,8 +12,12 @@ SERVE_PORT, METRICS_PORT = 8200, 8201
 # Package scope: later test directories start Ray clusters of their own.
 @pytest.fixture(scope="package")
 def serve_instance():
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-                      V4D_TRANSPORT_HOST="127.0.0.1")
+    os.environ.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        V4D_TRANSPORT_HOST="127.0.0.1",
+    )
     import ray
     from ray import serve
 

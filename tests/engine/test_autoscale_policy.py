@@ -23,10 +23,16 @@ def ctx(target, kv=None, waiting=None, now=0.0, state=None, lo=1, hi=4, metrics=
         NUM_WAITING: dict(zip(replicas, waiting or [0] * target, strict=False)),
     }
     return SimpleNamespace(
-        target_num_replicas=target, current_num_replicas=target, running_replicas=replicas,
-        aggregated_metrics=metrics, policy_state=state or {}, current_time=now,
-        capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
-        app_name="app", deployment_name="engine",
+        target_num_replicas=target,
+        current_num_replicas=target,
+        running_replicas=replicas,
+        aggregated_metrics=metrics,
+        policy_state=state or {},
+        current_time=now,
+        capacity_adjusted_min_replicas=lo,
+        capacity_adjusted_max_replicas=hi,
+        app_name="app",
+        deployment_name="engine",
     )
 
 

@@ -41,8 +41,15 @@ def test_policy_scales_engines_up_then_down_and_records(serve_instance):
             return {KV_UTILIZATION: float(raw or 0), NUM_WAITING: 0.0}
 
     cfg = autoscaling_config(
-        KVPressurePolicy, 1, 2, 1, interval_s=0.5, target_kv_utilization=0.7, target_waiting=4,
-        upscale_delay_s=1.0, downscale_delay_s=3.0,
+        KVPressurePolicy,
+        1,
+        2,
+        1,
+        interval_s=0.5,
+        target_kv_utilization=0.7,
+        target_waiting=4,
+        upscale_delay_s=1.0,
+        downscale_delay_s=3.0,
         labels={"model": "m", "deployment": "d", "pool": "gpu-a", "vendor": "nvidia"},
     )
     dep = serve.deployment(Load, name="Load", ray_actor_options={"num_cpus": 0.1}, autoscaling_config=cfg)

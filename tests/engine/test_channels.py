@@ -171,15 +171,17 @@ def test_shard_unavailable_when_no_copy_is_left(world):
     torch.testing.assert_close(remote(0, x, ok, w), full(tensors, 0, x, ok, w), rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_transport_pairs_only_with_its_shards(world):
     rdv, *_ = world
     only_c = ChannelTransport(rendezvous(rdv), timeout_s=5.0, refresh_s=0.2, shards=["c"])
     try:
         assert only_c.ready(["c"], timeout_s=60)
         time.sleep(1.0)  # several refreshes: nothing else gets paired
-        assert only_c.stats() == {"expert_channels": {"c": 1}, "expert_channel_links": {"c": ["gloo"]},
-                                 "expert_fallback_calls": 0}
+        assert only_c.stats() == {
+            "expert_channels": {"c": 1},
+            "expert_channel_links": {"c": ["gloo"]},
+            "expert_fallback_calls": 0,
+        }
     finally:
         only_c.close()
 

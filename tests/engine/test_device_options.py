@@ -14,16 +14,29 @@ from v4d.serving.runtime.device import claims_at_max, node_resources, pair_backe
 
 
 def _pool(name: str, vendor: str, resource: str, devices: int) -> PoolPlan:
-    return PoolPlan(name, vendor, f"{vendor}.example/device", resource, devices_per_node=8, device_memory_gib=64.0,
-                    nodes=1, devices=devices, roles=["attention", "experts"])
+    return PoolPlan(
+        name,
+        vendor,
+        f"{vendor}.example/device",
+        resource,
+        devices_per_node=8,
+        device_memory_gib=64.0,
+        nodes=1,
+        devices=devices,
+        roles=["attention", "experts"],
+    )
 
 
 def _plan() -> Plan:
     p = plan(tiny_spec(), name="devices")
     engine = replace(p.engine, pool="h200", max_replicas=3, devices_per_replica=4)
     shards = [replace(p.shards[0], name=f"experts-ascend-{i}", pool="ascend") for i in range(3)]
-    return replace(p, pools=[_pool("h200", "nvidia", "GPU", 10), _pool("ascend", "ascend", "NPU", 3)],
-                   engine=engine, shards=[*shards, replace(p.shards[0], name="experts-h200-0", pool="h200")])
+    return replace(
+        p,
+        pools=[_pool("h200", "nvidia", "GPU", 10), _pool("ascend", "ascend", "NPU", 3)],
+        engine=engine,
+        shards=[*shards, replace(p.shards[0], name="experts-h200-0", pool="h200")],
+    )
 
 
 PLAN = _plan()
@@ -40,7 +53,7 @@ def test_claims_per_vendor():
 
 def test_local_nodes_declare_what_replicas_can_claim():
     assert claims_at_max(PLAN, "h200") == 3 * 4 + 1
-    assert node_resources(PLAN, "h200") == {"num_gpus": 13}   # more than the 10 planned: max scale
+    assert node_resources(PLAN, "h200") == {"num_gpus": 13}  # more than the 10 planned: max scale
     assert node_resources(PLAN, "ascend") == {"resources": {"NPU": 3}}
 
 
@@ -56,8 +69,11 @@ def test_bound_deployments_take_their_delays_and_timeout_from_the_plan():
     from v4d.serving.experts import bind_shards
 
     p = plan(tiny_spec(), name="bound")
-    p = replace(p, engine=replace(p.engine, upscale_delay_s=7.0, downscale_delay_s=123.0),
-                serving=replace(p.serving, request_timeout_s=77.0))
+    p = replace(
+        p,
+        engine=replace(p.engine, upscale_delay_s=7.0, downscale_delay_s=123.0),
+        serving=replace(p.serving, request_timeout_s=77.0),
+    )
     shards = bind_shards(p, "/ckpt")
     assert list(shards) == [s.name for s in p.shards]
     shard = next(iter(shards.values()))._bound_deployment._deployment_config
@@ -71,11 +87,18 @@ def test_bound_deployments_take_their_delays_and_timeout_from_the_plan():
     assert engine.ray_actor_options["label_selector"] == {"v4d.dev/pool": p.engine.pool}
 
 
-@pytest.mark.parametrize(("a", "b", "want"), [
-    ("cuda", "cuda", "nccl"), (torch.device("cuda", 0), "cuda:1", "nccl"),
-    ("npu", "npu", "hccl"),
-    ("cuda", "npu", "gloo"), ("npu", "cuda", "gloo"),  # NCCL and HCCL do not talk to each other
-    ("cuda", "cpu", "gloo"), ("cpu", "npu", "gloo"), ("cpu", "cpu", "gloo"),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [
+        ("cuda", "cuda", "nccl"),
+        (torch.device("cuda", 0), "cuda:1", "nccl"),
+        ("npu", "npu", "hccl"),
+        ("cuda", "npu", "gloo"),
+        ("npu", "cuda", "gloo"),  # NCCL and HCCL do not talk to each other
+        ("cuda", "cpu", "gloo"),
+        ("cpu", "npu", "gloo"),
+        ("cpu", "cpu", "gloo"),
+    ],
+)
 def test_pair_backend_matches_both_ends_devices(a, b, want):
     assert pair_backend(a, b) == want

@@ -27,9 +27,9 @@ def model():
 
 def engine(model, pages=8, seqs=4, snaps=1, batch_tokens=64, queue=8, context=4096):
     budget = (seqs + snaps) * SB + pages * PB
-    return Engine(model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps,
-                                      kv_format="fp32"))
-
+    return Engine(
+        model, EngineLimits(budget, seqs, batch_tokens, queue, context, prefix_snapshots=snaps, kv_format="fp32")
+    )
 
 
 async def collect(eng, prompt, n, **kw):
@@ -57,8 +57,12 @@ def test_greedy_equals_model_single_and_batched(model):
     alone, items, together = asyncio.run(run())
     assert alone == want[0]
     assert [t for t, _ in together] == want
-    assert items[-1] == {"token_ids": [want[0][-1]], "finish_reason": "length", "num_prompt_tokens": 24,
-                         "num_output_tokens": 4}
+    assert items[-1] == {
+        "token_ids": [want[0][-1]],
+        "finish_reason": "length",
+        "num_prompt_tokens": 24,
+        "num_output_tokens": 4,
+    }
     s = eng.stats()
     assert s["num_steps"] < 2 * (3 + 2 + 3 + 4)  # concurrent requests shared steps
     assert s["num_running"] == s["num_waiting"] == s["num_pages_in_use"] == s["num_state_slots_in_use"] == 0
@@ -212,7 +216,11 @@ def test_unreachable_experts_are_retried_then_fail_cleanly(model):
 def test_kv_format_is_checked_and_sizes_the_cache(model):
     with pytest.raises(ValueError, match=r"engine.kv_format: expected deployed, bf16 or fp32, got 'fp8'"):
         Engine(model, EngineLimits(10 * SB, 2, 16, 4, 512, kv_format="fp8"))
-    eng = Engine(model, EngineLimits(3 * slot_bytes(CFG, "deployed") + 5 * page_bytes(CFG, "deployed"), 2, 16, 4,
-                                     512, prefix_snapshots=1))
+    eng = Engine(
+        model,
+        EngineLimits(
+            3 * slot_bytes(CFG, "deployed") + 5 * page_bytes(CFG, "deployed"), 2, 16, 4, 512, prefix_snapshots=1
+        ),
+    )
     assert eng.kv.fmt == "deployed" and eng.kv.num_pages == 5
     assert eng.kv.page_nbytes == page_bytes(CFG, "deployed") and eng.stats()["capacity_tokens"] == 5 * 128

@@ -46,8 +46,9 @@ class TaggedTransport(InProcessTransport):
 
 def engine(model, micro_batches):
     seqs = 4
-    limits = EngineLimits((seqs + 1) * slot_bytes(CFG, "fp32") + 8 * page_bytes(CFG, "fp32"), seqs, 64, 8, 4096,
-                          kv_format="fp32")  # exact: the greedy reference runs an fp32 cache
+    limits = EngineLimits(
+        (seqs + 1) * slot_bytes(CFG, "fp32") + 8 * page_bytes(CFG, "fp32"), seqs, 64, 8, 4096, kv_format="fp32"
+    )  # exact: the greedy reference runs an fp32 cache
     return Engine(model, limits, runner=ModelRunner(model, micro_batches=micro_batches))
 
 
@@ -57,8 +58,12 @@ def test_two_micro_batches_give_the_same_tokens(model):
 
     async def run(eng):
         async def one(p):
-            return [t async for item in eng.generate({"prompt_token_ids": p, "max_tokens": 6, "ignore_eos": True})
-                    for t in item["token_ids"]]
+            return [
+                t
+                async for item in eng.generate({"prompt_token_ids": p, "max_tokens": 6, "ignore_eos": True})
+                for t in item["token_ids"]
+            ]
+
         return await asyncio.gather(*(one(p) for p in prompts))
 
     model.experts.transport.tags.clear()
@@ -70,7 +75,7 @@ def test_pack_and_arguments(model):
     class Seq:
         token_ids, num_computed, slot, pages = [1, 2, 3, 4], 1, 0, [0]
 
-    (tokens, cache), = ModelRunner.pack([(Seq(), 2)])
+    ((tokens, cache),) = ModelRunner.pack([(Seq(), 2)])
     assert tokens == [2, 3] and cache.num_tokens == 1 and cache.slot == 0
     with pytest.raises(ValueError, match="micro_batches: expected 1..2, got 3"):
         ModelRunner(model, micro_batches=3)
@@ -91,8 +96,12 @@ def test_micro_batches_from_the_manifest_reach_the_engines_runner(model):
     spec["serving"]["microBatches"] = 2
     limits = EngineLimits.from_plan(plan(spec, name="tiny").engine, 4096)
     assert limits.micro_batches == 2
-    small = replace(limits, kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 8 * page_bytes(CFG, "fp32"),
-                    max_num_seqs=4, kv_format="fp32")
+    small = replace(
+        limits,
+        kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 8 * page_bytes(CFG, "fp32"),
+        max_num_seqs=4,
+        kv_format="fp32",
+    )
     assert Engine(model, small).runner.micro_batches == 2
     spec["serving"]["microBatches"] = 3
     assert [i.path for i in validate_spec(spec)] == ["spec.serving.microBatches"]

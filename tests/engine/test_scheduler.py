@@ -12,14 +12,21 @@ P = 8  # page tokens (small so tests cross pages quickly)
 
 def make(num_pages=16, num_slots=4, max_num_seqs=4, max_batch_tokens=32, max_queue=8, snapshots=0, copies=None):
     kv = KVManager(
-        num_pages, num_slots, page_tokens=P, page_bytes=100, slot_bytes=10, num_snapshots=snapshots,
+        num_pages,
+        num_slots,
+        page_tokens=P,
+        page_bytes=100,
+        slot_bytes=10,
+        num_snapshots=snapshots,
         copy_slot=(lambda s, d: copies.append((s, d))) if copies is not None else None,
     )
     return Scheduler(kv, max_num_seqs, max_batch_tokens, max_queue, max_context_tokens=10_000)
 
 
 def seq(n_prompt, max_tokens=4, rid=None, base=0):
-    return Sequence(rid or f"r{n_prompt}-{base}", [base + i for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens))
+    return Sequence(
+        rid or f"r{n_prompt}-{base}", [base + i for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens)
+    )
 
 
 def step(s: Scheduler, token=5):

@@ -35,20 +35,49 @@ SLOTS = {"experts-gpu-a-0": list(range(0, 12)), "experts-gpu-a-1": list(range(8,
 
 
 def make_plan(weights: str) -> Plan:
-    pool = PoolPlan("gpu-a", "nvidia", "nvidia.com/gpu", "GPU", devices_per_node=8, device_memory_gib=141.0,
-                    nodes=1, devices=3, roles=["attention", "experts"])
+    pool = PoolPlan(
+        "gpu-a",
+        "nvidia",
+        "nvidia.com/gpu",
+        "GPU",
+        devices_per_node=8,
+        device_memory_gib=141.0,
+        nodes=1,
+        devices=3,
+        roles=["attention", "experts"],
+    )
     engine = EnginePlan(
-        pool="gpu-a", devices_per_replica=1, replicas=1, min_replicas=1, max_replicas=1,
-        kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"), capacity_tokens=0,
-        page_tokens=page_tokens(CFG), max_num_seqs=4, max_batch_tokens=64, max_queue=4, target_kv_utilization=0.7,
-        upscale_delay_s=0, downscale_delay_s=5, kv_format="fp32",
+        pool="gpu-a",
+        devices_per_replica=1,
+        replicas=1,
+        min_replicas=1,
+        max_replicas=1,
+        kv_budget_bytes=5 * slot_bytes(CFG, "fp32") + 4 * page_bytes(CFG, "fp32"),
+        capacity_tokens=0,
+        page_tokens=page_tokens(CFG),
+        max_num_seqs=4,
+        max_batch_tokens=64,
+        max_queue=4,
+        target_kv_utilization=0.7,
+        upscale_delay_s=0,
+        downscale_delay_s=5,
+        kv_format="fp32",
     )
     shards = [ShardPlan(n, "gpu-a", i, [s] * LAYERS, weight_bytes=0) for i, (n, s) in enumerate(SLOTS.items())]
     return Plan(
-        name="tiny", served_name="v4-tiny-fast", model="v4-tiny-fast", config=CFG.to_dict(), weights_uri=weights,
-        max_context_tokens=512, pools=[pool], engine=engine, shards=shards,
-        experts=ExpertCounts(logical=E, physical=20, redundant=4), balance=Balance(1.0),
-        kv=KVPlan(0.0, 0), serving=ServingPlan(),
+        name="tiny",
+        served_name="v4-tiny-fast",
+        model="v4-tiny-fast",
+        config=CFG.to_dict(),
+        weights_uri=weights,
+        max_context_tokens=512,
+        pools=[pool],
+        engine=engine,
+        shards=shards,
+        experts=ExpertCounts(logical=E, physical=20, redundant=4),
+        balance=Balance(1.0),
+        kv=KVPlan(0.0, 0),
+        serving=ServingPlan(),
     )
 
 
@@ -67,7 +96,6 @@ def app(serve_instance, tmp_path_factory):
     for name in [APP, *SLOTS]:
         if name in serve.status().applications:
             serve.delete(name)
-
 
 
 def stream(engine, prompt, n):
@@ -108,8 +136,14 @@ def test_engine_streams_the_in_process_greedy_output(app):
 
 def test_engine_metrics_reach_the_prometheus_endpoint(app):
     port = ray.nodes()[0]["MetricsExportPort"]
-    names = ("ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_generation_tokens_total",
-             "ray_vllm_time_to_first_token_seconds_bucket", "ray_v4d_kv_pages_in_use", "ray_v4d_expert_tokens_total")
+    names = (
+        "ray_vllm_kv_cache_usage_perc",
+        "ray_vllm_num_requests_running",
+        "ray_vllm_generation_tokens_total",
+        "ray_vllm_time_to_first_token_seconds_bucket",
+        "ray_v4d_kv_pages_in_use",
+        "ray_v4d_expert_tokens_total",
+    )
     body = ""
     for _ in range(60):  # metric kinds reach the export in different cycles: wait for all of them
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

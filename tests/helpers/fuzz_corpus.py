@@ -22,12 +22,36 @@ BASES: dict[str, dict[str, Any]] = {
 ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
 # fields each endpoint reads (beyond the base), to break one at a time
 EXTRA_FIELDS = {
-    "/v1/chat/completions": ["seed", "stop", "top_p", "n", "stream", "stream_options", "tools", "tool_choice",
-                             "thinking", "reasoning_effort", "logprobs", "response_format", "max_completion_tokens",
-                             "presence_penalty", "ignore_eos"],
+    "/v1/chat/completions": [
+        "seed",
+        "stop",
+        "top_p",
+        "n",
+        "stream",
+        "stream_options",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "reasoning_effort",
+        "logprobs",
+        "response_format",
+        "max_completion_tokens",
+        "presence_penalty",
+        "ignore_eos",
+    ],
     "/v1/completions": ["seed", "stop", "top_p", "n", "stream", "echo", "logprobs", "suffix", "best_of", "ignore_eos"],
-    "/v1/messages": ["seed", "stop_sequences", "top_p", "top_k", "stream", "system", "tools", "tool_choice",
-                     "thinking", "metadata"],
+    "/v1/messages": [
+        "seed",
+        "stop_sequences",
+        "top_p",
+        "top_k",
+        "stream",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "metadata",
+    ],
     "/v1/messages/count_tokens": ["system", "tools", "tool_choice", "thinking"],
 }
 DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError bait
@@ -38,8 +62,26 @@ def hostile_values(rng: random.Random) -> list[Any]:
     """The values the issue found breaking things, then a random sample of other hostile ones."""
     always = [2**64, -(2**64), "\ud800", "x" * rng.randint(50_000, 120_000)]
     others = [
-        None, True, -1, 0, 1.5, "", "5", [], {}, [[[]]], [None], {"a": {}}, 10**30, -1e308, ["\udfff"],
-        [{"type": "text"}], [{"type": "image"}], {"type": "enabled", "budget_tokens": -1}, ["s"] * 1000, ["x" * 300],
+        None,
+        True,
+        -1,
+        0,
+        1.5,
+        "",
+        "5",
+        [],
+        {},
+        [[[]]],
+        [None],
+        {"a": {}},
+        10**30,
+        -1e308,
+        ["\udfff"],
+        [{"type": "text"}],
+        [{"type": "image"}],
+        {"type": "enabled", "budget_tokens": -1},
+        ["s"] * 1000,
+        ["x" * 300],
     ]
     return always + rng.sample(others, 6)
 
@@ -54,9 +96,20 @@ def corpus(seed: int = 15) -> list[tuple[str, str, bytes, str | None]]:
     cases: list[tuple[str, str, bytes, str | None]] = []
     for path, base in BASES.items():
         raw_bodies = [
-            b"", b"null", b"[]", b"123", b'"text"', b"{", b'{"model": ', b"\xff\xfe\xfd", b'{"a": NaN}',
-            b'{"a": Infinity}', b'{"a": 1e400}', b'{"a": 1' + b"0" * 5000 + b"}",
-            ('{"metadata": ' + DEEP + "}").encode(), ('{"metadata": ' + NEAR_DEEP + "}").encode(),
+            b"",
+            b"null",
+            b"[]",
+            b"123",
+            b'"text"',
+            b"{",
+            b'{"model": ',
+            b"\xff\xfe\xfd",
+            b'{"a": NaN}',
+            b'{"a": Infinity}',
+            b'{"a": 1e400}',
+            b'{"a": 1' + b"0" * 5000 + b"}",
+            ('{"metadata": ' + DEEP + "}").encode(),
+            ('{"metadata": ' + NEAR_DEEP + "}").encode(),
             _dump({**base, "\udc00": 1}),
         ]
         cases += [("POST", path, b, None) for b in raw_bodies]

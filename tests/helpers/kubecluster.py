@@ -24,8 +24,10 @@ from v4d.operator.kube import request
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "operator" / "data"
 RUN_DIR = ROOT / ".cache" / "kube"
-CRD_FILES = [ROOT / "manifests" / "crd" / "serving.v4d.dev_v4deployments.yaml",
-             ROOT / "manifests" / "kopf" / "kopf-peering-crds.yaml"]
+CRD_FILES = [
+    ROOT / "manifests" / "crd" / "serving.v4d.dev_v4deployments.yaml",
+    ROOT / "manifests" / "kopf" / "kopf-peering-crds.yaml",
+]
 
 
 def kuberay_crd() -> dict[str, Any]:
@@ -71,8 +73,9 @@ class Cluster:
         prefix = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
         plural = {"CustomResourceDefinition": "customresourcedefinitions", "Namespace": "namespaces"}[obj["kind"]]
         url = f"{prefix}/{plural}/{obj['metadata']['name']}"
-        return request(self.api, "PATCH", url, obj, "application/apply-patch+yaml",
-                       [("fieldManager", manager), ("force", "true")])
+        return request(
+            self.api, "PATCH", url, obj, "application/apply-patch+yaml", [("fieldManager", manager), ("force", "true")]
+        )
 
     def namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
@@ -82,18 +85,27 @@ class Cluster:
     def forbid_services(self, ns: str) -> None:
         """A ResourceQuota allowing no Services in `ns`, returned once it is enforced: quota admission
         ignores a quota until kube-controller-manager has filled in its `status.hard`."""
-        self.core().create_namespaced_resource_quota(ns, {"metadata": {"name": "no-services"},
-                                                          "spec": {"hard": {"services": "0"}}})
-        wait_for(lambda: (self.core().read_namespaced_resource_quota("no-services", ns).status.hard or {})
-                 .get("services") == "0", what=f"the quota in {ns} to be enforced")
+        self.core().create_namespaced_resource_quota(
+            ns, {"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}
+        )
+        wait_for(
+            lambda: (
+                (self.core().read_namespaced_resource_quota("no-services", ns).status.hard or {}).get("services") == "0"
+            ),
+            what=f"the quota in {ns} to be enforced",
+        )
 
     def start_operator(self, log: Path, *args: str) -> subprocess.Popen:
         """`v4d operator ARGS` as a process, with the operator's own identity (its writes are audited
         apart from the tests'), logging to `log`. Stop it with `stop_process`."""
         env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)}
         with open(log, "a") as out:
-            return subprocess.Popen([str(Path(sys.executable).parent / "v4d"), "operator", *args], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [str(Path(sys.executable).parent / "v4d"), "operator", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def writes(self, user: str = "v4d-operator") -> list[dict[str, Any]]:
         """Write requests by `user` so far (create/update/patch/delete), from the audit log."""
@@ -106,8 +118,13 @@ class Cluster:
 
 
 def start() -> None:
-    proc = subprocess.run([str(ROOT / "scripts" / "kube.sh"), "start"], capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "V4D_KUBE_DIR": str(RUN_DIR)})
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "kube.sh"), "start"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "V4D_KUBE_DIR": str(RUN_DIR)},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/kube.sh start failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
@@ -130,8 +147,9 @@ def wait_for(check, timeout: float = 30.0, interval: float = 0.2, what: str = "c
 
 
 def stop() -> None:
-    subprocess.run([str(ROOT / "scripts" / "kube.sh"), "stop"], env={**os.environ, "V4D_KUBE_DIR": str(RUN_DIR)},
-                   timeout=60)
+    subprocess.run(
+        [str(ROOT / "scripts" / "kube.sh"), "stop"], env={**os.environ, "V4D_KUBE_DIR": str(RUN_DIR)}, timeout=60
+    )
 
 
 def connect_and_install() -> Cluster:
@@ -144,17 +162,24 @@ def connect_and_install() -> Cluster:
     c.apply(kuberay_crd())
     for name in ("v4deployments.serving.v4d.dev", "rayservices.ray.io", "clusterkopfpeerings.kopf.dev"):
         wait_established(api, name)
-    wait_for(lambda: client.CoreV1Api(api).read_namespaced_service_account("default", "default"),
-             timeout=60, what="the controller-manager (default ServiceAccount)")
+    wait_for(
+        lambda: client.CoreV1Api(api).read_namespaced_service_account("default", "default"),
+        timeout=60,
+        what="the controller-manager (default ServiceAccount)",
+    )
     return c
 
 
 def wait_established(api: client.ApiClient, crd: str) -> None:
     """Until the apiserver serves the API of CRD `crd` (its Established condition)."""
     ext = client.ApiextensionsV1Api(api)
-    wait_for(lambda: any(c.type == "Established" and c.status == "True"
-                         for c in ext.read_custom_resource_definition(crd).status.conditions or []),
-             what=f"CRD {crd} established")
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(crd).status.conditions or []
+        ),
+        what=f"CRD {crd} established",
+    )
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -18,12 +18,26 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 TINY: dict[str, Any] = {
     "model": {"preset": "v4-tiny", "weights": {"uri": "pvc://tiny-weights/ckpt"}, "maxContextTokens": 4096},
     "pools": [
-        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 0.008, "maxNodes": 2,
-         "roles": ["attention", "experts"], "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
-         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-        {"name": "npu", "vendor": "ascend", "resourceName": "huawei.com/Ascend910", "devicesPerNode": 2,
-         "deviceMemoryGiB": 0.001, "maxNodes": 1, "roles": ["experts"],
-         "nodeSelector": {"accelerator": "huawei-Ascend910"}},
+        {
+            "name": "gpu",
+            "vendor": "nvidia",
+            "devicesPerNode": 4,
+            "deviceMemoryGiB": 0.008,
+            "maxNodes": 2,
+            "roles": ["attention", "experts"],
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        {
+            "name": "npu",
+            "vendor": "ascend",
+            "resourceName": "huawei.com/Ascend910",
+            "devicesPerNode": 2,
+            "deviceMemoryGiB": 0.001,
+            "maxNodes": 1,
+            "roles": ["experts"],
+            "nodeSelector": {"accelerator": "huawei-Ascend910"},
+        },
     ],
     "parallelism": {"redundantExperts": 2},
     "replicas": 1,
@@ -40,8 +54,12 @@ def tiny_spec(**changes: Any) -> dict[str, Any]:
 
 
 def manifest(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
-            "spec": spec if spec is not None else tiny_spec()}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name},
+        "spec": spec if spec is not None else tiny_spec(),
+    }
 
 
 def sample(name: str) -> dict[str, Any]:

@@ -18,8 +18,9 @@ def test_rms_norm(kops, dtype, gen, tol, shape, gain):
         torch.testing.assert_close(got, ref.rms_norm(x, w, 1e-6, out), **tol(out))
 
 
-@pytest.mark.parametrize("shape,dim", [((6, 4, 48), 16), ((5, 32), 32), ((3, 2, 3, 24), 8)],
-                         ids=["heads", "all-rope", "4d"])
+@pytest.mark.parametrize(
+    "shape,dim", [((6, 4, 48), 16), ((5, 32), 32), ((3, 2, 3, 24), 8)], ids=["heads", "all-rope", "4d"]
+)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_rope(kops, dtype, gen, tol, shape, dim, inverse):
     x = torch.randn(shape, generator=gen).to(dtype)

@@ -10,30 +10,32 @@ def as_sets(idx: torch.Tensor) -> list[list[int]]:
     return [sorted(row) for row in idx.tolist()]
 
 
-@pytest.mark.parametrize("t,h,d,s", [(5, 4, 32, 30), (3, 64, 128, 70), (6, 5, 24, 9)],
-                         ids=["small", "v4-indexer-heads", "ragged"])
+@pytest.mark.parametrize(
+    "t,h,d,s", [(5, 4, 32, 30), (3, 64, 128, 70), (6, 5, 24, 9)], ids=["small", "v4-indexer-heads", "ragged"]
+)
 def test_scores_match_reference(kops, dtype, gen, t, h, d, s, tol):
     q = torch.randn(t, h, d, generator=gen).to(dtype)
     w = torch.randn(t, h, generator=gen).to(dtype)
     k = torch.randn(s, d, generator=gen).to(dtype)
     n_vis = torch.randint(0, s + 1, (t,), generator=gen)
-    n_vis[0], n_vis[-1] = 0, s                                   # nothing visible / everything
+    n_vis[0], n_vis[-1] = 0, s  # nothing visible / everything
     got = kops.indexer_scores(q, w, k, n_vis)
     want = ref.indexer_scores(q, w, k, n_vis)
     assert got.dtype == torch.float32
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert torch.isinf(got[0]).all() and torch.isfinite(got[-1]).all()
     fin = torch.isfinite(want)
-    torch.testing.assert_close(got[fin], want[fin], atol=1e-4 if dtype == torch.float32 else 2e-2,
-                               rtol=tol(dtype)["rtol"])
+    torch.testing.assert_close(
+        got[fin], want[fin], atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=tol(dtype)["rtol"]
+    )
 
 
 @pytest.mark.parametrize("k", [1, 5, 30, 37])
 def test_topk_selects_the_same_set(kops, gen, k):
     scores = torch.randn(6, 30, generator=gen) * 100
-    scores[1, 4:] = float("-inf")                                # fewer visible than k
-    scores[2] = float("-inf")                                    # nothing visible
-    scores[3, ::2] = -scores[3, ::2].abs()                       # negative scores still count
+    scores[1, 4:] = float("-inf")  # fewer visible than k
+    scores[2] = float("-inf")  # nothing visible
+    scores[3, ::2] = -scores[3, ::2].abs()  # negative scores still count
     got = kops.indexer_topk(scores, k)
     assert got.dtype == torch.int32 and got.shape == (6, k)
     assert as_sets(got) == as_sets(ref.indexer_topk(scores, k))
@@ -51,7 +53,7 @@ def test_topk_ties_take_lowest_indices_in_index_order(kops):
 
 def test_topk_many_ties_match_reference_exactly(kops, gen):
     """ReLU scores are often exactly 0: ties at the k-th score must resolve like the reference."""
-    scores = torch.relu(torch.randn(5, 2500, generator=gen)).round()         # ties across blocks
+    scores = torch.relu(torch.randn(5, 2500, generator=gen)).round()  # ties across blocks
     scores[2, 1100:] = float("-inf")
     for k in (40, 1500):
         assert as_sets(kops.indexer_topk(scores, k)) == as_sets(ref.indexer_topk(scores, k))

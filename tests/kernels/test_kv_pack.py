@@ -8,10 +8,10 @@ from v4d.kernels import kv_format
 
 @pytest.mark.parametrize("d,rope_dim", [(512, 64), (200, 40), (96, 0)], ids=["v4", "ragged-group", "no-rope"])
 def test_pack_main_bytes_equal_the_reference(kops, dtype, gen, d, rope_dim):
-    x = torch.randn(40, d, generator=gen) * torch.logspace(-8, 4, 40)[:, None]   # scales far apart
+    x = torch.randn(40, d, generator=gen) * torch.logspace(-8, 4, 40)[:, None]  # scales far apart
     x[0] = 0.0
     x[1, :] = -0.0
-    x[2, ::3] = 1e-30                                   # subnormal range after scaling
+    x[2, ::3] = 1e-30  # subnormal range after scaling
     x[3, :8] = torch.tensor([448.0, 1.0625, 1.1875, -3.25, 2.0**-7, 2.0**-10 * 3, 2.0**-9, 17.0])  # E4M3 ties
     x[4, -rope_dim:] = 1.0 + 2.0**-8 if rope_dim else 0.0  # BF16 tie (to even)
     x = x.to(dtype)
@@ -26,7 +26,7 @@ def test_pack_index_bytes_equal_the_reference(kops, dtype, gen, d):
     x = torch.randn(40, d, generator=gen) * torch.logspace(-8, 4, 40)[:, None]
     x[0] = 0.0
     x[1, :] = -0.0
-    x[2, :8] = torch.tensor([6.0, 0.25, -0.75, 1.25, 1.75, 2.5, -3.5, 5.0])   # every midpoint: ties go down
+    x[2, :8] = torch.tensor([6.0, 0.25, -0.75, 1.25, 1.75, 2.5, -3.5, 5.0])  # every midpoint: ties go down
     x = x.to(dtype)
     got = kops.pack_index(x)
     want = kv_format.pack_index(x)

@@ -16,8 +16,21 @@ from v4d.serving.config import get_preset
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.model import Transformer, init_weights
 
-OPS = ["paged_sparse_attention", "paged_indexer_scores", "indexer_topk", "gated_pool_indexed", "moe_experts",
-       "hc_split_sinkhorn", "hc_pre", "hc_post", "rms_norm", "rope", "pack_main", "pack_index", "unpack_main"]
+OPS = [
+    "paged_sparse_attention",
+    "paged_indexer_scores",
+    "indexer_topk",
+    "gated_pool_indexed",
+    "moe_experts",
+    "hc_split_sinkhorn",
+    "hc_pre",
+    "hc_post",
+    "rms_norm",
+    "rope",
+    "pack_main",
+    "pack_index",
+    "unpack_main",
+]
 
 
 @torch.inference_mode()
@@ -54,9 +67,12 @@ def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("V4D_KERNELS", "triton")
     got = run(model, ids, chunks, fmt)
 
-    unused = {"fp32": {"pack_main", "pack_index", "unpack_main"}, "deployed": set()}[fmt]  # plain stores take casts, not packing
-    assert all(v for k, v in calls.items() if k not in unused), \
+    unused = {"fp32": {"pack_main", "pack_index", "unpack_main"}, "deployed": set()}[
+        fmt
+    ]  # plain stores take casts, not packing
+    assert all(v for k, v in calls.items() if k not in unused), (
         f"ops never sent to Triton: {[k for k, v in calls.items() if not v and k not in unused]}"
+    )
     assert want.shape == (33, cfg.vocab_size) and torch.isfinite(want).all()
     # Deployed: RoPE's cos/sin differ from torch's by an ulp here and there, which can flip one FP8
     # rounding of a cached entry (a 6% step of that value): a few logits move by ~5e-4.
@@ -87,8 +103,7 @@ def deployed_copy(model: Transformer, device: torch.device) -> Transformer:
     return dep.to(device)
 
 
-def test_deployed_precision_triton_path_equals_reference_path(monkeypatch: pytest.MonkeyPatch,
-                                                              device: torch.device):
+def test_deployed_precision_triton_path_equals_reference_path(monkeypatch: pytest.MonkeyPatch, device: torch.device):
     """FP8 GEMMs and the packed-MXFP4 grouped MoE inside the whole model, bf16 activations."""
     cfg = replace(get_preset("v4-tiny-fast"), num_hidden_layers=3, compress_ratios=(0, 4, 16, 0))
     model = deployed_copy(init_weights(Transformer(cfg), seed=0).eval(), device)

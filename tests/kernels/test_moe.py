@@ -20,8 +20,8 @@ def experts(gen, e, inter, d, dtype):
 )
 def test_matches_reference(kops, dtype, gen, t, d, inter, e, k, limit, tol):
     x = torch.randn(t, d, generator=gen).to(dtype)
-    ids = torch.randint(-1, e + 2, (t, k), generator=gen)         # -1 and >= e: not local
-    ids[0] = -1                                                   # a token with no local expert
+    ids = torch.randint(-1, e + 2, (t, k), generator=gen)  # -1 and >= e: not local
+    ids[0] = -1  # a token with no local expert
     weights = torch.rand(t, k, generator=gen)
     w1, w3, w2 = experts(gen, e, inter, d, dtype)
     y = kops.moe_experts(x, ids, weights, w1, w3, w2, limit)
@@ -33,9 +33,12 @@ def test_matches_reference(kops, dtype, gen, t, d, inter, e, k, limit, tol):
 def test_one_expert_many_tiles_and_empty(kops, gen, tol):
     w1, w3, w2 = experts(gen, 2, 16, 16, torch.float32)
     x = torch.randn(40, 16, generator=gen)
-    ids = torch.zeros(40, 1, dtype=torch.int32)                   # 40 pairs on expert 0: 3 tiles
+    ids = torch.zeros(40, 1, dtype=torch.int32)  # 40 pairs on expert 0: 3 tiles
     w = torch.rand(40, 1, generator=gen)
-    torch.testing.assert_close(kops.moe_experts(x, ids, w, w1, w3, w2, 10.0),
-                               ref.moe_experts(x, ids, w, w1, w3, w2, 10.0), **tol(torch.float32))
+    torch.testing.assert_close(
+        kops.moe_experts(x, ids, w, w1, w3, w2, 10.0),
+        ref.moe_experts(x, ids, w, w1, w3, w2, 10.0),
+        **tol(torch.float32),
+    )
     none = kops.moe_experts(x, torch.full((40, 1), -1), w, w1, w3, w2, 10.0)
     assert (none == 0).all()

@@ -14,8 +14,9 @@ def _store(rows: torch.Tensor, fmt: str, rope_dim: int | None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "deployed"])
-@pytest.mark.parametrize("t,h,d,rope,n,r,s,k", [(5, 4, 64, 16, 6, 24, 40, 20), (3, 16, 512, 64, 3, 16, 64, 30)],
-                         ids=["small", "v4-dims"])
+@pytest.mark.parametrize(
+    "t,h,d,rope,n,r,s,k", [(5, 4, 64, 16, 6, 24, 40, 20), (3, 16, 512, 64, 3, 16, 64, 30)], ids=["small", "v4-dims"]
+)
 def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n, r, s, k):
     q = torch.randn(t, h, d, generator=gen)
     kv = torch.randn(n, d, generator=gen)
@@ -31,8 +32,11 @@ def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n
     assert torch.all(o[0] == 0)
     # without a page store (SWA layers) only the fresh rows and rings are addressed
     idx2 = idx.clamp(max=n + r - 1)
-    torch.testing.assert_close(kops.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope),
-                               ref.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope), **tol(torch.float32))
+    torch.testing.assert_close(
+        kops.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope),
+        ref.paged_sparse_attention(q, kv, ring, None, idx2, sink, 0.1, rope),
+        **tol(torch.float32),
+    )
 
 
 def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
@@ -40,8 +44,10 @@ def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
     q, kv, ring, store = (torch.randn(*s, generator=gen) for s in ((4, 2, 32), (3, 32), (5, 32), (7, 32)))
     idx = torch.randint(-1, 15, (4, 9), generator=gen)
     sink = torch.randn(2, generator=gen)
-    torch.testing.assert_close(ref.paged_sparse_attention(q, kv, ring, store, idx, sink, 0.2, 8),
-                               ref.sparse_attention(q, torch.cat([kv, ring, store]), idx, sink, 0.2))
+    torch.testing.assert_close(
+        ref.paged_sparse_attention(q, kv, ring, store, idx, sink, 0.2, 8),
+        ref.sparse_attention(q, torch.cat([kv, ring, store]), idx, sink, 0.2),
+    )
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -64,8 +70,9 @@ def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):
     skv, sscore = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     idx = torch.tensor([[0, 1, 7, 9], [2, 3, 4, 5]])
     allv, alls = torch.cat([kv, skv]), torch.cat([score, sscore])
-    torch.testing.assert_close(ref.gated_pool_indexed(kv, score, skv, sscore, idx, False),
-                               ref.gated_pool(allv[idx], alls[idx]))
+    torch.testing.assert_close(
+        ref.gated_pool_indexed(kv, score, skv, sscore, idx, False), ref.gated_pool(allv[idx], alls[idx])
+    )
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "deployed"])

@@ -19,8 +19,12 @@ def test_fp8_linear_matches_reference(kops, gen, dtype, m, n, k):
     y = kops.fp8_linear(x, w, s)
     assert y.dtype == dtype and y.shape == (m, n)
     # Same FP8 operands and scales on both sides: only the summation order differs.
-    torch.testing.assert_close(y.float(), ref.fp8_linear(x, w, s).float(), atol=2e-2 if dtype != torch.float32
-                               else 1e-4, rtol=1e-2 if dtype != torch.float32 else 1e-4)
+    torch.testing.assert_close(
+        y.float(),
+        ref.fp8_linear(x, w, s).float(),
+        atol=2e-2 if dtype != torch.float32 else 1e-4,
+        rtol=1e-2 if dtype != torch.float32 else 1e-4,
+    )
 
 
 @pytest.mark.parametrize("m,n,k", [(3, 200, 300), (70, 128, 256)], ids=["decode", "prefill"])
@@ -65,8 +69,9 @@ def fp4_experts(gen, e, inter, d):
     return (w1, w3, w2), (s1, s3, s2)
 
 
-@pytest.mark.parametrize("t,d,inter,e,k,limit", [(13, 64, 96, 5, 3, 1.0), (4, 32, 64, 8, 6, 0.0)],
-                         ids=["ragged-clamped", "topk6"])
+@pytest.mark.parametrize(
+    "t,d,inter,e,k,limit", [(13, 64, 96, 5, 3, 1.0), (4, 32, 64, 8, 6, 0.0)], ids=["ragged-clamped", "topk6"]
+)
 def test_fp4_moe_matches_reference(kops, gen, dtype, t, d, inter, e, k, limit, tol):
     (w1, w3, w2), scales = fp4_experts(gen, e, inter, d)
     x = torch.randn(t, d, generator=gen).to(dtype)
@@ -83,8 +88,9 @@ def test_fp4_moe_reference_equals_decoded_weights(gen):
     (w1, w3, w2), scales = fp4_experts(gen, 3, 64, 32)
     dec = [torch.stack([dequant_fp4(w[i], s[i]) for i in range(3)]) for w, s in zip((w1, w3, w2), scales, strict=True)]
     x, ids, wt = torch.randn(6, 32, generator=gen), torch.randint(0, 3, (6, 2), generator=gen), torch.rand(6, 2)
-    torch.testing.assert_close(ref.moe_experts(x, ids, wt, w1, w3, w2, 5.0, scales),
-                               ref.moe_experts(x, ids, wt, *dec, 5.0))
+    torch.testing.assert_close(
+        ref.moe_experts(x, ids, wt, w1, w3, w2, 5.0, scales), ref.moe_experts(x, ids, wt, *dec, 5.0)
+    )
 
 
 def test_bad_quantised_input_names_the_argument(gen):

@@ -25,7 +25,7 @@ def test_sparse_attention_equals_dense_mask_with_sink_column(gen):
     kv = torch.randn(n, d, generator=gen)
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(t)]).int()
     idx[1, 2:] = -1
-    idx[4] = -1                                   # an empty row
+    idx[4] = -1  # an empty row
     sink = torch.randn(h, generator=gen)
     o = ref.sparse_attention(q, kv, idx, sink, 0.3)
 
@@ -42,7 +42,7 @@ def test_sparse_attention_equals_dense_mask_with_sink_column(gen):
 
 
 def test_indexer_scores_by_hand():
-    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])          # T=1, Hi=2, Di=2
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # T=1, Hi=2, Di=2
     w = torch.tensor([[2.0, 3.0]])
     k = torch.tensor([[1.0, -1.0], [2.0, 5.0], [9.0, 9.0]])
     s = ref.indexer_scores(q, w, k, torch.tensor([2]))
@@ -78,7 +78,7 @@ def test_indexer_topk_equals_a_stable_sort():
 
 
 def test_gated_pool_by_hand_and_padding():
-    values = torch.tensor([[[1.0, 10.0], [3.0, 20.0]]])     # B=1, L=2, C=2
+    values = torch.tensor([[[1.0, 10.0], [3.0, 20.0]]])  # B=1, L=2, C=2
     gates = torch.tensor([[[0.0, float("-inf")], [math.log(3.0), 0.0]]])
     out = ref.gated_pool(values, gates)
     # channel 0: weights 1/4, 3/4 -> 2.5; channel 1: only slot 1 -> 20
@@ -90,7 +90,7 @@ def test_gated_pool_by_hand_and_padding():
 def test_moe_experts_per_token_loop(gen):
     t, d, inter, e, k, lim = 5, 6, 4, 3, 2, 1.5
     x = torch.randn(t, d, generator=gen)
-    ids = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [7, 0]])   # 7: not a local expert
+    ids = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [7, 0]])  # 7: not a local expert
     wts = torch.rand(t, k, generator=gen)
     w1, w3 = torch.randn(e, inter, d, generator=gen), torch.randn(e, inter, d, generator=gen)
     w2 = torch.randn(e, d, inter, generator=gen)
@@ -115,10 +115,10 @@ def test_sinkhorn_split_is_doubly_stochastic(gen):
     torch.testing.assert_close(pre, torch.sigmoid(mixes[:, :n] * 0.7 + base[:n]) + 1e-6)
     torch.testing.assert_close(post, 2 * torch.sigmoid(mixes[:, n : 2 * n] * 1.3 + base[n : 2 * n]))
     assert comb.shape == (t, n, n) and torch.all(comb > 0)
-    torch.testing.assert_close(comb.sum(-2), torch.ones(t, n), atol=1e-5, rtol=0)   # columns exact
-    torch.testing.assert_close(comb.sum(-1), torch.ones(t, n), atol=2e-2, rtol=0)    # rows approx
+    torch.testing.assert_close(comb.sum(-2), torch.ones(t, n), atol=1e-5, rtol=0)  # columns exact
+    torch.testing.assert_close(comb.sum(-1), torch.ones(t, n), atol=2e-2, rtol=0)  # rows approx
     _, _, c200 = ref.hc_split_sinkhorn(mixes, scale, base, n, 200, 1e-6)
-    torch.testing.assert_close(c200.sum(-1), torch.ones(t, n), atol=1e-3, rtol=0)   # ... converging
+    torch.testing.assert_close(c200.sum(-1), torch.ones(t, n), atol=1e-3, rtol=0)  # ... converging
     # One round only: row softmax (+eps) then one column normalisation.
     _, _, c1 = ref.hc_split_sinkhorn(mixes, scale, base, n, 1, 0.0)
     sm = torch.softmax((mixes[:, 2 * n :] * 2.0 + base[2 * n :]).view(t, n, n), -1)
@@ -160,13 +160,21 @@ def test_ops_rejects_bad_shapes_and_modes(monkeypatch):
     from v4d.kernels import ops
 
     with pytest.raises(ValueError, match=r"sparse_attention: expected kv of shape \[N,4\], got \[3, 5\]"):
-        ops.sparse_attention(torch.zeros(2, 2, 4), torch.zeros(3, 5), torch.zeros(2, 1, dtype=torch.int32),
-                             torch.zeros(2), 1.0)
+        ops.sparse_attention(
+            torch.zeros(2, 2, 4), torch.zeros(3, 5), torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2), 1.0
+        )
     with pytest.raises(ValueError, match=r"hc_pre: expected pre of shape \[2, 4\]"):
         ops.hc_pre(torch.zeros(2, 4, 8), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"moe_experts: expected w2 of shape \[3, 6, 4\]"):
-        ops.moe_experts(torch.zeros(1, 6), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2),
-                        torch.zeros(3, 4, 6), torch.zeros(3, 4, 6), torch.zeros(3, 4, 6), 1.0)
+        ops.moe_experts(
+            torch.zeros(1, 6),
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.zeros(1, 2),
+            torch.zeros(3, 4, 6),
+            torch.zeros(3, 4, 6),
+            torch.zeros(3, 4, 6),
+            1.0,
+        )
     monkeypatch.setenv("V4D_KERNELS", "cuda")
     with pytest.raises(ValueError, match="V4D_KERNELS='cuda': expected one of auto, reference, triton"):
         ops.gated_pool(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))

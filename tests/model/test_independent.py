@@ -52,10 +52,26 @@ LIMIT = 10.0
 STEPS = 8
 # 5 layers: SWA, CSA, HCA, CSA, HCA; the first two hash-routed; indexer top-k 4 of the visible blocks.
 BASE = replace(
-    TINY, vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, head_dim=32,
-    qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
-    index_topk=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2,
-    swiglu_limit=LIMIT, num_nextn_predict_layers=0, max_position_embeddings=1024,  # = YaRN factor x original
+    TINY,
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    head_dim=32,
+    qk_rope_head_dim=8,
+    q_lora_rank=32,
+    o_groups=2,
+    o_lora_rank=16,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    num_hash_layers=2,
+    swiglu_limit=LIMIT,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=1024,  # = YaRN factor x original
     rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=64),
 )
 CASES = {
@@ -70,23 +86,45 @@ KINDS = {0: "sliding_attention", 4: "compressed_sparse_attention"}
 def hf_model(c) -> torch.nn.Module:
     hca = max(c.compress_ratios)
     config = transformers.DeepseekV4Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, moe_intermediate_size=c.moe_intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=1, head_dim=c.head_dim, q_lora_rank=c.q_lora_rank,
-        partial_rotary_factor=c.qk_rope_head_dim / c.head_dim, num_experts_per_tok=c.num_experts_per_tok,
-        n_routed_experts=c.n_routed_experts, n_shared_experts=1, routed_scaling_factor=c.routed_scaling_factor,
-        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        moe_intermediate_size=c.moe_intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=1,
+        head_dim=c.head_dim,
+        q_lora_rank=c.q_lora_rank,
+        partial_rotary_factor=c.qk_rope_head_dim / c.head_dim,
+        num_experts_per_tok=c.num_experts_per_tok,
+        n_routed_experts=c.n_routed_experts,
+        n_shared_experts=1,
+        routed_scaling_factor=c.routed_scaling_factor,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta,
         compress_rope_theta=c.compress_rope_theta,
-        rope_parameters={"rope_type": "yarn", "factor": c.rope_scaling.factor,
-                         "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
-                         "beta_fast": c.rope_scaling.beta_fast, "beta_slow": c.rope_scaling.beta_slow},
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": c.rope_scaling.factor,
+            "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
+            "beta_fast": c.rope_scaling.beta_fast,
+            "beta_slow": c.rope_scaling.beta_slow,
+        },
         layer_types=[KINDS.get(r, "heavily_compressed_attention") for r in c.compress_ratios],
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca},
         mlp_layer_types=["hash_moe" if c.is_hash_layer(i) else "moe" for i in range(c.num_hidden_layers)],
-        hc_mult=c.hc_mult, hc_sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps, swiglu_limit=c.swiglu_limit,
-        sliding_window=c.sliding_window, o_groups=c.o_groups, o_lora_rank=c.o_lora_rank,
-        index_n_heads=c.index_n_heads, index_head_dim=c.index_head_dim, index_topk=c.index_topk,
-        num_nextn_predict_layers=0, rms_norm_eps=c.rms_norm_eps, bos_token_id=c.bos_token_id,
+        hc_mult=c.hc_mult,
+        hc_sinkhorn_iters=c.hc_sinkhorn_iters,
+        hc_eps=c.hc_eps,
+        swiglu_limit=c.swiglu_limit,
+        sliding_window=c.sliding_window,
+        o_groups=c.o_groups,
+        o_lora_rank=c.o_lora_rank,
+        index_n_heads=c.index_n_heads,
+        index_head_dim=c.index_head_dim,
+        index_topk=c.index_topk,
+        num_nextn_predict_layers=0,
+        rms_norm_eps=c.rms_norm_eps,
+        bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
     )
     model = transformers.DeepseekV4ForCausalLM(config).float().eval()
@@ -108,8 +146,9 @@ def hf_model(c) -> torch.nn.Module:
                 p.copy_(0.1 + 0.1 * torch.rand(p.shape, generator=g))
             elif leaf == "e_score_correction_bias":
                 p.copy_(randn(p.shape, 0.1))
-            elif leaf in ("gate_up_proj",) or name.endswith(("shared_experts.gate_proj.weight",
-                                                              "shared_experts.up_proj.weight")):
+            elif leaf in ("gate_up_proj",) or name.endswith(
+                ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight")
+            ):
                 p.copy_(randn(p.shape, 4 * p.shape[-1] ** -0.5))  # pre-activations reach past the limit
             else:
                 p.copy_(randn(p.shape, p.shape[-1] ** -0.5))
@@ -162,23 +201,34 @@ def case(request, tmp_path_factory):
 def test_prefill_and_greedy_decode_equal_transformers(case, monkeypatch):
     hf, ours, prompt = case
     seen = []  # largest |pre-activation| of each shared expert, from the reference run
-    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(float(o.abs().max())))
-             for n, m in hf.named_modules() if n.endswith(("shared_experts.gate_proj", "shared_experts.up_proj"))]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: seen.append(float(o.abs().max())))
+        for n, m in hf.named_modules()
+        if n.endswith(("shared_experts.gate_proj", "shared_experts.up_proj"))
+    ]
     ids = torch.tensor([prompt])
     with torch.no_grad(), monkeypatch.context() as m:
         m.setattr(torch.Tensor, "topk", stable_topk)
         ref = hf(ids, use_cache=False).logits[0]
         for h in hooks:
             h.remove()
-        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+        gen = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert max(seen) > LIMIT  # the shared experts run into the clamp
 
     with torch.no_grad():
         logits = ours.prefill_logits(prompt)
         out = generate(ours, prompt, STEPS)
     assert rel(logits, ref) < 1e-5, f"prefill logits differ by {rel(logits, ref):.2e} relative"
-    assert out.token_ids == gen.sequences[0, len(prompt):].tolist()
+    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
     steps = torch.stack(gen.logits)[:, 0]
     decoded = torch.stack(out.logits)
     assert rel(decoded, steps) < 1e-5, f"decode logits differ by {rel(decoded, steps):.2e} relative"

@@ -23,7 +23,9 @@ def test_allocated_tensors_are_exactly_the_accounted_bytes(dtype, fmt):
     assert kv.layer(2).main.shape[1:] == (32, cfg.head_dim) and kv.layer(2).index.shape[1:] == (32, 32)
     assert kv.layer(3).main.shape[1:] == (1, cfg.head_dim) and kv.layer(0).main is None
     mtp = KVCache(cfg, 3, 2, dtype=dtype, with_mtp=True)
-    assert mtp.slot_nbytes == slot_bytes(cfg, fmt, with_mtp=True) == kv.slot_nbytes + 128 * cfg.head_dim * dtype.itemsize
+    assert (
+        mtp.slot_nbytes == slot_bytes(cfg, fmt, with_mtp=True) == kv.slot_nbytes + 128 * cfg.head_dim * dtype.itemsize
+    )
 
 
 def test_a_sequence_writes_only_its_own_pages_and_slot(tiny, tokens):

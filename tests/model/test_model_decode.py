@@ -19,13 +19,19 @@ def test_mixed_steps_of_prefill_chunks_and_decodes_equal_each_sequence_alone(tin
     """Three sequences advance together for 12 steps, each step mixing prefill chunks of several
     sizes with single-token decodes; every logit equals the sequence's one-pass prefill (fp32)."""
     cfg = tiny_fast.cfg
-    plans = [[20, 13, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1], [1] * 4 + [30, 17] + [1] * 6, [40, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1, 1]]
+    plans = [
+        [20, 13, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1],
+        [1] * 4 + [30, 17] + [1] * 6,
+        [40, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1, 1],
+    ]
     seqs_ids = [tokens[i * 100 : i * 100 + sum(p)] for i, p in enumerate(plans)]
     kv = KVCache(cfg, 8, 5)
     seqs = [SeqCache(slot=4 - i, page_ids=[7 - i, 2 + i]) for i in range(3)]
     got: list[list[torch.Tensor]] = [[], [], []]
     for step in range(12):
-        batch = [(ids[s.num_tokens : s.num_tokens + p[step]], s) for ids, s, p in zip(seqs_ids, seqs, plans, strict=True)]
+        batch = [
+            (ids[s.num_tokens : s.num_tokens + p[step]], s) for ids, s, p in zip(seqs_ids, seqs, plans, strict=True)
+        ]
         for i, out in enumerate(tiny_fast(batch, kv, all_logits=True)):
             got[i].append(out)
     for ids, parts in zip(seqs_ids, got, strict=True):

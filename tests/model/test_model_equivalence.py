@@ -55,8 +55,9 @@ def test_batched_sequences_equal_each_alone(tiny_fast, tokens):
     for seq, ids, (a, _) in zip(seqs, seqs_ids, lens, strict=True):
         if a:
             tiny_fast([(ids[:a], seq)], kv)
-    batched = tiny_fast([(ids[a:], seq) for seq, ids, (a, _) in zip(seqs, seqs_ids, lens, strict=True)],
-                        kv, all_logits=True)
+    batched = tiny_fast(
+        [(ids[a:], seq) for seq, ids, (a, _) in zip(seqs, seqs_ids, lens, strict=True)], kv, all_logits=True
+    )
     for ids, got in zip(seqs_ids, batched, strict=True):
         alone = tiny_fast.prefill_logits(ids)
         torch.testing.assert_close(got, alone[-got.shape[0] :], **TOL)

@@ -76,8 +76,12 @@ def test_chunked_equals_one_pass_within_the_deployed_format_and_deviation_from_f
     # entry is rounded once, when it is written, whichever chunk writes it
     kv = KVCache(cfg, pages + 2, 3, fmt="deployed")
     seq = SeqCache(slot=2, page_ids=list(range(pages + 1, 1, -1)))
-    chunked = torch.cat([tiny_fast([(ids[lo:hi], seq)], kv, all_logits=True)[0]
-                         for lo, hi in ((0, 37), (37, 38), (38, 90), *((i, i + 1) for i in range(90, 120)))])
+    chunked = torch.cat(
+        [
+            tiny_fast([(ids[lo:hi], seq)], kv, all_logits=True)[0]
+            for lo, hi in ((0, 37), (37, 38), (38, 90), *((i, i + 1) for i in range(90, 120)))
+        ]
+    )
     torch.testing.assert_close(chunked, deployed, **TOL)
     assert torch.equal(run_chunks(tiny_fast, ids, [120], 120), fp32)
     # against fp32 storage (random weights: greedy choices are near ties, so this is loose; the
@@ -98,8 +102,9 @@ def test_one_layer_in_the_deployed_format_stays_within_5pct_of_fp32(layer):
     out = {}
     for fmt in ("deployed", "fp32"):
         kv = KVCache(cfg, pages, 1, fmt=fmt)
-        out[fmt] = model.layers[layer].attn(x, Step.build(cfg, [(0, 120, 0, list(range(pages)))], 1, "cpu"),
-                                            kv.layer(layer))
+        out[fmt] = model.layers[layer].attn(
+            x, Step.build(cfg, [(0, 120, 0, list(range(pages)))], 1, "cpu"), kv.layer(layer)
+        )
     rel = (out["deployed"] - out["fp32"]).norm() / out["fp32"].norm()
     assert 0 < rel < 0.05, f"layer {layer}: {rel:.4f}"
 

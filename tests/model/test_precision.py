@@ -53,15 +53,15 @@ def test_deployed_agrees_with_fp32_over_64_greedy_steps(ckpt):
     tokens = greedy(ref, prompt, STEPS)
     # Teacher-forced on fp32's greedy continuation: every step is compared on the same prefix.
     seq = prompt + tokens[:-1]
-    p = ref.prefill_logits(seq)[len(prompt) - 1:].float().log_softmax(-1)
-    q = dep.prefill_logits(seq)[len(prompt) - 1:].float().log_softmax(-1)
+    p = ref.prefill_logits(seq)[len(prompt) - 1 :].float().log_softmax(-1)
+    q = dep.prefill_logits(seq)[len(prompt) - 1 :].float().log_softmax(-1)
     assert p.shape == (STEPS, ref.cfg.vocab_size)
     agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1)
     assert agree >= MIN_AGREEMENT, f"top-1 agreement {agree:.3f}"
     assert kl.mean() <= MAX_MEAN_KL and kl.max() <= MAX_KL, f"KL mean {kl.mean():.4f} max {kl.max():.4f}"
     bf = load_model(ckpt, precision="bf16", progress=False)
-    r = bf.prefill_logits(seq)[len(prompt) - 1:].float().log_softmax(-1)
+    r = bf.prefill_logits(seq)[len(prompt) - 1 :].float().log_softmax(-1)
     assert (p.argmax(-1) == r.argmax(-1)).float().mean() >= BF16_MIN_AGREEMENT
     assert (p.exp() * (p - r)).sum(-1).mean() <= BF16_MAX_MEAN_KL
 
@@ -97,8 +97,9 @@ def test_shard_experts_match_the_model_in_every_precision(ckpt):
     torch.testing.assert_close(shard.compute(1, x, local, w), model.experts(1, x, glob, w))
     fp32 = ShardExperts.from_checkpoint(cfg, slots, str(ckpt), "fp32")
     assert fp32.weights[1][0].dtype == torch.float32
-    torch.testing.assert_close(fp32.compute(1, x.float(), local, w), model.experts(1, x, glob, w).float(),
-                               atol=0.05, rtol=0.05)
+    torch.testing.assert_close(
+        fp32.compute(1, x.float(), local, w), model.experts(1, x, glob, w).float(), atol=0.05, rtol=0.05
+    )
 
 
 def test_generate_cli_takes_a_precision(ckpt):
@@ -109,8 +110,9 @@ def test_generate_cli_takes_a_precision(ckpt):
     from v4d.operator.cli import main
 
     def run(*extra):
-        res = CliRunner().invoke(main, ["generate", str(ckpt), "--token-ids", "1,2,3", "--max-new-tokens", "3",
-                                        "--json", *extra])
+        res = CliRunner().invoke(
+            main, ["generate", str(ckpt), "--token-ids", "1,2,3", "--max-new-tokens", "3", "--json", *extra]
+        )
         return res
 
     fp32, dep = run("--precision", "fp32"), run("--precision", "deployed", "--device", "cpu")
@@ -141,8 +143,12 @@ def test_memory_bench_rows_within_five_percent(tmp_path):
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[2] / "bench" / "memory.py"
-    proc = subprocess.run([sys.executable, str(bench), "--json", "--models", "v4-tiny", "--out",
-                           str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--json", "--models", "v4-tiny", "--out", str(tmp_path / "m.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert {(r["model"], r["role"]) for r in rows} == {("v4-tiny", "replica"), ("v4-tiny", "shard")}

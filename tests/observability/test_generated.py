@@ -55,8 +55,12 @@ def test_dashboards_round_trip_and_have_the_template_variables():
 
 def test_panels_read_only_recording_rules():
     dashboards.check_rules_exist()
-    bad = dashboards.DashboardSpec(uid="x", title="x", description="x", rows=(("r", (
-        dashboards.PanelSpec("p", "d", (("v4d:nothing:here", "l"),)),)),))
+    bad = dashboards.DashboardSpec(
+        uid="x",
+        title="x",
+        description="x",
+        rows=(("r", (dashboards.PanelSpec("p", "d", (("v4d:nothing:here", "l"),)),)),),
+    )
     saved = dashboards.DASHBOARDS
     try:
         dashboards.DASHBOARDS = (bad,)
@@ -75,8 +79,13 @@ def _helm() -> str:
 
 def test_chart_renders_rules_and_dashboards_only_when_enabled(tmp_path):
     chart = ROOT / "charts" / "v4d"
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c"),
-           "XDG_CONFIG_HOME": str(tmp_path / "f"), "XDG_DATA_HOME": str(tmp_path / "d")}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path / "c"),
+        "XDG_CONFIG_HOME": str(tmp_path / "f"),
+        "XDG_DATA_HOME": str(tmp_path / "d"),
+    }
 
     def render(*sets: str) -> list[dict]:
         args = [_helm(), "template", "r", str(chart), "--namespace", "mon"] + [a for s in sets for a in ("--set", s)]
@@ -85,11 +94,19 @@ def test_chart_renders_rules_and_dashboards_only_when_enabled(tmp_path):
         return [d for d in yaml.safe_load_all(out.stdout) if d]
 
     def ours(docs: list[dict]) -> list[dict]:
-        return [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "observability"]
+        return [
+            d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "observability"
+        ]
 
     assert ours(render("prometheusRule.enabled=false", "grafana.dashboards.enabled=false")) == []
-    docs = ours(render("prometheusRule.enabled=true", "grafana.dashboards.enabled=true",
-                       "prometheusRule.labels.release=kps", "grafana.dashboards.namespace=grafana"))
+    docs = ours(
+        render(
+            "prometheusRule.enabled=true",
+            "grafana.dashboards.enabled=true",
+            "prometheusRule.labels.release=kps",
+            "grafana.dashboards.namespace=grafana",
+        )
+    )
     (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     assert rule["spec"] == rules.rule_groups()
     assert rule["metadata"]["labels"]["release"] == "kps" and rule["metadata"]["namespace"] == "mon"
@@ -98,6 +115,11 @@ def test_chart_renders_rules_and_dashboards_only_when_enabled(tmp_path):
     cms = [d for d in docs if d["kind"] == "ConfigMap"]
     assert all(d["metadata"]["labels"]["grafana_dashboard"] == "1" for d in cms)
     assert {d["metadata"]["namespace"] for d in cms} == {"grafana"}
-    custom = ours(render("grafana.dashboards.enabled=true", "grafana.dashboards.sidecarLabel=team_dash",
-                         "grafana.dashboards.sidecarLabelValue=v4d"))
+    custom = ours(
+        render(
+            "grafana.dashboards.enabled=true",
+            "grafana.dashboards.sidecarLabel=team_dash",
+            "grafana.dashboards.sidecarLabelValue=v4d",
+        )
+    )
     assert {d["metadata"]["labels"]["team_dash"] for d in custom} == {"v4d"}

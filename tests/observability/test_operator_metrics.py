@@ -44,8 +44,7 @@ def test_operator_metrics_are_served_with_catalogue_names():
     assert results == {"success": 1, "error": 1, "retry": 1}
     assert s["v4d_operator_reconcile_errors_total"] == [({"reason": "Boom"}, 1)]
     assert s["v4d_operator_reconcile_duration_seconds_count"] == [({}, 2)]
-    assert dict((lb["kind"], v) for lb, v in s["v4d_operator_api_writes_total"]) == {"RayService": 1,
-                                                                                       "ConfigMap": 1}
+    assert dict((lb["kind"], v) for lb, v in s["v4d_operator_api_writes_total"]) == {"RayService": 1, "ConfigMap": 1}
     assert dict((lb["phase"], v) for lb, v in s["v4d_operator_objects"]) == {"Ready": 3, "Pending": 0}
     for spec in OPERATOR_METRICS:
         series = spec.exported + ("_count" if spec.kind == "histogram" else "")

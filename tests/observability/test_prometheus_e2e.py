@@ -60,10 +60,22 @@ def serving(tmp_path_factory):
     manifest = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
     manifest["spec"]["serving"].update({"maxNumSeqs": 2, "maxQueue": 1})
     (d / "tiny.yaml").write_text(yaml.safe_dump(manifest))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-c", "from v4d.operator.cli import main; main()", "serve", str(d / "tiny.yaml"),
-           "--port", str(SERVE_PORT)]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ADDRESS": "",
+    }
+    cmd = [
+        sys.executable,
+        "-c",
+        "from v4d.operator.cli import main; main()",
+        "serve",
+        str(d / "tiny.yaml"),
+        "--port",
+        str(SERVE_PORT),
+    ]
 
     def start(attempt: int) -> tuple[subprocess.Popen, Path]:
         log = d / f"serve-{attempt}.log"
@@ -103,17 +115,24 @@ def operator_endpoint(cluster, tmp_path_factory):
     good, quota = cluster.namespace("obs"), cluster.namespace("obs-quota")
     cluster.forbid_services(quota)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = cluster.start_operator(log, "-n", good, "-n", quota, "--metrics-port", str(OPERATOR_PORT),
-                                  "--metrics-addr", "127.0.0.1")
+    proc = cluster.start_operator(
+        log, "-n", good, "-n", quota, "--metrics-port", str(OPERATOR_PORT), "--metrics-addr", "127.0.0.1"
+    )
     try:
         manifest = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
         manifest["spec"]["model"]["weights"]["uri"] = "pvc://tiny-weights/ckpt"
         for ns in (good, quota):
-            cluster.custom().create_namespaced_custom_object("serving.v4d.dev", "v1alpha1", ns, "v4deployments",
-                                                             manifest)
-        _wait("the operator's metrics endpoint",
-              lambda: proc.poll() is None and b"v4d_operator_reconciles_total" in _get(
-                  f"http://127.0.0.1:{OPERATOR_PORT}/metrics"), 60)
+            cluster.custom().create_namespaced_custom_object(
+                "serving.v4d.dev", "v1alpha1", ns, "v4deployments", manifest
+            )
+        _wait(
+            "the operator's metrics endpoint",
+            lambda: (
+                proc.poll() is None
+                and b"v4d_operator_reconciles_total" in _get(f"http://127.0.0.1:{OPERATOR_PORT}/metrics")
+            ),
+            60,
+        )
         yield good
     finally:
         stop_process(proc)
@@ -136,9 +155,16 @@ def prometheus(tmp_path_factory, serving):
     }
     (d / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     log = open(d / "prometheus.log", "w")
-    proc = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={d / 'data'}", f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROM_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait("prometheus ready", lambda: proc.poll() is None and _get(f"http://127.0.0.1:{PROM_PORT}/-/ready"), 30)
         yield f"http://127.0.0.1:{PROM_PORT}"
@@ -159,8 +185,12 @@ def traffic(serving, operator_endpoint):
     def chat(max_tokens: int) -> None:
         try:
             stream = client.chat.completions.create(
-                model="v4-tiny", messages=[{"role": "user", "content": "Count to ten."}],
-                max_tokens=max_tokens, temperature=0, stream=True)
+                model="v4-tiny",
+                messages=[{"role": "user", "content": "Count to ten."}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+            )
             for _ in stream:
                 pass
             counts["ok"] += 1
@@ -245,21 +275,35 @@ def test_contract_values_reflect_the_traffic(prometheus, traffic, operator_endpo
     eventually(f'v4d:replicas_ready:sum{{role="engine", pool="{tiny["engine_pool"]}"}}', lambda v: v >= 1)
     eventually('v4d:replicas_ready:sum{role="experts"}', lambda v: v >= 2)  # experts split over both pools
     eventually(f'v4d:kv_cache_usage:target{{deployment="{tiny["deployment"]}"}}', lambda v: v == tiny["target"])
-    eventually(f'v4d:autoscale_max_replicas:max{{deployment="{tiny["deployment"]}"}}',
-               lambda v: v == tiny["max_replicas"])
+    eventually(
+        f'v4d:autoscale_max_replicas:max{{deployment="{tiny["deployment"]}"}}', lambda v: v == tiny["max_replicas"]
+    )
     # A serving change once Prometheus has seen the operator's first writes: an in-place RayService update.
-    _wait("the operator's writes scraped",
-          lambda: _query(prometheus, 'v4d_operator_api_writes_total{kind="RayService"}'), 60)
-    cluster.custom().patch_namespaced_custom_object("serving.v4d.dev", "v1alpha1", operator_endpoint,
-                                                    "v4deployments", "tiny", {"spec": {"serving": {"maxNumSeqs": 4}}})
-    for rate in ("v4d:generation_tokens:rate2m", "v4d:prompt_tokens:rate2m", "v4d:expert_tokens:rate2m",
-                 'v4d:requests_rejected:rate2m{reason="queue_full"}',
-                 'v4d:requests_finished:rate2m{finished_reason="length"}',
-                 'v4d:request_errors:rate2m{kind="context_too_long", pool=""}',  # the ingress's own 400s
-                 'v4d:request_errors:rate2m{kind="not_found", pool=""}',  # and the router's 404s
-                 'v4d:operator_reconciles:rate5m{result="error"}',
-                 'v4d:operator_reconcile_errors:rate5m{reason="ForbiddenException"}',  # the quota's 403
-                 'v4d:operator_api_writes:rate5m{kind="RayService"}'):
+    _wait(
+        "the operator's writes scraped",
+        lambda: _query(prometheus, 'v4d_operator_api_writes_total{kind="RayService"}'),
+        60,
+    )
+    cluster.custom().patch_namespaced_custom_object(
+        "serving.v4d.dev",
+        "v1alpha1",
+        operator_endpoint,
+        "v4deployments",
+        "tiny",
+        {"spec": {"serving": {"maxNumSeqs": 4}}},
+    )
+    for rate in (
+        "v4d:generation_tokens:rate2m",
+        "v4d:prompt_tokens:rate2m",
+        "v4d:expert_tokens:rate2m",
+        'v4d:requests_rejected:rate2m{reason="queue_full"}',
+        'v4d:requests_finished:rate2m{finished_reason="length"}',
+        'v4d:request_errors:rate2m{kind="context_too_long", pool=""}',  # the ingress's own 400s
+        'v4d:request_errors:rate2m{kind="not_found", pool=""}',  # and the router's 404s
+        'v4d:operator_reconciles:rate5m{result="error"}',
+        'v4d:operator_reconcile_errors:rate5m{reason="ForbiddenException"}',  # the quota's 403
+        'v4d:operator_api_writes:rate5m{kind="RayService"}',
+    ):
         eventually(rate, lambda v: v > 0)
     eventually("max_over_time(v4d:ttft_seconds:p99[15m])", lambda v: 0 < v < 120)
     eventually('v4d:operator_objects:sum{phase="Deploying"}', lambda v: v == 1)  # applied, nothing serves yet

@@ -23,12 +23,15 @@ def test_every_contract_metric_is_in_the_catalogue():
     assert contract <= set(sm.BY_NAME), contract - set(sm.BY_NAME)
 
 
-@pytest.mark.parametrize(("name", "exported"), [
-    ("vllm:kv_cache_usage_perc", "ray_vllm_kv_cache_usage_perc"),
-    ("vllm:prompt_tokens_total", "ray_vllm_prompt_tokens_total"),
-    ("vllm:time_to_first_token_seconds", "ray_vllm_time_to_first_token_seconds"),
-    ("v4d:expert_tokens_total", "ray_v4d_expert_tokens_total"),
-])
+@pytest.mark.parametrize(
+    ("name", "exported"),
+    [
+        ("vllm:kv_cache_usage_perc", "ray_vllm_kv_cache_usage_perc"),
+        ("vllm:prompt_tokens_total", "ray_vllm_prompt_tokens_total"),
+        ("vllm:time_to_first_token_seconds", "ray_vllm_time_to_first_token_seconds"),
+        ("v4d:expert_tokens_total", "ray_v4d_expert_tokens_total"),
+    ],
+)
 def test_exported_names_are_ray_prefixed_with_colons_replaced(name, exported):
     assert sm.BY_NAME[name].exported == exported
 
@@ -65,8 +68,10 @@ def test_catalogues_and_generators_import_neither_ray_torch_nor_kopf():
     import subprocess
     import sys
 
-    code = ("import sys, v4d.serving.metrics, v4d.operator.metrics, v4d.operator.rules, v4d.operator.dashboards, "
-            "v4d.operator.observability; print(sorted({'ray', 'torch', 'kopf'} & set(sys.modules)))")
+    code = (
+        "import sys, v4d.serving.metrics, v4d.operator.metrics, v4d.operator.rules, v4d.operator.dashboards, "
+        "v4d.operator.observability; print(sorted({'ray', 'torch', 'kopf'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -74,26 +79,38 @@ def test_catalogues_and_generators_import_neither_ray_torch_nor_kopf():
 @pytest.fixture(scope="module")
 def ray_scrape():
     """Records every catalogue metric from a Ray actor and returns Ray's Prometheus text."""
-    for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                 "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for k, v in {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }.items():
         os.environ.setdefault(k, v)
     import ray
 
-    ray.init(address="local", num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=EXPORT_PORT, _system_config={"metrics_report_interval_ms": 500})
+    ray.init(
+        address="local",
+        num_cpus=1,
+        object_store_memory=100 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=EXPORT_PORT,
+        _system_config={"metrics_report_interval_ms": 500},
+    )
 
     @ray.remote(num_cpus=0)
     class Recorder:
         def record(self):
-            m = sm.ServingMetrics(model="v4-tiny", deployment="demo", role="engine", pool="gpu-a",
-                                  vendor="nvidia", replica="r0")
+            m = sm.ServingMetrics(
+                model="v4-tiny", deployment="demo", role="engine", pool="gpu-a", vendor="nvidia", replica="r0"
+            )
             m.ready()
             m.kv_cache_usage.set(0.25)
             m.prompt_tokens.inc(7)
             m.ttft.observe(0.02)
             m.kv_pages_in_use.set(3, {"kind": "csa"})
-            e = sm.ServingMetrics(model="v4-tiny", deployment="demo", role="experts", pool="npu-b",
-                                  vendor="ascend", replica="s0")
+            e = sm.ServingMetrics(
+                model="v4-tiny", deployment="demo", role="experts", pool="npu-b", vendor="ascend", replica="s0"
+            )
             e.expert_tokens.inc(5, {"shard": "experts-npu-b-0", "layer": 2})
             self.m = m
             return True
@@ -137,15 +154,25 @@ def test_ray_exports_catalogue_names_with_default_tags(ray_scrape):
     ray_scrape, _, _ = ray_scrape
     (kv,) = _samples(ray_scrape, "ray_vllm_kv_cache_usage_perc")
     assert kv["__value__"] == 0.25
-    assert {k: kv[k] for k in sm.BASE_TAGS} == {"model": "v4-tiny", "deployment": "demo", "role": "engine",
-                                                "pool": "gpu-a", "vendor": "nvidia", "replica": "r0"}
+    assert {k: kv[k] for k in sm.BASE_TAGS} == {
+        "model": "v4-tiny",
+        "deployment": "demo",
+        "role": "engine",
+        "pool": "gpu-a",
+        "vendor": "nvidia",
+        "replica": "r0",
+    }
     assert _samples(ray_scrape, "ray_vllm_prompt_tokens_total")[0]["__value__"] == 7
     assert _samples(ray_scrape, "ray_vllm_time_to_first_token_seconds_count")[0]["__value__"] == 1
     (pages,) = _samples(ray_scrape, "ray_v4d_kv_pages_in_use")
     assert pages["kind"] == "csa"
     (tokens,) = _samples(ray_scrape, "ray_v4d_expert_tokens_total")
-    assert (tokens["shard"], tokens["layer"], tokens["role"], tokens["__value__"]) == ("experts-npu-b-0", "2",
-                                                                                       "experts", 5)
+    assert (tokens["shard"], tokens["layer"], tokens["role"], tokens["__value__"]) == (
+        "experts-npu-b-0",
+        "2",
+        "experts",
+        5,
+    )
 
 
 @pytest.mark.ray

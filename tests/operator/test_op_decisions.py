@@ -26,10 +26,22 @@ def decision(t: float, frm: int, to: int, kv: list[float], waiting: list[float])
 UP = decision(1_767_000_000.0, 1, 2, kv=[0.95], waiting=[3])
 DOWN = decision(1_767_000_600.0, 2, 1, kv=[0.1, 0.2], waiting=[0, 0])
 HISTORY = [
-    {"time": "2025-12-29T09:20:00Z", "from": 1, "to": 2, "reason": "KVPressureHigh",
-     "kvCacheUtilization": 0.95, "waitingRequests": 3},
-    {"time": "2025-12-29T09:30:00Z", "from": 2, "to": 1, "reason": "KVPressureLow",
-     "kvCacheUtilization": 0.15, "waitingRequests": 0},
+    {
+        "time": "2025-12-29T09:20:00Z",
+        "from": 1,
+        "to": 2,
+        "reason": "KVPressureHigh",
+        "kvCacheUtilization": 0.95,
+        "waitingRequests": 3,
+    },
+    {
+        "time": "2025-12-29T09:30:00Z",
+        "from": 2,
+        "to": 1,
+        "reason": "KVPressureLow",
+        "kvCacheUtilization": 0.15,
+        "waitingRequests": 0,
+    },
 ]
 
 
@@ -46,8 +58,7 @@ def test_schema_round_trips_and_matches_the_crd_item():
 
 
 def test_schema_keeps_the_newest_and_ignores_what_it_cannot_read():
-    many = [decision(1_767_000_000.0 + i, 1, 2, kv=[0.9], waiting=[0])
-            for i in range(3 * STATUS_SCALING_HISTORY)]
+    many = [decision(1_767_000_000.0 + i, 1, 2, kv=[0.9], waiting=[0]) for i in range(3 * STATUS_SCALING_HISTORY)]
     content = DecisionsConfigMap.from_decisions(many)
     assert len(content.decisions) == STATUS_SCALING_HISTORY
     assert content.decisions[-1] == ScalingRecord.from_decision(many[-1])
@@ -55,8 +66,9 @@ def test_schema_keeps_the_newest_and_ignores_what_it_cannot_read():
     assert DecisionsConfigMap.from_data({DECISIONS_KEY: "not json"}) == DecisionsConfigMap()
     assert DecisionsConfigMap.from_data({DECISIONS_KEY: "{}", STATE_KEY: "[]"}) == DecisionsConfigMap()
     state = {"targetReplicas": "3", "kvCacheUtilization": 1}
-    mixed = DecisionsConfigMap.from_data({DECISIONS_KEY: json.dumps([HISTORY[0], "x", {"from": 1}]),
-                                          STATE_KEY: json.dumps(state)})
+    mixed = DecisionsConfigMap.from_data(
+        {DECISIONS_KEY: json.dumps([HISTORY[0], "x", {"from": 1}]), STATE_KEY: json.dumps(state)}
+    )
     assert [r.to_json() for r in mixed.decisions] == [HISTORY[0]]
     assert (mixed.target_replicas, mixed.kv_cache_utilization) == (None, 1.0)
 

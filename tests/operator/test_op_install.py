@@ -24,11 +24,17 @@ def run(cmd: list[str], cluster=None, tmp: Path | None = None, check: bool = Tru
     if cluster is not None:
         env["KUBECONFIG"] = str(cluster.kubeconfig)
     if tmp is not None:  # helm keeps caches and config under these
-        env.update(HOME=str(tmp), XDG_CACHE_HOME=str(tmp / "cache"), XDG_CONFIG_HOME=str(tmp / "config"),
-                   XDG_DATA_HOME=str(tmp / "data"))
+        env.update(
+            HOME=str(tmp),
+            XDG_CACHE_HOME=str(tmp / "cache"),
+            XDG_CONFIG_HOME=str(tmp / "config"),
+            XDG_DATA_HOME=str(tmp / "data"),
+        )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, input=stdin)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -68,9 +74,27 @@ def test_kubectl_apply_k(cluster, tmp_path):
 
 def test_helm_lint_and_template(helm, tmp_path):
     run([helm, "lint", "--strict", str(CHART)], tmp=tmp_path)
-    out = run([helm, "template", "rel", str(CHART), "-n", "v4d", "--set", "replicaCount=2", "--set",
-               "serviceMonitor.enabled=true", "--set", "webhook.enabled=true", "--set", "webhook.certSecret=tls", "--set",
-               "watchNamespaces={team-a,team-b}"], tmp=tmp_path).stdout
+    out = run(
+        [
+            helm,
+            "template",
+            "rel",
+            str(CHART),
+            "-n",
+            "v4d",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "webhook.enabled=true",
+            "--set",
+            "webhook.certSecret=tls",
+            "--set",
+            "watchNamespaces={team-a,team-b}",
+        ],
+        tmp=tmp_path,
+    ).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount", "ServiceMonitor"} <= kinds
@@ -92,8 +116,10 @@ def test_helm_install(cluster, helm, tmp_path):
     # Release "rel": its cluster-scoped RBAC must not collide with the kubectl install's "v4d-operator".
     run([helm, "install", "rel", str(CHART), "-n", ns, "--wait=false"], cluster, tmp=tmp_path)
     try:
-        deploy = wait_for(lambda: request(cluster.api, "GET", f"/apis/apps/v1/namespaces/{ns}/deployments/rel-v4d-operator"),
-                          what="operator Deployment")
+        deploy = wait_for(
+            lambda: request(cluster.api, "GET", f"/apis/apps/v1/namespaces/{ns}/deployments/rel-v4d-operator"),
+            what="operator Deployment",
+        )
         container = deploy["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == "v4d/operator:0.1.0" and container["args"][0] == "operator"
         listed = run([helm, "list", "-n", ns, "-o", "yaml"], cluster, tmp=tmp_path).stdout

@@ -27,9 +27,20 @@ STAND_IN = {
     "spec": {
         "group": "monitoring.coreos.com",
         "scope": "Namespaced",
-        "names": {"plural": "podmonitors", "singular": "podmonitor", "kind": "PodMonitor", "listKind": "PodMonitorList"},
-        "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-            "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+        "names": {
+            "plural": "podmonitors",
+            "singular": "podmonitor",
+            "kind": "PodMonitor",
+            "listKind": "PodMonitorList",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
     },
 }
 
@@ -41,20 +52,33 @@ def test_pod_monitor_when_the_prometheus_operator_api_appears(cluster, tmp_path)
     proc = cluster.start_operator(log, "-n", ns, "--discovery-interval", "1")
     try:
         obj = cluster.custom().create_namespaced_custom_object(G, V, ns, P, manifest("watched"))
-        wait_for(lambda: (cluster.custom().get_namespaced_custom_object(G, V, ns, P, "watched").get("status") or {})
-                 .get("phase") == "Deploying", timeout=60, what="reconciled without the PodMonitor API")
+        wait_for(
+            lambda: (
+                (cluster.custom().get_namespaced_custom_object(G, V, ns, P, "watched").get("status") or {}).get("phase")
+                == "Deploying"
+            ),
+            timeout=60,
+            what="reconciled without the PodMonitor API",
+        )
         assert "PodMonitors: False" in log.read_text()
         cluster.apply(STAND_IN)  # the Prometheus Operator is installed now
         wait_established(cluster.api, CRD)
-        pm = wait_for(lambda: cluster.custom().get_namespaced_custom_object(
-            "monitoring.coreos.com", "v1", ns, "podmonitors", "watched"), timeout=60, what="PodMonitor")
+        pm = wait_for(
+            lambda: cluster.custom().get_namespaced_custom_object(
+                "monitoring.coreos.com", "v1", ns, "podmonitors", "watched"
+            ),
+            timeout=60,
+            what="PodMonitor",
+        )
         assert "PodMonitor API appeared: resyncing" in log.read_text()
         assert pm["spec"]["selector"] == {"matchLabels": {"v4d.dev/deployment": "watched"}}
         assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "15s"}]
         assert pm["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
         rs = cluster.custom().get_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "watched")
-        pods = [rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
-                *(g["template"] for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"])]
+        pods = [
+            rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+            *(g["template"] for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]),
+        ]
         for pod in pods:  # the PodMonitor's selector and port name find every Ray pod's metrics
             assert pod["metadata"]["labels"]["v4d.dev/deployment"] == "watched"
             assert any(p.get("name") == "metrics" for c in pod["spec"]["containers"] for p in c.get("ports", []))

@@ -66,8 +66,11 @@ def test_pro_worker_groups_resources_and_placement(pro):
         assert g["replicas"] * _devices(g) >= shards
     # At maxReplicas the groups of a pool fit in its maxNodes.
     for pool in pools.values():
-        used = sum(g["maxReplicas"] * g["numOfHosts"] * _devices(g)
-                   for n, g in groups.items() if n.startswith(pool["name"] + "-"))
+        used = sum(
+            g["maxReplicas"] * g["numOfHosts"] * _devices(g)
+            for n, g in groups.items()
+            if n.startswith(pool["name"] + "-")
+        )
         assert used <= pool["maxNodes"] * pool["devicesPerNode"]
 
 
@@ -89,8 +92,14 @@ def test_children_are_owned_and_labelled(pro):
         (ref,) = meta["ownerReferences"]
         assert ref["uid"] == "1234-uid" and ref["kind"] == "V4Deployment" and ref["controller"] is True
     rules = objs[("Role", "demo-ray")]["rules"]
-    assert rules == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["demo-autoscaling"],
-                      "verbs": ["get", "patch"]}]
+    assert rules == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["demo-autoscaling"],
+            "verbs": ["get", "patch"],
+        }
+    ]
 
 
 def test_podmonitor_only_with_prometheus_operator():
@@ -103,27 +112,32 @@ def test_podmonitor_only_with_prometheus_operator():
 def test_weights_volume_from_pvc_uri():
     _, objs = _rendered(tiny_spec())
     pod = _groups(objs[("RayService", "demo")])["gpu-attention"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "weights", "persistentVolumeClaim": {"claimName": "tiny-weights",
-                                                                            "readOnly": True}}]
+    assert pod["volumes"] == [
+        {"name": "weights", "persistentVolumeClaim": {"claimName": "tiny-weights", "readOnly": True}}
+    ]
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     assert env["V4D_WEIGHTS_DIR"] == "/mnt/v4d/weights/ckpt" and env["V4D_ROLE"] == "attention"
 
 
 def _cluster_without_replicas(rs):
     return json.dumps(rs["spec"]["rayClusterConfig"], sort_keys=True), [
-        {k: g[k] for k in ("replicas", "minReplicas", "maxReplicas")} for g in
-        rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+        {k: g[k] for k in ("replicas", "minReplicas", "maxReplicas")}
+        for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    ]
 
 
-@pytest.mark.parametrize("change, in_place", [
-    ({"serving": {**tiny_spec()["serving"], "maxQueue": 7}}, True),
-    ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2, "targetKVCacheUtilization": 0.5}}, True),
-    ({"replicas": 2}, True),
-    ({"autoscaling": {**tiny_spec()["autoscaling"], "timeToReadySeconds": 600}}, True),
-    ({"model": {**tiny_spec()["model"], "servedName": "other"}}, True),
-    ({"pools": [{**tiny_spec()["pools"][0], "nodeSelector": {"zone": "b"}}, tiny_spec()["pools"][1]]}, False),
-    ({"pools": [tiny_spec()["pools"][0], {**tiny_spec()["pools"][1], "image": "custom:1"}]}, False),
-])
+@pytest.mark.parametrize(
+    "change, in_place",
+    [
+        ({"serving": {**tiny_spec()["serving"], "maxQueue": 7}}, True),
+        ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2, "targetKVCacheUtilization": 0.5}}, True),
+        ({"replicas": 2}, True),
+        ({"autoscaling": {**tiny_spec()["autoscaling"], "timeToReadySeconds": 600}}, True),
+        ({"model": {**tiny_spec()["model"], "servedName": "other"}}, True),
+        ({"pools": [{**tiny_spec()["pools"][0], "nodeSelector": {"zone": "b"}}, tiny_spec()["pools"][1]]}, False),
+        ({"pools": [tiny_spec()["pools"][0], {**tiny_spec()["pools"][1], "image": "custom:1"}]}, False),
+    ],
+)
 def test_which_changes_stay_in_place(change, in_place):
     """KubeRay upgrades the Serve app in place when only serveConfigV2 and worker-group replica
     counts change; anything else in rayClusterConfig rolls out a new cluster (docs/operator.md)."""
@@ -132,7 +146,8 @@ def test_which_changes_stay_in_place(change, in_place):
     old, new = before[("RayService", "demo")], after[("RayService", "demo")]
     ignore = frozenset({"replicas", "minReplicas", "maxReplicas"})
     same_cluster = contains(old["spec"]["rayClusterConfig"], new["spec"]["rayClusterConfig"], ignore) and contains(
-        new["spec"]["rayClusterConfig"], old["spec"]["rayClusterConfig"], ignore)
+        new["spec"]["rayClusterConfig"], old["spec"]["rayClusterConfig"], ignore
+    )
     assert same_cluster is in_place
     if in_place:
         assert old["spec"] != new["spec"]  # something did change: the serve config or the replica counts
@@ -148,8 +163,16 @@ def test_capacity_limited_when_max_replicas_exceed_max_nodes():
     att = next(g for g in groups if g.role == "attention")
     assert (att.max_replicas, att.wanted_max_replicas, att.capacity_limited) == (3, 7, True)
     assert not any(g.capacity_limited for g in render.layout(p, spec))
-    st = status.compute(name="demo", generation=3, plan=p, groups=groups, rayservice=None, autoscaling_cm=None,
-                        previous={}, now="2026-01-01T00:00:00Z")
+    st = status.compute(
+        name="demo",
+        generation=3,
+        plan=p,
+        groups=groups,
+        rayservice=None,
+        autoscaling_cm=None,
+        previous={},
+        now="2026-01-01T00:00:00Z",
+    )
     cond = {c["type"]: c for c in st["conditions"]}
     assert cond["CapacityLimited"]["status"] == "True" and "7 wanted, 3 fit" in cond["CapacityLimited"]["message"]
     assert st["phase"] == "Deploying" and st["observedGeneration"] == 3

@@ -26,12 +26,18 @@ def start_operator(cluster, log):
 
 def owned_children(cluster, ns):
     custom, core = cluster.custom(), cluster.core()
-    out = [("RayService", r["metadata"]["name"], r["metadata"]["ownerReferences"][0]["uid"])
-           for r in custom.list_namespaced_custom_object("ray.io", "v1", ns, "rayservices")["items"]]
-    for kind, items in (("ConfigMap", core.list_namespaced_config_map(ns).items),
-                        ("Service", core.list_namespaced_service(ns).items),
-                        ("ServiceAccount", core.list_namespaced_service_account(ns).items)):
-        out += [(kind, o.metadata.name, o.metadata.owner_references[0].uid) for o in items if o.metadata.owner_references]
+    out = [
+        ("RayService", r["metadata"]["name"], r["metadata"]["ownerReferences"][0]["uid"])
+        for r in custom.list_namespaced_custom_object("ray.io", "v1", ns, "rayservices")["items"]
+    ]
+    for kind, items in (
+        ("ConfigMap", core.list_namespaced_config_map(ns).items),
+        ("Service", core.list_namespaced_service(ns).items),
+        ("ServiceAccount", core.list_namespaced_service_account(ns).items),
+    ):
+        out += [
+            (kind, o.metadata.name, o.metadata.owner_references[0].uid) for o in items if o.metadata.owner_references
+        ]
     return out
 
 
@@ -51,9 +57,16 @@ def test_killed_and_restarted_operator_converges(cluster, tmp_path):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
         proc = start_operator(cluster, log)
-        objs = wait_for(lambda: (items := custom.list_namespaced_custom_object(G, V, ns, P)["items"])
-                        and all((o.get("status") or {}).get("phase") == "Deploying" for o in items) and items,
-                        timeout=180, interval=1, what="convergence after the restart")
+        objs = wait_for(
+            lambda: (
+                (items := custom.list_namespaced_custom_object(G, V, ns, P)["items"])
+                and all((o.get("status") or {}).get("phase") == "Deploying" for o in items)
+                and items
+            ),
+            timeout=180,
+            interval=1,
+            what="convergence after the restart",
+        )
         uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
         children = owned_children(cluster, ns)
         assert all(uid in uids for _, _, uid in children), "orphaned children"

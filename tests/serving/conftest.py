@@ -24,17 +24,34 @@ os.environ.update(RAY_ENV)
 SPEC = {
     "model": {"preset": "v4-tiny", "servedName": "v4-tiny", "maxContextTokens": 1024},
     "pools": [
-        {"name": "gpu", "vendor": "nvidia", "devicesPerNode": 4, "deviceMemoryGiB": 0.008, "maxNodes": 1,
-         "roles": ["attention", "experts"]},
-        {"name": "npu", "vendor": "ascend", "devicesPerNode": 2, "deviceMemoryGiB": 0.008, "maxNodes": 1,
-         "roles": ["experts"]},
+        {
+            "name": "gpu",
+            "vendor": "nvidia",
+            "devicesPerNode": 4,
+            "deviceMemoryGiB": 0.008,
+            "maxNodes": 1,
+            "roles": ["attention", "experts"],
+        },
+        {
+            "name": "npu",
+            "vendor": "ascend",
+            "devicesPerNode": 2,
+            "deviceMemoryGiB": 0.008,
+            "maxNodes": 1,
+            "roles": ["experts"],
+        },
     ],
     "parallelism": {"redundantExperts": 16, "expertParallelSize": 2},
     "replicas": 1,
-    "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2, "targetKVCacheUtilization": 0.5,
-                    "upscaleStabilizationSeconds": 0, "downscaleStabilizationSeconds": 4},
-    "serving": {"port": HTTP_PORT, "maxNumSeqs": 4, "maxBatchTokens": 256, "maxQueue": 4,
-                "requestTimeoutSeconds": 60},
+    "autoscaling": {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetKVCacheUtilization": 0.5,
+        "upscaleStabilizationSeconds": 0,
+        "downscaleStabilizationSeconds": 4,
+    },
+    "serving": {"port": HTTP_PORT, "maxNumSeqs": 4, "maxBatchTokens": 256, "maxQueue": 4, "requestTimeoutSeconds": 60},
 }
 SMALL_KV_PAGES = 8  # 128-token pages per engine replica
 
@@ -66,8 +83,16 @@ def plan(cache_dir):
     e = p.engine
     snaps = max(1, e.max_num_seqs // 4)
     budget = (e.max_num_seqs + snaps) * slot_bytes(cfg, "fp32") + SMALL_KV_PAGES * page_bytes(cfg, "fp32")
-    return replace(p, engine=replace(e, kv_budget_bytes=budget, num_pages=SMALL_KV_PAGES, kv_format="fp32",
-                                     capacity_tokens=SMALL_KV_PAGES * e.page_tokens))
+    return replace(
+        p,
+        engine=replace(
+            e,
+            kv_budget_bytes=budget,
+            num_pages=SMALL_KV_PAGES,
+            kv_format="fp32",
+            capacity_tokens=SMALL_KV_PAGES * e.page_tokens,
+        ),
+    )
 
 
 @pytest.fixture(scope="session")

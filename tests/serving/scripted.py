@@ -21,9 +21,9 @@ from v4d.serving.tokenizer import Tokenizer
 DSML = "｜DSML｜"
 TOOL_SCRIPT = (
     "The user wants the weather.</think>Let me check."
-    f"\n\n<{DSML}tool_calls>\n<{DSML}invoke name=\"get_weather\">\n"
-    f"<{DSML}parameter name=\"city\" string=\"true\">Paris</{DSML}parameter>\n"
-    f"<{DSML}parameter name=\"days\" string=\"false\">3</{DSML}parameter>\n</{DSML}invoke>\n"
+    f'\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+    f'<{DSML}parameter name="city" string="true">Paris</{DSML}parameter>\n'
+    f'<{DSML}parameter name="days" string="false">3</{DSML}parameter>\n</{DSML}invoke>\n'
     f"</{DSML}tool_calls>{EOS}"
 )
 # Stray special tokens in an answer: clients see "Hi there!" unless skip_special_tokens is false.

@@ -42,12 +42,18 @@ def test_openai_chat_non_streaming_and_streaming_agree(oai, tok):
 
 
 def test_thinking_mode_goes_to_reasoning_content(oai, anth):
-    r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0,
-                                    extra_body={"thinking": {"type": "enabled"}})
+    r = oai.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=8, temperature=0, extra_body={"thinking": {"type": "enabled"}}
+    )
     # Random weights never close </think>: every generated token is reasoning.
     assert r.choices[0].message.model_extra["reasoning_content"] and not r.choices[0].message.content
-    m = anth.messages.create(model=MODEL, max_tokens=8, messages=USER, extra_body={"temperature": 0},
-                             thinking={"type": "enabled", "budget_tokens": 1024})
+    m = anth.messages.create(
+        model=MODEL,
+        max_tokens=8,
+        messages=USER,
+        extra_body={"temperature": 0},
+        thinking={"type": "enabled", "budget_tokens": 1024},
+    )
     assert [b.type for b in m.content] == ["thinking"]
     assert m.content[0].thinking == r.choices[0].message.model_extra["reasoning_content"]
 
@@ -63,10 +69,14 @@ def test_anthropic_messages_non_streaming_and_streaming_agree(anth, oai):
     assert "".join(deltas) == m.content[0].text == final.content[0].text
     assert final.usage.input_tokens == m.usage.input_tokens
     # Same prompt and greedy decoding through the OpenAI API: the same text.
-    r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, temperature=0,
-                                    extra_body={"thinking": {"type": "disabled"}})
+    r = oai.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=10, temperature=0, extra_body={"thinking": {"type": "disabled"}}
+    )
     assert r.choices[0].message.content == m.content[0].text
-    assert anth.messages.count_tokens(model=MODEL, messages=USER, thinking={"type": "disabled"}).input_tokens == m.usage.input_tokens
+    assert (
+        anth.messages.count_tokens(model=MODEL, messages=USER, thinking={"type": "disabled"}).input_tokens
+        == m.usage.input_tokens
+    )
 
 
 def test_stop_sequences_cut_the_text(oai, anth):
@@ -75,12 +85,19 @@ def test_stop_sequences_cut_the_text(oai, anth):
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = oai.completions.create(**kw, stop=[stop]).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
-    m = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, thinking={"type": "disabled"},
-                             extra_body={"temperature": 0})
+    m = anth.messages.create(
+        model=MODEL, max_tokens=16, messages=USER, thinking={"type": "disabled"}, extra_body={"temperature": 0}
+    )
     text = m.content[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    m2 = anth.messages.create(model=MODEL, max_tokens=16, messages=USER, extra_body={"temperature": 0},
-                              thinking={"type": "disabled"}, stop_sequences=[stop])
+    m2 = anth.messages.create(
+        model=MODEL,
+        max_tokens=16,
+        messages=USER,
+        extra_body={"temperature": 0},
+        thinking={"type": "disabled"},
+        stop_sequences=[stop],
+    )
     assert m2.stop_reason == "stop_sequence" and m2.stop_sequence == stop
     assert (m2.content[0].text if m2.content else "") == text[: text.index(stop)]
 
@@ -97,6 +114,7 @@ def test_concurrent_requests_are_batched_and_match_sequential_greedy(base_url, e
     import openai
 
     prompts = ["The sea is", "Mountains are", "A small cat", "In the city"]
+
     async def one(p):
         client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
         r = await client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)

@@ -49,8 +49,18 @@ def _alive(pids: set[int]) -> set[int]:
 def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
     env = {**os.environ, "V4D_CACHE": str(cache_dir)}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "v4d"), "serve", str(ROOT / "examples/local-tiny.yaml"), "--port", str(PORT)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        [
+            str(Path(sys.executable).parent / "v4d"),
+            "serve",
+            str(ROOT / "examples/local-tiny.yaml"),
+            "--port",
+            str(PORT),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     lines: list[str] = []
     try:

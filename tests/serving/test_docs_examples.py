@@ -25,15 +25,16 @@ def snippets(doc: str, section: str) -> list[str]:
     text = (ROOT / doc).read_text()
     start = text.index(section + "\n")
     level = section.split(" ")[0]
-    end = re.search(rf"^{level} ", text[start + len(section):], re.MULTILINE)
-    body = text[start: start + len(section) + end.start()] if end else text[start:]
+    end = re.search(rf"^{level} ", text[start + len(section) :], re.MULTILINE)
+    body = text[start : start + len(section) + end.start()] if end else text[start:]
     return re.findall(r"^```python\n(.*?)^```", body, re.MULTILINE | re.DOTALL)
 
 
 def run(code: str, base_url: str) -> str:
     assert DOCS_URL in code, "the snippet should talk to the documented server"
-    proc = subprocess.run([sys.executable, "-c", code.replace(DOCS_URL, base_url)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code.replace(DOCS_URL, base_url)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

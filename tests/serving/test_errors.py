@@ -47,11 +47,19 @@ def test_openai_bad_requests(base_url, body, param):
 
 
 def test_context_and_unknown_model_errors(base_url):
-    err = _openai_error(httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 100000}), 400)
+    err = _openai_error(
+        httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 100000}), 400
+    )
     assert err["code"] == "context_length_exceeded" and "1024" in err["message"]
-    err = _openai_error(httpx.post(f"{base_url}/v1/chat/completions", json={"model": "gpt-5", "messages": MSG}), 404, "model")
+    err = _openai_error(
+        httpx.post(f"{base_url}/v1/chat/completions", json={"model": "gpt-5", "messages": MSG}), 404, "model"
+    )
     assert err["code"] == "model_not_found"
-    _anthropic_error(httpx.post(f"{base_url}/v1/messages", json={"model": "claude", "max_tokens": 5, "messages": MSG}), 404, "not_found_error")
+    _anthropic_error(
+        httpx.post(f"{base_url}/v1/messages", json={"model": "claude", "max_tokens": 5, "messages": MSG}),
+        404,
+        "not_found_error",
+    )
     _openai_error(httpx.post(f"{base_url}/v1/chat/completions", content=b"{oops"), 400)
     _openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
 
@@ -60,9 +68,15 @@ def test_context_and_unknown_model_errors(base_url):
     "body, needle",
     [
         ({"model": MODEL, "messages": MSG}, "max_tokens"),
-        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "not supported"),
+        (
+            {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            "not supported",
+        ),
         ({"model": MODEL, "max_tokens": 5, "messages": MSG, "temperature": 1.5}, "temperature"),
-        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 1200}]}, "context length"),
+        (
+            {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 1200}]},
+            "context length",
+        ),
     ],
 )
 def test_anthropic_bad_requests(base_url, body, needle):
@@ -89,7 +103,8 @@ def test_api_key_is_required_when_configured(scripted_url):
     assert good.models.list().data[0].id == MODEL
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=scripted_url, api_key="wrong", max_retries=0).messages.create(
-            model=MODEL, max_tokens=5, messages=MSG)
+            model=MODEL, max_tokens=5, messages=MSG
+        )
     r = httpx.post(f"{scripted_url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": MSG})
     _anthropic_error(r, 401, "authentication_error")
     assert httpx.get(f"{scripted_url}/healthz").status_code == 200  # health stays open

@@ -33,8 +33,14 @@ def _wait_healthy(timeout: float = 120) -> None:
 
 def test_shard_killed_mid_stream_gives_a_retried_completion_or_a_clean_error(base_url, plan):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=90)
-    stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=40, temperature=0, stream=True,
-                                            extra_body={"thinking": {"type": "disabled"}})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        extra_body={"thinking": {"type": "disabled"}},
+    )
     victim = plan.shards[-1].name
     finish, error = None, None
     try:

@@ -61,7 +61,8 @@ def test_engine_keeps_serving_after_a_flood_of_unseedable_requests(base_url, eng
     """Straight at the engine (past the ingress's checks): 3x its queue of seeds no generator takes."""
     for i in range(12):
         stream = engine.options(stream=True).generate.remote(
-            {"prompt_token_ids": [5, 6, 7], "max_tokens": 2, "temperature": 1.0, "seed": 2**64 + i})
+            {"prompt_token_ids": [5, 6, 7], "max_tokens": 2, "temperature": 1.0, "seed": 2**64 + i}
+        )
         with pytest.raises(BadRequest):
             next(iter(stream))
     assert engine.stats.remote().result()["num_waiting"] == 0
@@ -91,8 +92,11 @@ def test_healthz_stays_fast_while_a_huge_prompt_is_tokenized(base_url):
 
     def count():
         t = time.perf_counter()
-        r = httpx.post(f"{base_url}/v1/messages/count_tokens", timeout=300,
-                       json={"model": MODEL, "messages": [{"role": "user", "content": text}]})
+        r = httpx.post(
+            f"{base_url}/v1/messages/count_tokens",
+            timeout=300,
+            json={"model": MODEL, "messages": [{"role": "user", "content": text}]},
+        )
         result.update(status=r.status_code, body=r.json(), seconds=time.perf_counter() - t)
 
     worker = threading.Thread(target=count)
@@ -107,8 +111,10 @@ def test_healthz_stays_fast_while_a_huge_prompt_is_tokenized(base_url):
     worker.join()
     assert result["status"] == 200 and result["body"]["input_tokens"] > 100_000, result
     assert len(latencies) >= 5, (result["seconds"], latencies)  # the big request was in flight meanwhile
-    print(f"count_tokens of 3.4 MB: {result['seconds']:.1f} s; /healthz meanwhile: {len(latencies)} calls, "
-          f"max {max(latencies) * 1000:.0f} ms")
+    print(
+        f"count_tokens of 3.4 MB: {result['seconds']:.1f} s; /healthz meanwhile: {len(latencies)} calls, "
+        f"max {max(latencies) * 1000:.0f} ms"
+    )
     # fast: under a second (scaled on a machine so loaded that tokenizing slows down too); when the
     # loop waited on the tokenizer, one call took about as long as the whole prompt
     assert max(latencies) < max(1.0, 0.25 * result["seconds"]), (result["seconds"], latencies)

@@ -24,6 +24,7 @@ def test_kv_pressure_queues_rejects_and_autoscales(base_url, engine):
 
     async def load():
         async with httpx.AsyncClient(timeout=300) as client:
+
             async def one():
                 return await client.post(f"{base_url}/v1/completions", json=body)
 
@@ -53,13 +54,13 @@ def test_kv_pressure_queues_rejects_and_autoscales(base_url, engine):
     while time.time() < deadline:
         decisions = httpx.get(f"{base_url}/v4d/autoscaling").json()["decisions"]
         dirs = [d["direction"] for d in decisions if d["deployment"] == "engine"]
-        if "up" in dirs and "down" in dirs[dirs.index("up"):]:
+        if "up" in dirs and "down" in dirs[dirs.index("up") :]:
             break
         time.sleep(1)
     engine_decisions = [d for d in decisions if d["deployment"] == "engine"]
     up = next(d for d in engine_decisions if d["direction"] == "up")
     assert (up["from"], up["to"]) == (1, 2) and max(up["by_kv"], up["by_queue"]) >= 2, engine_decisions
-    after = engine_decisions[engine_decisions.index(up):]
+    after = engine_decisions[engine_decisions.index(up) :]
     assert any(d["direction"] == "down" and d["to"] == 1 for d in after), engine_decisions
     deadline = time.time() + 60
     while _engine_replicas() != 1 and time.time() < deadline:

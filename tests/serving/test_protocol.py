@@ -132,10 +132,16 @@ def test_validation_errors_name_the_field():
         parse_body(b'{"model": "m"}', openai_api.ChatRequest)
     assert e.value.status == 400 and e.value.param == "messages"
     with pytest.raises(APIError) as e:
-        parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', openai_api.ChatRequest)
+        parse_body(
+            b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+            openai_api.ChatRequest,
+        )
     assert e.value.param == "temperature" and "hot" in e.value.message
     with pytest.raises(APIError) as e:
-        parse_body(b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]}', anthropic_api.MessagesRequest)
+        parse_body(
+            b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]}',
+            anthropic_api.MessagesRequest,
+        )
     assert e.value.param.startswith("messages.0.content.0")
     with pytest.raises(APIError) as e:
         parse_body(b"{not json", openai_api.ChatRequest)
@@ -154,10 +160,13 @@ def test_anthropic_request_converts_to_openai_shaped_conversation():
         "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
         "messages": [
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": [
-                {"type": "thinking", "thinking": "call it", "signature": ""},
-                {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
-            ]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "call it", "signature": ""},
+                    {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
         ],
     }
@@ -177,17 +186,20 @@ class _Wrapped(Exception):
         self.cause = cause
 
 
-@pytest.mark.parametrize(("exc", "status", "kind", "counted_by_engine"), [
-    (engine_errors.Overloaded(2.0), 429, None, True),  # a rejection (v4d:requests_rejected_total)
-    (_Wrapped(engine_errors.ContextTooLong(4096, 5000)), 400, "context_too_long", True),
-    (_Wrapped(engine_errors.ShardUnavailable("shard-1 down")), 503, "shard_unavailable", False),
-    (APIError(400, "prompt too long", code="context_length_exceeded"), 400, "context_too_long", False),
-    (APIError(401, "no key", code="invalid_api_key"), 401, "unauthorized", False),
-    (APIError(404, "no model", code="model_not_found"), 404, "not_found", False),
-    (TimeoutError(), 504, "timeout", False),
-    (_Wrapped(type("ActorDiedError", (Exception,), {})()), 503, "unavailable", False),
-    (_Wrapped(ZeroDivisionError("boom")), 500, "internal", False),
-])
+@pytest.mark.parametrize(
+    ("exc", "status", "kind", "counted_by_engine"),
+    [
+        (engine_errors.Overloaded(2.0), 429, None, True),  # a rejection (v4d:requests_rejected_total)
+        (_Wrapped(engine_errors.ContextTooLong(4096, 5000)), 400, "context_too_long", True),
+        (_Wrapped(engine_errors.ShardUnavailable("shard-1 down")), 503, "shard_unavailable", False),
+        (APIError(400, "prompt too long", code="context_length_exceeded"), 400, "context_too_long", False),
+        (APIError(401, "no key", code="invalid_api_key"), 401, "unauthorized", False),
+        (APIError(404, "no model", code="model_not_found"), 404, "not_found", False),
+        (TimeoutError(), 504, "timeout", False),
+        (_Wrapped(type("ActorDiedError", (Exception,), {})()), 503, "unavailable", False),
+        (_Wrapped(ZeroDivisionError("boom")), 500, "internal", False),
+    ],
+)
 def test_errors_map_to_status_and_metric_kind(exc, status, kind, counted_by_engine):
     """The ingress answers `status` and counts `kind`, unless the engine already counted its own refusal."""
     err = from_exception(exc)

@@ -13,8 +13,16 @@ from v4d.serving.tokenizer import Tokenizer
 pytestmark = pytest.mark.ray
 
 MODEL = "v4-tiny"
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+        },
+    }
+]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
@@ -35,13 +43,19 @@ def test_openai_tool_call_round_trip(scripted_oai, oai, plan):
 
     chunks = list(scripted_oai.chat.completions.create(**kw, stream=True))
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(0, "get_weather", {"city": "Paris", "days": 3})]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+        (0, "get_weather", {"city": "Paris", "days": 3})
+    ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # Send the call and its result back to the real engine: the prompt is the V4 encoding of it.
     history = ASK + [
-        {"role": "assistant", "content": msg.content, "reasoning_content": msg.model_extra["reasoning_content"],
-         "tool_calls": [call.model_dump()]},
+        {
+            "role": "assistant",
+            "content": msg.content,
+            "reasoning_content": msg.model_extra["reasoning_content"],
+            "tool_calls": [call.model_dump()],
+        },
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"},
     ]
     r2 = oai.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0)
@@ -53,7 +67,9 @@ def test_openai_tool_call_round_trip(scripted_oai, oai, plan):
 
 def test_anthropic_tool_use_round_trip(scripted_url, anth, plan):
     client = anthropic.Anthropic(base_url=scripted_url, api_key=API_KEY, max_retries=0)
-    tools = [{"name": "get_weather", "description": "Weather of a city", "input_schema": TOOLS[0]["function"]["parameters"]}]
+    tools = [
+        {"name": "get_weather", "description": "Weather of a city", "input_schema": TOOLS[0]["function"]["parameters"]}
+    ]
     kw = dict(model=MODEL, max_tokens=200, messages=ASK, tools=tools, extra_body={"seed": 1})
     m = client.messages.create(**kw)
     assert m.stop_reason == "tool_use"
@@ -71,12 +87,30 @@ def test_anthropic_tool_use_round_trip(scripted_url, anth, plan):
     m2 = anth.messages.create(model=MODEL, max_tokens=4, messages=history, tools=tools, extra_body={"temperature": 0})
     tok = Tokenizer.from_file(plan.weights_uri)
     oai_history = ASK + [
-        {"role": "assistant", "content": "Let me check.", "reasoning_content": "The user wants the weather.",
-         "tool_calls": [{"id": use.id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(use.input)}}]},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "reasoning_content": "The user wants the weather.",
+            "tool_calls": [
+                {
+                    "id": use.id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(use.input)},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": use.id, "content": "sunny, 21C"},
     ]
-    oai_tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}} for t in tools]
-    assert m2.usage.input_tokens == len(tok.encode_prompt(chat.encode_messages(oai_history, tools=oai_tools, thinking=True)))
+    oai_tools = [
+        {
+            "type": "function",
+            "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
+        }
+        for t in tools
+    ]
+    assert m2.usage.input_tokens == len(
+        tok.encode_prompt(chat.encode_messages(oai_history, tools=oai_tools, thinking=True))
+    )
 
 
 def test_error_mid_stream_ends_the_stream_in_each_api_shape(scripted_oai, scripted_url):

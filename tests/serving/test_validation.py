@@ -27,8 +27,12 @@ def prep():
 
 
 def _endpoint(prep, path):
-    return {"/v1/chat/completions": prep.chat, "/v1/completions": prep.completion,
-            "/v1/messages": prep.messages, "/v1/messages/count_tokens": prep.count_tokens}[path]
+    return {
+        "/v1/chat/completions": prep.chat,
+        "/v1/completions": prep.completion,
+        "/v1/messages": prep.messages,
+        "/v1/messages/count_tokens": prep.count_tokens,
+    }[path]
 
 
 def _error(fn, body) -> APIError:
@@ -66,13 +70,15 @@ def test_json_is_bounded_and_valid_unicode():
         assert _error(read_json, raw).status == 400
     err = _error(read_json, b'{"messages": [{"content": "hi \\ud800"}]}')
     assert err.param == "messages.0.content" and "surrogate" in err.message
-    assert read_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}  # a valid pair is fine
+    assert read_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a valid pair is fine
 
 
 def test_seeds_are_what_a_generator_takes(prep):
-    for fn, base in ((prep.chat, {"model": MODEL, "messages": USER, "max_tokens": 1}),
-                     (prep.completion, {"model": MODEL, "prompt": "hi", "max_tokens": 1}),
-                     (prep.messages, {"model": MODEL, "messages": USER, "max_tokens": 1})):
+    for fn, base in (
+        (prep.chat, {"model": MODEL, "messages": USER, "max_tokens": 1}),
+        (prep.completion, {"model": MODEL, "prompt": "hi", "max_tokens": 1}),
+        (prep.messages, {"model": MODEL, "messages": USER, "max_tokens": 1}),
+    ):
         for ok in (SEED_MIN, SEED_MAX, 0):
             assert fn(json.dumps({**base, "seed": ok}).encode())[-1].params.seed == ok
         for bad in (SEED_MAX + 1, SEED_MIN - 1, -(2**64), 2**70):
@@ -85,10 +91,15 @@ def test_limits_and_unsupported_options(prep):
     assert _error(prep.chat, {**chat, "stop": ["s"] * (MAX_STOP + 1)}).param == "stop"
     assert _error(prep.chat, {**chat, "stop": ["x" * 300]}).param == "stop.0"
     assert _error(prep.messages, {**msgs, "stop_sequences": ["s"] * 1000}).param == "stop_sequences"
-    assert _error(prep.messages, {**msgs, "thinking": {"type": "enabled", "budget_tokens": -1}}).param == "thinking.budget_tokens"
+    assert (
+        _error(prep.messages, {**msgs, "thinking": {"type": "enabled", "budget_tokens": -1}}).param
+        == "thinking.budget_tokens"
+    )
     prep.messages(json.dumps({**msgs, "thinking": {"type": "enabled", "budget_tokens": 1024}}).encode())
     assert _error(prep.completion, {"model": MODEL, "prompt": "hi", "best_of": 2}).param == "best_of"
-    assert _error(prep.chat, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}] * 129}).param == "tools"
+    assert (
+        _error(prep.chat, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}] * 129}).param == "tools"
+    )
 
 
 def test_errors_name_the_field_the_client_sent(prep):
@@ -101,7 +112,10 @@ def test_errors_name_the_field_the_client_sent(prep):
     err = _error(prep.chat, {"model": "m" * 1_000_000, "messages": USER})
     assert err.status == 404 and len(err.message) < 200
     assert _error(prep.chat, {"model": "v4-tiny\ud800", "messages": USER}).param == "model"
-    assert _error(prep.messages, {**{"model": MODEL, "messages": USER, "max_tokens": 1}, "system": "\ud800"}).param == "system"
+    assert (
+        _error(prep.messages, {**{"model": MODEL, "messages": USER, "max_tokens": 1}, "system": "\ud800"}).param
+        == "system"
+    )
 
 
 def test_a_prompt_certainly_over_the_context_is_refused_before_tokenizing(prep):

@@ -17,17 +17,13 @@ def reference_layer(load: list[float], slots: list[int], weight: list[float]) ->
     items = sorted((load[e] / copies[e] for e in range(n_experts) for _ in range(copies[e])), reverse=True)
     dev_load, dev_items = [0.0] * len(slots), [0] * len(slots)
     for w in items:  # balanced packing: least loaded (per capacity) device that still has a free slot
-        d = min(
-            (i for i in range(len(slots)) if dev_items[i] < slots[i]), key=lambda i: dev_load[i] / weight[i]
-        )
+        d = min((i for i in range(len(slots)) if dev_items[i] < slots[i]), key=lambda i: dev_load[i] / weight[i])
         dev_load[d] += w
         dev_items[d] += 1
     return dev_load
 
 
-def reference_max_over_mean(
-    loads: list[list[float]], slots: list[int], weight: list[float] | None = None
-) -> float:
+def reference_max_over_mean(loads: list[list[float]], slots: list[int], weight: list[float] | None = None) -> float:
     """Worst layer's max over capacity-weighted mean of device load / weight."""
     weight = list(slots) if weight is None else weight
     worst = 1.0

@@ -81,9 +81,7 @@ def test_schema_is_structural_for_kubernetes_1_20(generated):
         assert not ("properties" in node and "additionalProperties" in node), path
         assert node.get("default", "x") != "", f"{path}: empty-string default"
         for key in ("exclusiveMinimum", "exclusiveMaximum"):
-            assert isinstance(node.get(key, True), bool), (
-                f"{path}: {key} must be the OpenAPI 3.0 boolean form"
-            )
+            assert isinstance(node.get(key, True), bool), f"{path}: {key} must be the OpenAPI 3.0 boolean form"
         if node["type"] == "object" and path.endswith(".config"):
             assert node["x-kubernetes-preserve-unknown-fields"] is True
 

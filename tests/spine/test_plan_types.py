@@ -71,7 +71,14 @@ def test_plan_dict_has_the_contract_keys():
     assert set(d["shards"][0]) >= {"name", "pool", "device", "slots", "weight_bytes"}
     assert set(d["experts"]) == {"logical", "physical", "redundant"}
     assert set(d["kv"]) == {"bytes_per_token", "capacity_tokens_per_replica"}
-    assert set(d["serving"]) == {"port", "api_key_secret", "api_key_env", "max_queue", "request_timeout_s", "max_request_bytes"}
+    assert set(d["serving"]) == {
+        "port",
+        "api_key_secret",
+        "api_key_env",
+        "max_queue",
+        "request_timeout_s",
+        "max_request_bytes",
+    }
 
 
 def test_expert_map_lists_every_copy():
@@ -88,7 +95,11 @@ def test_autoscaling_spec_reaches_the_engine_plan():
     e = plan(spec, name="flash").engine
     a = spec["autoscaling"]
     assert (e.target_kv_utilization, e.upscale_delay_s, e.downscale_delay_s, e.time_to_ready_s) == (
-        a["targetKVCacheUtilization"], a["upscaleStabilizationSeconds"], a["downscaleStabilizationSeconds"], 600)
+        a["targetKVCacheUtilization"],
+        a["upscaleStabilizationSeconds"],
+        a["downscaleStabilizationSeconds"],
+        600,
+    )
 
 
 def test_from_dict_names_a_missing_or_unknown_field():
@@ -113,4 +124,6 @@ def test_max_request_bytes_reaches_the_plan():
     spec["serving"]["maxRequestBytes"] = 65536
     p = plan(spec, name="tiny")
     assert p.serving.max_request_bytes == 65536
-    assert Plan.from_dict({**p.to_dict(), "serving": {"port": 8000}}).serving.max_request_bytes == 8 << 20  # older plans
+    assert (
+        Plan.from_dict({**p.to_dict(), "serving": {"port": 8000}}).serving.max_request_bytes == 8 << 20
+    )  # older plans

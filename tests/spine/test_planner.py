@@ -179,8 +179,7 @@ def test_capacity_warnings():
     p = plan(spec)
     assert p.engine.devices_per_replica == 2  # the fewest that hold the dense weights, if not a full context
     assert any(
-        "KV capacity per attention replica is" in w and "below model.maxContextTokens 65,536" in w
-        for w in p.warnings
+        "KV capacity per attention replica is" in w and "below model.maxContextTokens 65,536" in w for w in p.warnings
     )
     assert any(w.startswith("serving.maxNumSeqs lowered from 8 to") for w in p.warnings)
 

@@ -120,9 +120,9 @@ def test_pages_hold_exactly_the_per_token_bytes(cfg):
         # n whole pages hold exactly the compressed part of kv_bytes_at_context.
         n = 5 * tokens
         window = cfg.num_hidden_layers * cfg.sliding_window * sizing.main_entry_bytes(cfg, fmt)
-        assert sizing.kv_bytes_at_context(cfg, n, fmt) - window == sizing.pages_for(
-            cfg, n
-        ) * sizing.page_bytes(cfg, fmt)
+        assert sizing.kv_bytes_at_context(cfg, n, fmt) - window == sizing.pages_for(cfg, n) * sizing.page_bytes(
+            cfg, fmt
+        )
 
 
 def test_pro_page_layout():

@@ -21,8 +21,14 @@ from v4d.serving.chat import (
 )
 
 D = "｜DSML｜"
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 CONV = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi"},
@@ -62,16 +68,22 @@ def test_tools_without_system_message_get_one():
 
 
 def test_reasoning_after_the_last_user_turn_is_kept():
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "partial", "reasoning_content": "r",
-                                               "prefix": True}]
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "partial", "reasoning_content": "r", "prefix": True},
+    ]
     assert encode_messages(msgs, thinking=True).text == f"{BOS}{USER}q{ASSISTANT}{THINK}r{END_THINK}partial"
 
 
 def test_tool_call_round_with_results_in_call_order():
     msgs = [
         {"role": "user", "content": "Weather in Paris and the time?"},
-        {"role": "assistant", "content": "", "reasoning_content": "two calls",
-         "tool_calls": [call("a", "get_weather", {"city": "Paris", "days": 2}), call("b", "get_time", {})]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "two calls",
+            "tool_calls": [call("a", "get_weather", {"city": "Paris", "days": 2}), call("b", "get_time", {})],
+        },
         {"role": "tool", "tool_call_id": "b", "content": "12:00"},
         {"role": "tool", "tool_call_id": "a", "content": [{"type": "text", "text": "sunny"}]},
     ]
@@ -111,7 +123,9 @@ def test_developer_turns_before_last_user_are_dropped_in_thinking_mode():
 
 def test_reasoning_effort_max_preamble_only_in_thinking_mode():
     msgs = [{"role": "user", "content": "u"}]
-    assert encode_messages(msgs, thinking=True, reasoning_effort="max").text.startswith(BOS + REASONING_EFFORT_MAX + USER)
+    assert encode_messages(msgs, thinking=True, reasoning_effort="max").text.startswith(
+        BOS + REASONING_EFFORT_MAX + USER
+    )
     assert encode_messages(msgs, thinking=True, reasoning_effort="high").text == f"{BOS}{USER}u{ASSISTANT}{THINK}"
     assert REASONING_EFFORT_MAX not in encode_messages(msgs, thinking=False, reasoning_effort="max").text
 
@@ -122,15 +136,24 @@ def test_response_format_goes_into_the_system_prompt():
     assert '{"type": "json_object"}' in p
 
 
-@pytest.mark.parametrize("messages,kwargs,param", [
-    ([], {}, "messages"),
-    ([{"role": "robot", "content": "x"}], {}, "messages[0].role"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], {}, "messages[0].content[0].type"),
-    ([{"role": "user", "content": "x"}], {"reasoning_effort": "huge"}, "reasoning_effort"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}],
-     {}, "messages[1].tool_calls[0].function.name"),
-    ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools[0].function.name"),
-])
+@pytest.mark.parametrize(
+    "messages,kwargs,param",
+    [
+        ([], {}, "messages"),
+        ([{"role": "robot", "content": "x"}], {}, "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], {}, "messages[0].content[0].type"),
+        ([{"role": "user", "content": "x"}], {"reasoning_effort": "huge"}, "reasoning_effort"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]},
+            ],
+            {},
+            "messages[1].tool_calls[0].function.name",
+        ),
+        ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools[0].function.name"),
+    ],
+)
 def test_bad_messages_name_the_field(messages, kwargs, param):
     with pytest.raises(ChatFormatError) as e:
         encode_messages(messages, **kwargs)
@@ -138,8 +161,10 @@ def test_bad_messages_name_the_field(messages, kwargs, param):
 
 
 # -- parsing -------------------------------------------------------------------------------------
-CALLS = [call("a", "get_weather", {"city": "Paris", "days": 2, "opts": {"units": "C", "hourly": False}}),
-         call("b", "note", {"text": 'He said "hi" <b>\nline2'})]
+CALLS = [
+    call("a", "get_weather", {"city": "Paris", "days": 2, "opts": {"units": "C", "hourly": False}}),
+    call("b", "note", {"text": 'He said "hi" <b>\nline2'}),
+]
 
 
 def test_parse_thinking_content_and_tool_calls():
@@ -154,8 +179,10 @@ def test_parse_thinking_content_and_tool_calls():
 
 
 def test_encode_then_parse_round_trips_an_assistant_turn():
-    msgs = [{"role": "user", "content": "u"},
-            {"role": "assistant", "content": "Sure.", "reasoning_content": "plan", "tool_calls": CALLS}]
+    msgs = [
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "Sure.", "reasoning_content": "plan", "tool_calls": CALLS},
+    ]
     prompt = encode_messages(msgs, tools=[WEATHER], thinking=True).text
     generated = prompt.split(f"{USER}u{ASSISTANT}{THINK}", 1)[1]
     out = parse_output(generated, thinking=True)
@@ -174,23 +201,27 @@ def test_parse_chat_mode_plain_answer_with_and_without_eos():
 
 def test_parse_truncated_outputs():
     assert parse_output("still thinking", thinking=True).reasoning_content == "still thinking"
-    half = f"{END_THINK}\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"x\" string=\"true\">1"
+    half = f'{END_THINK}\n\n<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="x" string="true">1'
     out = parse_output(half, thinking=True)
     assert out.content == "" and out.tool_calls == []
 
 
 def test_non_json_false_parameter_is_kept_as_text():
-    text = f"\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"x\" string=\"false\">not json</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>"
+    text = (
+        f'\n\n<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="x" string="false">not json</{D}parameter>'
+        f"\n</{D}invoke>\n</{D}tool_calls>"
+    )
     assert parse_output(text, thinking=False).tool_calls == [ToolCall("f", '{"x": "not json"}')]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
 def test_streaming_in_any_chunking_gives_the_same_parts(chunk):
-    text = f"Think\n\nmore.{END_THINK}Answer with <b>tags</b> and\n\nblank lines.\n\n{''.join(render_tool_calls(CALLS))}{EOS}"
+    calls = "".join(render_tool_calls(CALLS))
+    text = f"Think\n\nmore.{END_THINK}Answer with <b>tags</b> and\n\nblank lines.\n\n{calls}{EOS}"
     p = OutputParser(thinking=True)
     events = []
     for i in range(0, len(text), chunk):
-        events += p.feed(text[i:i + chunk])
+        events += p.feed(text[i : i + chunk])
     events += p.finish()
     reasoning = "".join(v for k, v in events if k == "reasoning")
     content = "".join(v for k, v in events if k == "content")
@@ -210,6 +241,8 @@ def test_streaming_emits_text_early_and_each_tool_call_when_its_invoke_closes():
     assert p.feed("Hello wor") == [("content", "Hello wor")]
     assert p.feed("ld\n") == [("content", "ld")]  # the newline could start the tool-call block
     assert p.feed("next") == [("content", "\nnext")]
-    assert p.feed(f"\n\n<{D}tool_calls>\n<{D}invoke name=\"a\">\n</{D}invoke>") == [("tool_call", ToolCall("a", "{}"))]
-    assert p.feed(f"\n<{D}invoke name=\"b\">\n</{D}invoke>\n</{D}tool_calls>{EOS}") == [("tool_call", ToolCall("b", "{}"))]
+    assert p.feed(f'\n\n<{D}tool_calls>\n<{D}invoke name="a">\n</{D}invoke>') == [("tool_call", ToolCall("a", "{}"))]
+    assert p.feed(f'\n<{D}invoke name="b">\n</{D}invoke>\n</{D}tool_calls>{EOS}') == [
+        ("tool_call", ToolCall("b", "{}"))
+    ]
     assert p.finish() == []

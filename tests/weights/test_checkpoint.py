@@ -18,7 +18,9 @@ from v4d.serving.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory, tiny_tensors, tiny_tokenizer):
-    return write_checkpoint(tiny_tensors, TINY, tmp_path_factory.mktemp("ckpt"), shard_size=256 << 10, tokenizer=tiny_tokenizer)
+    return write_checkpoint(
+        tiny_tensors, TINY, tmp_path_factory.mktemp("ckpt"), shard_size=256 << 10, tokenizer=tiny_tokenizer
+    )
 
 
 def test_files_are_in_the_official_format(ckpt_dir, tiny_tokenizer):
@@ -63,8 +65,11 @@ def test_expert_subset_reads_only_what_it_needs(ckpt_dir):
     want = {2: [0, 5], 6: [15]}  # layer 6 = the MTP block
     names = ckpt.select(want, dense=False)
     out = ckpt.read(names, progress=False)
-    assert sorted(out) == sorted(f"{p}.ffn.experts.{e}.w{i}.weight"
-                                 for p, e in (("layers.2", 0), ("layers.2", 5), ("mtp.0", 15)) for i in (1, 2, 3))
+    assert sorted(out) == sorted(
+        f"{p}.ffn.experts.{e}.w{i}.weight"
+        for p, e in (("layers.2", 0), ("layers.2", 5), ("mtp.0", 15))
+        for i in (1, 2, 3)
+    )
     assert sorted(ckpt.stats.tensors_read) == sorted(names + [n.replace(".weight", ".scale") for n in names])
     index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert ckpt.stats.shards_opened == {index[n] for n in names}
@@ -121,7 +126,9 @@ def test_hugging_face_style_names_map_like_the_official_converter(tmp_path, ckpt
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     renamed["embed.weight"] = merged["embed.weight"].clone()
     save_file(renamed, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="'embed.weight' and 'model.embed_tokens.weight' both map to 'embed.weight'"):
+    with pytest.raises(
+        CheckpointError, match="'embed.weight' and 'model.embed_tokens.weight' both map to 'embed.weight'"
+    ):
         Checkpoint(tmp_path)
 
 
@@ -162,13 +169,20 @@ def _corrupt(ckpt_dir, tmp_path, name, value=None):
     return tmp_path
 
 
-@pytest.mark.parametrize("name,value,match", [
-    ("layers.3.attn.wkv.weight", None, "tensors of the official layout are missing"),
-    ("layers.3.attn.wkv.scale", None, "layers.3.attn.wkv.weight is quantised but layers.3.attn.wkv.scale is not"),
-    ("layers.3.attn.wkv.weight", torch.zeros(200, 128, dtype=torch.float8_e4m3fn), "scale shape"),
-    ("layers.3.attn_norm.weight", torch.zeros(64), r"layers.3.attn_norm.weight has shape \(64,\).*expected \(128,\)"),
-    ("layers.0.ffn.gate.tid2eid", torch.zeros(1024, 2), "stored as torch.float32, expected format int32"),
-])
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("layers.3.attn.wkv.weight", None, "tensors of the official layout are missing"),
+        ("layers.3.attn.wkv.scale", None, "layers.3.attn.wkv.weight is quantised but layers.3.attn.wkv.scale is not"),
+        ("layers.3.attn.wkv.weight", torch.zeros(200, 128, dtype=torch.float8_e4m3fn), "scale shape"),
+        (
+            "layers.3.attn_norm.weight",
+            torch.zeros(64),
+            r"layers.3.attn_norm.weight has shape \(64,\).*expected \(128,\)",
+        ),
+        ("layers.0.ffn.gate.tid2eid", torch.zeros(1024, 2), "stored as torch.float32, expected format int32"),
+    ],
+)
 def test_bad_checkpoints_name_file_and_tensor(ckpt_dir, tmp_path, name, value, match):
     bad = _corrupt(ckpt_dir, tmp_path, name, value)
     with pytest.raises(CheckpointError, match=match):
@@ -181,7 +195,9 @@ def test_missing_files_are_reported(tmp_path):
     TINY.to_json(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
         Checkpoint(tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embed.weight": "x.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"embed.weight": "x.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="names shard 'x.safetensors', which does not exist"):
         Checkpoint(tmp_path)
 
@@ -199,8 +215,9 @@ def test_writer_rejects_mismatches(tmp_path, tiny_tensors, tiny_tokenizer):
     with pytest.raises(ValueError, match=r"norm.weight: shape \(7,\), expected \(128,\)"):
         write_checkpoint(bad, TINY, tmp_path, tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match=r"missing \['embed.weight'\]"):
-        write_checkpoint({k: v for k, v in tiny_tensors.items() if k != "embed.weight"}, TINY, tmp_path,
-                         tokenizer=tiny_tokenizer)
+        write_checkpoint(
+            {k: v for k, v in tiny_tensors.items() if k != "embed.weight"}, TINY, tmp_path, tokenizer=tiny_tokenizer
+        )
 
 
 def test_parse_size():

@@ -49,6 +49,8 @@ def test_inference_names_of_file_keys():
     assert inference_name("mtp.0.hc_head_fn") == "mtp.0.hc_head_fn"
     assert inference_name("model.layers.3.self_attn.q_b_proj.weight_scale_inv") == "layers.3.attn.wq_b.scale"
     assert inference_name("model.layers.3.post_attention_layernorm.weight") == "layers.3.ffn_norm.weight"
-    assert inference_name("model.layers.3.mlp.shared_experts.down_proj.weight") == "layers.3.ffn.shared_experts.w2.weight"
+    assert (
+        inference_name("model.layers.3.mlp.shared_experts.down_proj.weight") == "layers.3.ffn.shared_experts.w2.weight"
+    )
     assert inference_name("model.norm.weight") == "norm.weight"
     assert inference_name("mtp.0.emb.tok_emb.weight") is None and inference_name("mtp.0.head.weight") is None

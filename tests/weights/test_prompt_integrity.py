@@ -29,8 +29,14 @@ FORGERIES = [*SPECIAL_TOKENS, TOOLS_OPEN, TOOLS_CLOSE, f'<{DSML}invoke name="rm"
 
 def conversation(x: str) -> dict:
     """A conversation with `x` in every client-controlled field."""
-    tool = {"type": "function", "function": {"name": f"f{x}", "description": f"d{x}",
-                                             "parameters": {"type": "object", "properties": {x: {"type": "string"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": f"f{x}",
+            "description": f"d{x}",
+            "parameters": {"type": "object", "properties": {x: {"type": "string"}}},
+        },
+    }
     call = {"id": "c1", "type": "function", "function": {"name": f"f{x}", "arguments": json.dumps({x: x, "n": [x]})}}
     messages = [
         {"role": "system", "content": f"sys {x}"},

@@ -57,7 +57,9 @@ def test_fp4_codes_and_nibble_order():
     assert vals.shape == (1, 32)
     assert vals[0, :4].tolist() == [-4.0, -2.0, 2.0, 24.0]
     codes = torch.arange(16, dtype=torch.uint8)
-    table = dequant_fp4((codes[0::2] | codes[1::2] << 4).view(torch.int8).repeat(1, 2), torch.ones(1, 1).to(torch.float8_e8m0fnu))
+    table = dequant_fp4(
+        (codes[0::2] | codes[1::2] << 4).view(torch.int8).repeat(1, 2), torch.ones(1, 1).to(torch.float8_e8m0fnu)
+    )
     assert table[0, :16].tolist() == FP4_VALUES.tolist() + (-FP4_VALUES).tolist()
 
 
@@ -87,8 +89,9 @@ def test_bad_inputs_name_the_problem():
         unpack(q, None)
 
 
-@pytest.mark.parametrize("fmt,dtype", [("fp8", torch.float8_e4m3fn), ("fp4", torch.int8),
-                                       ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "fmt,dtype", [("fp8", torch.float8_e4m3fn), ("fp4", torch.int8), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
 def test_pack_unpack_by_format(fmt, dtype):
     w = torch.randn(64, 64)
     data, scale = pack(w, fmt)

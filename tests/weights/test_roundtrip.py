@@ -68,8 +68,19 @@ def test_attention_model_and_expert_shards_read_only_their_tensors(ckpt):
 
 def test_generate_json_gives_the_logits_of_every_step(ckpt, loaded):
     prompt = PROMPT[:12]
-    res = CliRunner().invoke(main, ["generate", str(ckpt), "--token-ids", ",".join(map(str, prompt)),
-                                    "--max-new-tokens", "3", "--ignore-eos", "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            str(ckpt),
+            "--token-ids",
+            ",".join(map(str, prompt)),
+            "--max-new-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["prompt_token_ids"] == prompt and out["finish_reason"] == "length"
@@ -83,11 +94,14 @@ def test_generate_json_gives_the_logits_of_every_step(ckpt, loaded):
 
 
 def test_generate_text_prompt_and_chat(ckpt):
-    res = CliRunner().invoke(main, ["generate", str(ckpt), "--prompt", "The lighthouse keeper", "--max-new-tokens", "2"])
+    res = CliRunner().invoke(
+        main, ["generate", str(ckpt), "--prompt", "The lighthouse keeper", "--max-new-tokens", "2"]
+    )
     assert res.exit_code == 0, res.output
     assert "token ids: [" in res.stdout
-    chat = CliRunner().invoke(main, ["generate", str(ckpt), "--prompt", "Hi", "--chat", "--thinking", "--json",
-                                     "--max-new-tokens", "1"])
+    chat = CliRunner().invoke(
+        main, ["generate", str(ckpt), "--prompt", "Hi", "--chat", "--thinking", "--json", "--max-new-tokens", "1"]
+    )
     assert json.loads(chat.stdout)["prompt_token_ids"][-2:] == [3, 4]  # <｜Assistant｜><think>
 
 
@@ -107,14 +121,17 @@ def test_generate_prints_text_without_special_tokens_unless_kept(ckpt, monkeypat
     assert END_THINK not in skipped and EOS not in skipped and "sea" in skipped
 
 
-@pytest.mark.parametrize("args,message", [
-    (["generate", "{ckpt}"], "exactly one of --prompt"),
-    (["generate", "{ckpt}", "--token-ids", "1,x"], "comma-separated integers"),
-    (["generate", "{ckpt}", "--token-ids", "1,99999"], "token ids must be in 0..1023"),
-    (["checkpoint", "make", "deepseek-v4-flash", "{tmp}"], "random checkpoints are limited"),
-    (["checkpoint", "make", "no-such-model", "{tmp}"], "not a preset"),
-    (["checkpoint", "make", "v4-tiny", "{tmp}", "--shard-size", "big"], "shard size"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "{ckpt}"], "exactly one of --prompt"),
+        (["generate", "{ckpt}", "--token-ids", "1,x"], "comma-separated integers"),
+        (["generate", "{ckpt}", "--token-ids", "1,99999"], "token ids must be in 0..1023"),
+        (["checkpoint", "make", "deepseek-v4-flash", "{tmp}"], "random checkpoints are limited"),
+        (["checkpoint", "make", "no-such-model", "{tmp}"], "not a preset"),
+        (["checkpoint", "make", "v4-tiny", "{tmp}", "--shard-size", "big"], "shard size"),
+    ],
+)
 def test_cli_errors_are_specific(ckpt, tmp_path, args, message):
     res = CliRunner().invoke(main, [a.format(ckpt=ckpt, tmp=tmp_path / "out") for a in args])
     assert res.exit_code != 0
@@ -122,8 +139,9 @@ def test_cli_errors_are_specific(ckpt, tmp_path, args, message):
 
 
 def test_checkpoint_make_command(tmp_path):
-    res = CliRunner().invoke(main, ["checkpoint", "make", "v4-tiny-fast", str(tmp_path), "--seed", str(SEED),
-                                    "--shard-size", "1MB"])
+    res = CliRunner().invoke(
+        main, ["checkpoint", "make", "v4-tiny-fast", str(tmp_path), "--seed", str(SEED), "--shard-size", "1MB"]
+    )
     assert res.exit_code == 0, res.output
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -150,17 +168,31 @@ def test_generate_token_ids_without_a_chat_tokenizer(ckpt, loaded, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     plain = HFTokenizer(models.BPE())
     plain.pre_tokenizer, plain.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    plain.train_from_iterator(["the lighthouse keeper", "hello world"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain.train_from_iterator(
+        ["the lighthouse keeper", "hello world"],
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     plain.save(str(tmp_path / "tokenizer.json"))
 
-    run = CliRunner().invoke(main, ["generate", str(tmp_path), "--token-ids", ",".join(map(str, PROMPT[:12])),
-                                    "--max-new-tokens", "2", "--ignore-eos", "--json"])
+    run = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            str(tmp_path),
+            "--token-ids",
+            ",".join(map(str, PROMPT[:12])),
+            "--max-new-tokens",
+            "2",
+            "--ignore-eos",
+            "--json",
+        ],
+    )
     assert run.exit_code == 0, run.output
     out = json.loads(run.stdout)
     assert torch.allclose(torch.tensor(out["logits"][0]), loaded.prefill_logits(PROMPT[:12])[-1], atol=1e-4)
-    text = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "1",
-                                     "--json"])
+    text = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "1", "--json"])
     assert text.exit_code == 0, text.output
     assert json.loads(text.stdout)["prompt_token_ids"] == [7, *plain.encode("hello").ids]  # config.json's BOS
     chat = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "hello", "--chat"])

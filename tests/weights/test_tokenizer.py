@@ -56,8 +56,10 @@ def test_chat_markers_count_as_special_even_when_the_file_says_otherwise(tok):
     assert plain_think.strip_special(f"a {THINK}b{END_THINK}") == "a b"
 
 
-@pytest.mark.parametrize("text", ["The lighthouse keeper lit the lamp.", "naïve café 日本語 🙂 \t\n  spaces",
-                                  '{"city": "Tokyo", "days": 3}', ""])
+@pytest.mark.parametrize(
+    "text",
+    ["The lighthouse keeper lit the lamp.", "naïve café 日本語 🙂 \t\n  spaces", '{"city": "Tokyo", "days": 3}', ""],
+)
 def test_any_text_round_trips(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
