@@ -99,36 +99,14 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
         return (torch.randn(*shape, generator=gen, device=dev) * scale).to(dtype)
 
     out: list[Case] = []
-    # Sparse attention: window + top-k compressed entries per query (a CSA layer).
+    # Inputs of the paged ops: window + top-k compressed entries per query (a CSA layer), and the
+    # indexer's visible compressed keys.
     k_sel = win + topk
-    q, kv = rnd(t, h, d), rnd(n_pool, d)
+    q = rnd(t, h, d)
     idx = torch.randint(0, n_pool, (t, k_sel), generator=gen, device=dev, dtype=torch.int32)
     sink = rnd(h, dtype=torch.float32)
-    out.append(
-        Case(
-            name,
-            phase,
-            "sparse_attention",
-            f"T={t} H={h} D={d} K={k_sel}",
-            _nbytes(q, q, idx) + t * k_sel * d * kv.element_size(),
-            4.0 * t * h * k_sel * d,
-            lambda b, a=(q, kv, idx, sink, d**-0.5): b.sparse_attention(*a),
-        )
-    )
-    # Indexer scores over the visible compressed keys, then top-k.
-    qi, w, keys = rnd(t, hi, di), rnd(t, hi, dtype=torch.float32), rnd(s_comp, di)
+    qi, w = rnd(t, hi, di), rnd(t, hi, dtype=torch.float32)
     n_vis = torch.full((t,), s_comp, device=dev, dtype=torch.int32)
-    out.append(
-        Case(
-            name,
-            phase,
-            "indexer_scores",
-            f"T={t} Hi={hi} Di={di} S={s_comp}",
-            _nbytes(qi, w, keys) + t * s_comp * 4.0,
-            2.0 * t * hi * s_comp * di,
-            lambda b, a=(qi, w, keys, n_vis): b.indexer_scores(*a),
-        )
-    )
     # The paged ops the model calls, over a deployed-format cache (packed FP8 / FP4 rows in place).
     rd = cfg.qk_rope_head_dim if not small else 16
     ring = kv_format.pack_main(rnd(t * win, d, dtype=torch.float32), rd)
@@ -190,21 +168,6 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
             lambda b, a=(scores, topk): b.indexer_topk(*a),
         )
     )
-    # Gated pooling: CSA (8 overlapped candidates) and HCA (128 tokens), fp32 like the compressor.
-    for kind, length in (("csa", 8), ("hca", 128)):
-        blocks = t if decode else max(1, t // (4 if kind == "csa" else 128))  # entries closed
-        v, g = rnd(blocks, length, d, dtype=torch.float32), rnd(blocks, length, d, dtype=torch.float32)
-        out.append(
-            Case(
-                name,
-                phase,
-                f"gated_pool_{kind}",
-                f"B={blocks} L={length} C={d}",
-                _nbytes(v, g) + blocks * d * 4.0,
-                4.0 * blocks * length * d,
-                lambda b, a=(v, g): b.gated_pool(*a),
-            )
-        )
     # Routed experts of one shard: every token picks k of the shard's experts.
     x = rnd(t, dm)
     ids = torch.rand(t, e_local, generator=gen, device=dev).argsort(1)[:, :k_act]  # k distinct

@@ -1,9 +1,6 @@
-"""The lightning indexer: head-weighted ReLU scores over visible compressed keys, and top-k.
+"""The lightning indexer's top-k (its scores are kernels/paged.py's paged_indexer_scores).
 
-Scores: one program per (query token, block of keys); the key block is loaded once and reused by
-every block of indexer heads. Blocks wholly past the token's visible count only write -inf.
-
-Top-k: a select without sorting, one program per block of rows (one row on a GPU, all rows in the
+A select without sorting, one program per block of rows (one row on a GPU, all rows in the
 interpreter). Scores map to int32 keys that order like the floats; a 32-step binary search finds
 the k-th largest key (each step counts the keys at or above a candidate), then one pass writes
 every index above it plus enough ties (lowest index first), in ascending index order. The result is
@@ -16,91 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.launch import dot_dtype, interpreting, pow2
-
-
-@triton.jit
-def _indexer_scores_kernel(
-    q_ptr,
-    w_ptr,
-    k_ptr,
-    nvis_ptr,
-    out_ptr,
-    H,
-    S,
-    D,
-    sq_t,
-    sq_h,
-    sw_t,
-    sw_h,
-    sk,
-    so_t,
-    BLOCK_H: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31
-    s0 = tl.program_id(1) * BLOCK_S
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_vis = tl.load(nvis_ptr + t)
-    visible = offs_s < n_vis
-    acc = tl.zeros([BLOCK_S], tl.float32)
-    if s0 < n_vis:
-        keys = tl.load(
-            k_ptr + offs_s[:, None] * sk + offs_d[None, :], mask=visible[:, None] & (offs_d < D)[None, :], other=0.0
-        ).to(DOT)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = offs_h < H
-            q = tl.load(
-                q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :],
-                mask=h_ok[:, None] & (offs_d < D)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32)
-            s = tl.dot(q.to(DOT), tl.trans(keys), input_precision="ieee")  # [BLOCK_H, BLOCK_S]
-            acc += tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
-    tl.store(out_ptr + t * so_t + offs_s, tl.where(visible, acc, float("-inf")), mask=offs_s < S)
-
-
-def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
-    t, h, d = q.shape
-    s = k.shape[0]
-    q, k = q.contiguous(), k.contiguous()
-    n_visible = n_visible.to(device=q.device, dtype=torch.int32).contiguous()
-    out = torch.empty(t, s, dtype=torch.float32, device=q.device)
-    if t == 0 or s == 0:
-        return out
-    if interpreting():
-        block_s, block_h = min(pow2(s, 16), 256), min(pow2(h, 16), 64)
-    elif dot_dtype(q) == tl.float32:  # FMA dots: small tiles keep them out of local memory
-        block_s, block_h = 32, 16
-    else:
-        block_s, block_h = 64, min(pow2(h, 16), 64)
-    _indexer_scores_kernel[(t, triton.cdiv(s, block_s))](
-        q,
-        w,
-        k,
-        n_visible,
-        out,
-        h,
-        s,
-        d,
-        q.stride(0),
-        q.stride(1),
-        w.stride(0),
-        w.stride(1),
-        k.stride(0),
-        out.stride(0),
-        BLOCK_H=block_h,
-        BLOCK_S=block_s,
-        BLOCK_D=pow2(d, 16),
-        DOT=dot_dtype(q),
-        num_warps=4,
-    )
-    return out
+from v4d.kernels.launch import interpreting, pow2
 
 
 @triton.jit

@@ -72,20 +72,6 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """o[T,H,D]: softmax with a per-head sink over kv rows idx[t] (-1 = masked), values = keys."""
-    op = "sparse_attention"
-    _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
-    t, h, d = q.shape
-    _expect(kv.dim() == 2 and kv.shape[1] == d, op, f"kv of shape [N,{d}]", _shape(kv))
-    _expect(idx.dim() == 2 and idx.shape[0] == t, op, f"idx of shape [{t},K]", _shape(idx))
-    _expect(idx.dtype in (torch.int32, torch.int64), op, "idx int32 or int64", idx.dtype)
-    _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
-    return backend(q.device).sparse_attention(q, kv, idx, sink, float(scale))
-
-
 def paged_sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -96,7 +82,7 @@ def paged_sparse_attention(
     scale: float,
     rope_dim: int,
 ) -> torch.Tensor:
-    """o[T,H,D] like `sparse_attention`, with idx addressing kv [N,D] (j < N), then the flattened
+    """o[T,H,D] like `reference.sparse_attention`, with idx addressing kv [N,D] (j < N), then the flattened
     window rings [R,*] and the flattened page store [S,*] (plain rows or packed deployed entries),
     read in place: one call serves every sequence of the batch."""
     op = "paged_sparse_attention"
@@ -114,18 +100,6 @@ def paged_sparse_attention(
     _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
     _expect(0 <= rope_dim <= d, op, f"rope_dim in 0..{d}", rope_dim)
     return backend(q.device).paged_sparse_attention(q, kv, ring, store, idx, sink, float(scale), int(rope_dim))
-
-
-def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
-    """scores[T,S] (fp32) = sum_h w[t,h] relu(q[t,h] . k[s]); -inf where s >= n_visible[t]."""
-    op = "indexer_scores"
-    _expect(q.dim() == 3, op, "q of shape [T,Hi,Di]", _shape(q))
-    t, h, d = q.shape
-    _expect(_shape(w) == [t, h], op, f"w of shape [{t},{h}]", _shape(w))
-    _expect(k.dim() == 2 and k.shape[1] == d, op, f"k of shape [S,{d}]", _shape(k))
-    _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
-    _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
-    return backend(q.device).indexer_scores(q, w, k, n_visible)
 
 
 def paged_indexer_scores(
@@ -164,14 +138,6 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return backend(scores.device).indexer_topk(scores, k)
 
 
-def gated_pool(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """[B,C]: per-channel softmax over L of gates weighting values (-inf gate = padded slot)."""
-    op = "gated_pool"
-    _expect(values.dim() == 3, op, "values of shape [B,L,C]", _shape(values))
-    _expect(gates.shape == values.shape, op, f"gates of shape {_shape(values)}", _shape(gates))
-    return backend(values.device).gated_pool(values, gates)
-
-
 def gated_pool_indexed(
     kv: torch.Tensor,
     score: torch.Tensor,
@@ -180,7 +146,7 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
 ) -> torch.Tensor:
-    """[E,C]: `gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
+    """[E,C]: `reference.gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
     or of the state tails [R,W] (j - N); -1 pads. overlap (CSA): C = W/2, the first L/2 candidates
     pool channels [:C] and the rest [C:]; else C = W."""
     op = "gated_pool_indexed"

@@ -6,8 +6,9 @@ Packed rows (kernels/kv_format.py) are decoded inline from their bytes: E4M3 by 
 as the high half of an fp32, E2M1 by its 2-bit exponent and 1-bit mantissa, UE8M0 scales as
 2**(byte - 127). Plain rows (fp32 / bf16) are loaded as they are.
 
-- paged_sparse_attention: one program per (query row, block of heads), the online softmax of
-  sparse_attention.py over one index space spanning fresh rows, rings and pages.
+- paged_sparse_attention: one program per (query row, block of heads), an online (flash-style)
+  softmax started from the sink (running max = sink, running sum = 1), so a row with no valid index
+  ends as 0 / 1 = 0, over one index space spanning fresh rows, rings and pages.
 - gated_pool_indexed: one program per (closing entry, block of channels).
 - paged_indexer_scores: one program per (query row, block of entries); an entry's key row comes
   from the row's block table.
@@ -21,7 +22,8 @@ import triton.language as tl
 
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes
 from v4d.kernels.launch import dot_dtype, interpreting, pow2
-from v4d.kernels.sparse_attention import LOG2E
+
+LOG2E = 1.4426950408889634
 
 
 @triton.jit

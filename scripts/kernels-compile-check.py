@@ -66,13 +66,7 @@ def calls(dtype: torch.dtype) -> None:
         return torch.randn(*shape, generator=g).to(dt)
 
     tb = triton_backend
-    tb.sparse_attention(
-        r(4, 64, 512), r(300, 512), torch.randint(-1, 300, (4, 40), dtype=torch.int32), r(64, dt=torch.float32), 0.04
-    )
-    tb.indexer_scores(r(4, 64, 128), r(4, 64), r(100, 128), torch.tensor([0, 10, 50, 100]))
     tb.indexer_topk(r(4, 100, dt=torch.float32), 16)
-    tb.gated_pool(r(3, 8, 512), r(3, 8, 512))
-    tb.gated_pool(r(2, 128, 512), r(2, 128, 512))
     tb.moe_experts(
         r(8, 256),
         torch.randint(-1, 4, (8, 6)),

@@ -159,9 +159,16 @@ def test_ops_cpu_dispatch_uses_reference(monkeypatch, mode, gen):
 def test_ops_rejects_bad_shapes_and_modes(monkeypatch):
     from v4d.kernels import ops
 
-    with pytest.raises(ValueError, match=r"sparse_attention: expected kv of shape \[N,4\], got \[3, 5\]"):
-        ops.sparse_attention(
-            torch.zeros(2, 2, 4), torch.zeros(3, 5), torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2), 1.0
+    with pytest.raises(ValueError, match=r"paged_sparse_attention: expected kv of shape \[N,4\], got \[3, 5\]"):
+        ops.paged_sparse_attention(
+            torch.zeros(2, 2, 4),
+            torch.zeros(3, 5),
+            torch.zeros(1, 4),
+            None,
+            torch.zeros(2, 1, dtype=torch.int32),
+            torch.zeros(2),
+            1.0,
+            0,
         )
     with pytest.raises(ValueError, match=r"hc_pre: expected pre of shape \[2, 4\]"):
         ops.hc_pre(torch.zeros(2, 4, 8), torch.zeros(2, 3))
@@ -177,4 +184,4 @@ def test_ops_rejects_bad_shapes_and_modes(monkeypatch):
         )
     monkeypatch.setenv("V4D_KERNELS", "cuda")
     with pytest.raises(ValueError, match="V4D_KERNELS='cuda': expected one of auto, reference, triton"):
-        ops.gated_pool(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+        ops.indexer_topk(torch.zeros(1, 3), 1)
