@@ -15,22 +15,7 @@ from v4d.serving import sizing
 from v4d.serving.config import get_preset
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.model import Transformer, init_weights
-
-OPS = [
-    "paged_sparse_attention",
-    "paged_indexer_scores",
-    "indexer_topk",
-    "gated_pool_indexed",
-    "moe_experts",
-    "hc_split_sinkhorn",
-    "hc_pre",
-    "hc_post",
-    "rms_norm",
-    "rope",
-    "pack_main",
-    "pack_index",
-    "unpack_main",
-]
+from v4d.serving.model.opcount import OP_NAMES
 
 
 @torch.inference_mode()
@@ -45,6 +30,20 @@ def run(model: Transformer, ids: torch.Tensor, chunks: list[int], fmt: str) -> t
     return torch.cat(out).cpu()
 
 
+def count_triton_calls(monkeypatch: pytest.MonkeyPatch, names) -> dict[str, int]:
+    """Count the calls that reach each Triton launcher in `names` (they still run)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        fn = getattr(triton_backend, name)
+
+        def counted(*args, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+
+        monkeypatch.setattr(triton_backend, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "deployed"])
 def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch, device: torch.device, fmt: str):
     cfg = replace(get_preset("v4-tiny-fast"), num_hidden_layers=3, compress_ratios=(0, 4, 16, 0))
@@ -55,15 +54,7 @@ def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("V4D_KERNELS", "reference")
     want = run(model, ids, chunks, fmt)
 
-    calls = dict.fromkeys(OPS, 0)
-    for name in OPS:
-        fn = getattr(triton_backend, name)
-
-        def counted(*args, _fn=fn, _name=name):
-            calls[_name] += 1
-            return _fn(*args)
-
-        monkeypatch.setattr(triton_backend, name, counted)
+    calls = count_triton_calls(monkeypatch, OP_NAMES)
     monkeypatch.setenv("V4D_KERNELS", "triton")
     got = run(model, ids, chunks, fmt)
 
@@ -112,21 +103,13 @@ def test_deployed_precision_triton_path_equals_reference_path(monkeypatch: pytes
     chunks = [29, 1, 1, 1, 1]
     monkeypatch.setenv("V4D_KERNELS", "reference")
     want = run(model, ids, chunks, "deployed").float()
-    calls = {"fp8_linear": 0, "moe_experts": 0}
-    for name in calls:
-        fn = getattr(triton_backend, name)
-
-        def counted(*args, _fn=fn, _name=name):
-            calls[_name] += 1
-            return _fn(*args)
-
-        monkeypatch.setattr(triton_backend, name, counted)
+    calls = count_triton_calls(monkeypatch, ("fp8_linear", "moe_experts"))
     monkeypatch.setenv("V4D_KERNELS", "triton")
     got = run(model, ids, chunks, "deployed").float()
     assert all(calls.values()), calls
     assert torch.isfinite(want).all()
     # bf16 activations: the paths round differently and a random model amplifies it. Swapping any one
-    # kernel alone (sparse_attention, moe_experts or fp8_linear) moves the logits by a median 4-5%
+    # kernel alone (paged_sparse_attention, moe_experts or fp8_linear) moves the logits by a median 4-5%
     # (max 0.17-0.35) relative to their norm; a wrong scale or nibble would move them by ~100%.
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert err.median() < 0.1 and err.max() < 0.5, err
