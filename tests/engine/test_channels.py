@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from helpers.experts import CFG, D, E, all_experts, expert_tensors
 
-from v4d.kernels import ops
-from v4d.serving.config import TINY
 from v4d.serving.engine.transport import ChannelTransport, RemoteExperts, SlotMap
 from v4d.serving.errors import ShardUnavailable
-from v4d.serving.experts import ShardExperts, expert_prefix
+from v4d.serving.experts import ShardExperts
 from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, set_tag
 
-CFG = TINY
-E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
 LAYERS = 2  # slots for MoE layers 0 and 1 only
 LAYOUT = {"a": list(range(0, 8)), "b": list(range(8, 16)), "c": [0, 1, 2, 3]}  # 0..3 also on c
 
@@ -51,24 +48,6 @@ def kill(actor) -> None:
         time.sleep(0.05)
 
 
-def make_tensors():
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for layer in range(LAYERS):
-        for e in range(E):
-            p = f"{expert_prefix(CFG, layer)}.ffn.experts.{e}"
-            out[f"{p}.w1.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
-            out[f"{p}.w3.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
-            out[f"{p}.w2.weight"] = torch.randn(D, INTER, generator=g) / INTER**0.5
-    return out
-
-
-def full(tensors, layer, x, ids, w):
-    p = expert_prefix(CFG, layer)
-    stack = [torch.stack([tensors[f"{p}.ffn.experts.{e}.{n}.weight"] for e in range(E)]) for n in ("w1", "w3", "w2")]
-    return ops.moe_experts(x, ids, w, *stack, CFG.swiglu_limit)
-
-
 def batch(t, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, D, generator=g)
@@ -80,7 +59,7 @@ def batch(t, seed=1):
 def world(serve_instance):
     torch.set_num_threads(1)
     rdv = f"test-rdv-{uuid.uuid4().hex[:8]}"
-    tensors = make_tensors()
+    tensors = expert_tensors(LAYERS)
     slots = {n: [list(s)] * LAYERS for n, s in LAYOUT.items()}
     actors = {n: [ShardReplica.remote(rdv, n, s, tensors)] for n, s in slots.items()}
     ray.get([a[0].replica.remote() for a in actors.values()])
@@ -100,7 +79,9 @@ def test_channels_equal_all_experts_in_one_place(world, tokens):
     _, tensors, _, _, _, remote = world
     for layer in range(LAYERS):
         x, ids, w = batch(tokens, seed=layer)
-        torch.testing.assert_close(remote(layer, x, ids, w), full(tensors, layer, x, ids, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            remote(layer, x, ids, w), all_experts(tensors, layer, x, ids, w), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_two_micro_batches_in_flight_at_once(world):
@@ -119,7 +100,7 @@ def test_two_micro_batches_in_flight_at_once(world):
         t.join(60)
     for i in range(2):
         for y in out[i]:
-            torch.testing.assert_close(y, full(tensors, 1, *inputs[i]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, all_experts(tensors, 1, *inputs[i]), rtol=1e-5, atol=1e-5)
 
 
 def test_membership_changes_re_form_channels(world):
@@ -136,7 +117,7 @@ def test_membership_changes_re_form_channels(world):
     ids = ids % 8  # shard a's experts (0..3 also on c)
     kill(actors["a"].pop(0))
     for _ in range(4):  # every call completes: on the surviving replica of a, or on c
-        torch.testing.assert_close(remote(0, x, ids, w), full(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(remote(0, x, ids, w), all_experts(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
     assert len(transport._live("a")) == 1
     deadline = time.monotonic() + 30  # the killed replica stops polling and leaves the membership
     while sum(s == "a" for s in ray.get(rendezvous(rdv).shards.remote()).values()) != 1:
@@ -155,7 +136,7 @@ def test_a_broken_channel_to_a_live_replica_is_re_formed(world):
     assert transport._live("c")[0] is not old
     x, ids, w = batch(4)
     ids = ids % 4
-    torch.testing.assert_close(remote(1, x, ids, w), full(tensors, 1, x, ids, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(remote(1, x, ids, w), all_experts(tensors, 1, x, ids, w), rtol=1e-5, atol=1e-5)
 
 
 def test_shard_unavailable_when_no_copy_is_left(world):
@@ -168,7 +149,7 @@ def test_shard_unavailable_when_no_copy_is_left(world):
         remote(0, x, ids, w)
     assert time.monotonic() - t0 < 10
     ok = ids % 4  # experts 0..3: copies on a and c
-    torch.testing.assert_close(remote(0, x, ok, w), full(tensors, 0, x, ok, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(remote(0, x, ok, w), all_experts(tensors, 0, x, ok, w), rtol=1e-5, atol=1e-5)
 
 
 def test_a_transport_pairs_only_with_its_shards(world):

@@ -2,35 +2,18 @@
 
 import pytest
 import torch
+from helpers.experts import CFG, D, E, all_experts, expert_tensors
 
-from v4d.kernels import ops
-from v4d.serving.config import TINY
 from v4d.serving.engine.transport import InProcessTransport, RemoteExperts, SlotMap
 from v4d.serving.errors import ShardUnavailable
-from v4d.serving.experts import ShardExperts, expert_prefix
+from v4d.serving.experts import ShardExperts
 
-CFG = TINY
-E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
 LAYERS = CFG.num_hidden_layers + CFG.num_nextn_predict_layers
 
 
 @pytest.fixture(scope="module")
 def tensors():
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for layer in range(LAYERS):
-        for e in range(E):
-            p = f"{expert_prefix(CFG, layer)}.ffn.experts.{e}"
-            out[f"{p}.w1.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
-            out[f"{p}.w3.weight"] = torch.randn(INTER, D, generator=g) / D**0.5
-            out[f"{p}.w2.weight"] = torch.randn(D, INTER, generator=g) / INTER**0.5
-    return out
-
-
-def full(tensors, layer, x, ids, w):
-    p = expert_prefix(CFG, layer)
-    stack = [torch.stack([tensors[f"{p}.ffn.experts.{e}.{n}.weight"] for e in range(E)]) for n in ("w1", "w3", "w2")]
-    return ops.moe_experts(x, ids, w, *stack, CFG.swiglu_limit)
+    return expert_tensors(LAYERS)
 
 
 def shards_of(slots_by_shard):
@@ -62,7 +45,7 @@ def backend(tensors, layout=LAYOUT, broken=()):
 def test_remote_equals_all_experts_in_one_place(tensors, layer):
     x, ids, w = batch()
     y = backend(tensors)(layer, x, ids, w)
-    torch.testing.assert_close(y, full(tensors, layer, x, ids, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, all_experts(tensors, layer, x, ids, w), rtol=1e-5, atol=1e-5)
 
 
 def test_redundant_copies_share_the_load(tensors):
@@ -72,7 +55,7 @@ def test_redundant_copies_share_the_load(tensors):
     w = torch.rand(40, 2)
     be = backend(tensors)
     y = be(0, x, ids, w)
-    torch.testing.assert_close(y, full(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, all_experts(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
     assert be.load["b"] == 40 and be.load["a"] + be.load["c"] == 40 and abs(be.load["a"] - be.load["c"]) <= 1
     assert be.balance() == pytest.approx(40 / (80 / 3))
 
@@ -82,7 +65,7 @@ def test_failed_shard_is_retried_on_redundant_copies(tensors):
     ids = ids % 4  # only experts 0..3, all of which also live on "c"
     be = backend(tensors, broken=("a",))
     y = be(2, x, ids, w)
-    torch.testing.assert_close(y, full(tensors, 2, x, ids, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, all_experts(tensors, 2, x, ids, w), rtol=1e-5, atol=1e-5)
     assert be.load["a"] == 0 and "a" in be.failed_at
 
 
