@@ -24,6 +24,9 @@ CRD_FILES = (
     REPO / "manifests" / "crd" / f"{names.GROUP}_{names.PLURAL}.yaml",
     REPO / "charts" / "v4d" / "crds" / f"{names.GROUP}_{names.PLURAL}.yaml",
 )
+# The README carries `reference_markdown()` between these markers.
+README = REPO / "README.md"
+REFERENCE_START, REFERENCE_END = "<!-- crd-reference:start -->\n", "<!-- crd-reference:end -->"
 
 _DROP = {"title", "$defs"}
 
@@ -197,9 +200,21 @@ def render_yaml() -> str:
     )
 
 
+def readme_reference() -> str:
+    """The field reference block currently in the README."""
+    return README.read_text().split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0]
+
+
 def write_files() -> list[Path]:
+    """Rewrite every committed copy: the CRD files and the README's field reference."""
     text = render_yaml()
     for path in CRD_FILES:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    return list(CRD_FILES)
+    doc = README.read_text()
+    README.write_text(
+        doc.replace(
+            REFERENCE_START + readme_reference() + REFERENCE_END, REFERENCE_START + reference_markdown() + REFERENCE_END
+        )
+    )
+    return [*CRD_FILES, README]

@@ -8,7 +8,11 @@ from v4d.operator import crd as crd_mod
 
 
 @click.command("crd")
-@click.option("--write", is_flag=True, help="Also rewrite the committed copies under manifests/ and charts/.")
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Also rewrite the committed copies: manifests/, charts/ and the README's field reference.",
+)
 @click.option("--markdown", is_flag=True, help="Print the field reference (markdown tables) instead of the CRD.")
 def command(write: bool, markdown: bool) -> None:
     """Print the V4Deployment CustomResourceDefinition (apiextensions.k8s.io/v1) as YAML."""
