@@ -294,6 +294,43 @@ def prefill_chunk(model: Transformer, tokens: int, device: torch.device) -> floa
     return once()
 
 
+def kernel_profile(model: Transformer, batch: int, context: int, device: torch.device) -> tuple[dict, str]:
+    """CUDA kernels of one eager decode step and one graph replay at `batch` (torch profiler): real
+    launches per layer (kernels per step / layers) and the table of the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kv, seqs = filled_cache(model.cfg, batch, context, device, spare=8)
+    ids = torch.randint(0, model.cfg.vocab_size, (batch,))
+    graphs = DecodeGraphs(
+        model, kv, len(seqs[0].page_ids), scratch_slot=kv.num_slots - 1, scratch_page=kv.num_pages - 1
+    )
+    batch_rows = [(ids[b : b + 1], s) for b, s in enumerate(seqs)]
+    result, tables = {}, []
+    with torch.inference_mode():
+        for mode in ("eager", "graph"):
+            run = partial(model, batch_rows, kv) if mode == "eager" else partial(graphs, batch_rows)
+            if mode == "graph" and not graphs.use_graphs:
+                continue
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
+            result[mode] = {
+                "kernels_per_step": len(kernels),
+                "kernels_per_layer": len(kernels) / model.cfg.num_hidden_layers,
+                "gpu_busy_s": busy,
+            }
+            tables.append(
+                f"== {mode} decode step, batch {batch}, {context} context: {len(kernels)} kernels, "
+                f"GPU busy {busy * 1e3:.2f} ms ==\n"
+                + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)
+            )
+    return result, "\n".join(tables)
+
+
 def capacity() -> dict[str, int] | None:
     """Engine vs planner capacity for the flash-h200 example (None where the operator side is not
     installed, e.g. on a bare GPU box)."""
@@ -320,6 +357,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result object as the last line")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--profile", type=int, metavar="BATCH", help="CUDA: profile one decode step at this batch")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
@@ -333,6 +371,18 @@ def main() -> None:
     ctx, ctx_rest = by_context(model, [4096, 65536, 262144], 5, device)  # cheap: one sequence
     prefill = prefill_chunk(model, 4096, device)
     cap = capacity()
+    profiled = None
+    if args.profile and device.type == "cuda":
+        profiled, table = kernel_profile(model, args.profile, 8192, device)
+        (args.out.parent / "decode-profile.txt").write_text(table + "\n")
+        print(
+            f"\nCUDA kernels per decode step at batch {args.profile}: "
+            + ", ".join(
+                f"{m}: {r['kernels_per_step']} ({r['kernels_per_layer']:.0f} per layer, "
+                f"GPU busy {r['gpu_busy_s'] * 1e3:.2f} ms)"
+                for m, r in profiled.items()
+            )
+        )
     print(
         f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)"
@@ -372,6 +422,7 @@ def main() -> None:
         "kv_capacity_tokens": {k: cap[k] for k in ("engine", "planner")} if cap else None,
         "batches": rows,
         "prefill_4k": {"tokens": 4096, "seconds": prefill, "tokens_per_s": 4096 / prefill},
+        "cuda_kernels": profiled,
         "bandwidth_bytes_s": bw,
         "device": device.type,
         "quick": args.quick,
