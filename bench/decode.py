@@ -176,10 +176,13 @@ def decode_steps(model: Transformer, kv: KVCache, seqs: list[SeqCache], steps: i
 
 # -- bytes read per step ----------------------------------------------------------------------------
 def step_bytes(model: Transformer, batch: int, context: int) -> tuple[int, int]:
-    """(weight bytes, KV bytes) one decode step reads: dense weights once, routed experts the batch
-    can touch (min(E, batch * k) per layer), the embedding rows used; KV per sequence as documented."""
+    """(weight bytes, KV bytes) one decode step reads: dense weights once, the routed experts the
+    batch touches (expected distinct experts under uniform routing, E (1 - (1 - k/E)^batch) per
+    layer: k at batch 1, about 200 of 256 at batch 64), the embedding rows used; KV per sequence as
+    documented."""
     cfg = model.cfg
-    touched = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok) / cfg.n_routed_experts
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = 1 - (1 - k / e) ** batch
     weights = 0
     for name, p in model.named_parameters():
         if name.startswith("mtp."):
@@ -357,7 +360,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result object as the last line")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--profile", type=int, metavar="BATCH", help="CUDA: profile one decode step at this batch")
+    ap.add_argument(
+        "--profile", type=int, action="append", default=[], metavar="BATCH", help="CUDA: profile a decode step at BATCH"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
@@ -371,18 +376,20 @@ def main() -> None:
     ctx, ctx_rest = by_context(model, [4096, 65536, 262144], 5, device)  # cheap: one sequence
     prefill = prefill_chunk(model, 4096, device)
     cap = capacity()
-    profiled = None
-    if args.profile and device.type == "cuda":
-        profiled, table = kernel_profile(model, args.profile, 8192, device)
-        (args.out.parent / "decode-profile.txt").write_text(table + "\n")
+    profiled, tables = {}, []
+    for b in args.profile if device.type == "cuda" else []:
+        profiled[str(b)], table = kernel_profile(model, b, 8192, device)
+        tables.append(table)
         print(
-            f"\nCUDA kernels per decode step at batch {args.profile}: "
+            f"\nCUDA kernels per decode step at batch {b}: "
             + ", ".join(
                 f"{m}: {r['kernels_per_step']} ({r['kernels_per_layer']:.0f} per layer, "
                 f"GPU busy {r['gpu_busy_s'] * 1e3:.2f} ms)"
-                for m, r in profiled.items()
+                for m, r in profiled[str(b)].items()
             )
         )
+    if tables:
+        (args.out.parent / "decode-profile.txt").write_text("\n".join(tables) + "\n")
     print(
         f"\nDecode steps at 8K context ({device.type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)"
@@ -422,7 +429,7 @@ def main() -> None:
         "kv_capacity_tokens": {k: cap[k] for k in ("engine", "planner")} if cap else None,
         "batches": rows,
         "prefill_4k": {"tokens": 4096, "seconds": prefill, "tokens_per_s": 4096 / prefill},
-        "cuda_kernels": profiled,
+        "cuda_kernels": profiled or None,
         "bandwidth_bytes_s": bw,
         "device": device.type,
         "quick": args.quick,

@@ -200,7 +200,10 @@ def _combine_kernel(
 def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
     """Tiles of BLOCK_M sorted pairs: (count, expert per tile (-1 for surplus tiles), first row,
     end row). `bound` sizes the grid without a host sync; None reads the exact count back."""
-    count = torch.bincount(expert, minlength=e + 1)[:e]
+    # scatter_add, not bincount: CUDA's bincount reads the max back to the host (no graph capture)
+    count = torch.zeros(e + 1, dtype=torch.int64, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )[:e]
     start = torch.cumsum(count, 0) - count
     tiles = torch.div(count + bm - 1, bm, rounding_mode="floor")
     ends = torch.cumsum(tiles, 0)
@@ -211,6 +214,12 @@ def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
     row = start[ec] + (g - (ends[ec] - tiles[ec])) * bm
     tile_e = torch.where(te < e, te, -1).to(torch.int32)
     return n_tiles, tile_e, row.to(torch.int32), (start[ec] + count[ec]).to(torch.int32)
+
+
+def expert_tiles(pairs: int, e: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N up, BLOCK_N down, BLOCK_K, warps, stages) of the compiled expert kernels;
+    8 warps: no register spills (sm_90)."""
+    return 64, 64, 64, 64, 8, 3
 
 
 def moe_experts(
@@ -241,10 +250,10 @@ def moe_experts(
     expert = torch.where((flat >= 0) & (flat < e), flat, e)  # e = not local
     order = torch.argsort(expert, stable=True).to(torch.int32)
     if interpreting():  # few programs and loop steps: the interpreter pays per op
-        bm, bn_up, bn_down, bk, warps = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4
+        bm, bn_up, bn_down, bk, warps, stages = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4, 1
         bound = None
     else:
-        bm, bn_up, bn_down, bk, warps = 64, 64, 64, 64, 8  # 8 warps: no register spills (sm_90)
+        bm, bn_up, bn_down, bk, warps, stages = expert_tiles(pairs, e)
         bound = min(pairs, triton.cdiv(pairs, bm) + e)
     n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
     if n_tiles == 0:
@@ -279,6 +288,7 @@ def moe_experts(
         DOT=dot,
         FP4=fp4,
         num_warps=warps,
+        num_stages=stages,
     )
     _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
         h,
@@ -304,6 +314,7 @@ def moe_experts(
         DOT=dot,
         FP4=fp4,
         num_warps=warps,
+        num_stages=stages,
     )
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](

@@ -6,9 +6,11 @@ Packed rows (kernels/kv_format.py) are decoded inline from their bytes: E4M3 by 
 as the high half of an fp32, E2M1 by its 2-bit exponent and 1-bit mantissa, UE8M0 scales as
 2**(byte - 127). Plain rows (fp32 / bf16) are loaded as they are.
 
-- paged_sparse_attention: one program per (query row, block of heads), an online (flash-style)
-  softmax started from the sink (running max = sink, running sum = 1), so a row with no valid index
-  ends as 0 / 1 = 0, over one index space spanning fresh rows, rings and pages.
+- paged_sparse_attention: one program per (query row, block of heads, split of the row's indices),
+  an online (flash-style) softmax started from the sink (running max = sink, running sum = 1), so a
+  row with no valid index ends as 0 / 1 = 0, over one index space spanning fresh rows, rings and
+  pages. Small batches split each row's indices across programs (flash-decoding) and merge the
+  partial states in a second kernel.
 - gated_pool_indexed: one program per (closing entry, block of channels).
 - paged_indexer_scores: one program per (query row, block of entries); an entry's key row comes
   from the row's block table.
@@ -73,8 +75,10 @@ def _paged_attention_kernel(
     idx_ptr,
     sink_ptr,
     o_ptr,
+    part_ptr,
     H,
     K,
+    K_SPLIT,
     D,
     N,
     R,
@@ -87,17 +91,25 @@ def _paged_attention_kernel(
     sidx,
     so_t,
     so_h,
+    sp_s,
+    sp_t,
+    sp_h,
     NOPE: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_STORE: tl.constexpr,
+    SPLIT: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
 ):
+    """Program (query row, block of heads, split): indices split*K_SPLIT.. of the row. Unsplit it
+    writes the output; split, its partial state per head as [running max, sum, unnormalised
+    output[0..D)] to part_ptr, merged by _attention_merge_kernel."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    sp = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok, d_ok = offs_h < H, offs_d < D
     q = tl.load(
@@ -105,11 +117,17 @@ def _paged_attention_kernel(
     ).to(tl.float32)
     q = (q * qk_scale).to(DOT)
     m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
-    den = tl.full([BLOCK_H], 1.0, tl.float32)
+    # the sink's own weight is counted once: here unsplit, in the merge when split
+    if SPLIT:
+        den = tl.zeros([BLOCK_H], tl.float32)
+    else:
+        den = tl.full([BLOCK_H], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = sp * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_ptr + t * sidx + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
+        ids = tl.load(idx_ptr + t * sidx + offs_k, mask=offs_k < k_hi, other=-1).to(tl.int64)
         ok = ids >= 0
         fresh = ok & (ids < N)
         in_ring = (ids >= N) & (ids < N + R)
@@ -128,12 +146,80 @@ def _paged_attention_kernel(
         den = den * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), rows, input_precision="ieee")
         m = m_new
-    o = acc / den[:, None]
+    if SPLIT:
+        base = part_ptr + sp.to(tl.int64) * sp_s + t * sp_t + offs_h.to(tl.int64) * sp_h
+        tl.store(base, m, mask=h_ok)
+        tl.store(base + 1, den, mask=h_ok)
+        tl.store(base[:, None] + 2 + offs_d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(
+            o_ptr + t * so_t + offs_h[:, None] * so_h + offs_d[None, :],
+            (acc / den[:, None]).to(o_ptr.dtype.element_ty),
+            mask=h_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _attention_merge_kernel(
+    part_ptr,
+    sink_ptr,
+    o_ptr,
+    H,
+    D,
+    S,
+    sp_s,
+    sp_t,
+    sp_h,
+    so_t,
+    so_h,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (query row, block of heads): the splits' partial states merged as the unsplit
+    kernel's online softmax would have, starting from the sink (max = sink, sum = 1)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok, d_ok = offs_h < H, offs_d < D
+    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
+    den = tl.full([BLOCK_H], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for sp in range(0, S):
+        base = part_ptr + sp * sp_s + t * sp_t + offs_h.to(tl.int64) * sp_h
+        m_s = tl.load(base, mask=h_ok, other=0.0)
+        den_s = tl.load(base + 1, mask=h_ok, other=0.0)
+        acc_s = tl.load(base[:, None] + 2 + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        a, b = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+        den = den * a + den_s * b
+        acc = acc * a[:, None] + acc_s * b[:, None]
+        m = m_new
     tl.store(
         o_ptr + t * so_t + offs_h[:, None] * so_h + offs_d[None, :],
-        o.to(o_ptr.dtype.element_ty),
+        (acc / den[:, None]).to(o_ptr.dtype.element_ty),
         mask=h_ok[:, None] & d_ok[None, :],
     )
+
+
+def attention_blocks(h: int, d: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_K, warps, stages) of the compiled attention kernel. 16-bit rows of 512 dims
+    (V4's single KV head): all heads of a query in one program, so each selected row is loaded once
+    per query, not once per 16 heads (fastest of 11 configs timed on an H200, docs/kernels.md: 0.36
+    against 0.90 ms for 64 queries x 64 heads x 640 rows); fp32 rows: 16 heads x 16 rows keeps the
+    tiles in Hopper's 227 KB of shared memory."""
+    if d <= 128:
+        return 16, 64, 8, 3
+    return (64, 32, 8, 1) if itemsize < 4 else (16, 16, 8, 3)
+
+
+def attention_splits(programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """Splits of each row's indices (flash-decoding): enough programs for two per multiprocessor
+    when the batch alone gives fewer (otherwise a decode step of a few sequences walks each query's
+    640 rows in one program); one off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(k, block_k), triton.cdiv(2 * sms, programs)))
 
 
 def paged_sparse_attention(
@@ -158,20 +244,26 @@ def paged_sparse_attention(
     if t == 0 or h == 0:
         return o
     if interpreting():
-        block_h, block_k, warps = pow2(h, 16), min(pow2(k, 16), 128), 4
+        block_h, block_k, warps, stages = min(pow2(h, 16), 64), min(pow2(k, 16), 128), 4, 1
     else:
-        block_h, block_k, warps = 16, (32 if d > 128 else 64), 8
-    block_h = min(block_h, 64)
-    _paged_attention_kernel[(t, triton.cdiv(h, block_h))](
+        block_h, block_k, warps, stages = attention_blocks(h, d, q.element_size())
+    hb = triton.cdiv(h, block_h)
+    per = triton.cdiv(triton.cdiv(k, attention_splits(t * hb, k, block_k, q.device)), block_k) * block_k
+    splits = triton.cdiv(k, per)  # of `per` indices each, whole blocks
+    part = torch.empty(splits, t, h, 2 + d, dtype=torch.float32, device=q.device) if splits > 1 else o
+    sink2 = (sink.float() * LOG2E).contiguous()
+    _paged_attention_kernel[(t, hb, splits)](
         q,
         kv,
         ring,
         store_t,
         idx,
-        (sink.float() * LOG2E).contiguous(),
+        sink2,
         o,
+        part,
         h,
         k,
+        per,
         d,
         kv.shape[0],
         ring.shape[0],
@@ -184,16 +276,39 @@ def paged_sparse_attention(
         idx.stride(0),
         o.stride(0),
         o.stride(1),
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
         NOPE=d - rope_dim,
         PACKED=packed,
         HAS_STORE=store is not None,
+        SPLIT=splits > 1,
         GROUP=FP8_GROUP,
         BLOCK_H=block_h,
         BLOCK_K=block_k,
         BLOCK_D=pow2(d, 16),
         DOT=dot_dtype(q),
         num_warps=warps,
+        num_stages=stages,
     )
+    if splits > 1:
+        merge_h = min(pow2(h, 16), 16)
+        _attention_merge_kernel[(t, triton.cdiv(h, merge_h))](
+            part,
+            sink2,
+            o,
+            h,
+            d,
+            splits,
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            o.stride(0),
+            o.stride(1),
+            BLOCK_H=merge_h,
+            BLOCK_D=pow2(d, 16),
+            num_warps=4,
+        )
     return o
 
 

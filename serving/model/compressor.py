@@ -13,11 +13,11 @@ ring's), so one `gated_pool_indexed` call pools them all.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from v4d.kernels import ops
 from v4d.serving.model.cache import CompressorState
+from v4d.serving.model.linear import linear_fp32
 from v4d.serving.model.norm import RMSNorm
 from v4d.serving.model.rope import Rope
 from v4d.serving.model.step import Compression
@@ -36,8 +36,7 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and unbiased gate logits of every token of the batch, in fp32: [N, width] each."""
-        x = x.float()  # compression runs in fp32 whatever the model dtype
-        return F.linear(x, self.wkv.weight.float()), F.linear(x, self.wgate.weight.float())
+        return linear_fp32(x, self.wkv.weight), linear_fp32(x, self.wgate.weight)  # fp32 whatever the model dtype
 
     def update(
         self,

@@ -3,8 +3,9 @@
 A decode step launches a few hundred small kernels; replaying a captured graph removes their
 launch and Python overhead. Shapes must not change between replays, so a decode batch is padded to
 the next bucket size with rows of a scratch slot and page (their writes land there and nothing
-reads them), and its metadata is built as a static `Step` (serving/model/step.py) whose tensors
-are copied into the captured step's buffers before each replay. One graph per bucket is captured
+reads them). The graph holds the whole step: its metadata is derived on the device from four small
+inputs (token ids, positions, slots, block table; `Step.decode` in serving/model/step.py), so a
+replay costs two host-to-device copies and no per-step index building on the host. One graph per bucket is captured
 on first use from a step of padding rows only, so capturing never touches a live sequence.
 
 Only decode-only batches of at most the largest bucket whose sequences fit in `max_pages` take
@@ -53,18 +54,7 @@ class DecodeGraphs:
         device = kv.layer(0).window.device
         self.device = device
         self.use_graphs = (device.type == "cuda" and graphs_enabled()) if use_graphs is None else use_graphs
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Step, torch.Tensor]] = {}
-
-    def _step(self, chunks: list[tuple[int, int, int, Sequence[int]]], size: int) -> Step:
-        pad = [(0, 1, self.scratch_slot, [self.scratch_page])] * (size - len(chunks))
-        return Step.build(
-            self.model.cfg,
-            chunks + pad,
-            self.kv.num_slots,
-            self.device,
-            static_pages=self.max_pages,
-            scratch_page=self.scratch_page,
-        )
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, batch: Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]) -> list[torch.Tensor] | None:
         """Last-token logits per sequence of a decode-only batch, or None (run it eagerly)."""
@@ -72,35 +62,48 @@ class DecodeGraphs:
         ids = [torch.as_tensor(t, dtype=torch.long).flatten() for t, _ in batch]
         if size is None or any(t.numel() != 1 for t in ids) or any(len(s.page_ids) > self.max_pages for _, s in batch):
             return None
-        chunks = [(s.num_tokens, 1, s.slot, s.page_ids) for _, s in batch]
-        step = self._step(chunks, size)
-        tokens = torch.zeros(size, dtype=torch.long)
-        tokens[: len(batch)] = torch.cat(ids)
-        tokens = tokens.to(self.device)
+        # The step's four inputs, padding rows at position 0 of the scratch slot and page.
+        inputs = torch.zeros(3, size, dtype=torch.long)
+        inputs[0, : len(batch)] = torch.cat(ids)
+        inputs[1, : len(batch)] = torch.tensor([s.num_tokens for _, s in batch])
+        inputs[2] = self.scratch_slot
+        inputs[2, : len(batch)] = torch.tensor([s.slot for _, s in batch])
+        table = torch.full((size, self.max_pages), -1, dtype=torch.long)
+        table[:, 0] = self.scratch_page
+        for b, (_, s) in enumerate(batch):
+            table[b, : len(s.page_ids)] = torch.as_tensor(s.page_ids, dtype=torch.long)
         with torch.inference_mode():
             if self.use_graphs:
-                graph, static_ids, static_step, out = self._graph(size)
-                static_ids.copy_(tokens)
-                static_step.copy_(step)
+                graph, static_inputs, static_table, out = self._graph(size)
+                static_inputs.copy_(inputs, non_blocking=True)
+                static_table.copy_(table, non_blocking=True)
                 graph.replay()
                 logits = out.clone()
             else:
-                logits = self.model.logits(self.model.blocks(tokens, step, self.kv))
+                logits = self._forward(inputs.to(self.device), table.to(self.device))
         for _, seq in batch:
             seq.num_tokens += 1
         return list(logits[: len(batch)])
 
+    def _forward(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Logits of a static decode step: (token ids, positions, slots) rows and the block table."""
+        step = Step.decode(self.model.cfg, inputs[1], inputs[2], table, self.kv.num_slots, self.scratch_page)
+        return self.model.logits(self.model.blocks(inputs[0], step, self.kv))
+
     def _graph(self, size: int):
         if size not in self.graphs:
-            step = self._step([], size)  # padding rows only: capture writes nothing live
-            ids = torch.zeros(size, dtype=torch.long, device=self.device)
+            # padding rows only (scratch slot and page): capturing writes nothing live
+            inputs = torch.zeros(3, size, dtype=torch.long, device=self.device)
+            inputs[2] = self.scratch_slot
+            table = torch.full((size, self.max_pages), -1, dtype=torch.long, device=self.device)
+            table[:, 0] = self.scratch_page
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (allocator, kernel compilation) before capture
-                self.model.logits(self.model.blocks(ids, step, self.kv))
+                self._forward(inputs, table)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.model.logits(self.model.blocks(ids, step, self.kv))
-            self.graphs[size] = (graph, ids, step, out)
+                out = self._forward(inputs, table)
+            self.graphs[size] = (graph, inputs, table, out)
         return self.graphs[size]

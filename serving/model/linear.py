@@ -29,6 +29,20 @@ from v4d.kernels.quant import FP4_GROUP, dequant_fp4, dequant_fp8
 BLOCK = 128
 
 
+# torch.mm(..., out_dtype=) (16-bit operands, fp32 output) exists on CUDA builds from torch 2.9.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T in fp32 for the parts computed in fp32 (compressor, router, LM head) without an fp32
+    copy of a 16-bit weight each step: on CUDA, x and W in the same 16-bit dtype go through one
+    16-bit GEMM with fp32 output (products of 16-bit values are exact in fp32, sums accumulate in
+    fp32: the math of the upcast up to summation order); otherwise both are upcast."""
+    if _MM_OUT_DTYPE and x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return F.linear(x.float(), w.float())
+
+
 class Linear(nn.Linear):
     """y = x W^T without bias; see the module docstring for the stored forms."""
 

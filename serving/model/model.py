@@ -21,6 +21,7 @@ from v4d.serving import sizing
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.block import Block
 from v4d.serving.model.cache import Fmt, KVCache, SeqCache
+from v4d.serving.model.linear import linear_fp32
 from v4d.serving.model.mhc import hc_head
 from v4d.serving.model.moe import ExpertBackend, LocalExperts
 from v4d.serving.model.mtp import MTPBlock
@@ -35,11 +36,11 @@ HEAD_CHUNK_ROWS = 8192  # vocab rows upcast at once: 8192 x 7168 x 4 B = 235 MB 
 
 def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [T, vocab] = x W^T without an fp32 copy of the whole head (2 GB at V4-Flash size):
-    an fp32 weight is used as is, a narrower one is upcast HEAD_CHUNK_ROWS vocab rows at a time
-    (the same fp32 products and sums as one full upcast)."""
+    an fp32 weight, or x in the weight's dtype, goes through `linear_fp32`; otherwise the weight is
+    upcast HEAD_CHUNK_ROWS vocab rows at a time (the same fp32 products and sums as one upcast)."""
+    if weight.dtype == torch.float32 or x.dtype == weight.dtype:
+        return linear_fp32(x, weight)
     x = x.float()
-    if weight.dtype == torch.float32:
-        return F.linear(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for lo in range(0, weight.shape[0], HEAD_CHUNK_ROWS):
         rows = weight[lo : lo + HEAD_CHUNK_ROWS]

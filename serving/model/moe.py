@@ -17,7 +17,7 @@ from torch import nn
 from v4d.kernels import ops
 from v4d.kernels.reference import swiglu
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.linear import Linear
+from v4d.serving.model.linear import Linear, linear_fp32
 
 
 class ExpertBackend(Protocol):
@@ -44,7 +44,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weights [T, k] fp32, ids [T, k] int64)."""
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
+        scores = F.softplus(linear_fp32(x, self.weight)).sqrt()
         if self.hash:
             ids = self.tid2eid[input_ids].long()
         else:

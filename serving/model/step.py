@@ -17,11 +17,12 @@ sequences:
 Positions older than the rings hold are never addressed (a ring holds the last W or R positions,
 more than any chunk's first query or first closing block needs), so a slot needs no reset.
 
-`static=True` (decode steps replayed as CUDA graphs, serving/model/graphs.py) gives every tensor a
-shape fixed by (rows, block-table width) alone: every row gets a compression slot (-1 candidates
-and a scratch entry row where its block does not close), visible entries are listed up to the
-block table's capacity, and all of it is built here, before the layers run, so a replay reads
-only tensors and never syncs with the host.
+`Step.decode` (decode steps replayed as CUDA graphs, serving/model/graphs.py) builds a static step
+from device tensors alone (positions, slots, block table): every shape is fixed by (rows,
+block-table width), every row gets a compression slot (-1 candidates and a scratch entry row where
+its block does not close), visible entries are listed up to the block table's capacity, and no
+index is selected by value, so the graph captures the metadata's derivation with the layers and a
+replay never syncs with the host.
 """
 
 from __future__ import annotations
@@ -58,17 +59,6 @@ class Compression:
             self._all_rows = step.store_rows(step.seq[:, None], s, self.per_page)
         return self._all_rows
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [
-            self.idx,
-            self.entry,
-            self.entry_rows,
-            self.state_src,
-            self.state_dst,
-            self.visible,
-            *([self._all_rows] if self._all_rows is not None else []),
-        ]
-
 
 @dataclass
 class Step:
@@ -104,8 +94,8 @@ class Step:
         scratch_page: int = 0,
     ) -> Step:
         """chunks: per sequence (start position, new tokens, slot, page ids). `static_pages` > 0
-        builds a static decode step (one token per chunk) with a block table that wide; entries of
-        rows whose block does not close go to page `scratch_page`."""
+        builds a static decode step (one token per chunk, `Step.decode`) with a block table that
+        wide; entries of rows whose block does not close go to page `scratch_page`."""
         starts = torch.tensor([c[0] for c in chunks], dtype=torch.long)
         lens = torch.tensor([c[1] for c in chunks], dtype=torch.long)
         slots = torch.tensor([c[2] for c in chunks], dtype=torch.long)
@@ -115,50 +105,65 @@ class Step:
         table = torch.full((len(chunks), width), -1, dtype=torch.long)
         for b, c in enumerate(chunks):
             table[b, : len(c[3])] = torch.as_tensor(list(c[3]), dtype=torch.long)
+        dev = torch.device(device)
+        if static_pages:
+            return cls.decode(cfg, starts.to(dev), slots.to(dev), table.to(dev), num_slots, scratch_page)
         row0 = torch.cumsum(lens, 0) - lens
         spans = [(int(r), int(r + n), int(s)) for r, n, s in zip(row0, lens, starts, strict=True)]
         seq = torch.repeat_interleave(torch.arange(len(chunks)), lens)
         pos = torch.arange(int(lens.sum())) - row0[seq] + starts[seq]
-        start, r0, slot, end = starts[seq], row0[seq], slots[seq], (starts + lens)[seq]
+        rows = (pos, seq, starts[seq], row0[seq], slots[seq], (starts + lens)[seq])
+        return cls._assemble(cfg, *(t.to(dev) for t in rows), table.to(dev), spans, num_slots, False, 0)
+
+    @classmethod
+    def decode(
+        cls,
+        cfg: ModelConfig,
+        pos: torch.Tensor,
+        slots: torch.Tensor,
+        table: torch.Tensor,
+        num_slots: int,
+        scratch_page: int,
+    ) -> Step:
+        """A static decode step (row b: the one new token of sequence b, at position pos[b]) from
+        device tensors alone, with no host sync: serving/model/graphs.py captures it together with
+        the layers, so a replay only copies in positions, slots and the block table. Its spans carry
+        no start positions (they stay on the device); the caller advances its sequences."""
+        b = torch.arange(pos.shape[0], device=pos.device)
+        spans = [(i, i + 1, -1) for i in range(pos.shape[0])]
+        return cls._assemble(cfg, pos, b, pos, b, slots, pos + 1, table, spans, num_slots, True, scratch_page)
+
+    @classmethod
+    def _assemble(
+        cls,
+        cfg: ModelConfig,
+        pos: torch.Tensor,
+        seq: torch.Tensor,
+        start: torch.Tensor,
+        r0: torch.Tensor,
+        slot: torch.Tensor,
+        end: torch.Tensor,
+        table: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+        num_slots: int,
+        static: bool,
+        scratch_page: int,
+    ) -> Step:
+        """Window and ring indices from the per-row tensors (all on one device)."""
         n, w = pos.shape[0], cfg.sliding_window
-        q = pos[:, None] - w + 1 + torch.arange(w)
+        q = pos[:, None] - w + 1 + torch.arange(w, device=pos.device)
         window = torch.where(q >= start[:, None], r0[:, None] + q - start[:, None], n + slot[:, None] * w + q % w)
         window = torch.where(q >= 0, window, -1)
-        keep = pos >= end - w
-        dev = torch.device(device)
+        # A decode row always writes its entry to the ring: no data-dependent selection (no sync).
+        keep = torch.arange(n, device=pos.device) if static else (pos >= end - w).nonzero().flatten()
         step = cls(
-            cfg,
-            pos.to(dev),
-            seq.to(dev),
-            spans,
-            table.to(dev),
-            window.to(dev),
-            keep.nonzero().flatten().to(dev),
-            (slot * w + pos % w)[keep].to(dev),
-            num_slots * w,
-            start.to(dev),
-            r0.to(dev),
-            slot.to(dev),
-            end.to(dev),
-            static=bool(static_pages),
-            scratch_row=scratch_page,
-        )
-        if step.static:  # everything the layers read, built now
+            cfg, pos, seq, spans, table, window, keep, (slot * w + pos % w)[keep], num_slots * w,
+            start, r0, slot, end, static=static, scratch_row=scratch_page,
+        )  # fmt: skip
+        if static:  # everything the layers read, built now
             for ratio in {r for r in cfg.compress_ratios if r}:
                 step.compression(ratio).all_visible_rows(step)
         return step
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the layers read (a static step's buffers, in a fixed order)."""
-        out = [self.pos, self.seq, self.block_table, self.window_idx, self.ring_src, self.ring_dst]
-        for ratio in sorted(self._comp):
-            out += self._comp[ratio].tensors()
-        return out
-
-    def copy_(self, other: Step) -> None:
-        """Load another static step of the same shapes into this one's tensors (graph inputs)."""
-        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
-            dst.copy_(src, non_blocking=True)
 
     def store_rows(self, seq: torch.Tensor, entry: torch.Tensor, per_page: int) -> torch.Tensor:
         """Flat page-store rows of entries `entry` (-1 stays -1) of sequences `seq` (broadcast)."""
@@ -183,21 +188,21 @@ class Step:
         start, r0, slot = self._start[closing, None], self._row0[closing, None], self._slot[closing, None]
         idx = torch.where(q >= start, r0 + q - start, n + slot * tail + q % tail)
         idx = torch.where(q >= 0, idx, -1)
-        keep = pos >= self._end - tail
+        # static: every row writes its tail-ring row (no data-dependent selection, no sync)
+        keep = torch.arange(n, device=pos.device) if self.static else (pos >= self._end - tail).nonzero().flatten()
         visible = (pos + 1) // m
         per_page = sizing.page_tokens(self.cfg) // m
         rows = self.store_rows(self.seq[closing], e, per_page)
         if self.static:  # rows whose block stays open pool nothing into a scratch row
             idx = torch.where(closes[:, None], idx, -1)
             rows = torch.where(closes, rows, self.scratch_row * per_page)
-            keep = torch.ones_like(keep)
         return Compression(
             m,
             per_page,
             idx,
             e,
             rows,
-            keep.nonzero().flatten(),
+            keep,
             (self._slot * tail + pos % tail)[keep],
             visible,
             self.block_table.shape[1] * per_page if self.static else int(visible.max()) if n else 0,

@@ -36,6 +36,7 @@ class OnDevice:
 
     def __init__(self, ops):
         self._ops = ops
+        self.device = DEVICE
 
     def __getattr__(self, name: str):
         fn = getattr(self._ops, name)

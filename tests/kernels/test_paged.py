@@ -39,6 +39,29 @@ def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n
     )
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "deployed"])
+@pytest.mark.parametrize("splits", [2, 5])
+def test_paged_attention_split_rows_merge_to_the_reference(kops, gen, tol, monkeypatch, fmt, splits):
+    """Flash-decoding: each row's indices split across programs (a GPU does this for small batches),
+    partial states merged with the sink, equal the one-pass result; rows with no valid index stay 0."""
+    from v4d.kernels import paged
+
+    monkeypatch.setattr(paged, "attention_splits", lambda *_: splits)
+    t, h, d, rope, n, r, s, k = 3, 4, 64, 16, 4, 24, 40, 300  # 2 or 3 splits of 128-index blocks
+    q = torch.randn(t, h, d, generator=gen)
+    kv = torch.randn(n, d, generator=gen)
+    ring, store = (_store(torch.randn(m, d, generator=gen), fmt, rope) for m in (r, s))
+    idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
+    idx[0] = -1
+    idx[1, 100:] = -1  # whole splits without a valid index
+    sink = torch.randn(h, generator=gen)
+    o = kops.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope)
+    torch.testing.assert_close(
+        o, ref.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope), **tol(torch.float32)
+    )
+    assert torch.all(o[0] == 0)
+
+
 def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
     """The index space is the concatenation [kv; ring; store], read in place."""
     q, kv, ring, store = (torch.randn(*s, generator=gen) for s in ((4, 2, 32), (3, 32), (5, 32), (7, 32)))

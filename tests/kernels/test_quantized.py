@@ -18,12 +18,15 @@ def test_fp8_linear_matches_reference(kops, gen, dtype, m, n, k):
     x = torch.randn(m, k, generator=gen).to(dtype)
     y = kops.fp8_linear(x, w, s)
     assert y.dtype == dtype and y.shape == (m, n)
-    # Same FP8 operands and scales on both sides: only the summation order differs.
+    # Same FP8 operands and scales on both sides: only the summation order differs, and on Hopper
+    # the FP8 tensor cores' own accumulation within each 128-wide K block (about 14 mantissa bits, the
+    # reason DeepSeek promotes partial sums to fp32 every 128 elements, as this kernel does).
+    tight = 1e-4 if kops.device.type == "cpu" else 2e-3  # the interpreter dots in exact fp32
     torch.testing.assert_close(
         y.float(),
         ref.fp8_linear(x, w, s).float(),
-        atol=2e-2 if dtype != torch.float32 else 1e-4,
-        rtol=1e-2 if dtype != torch.float32 else 1e-4,
+        atol=2e-2 if dtype != torch.float32 else tight,
+        rtol=1e-2 if dtype != torch.float32 else tight,
     )
 
 
