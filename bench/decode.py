@@ -18,9 +18,12 @@ Caches are filled with random entries in the deployed format instead of running 
 decode work depends on the number of entries, not their values. CPU: small dims, one thread, the
 torch reference ops, CPU seconds of this process. CUDA: four layers of V4-Flash's real dims with
 random weights made on the device, bf16, the Triton kernels, decode steps replayed as CUDA graphs
-(V4D_CUDA_GRAPHS=0: eager); CUDA-event timing.
-`--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step,
-step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
+(V4D_CUDA_GRAPHS=0: eager); CUDA-event timing. `--profile BATCH` (repeatable, CUDA) profiles one
+eager step and one replay at that batch: kernels per step and per layer, GPU busy time, and the
+kernels that take the time (decode-profile.txt beside the JSON).
+`--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step (counted from
+the ops, an upper bound of a layer's `ops` calls that launch), cuda_kernels_per_layer_step (measured
+with --profile), step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
 """
 
 from __future__ import annotations
@@ -430,6 +433,10 @@ def main() -> None:
         "batches": rows,
         "prefill_4k": {"tokens": 4096, "seconds": prefill, "tokens_per_s": 4096 / prefill},
         "cuda_kernels": profiled or None,
+        # measured: CUDA kernels of one replayed decode step / layers (embedding and head included)
+        "cuda_kernels_per_layer_step": {b: round(r["graph"]["kernels_per_layer"], 1) for b, r in profiled.items()}
+        if profiled and all("graph" in r for r in profiled.values())
+        else None,
         "bandwidth_bytes_s": bw,
         "device": device.type,
         "quick": args.quick,

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from v4d.kernels import kv_format, triton_backend  # noqa: E402
+from v4d.kernels import kv_format, paged, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {
@@ -137,6 +137,22 @@ def calls(dtype: torch.dtype) -> None:
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
     tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)  # block / KV norm, with gain
     tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm / per-head q norm
+    # small decode batches split each row's indices (flash-decoding) and merge in a second kernel
+    one_program_per_row = paged.attention_splits
+    paged.attention_splits = lambda *_: 2
+    try:
+        tb.paged_sparse_attention(
+            r(1, 64, 512),
+            r(1, 512),
+            kv_format.pack_main(r(64, 512, dt=torch.float32), 64),
+            kv_format.pack_main(r(96, 512, dt=torch.float32), 64),
+            torch.randint(-1, 161, (1, 64), dtype=torch.int32),
+            r(64, dt=torch.float32),
+            0.04,
+            64,
+        )
+    finally:
+        paged.attention_splits = one_program_per_row
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))

@@ -34,6 +34,7 @@ def test_all_kernel_variants_compile_for_sm90():
         "_hc_pre_kernel",
         "_hc_post_kernel",
         "_paged_attention_kernel",
+        "_attention_merge_kernel",
         "_paged_indexer_scores_kernel",
         "_gated_pool_indexed_kernel",
         "_act_quant_kernel",
@@ -46,5 +47,6 @@ def test_all_kernel_variants_compile_for_sm90():
     }
     compiled = set(re.findall(r"^ok +(\w+)", proc.stdout, re.M))
     assert compiled == kernels
-    # fp32, fp16 and bf16 variants of the kernels that take activations, over plain and packed rows
-    assert len(re.findall(r"^ok +_paged_attention_kernel", proc.stdout, re.M)) == 6
+    # fp32, fp16 and bf16 variants of the kernels that take activations, over plain and packed rows,
+    # and split over packed rows
+    assert len(re.findall(r"^ok +_paged_attention_kernel", proc.stdout, re.M)) == 9
