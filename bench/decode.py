@@ -21,9 +21,9 @@ random weights made on the device, bf16, the Triton kernels, decode steps replay
 (V4D_CUDA_GRAPHS=0: eager); CUDA-event timing. `--profile BATCH` (repeatable, CUDA) profiles one
 eager step and one replay at that batch: kernels per step and per layer, GPU busy time, and the
 kernels that take the time (decode-profile.txt beside the JSON).
-`--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step (counted from
-the ops, an upper bound of a layer's `ops` calls that launch), cuda_kernels_per_layer_step (measured
-with --profile), step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
+`--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step (the ops that
+launch work, counted; one torch op can launch more than one CUDA kernel), cuda_kernels_per_layer_step
+(measured with --profile), step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
 """
 
 from __future__ import annotations
