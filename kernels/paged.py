@@ -9,7 +9,8 @@ as the high half of an fp32, E2M1 by its 2-bit exponent and 1-bit mantissa, UE8M
 - paged_sparse_attention: one program per (query row, block of heads), an online (flash-style)
   softmax started from the sink (running max = sink, running sum = 1), so a row with no valid index
   ends as 0 / 1 = 0, over one index space spanning fresh rows, rings and pages.
-- gated_pool_indexed: one program per (closing entry, block of channels).
+- gated_pool_indexed: one program per (closing entry, block of channels); candidate slot l's gate
+  gets the position bias ape[l % ratio] as it is loaded (the tail rings hold unbiased gates).
 - paged_indexer_scores: one program per (query row, block of entries); an entry's key row comes
   from the row's block table.
 """
@@ -113,9 +114,7 @@ def _paged_attention_kernel(
         ok = ids >= 0
         fresh = ok & (ids < N)
         in_ring = (ids >= N) & (ids < N + R)
-        rows = tl.load(
-            kv_ptr + ids[:, None] * skv + offs_d[None, :], mask=fresh[:, None] & d_ok[None, :], other=0.0
-        ).to(tl.float32)
+        rows = _load_main(kv_ptr, ids, fresh, offs_d, D, skv, NOPE, PACKED, GROUP)
         rows += _load_main(ring_ptr, ids - N, in_ring, offs_d, D, sring, NOPE, PACKED, GROUP)
         if HAS_STORE:
             rows += _load_main(store_ptr, ids - N - R, ids >= N + R, offs_d, D, sstore, NOPE, PACKED, GROUP)
@@ -148,8 +147,8 @@ def paged_sparse_attention(
 ) -> torch.Tensor:
     t, h, d = q.shape
     packed = ring.dtype == torch.uint8
-    if store is not None and (store.dtype == torch.uint8) != packed:
-        raise ValueError("paged_sparse_attention: ring and store must share one storage format")
+    if (store is not None and (store.dtype == torch.uint8) != packed) or (kv.dtype == torch.uint8) != packed:
+        raise ValueError("paged_sparse_attention: kv, ring and store must share one storage format")
     q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
     ring = ring.contiguous()
     store_t = store.contiguous() if store is not None else ring
@@ -204,15 +203,18 @@ def _gated_pool_indexed_kernel(
     skv_ptr,
     ssc_ptr,
     idx_ptr,
+    ape_ptr,
     o_ptr,
     N,
     L,
     C,
+    M,
     s_kv,
     s_sc,
     s_skv,
     s_ssc,
     s_idx,
+    s_ape,
     s_o,
     OVERLAP: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -232,6 +234,7 @@ def _gated_pool_indexed_kernel(
     g += tl.load(ssc_ptr + (ids - N)[:, None] * s_ssc + col, mask=tail, other=0.0).to(tl.float32)
     v = tl.load(kv_ptr + ids[:, None] * s_kv + col, mask=fresh, other=0.0).to(tl.float32)
     v += tl.load(skv_ptr + (ids - N)[:, None] * s_skv + col, mask=tail, other=0.0).to(tl.float32)
+    g += tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
     g = tl.where(fresh | tail, g, float("-inf"))
     mx = tl.max(g, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -249,12 +252,13 @@ def gated_pool_indexed(
     state_score: torch.Tensor,
     idx: torch.Tensor,
     overlap: bool,
+    ape: torch.Tensor,
 ) -> torch.Tensor:
     n, w = kv.shape
     e, length = idx.shape
     c = w // 2 if overlap else w
     kv, score, idx = kv.contiguous(), score.contiguous(), idx.contiguous()
-    state_kv, state_score = state_kv.contiguous(), state_score.contiguous()
+    state_kv, state_score, ape = state_kv.contiguous(), state_score.contiguous(), ape.float().contiguous()
     out = torch.empty(e, c, dtype=kv.dtype, device=kv.device)
     if e == 0 or c == 0:
         return out
@@ -266,15 +270,18 @@ def gated_pool_indexed(
         state_kv,
         state_score,
         idx,
+        ape,
         out,
         n,
         length,
         c,
+        ape.shape[0],
         kv.stride(0),
         score.stride(0),
         state_kv.stride(0),
         state_score.stride(0),
         idx.stride(0),
+        ape.stride(0),
         out.stride(0),
         OVERLAP=overlap,
         BLOCK_L=block_l,
@@ -305,6 +312,7 @@ def _paged_indexer_scores_kernel(
     sk,
     sbt,
     so_t,
+    w_scale,
     PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -341,7 +349,7 @@ def _paged_indexer_scores_kernel(
                 mask=h_ok[:, None] & (offs_d < D)[None, :],
                 other=0.0,
             ).to(tl.float32)
-            w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32) * w_scale
             s = tl.dot(q.to(DOT), tl.trans(keys), input_precision="ieee")
             acc += tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
     tl.store(out_ptr + t * so_t + offs_s, tl.where(visible, acc, float("-inf")), mask=offs_s < S)
@@ -354,6 +362,7 @@ def paged_indexer_scores(
     block_table: torch.Tensor,
     seq: torch.Tensor,
     n_visible: torch.Tensor,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
     t, h, d = q.shape
     e = keys.shape[1]
@@ -395,6 +404,7 @@ def paged_indexer_scores(
         keys.stride(1),
         block_table.stride(0),
         out.stride(0),
+        w_scale,
         PACKED=packed,
         GROUP=FP4_GROUP,
         BLOCK_H=block_h,

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from v4d.kernels import ops
@@ -44,13 +43,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weights [T, k] fp32, ids [T, k] int64)."""
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
         if self.hash:
-            ids = self.tid2eid[input_ids].long()
-        else:
-            ids = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, ids)
-        return weights / weights.sum(-1, keepdim=True) * self.scale, ids
+            return ops.moe_route(x, self.weight, None, self.topk, self.scale, self.tid2eid, input_ids)
+        return ops.moe_route(x, self.weight, self.bias, self.topk, self.scale)
 
 
 class Expert(nn.Module):

@@ -43,6 +43,7 @@ VIEW_OPS = frozenset(
         "_reshape_alias",
         "narrow",
         "split",
+        "split_with_sizes",
         "chunk",
         "unbind",
         "conj",
@@ -63,7 +64,8 @@ OP_NAMES = (
     "rope",
     "pack_main",
     "pack_index",
-    "unpack_main",
+    "copy_rows",
+    "moe_route",
 )
 
 
