@@ -299,12 +299,26 @@ def hc_split_sinkhorn(
     return backend(mixes.device).hc_split_sinkhorn(mixes, hc_scale, hc_base, n, iters, float(eps))
 
 
-def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """x[T,d] = sum_k pre[t,k] X[t,k]."""
+def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """mixes[T,M] (fp32) = (X[T,n,d] flattened, RMS-normalised without gain) @ fn[M, n*d]^T: the mHC
+    projection that feeds `hc_split_sinkhorn` (or the head's sigmoid), one launch."""
+    op = "hc_mixes"
+    _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
+    width = X.shape[1] * X.shape[2]
+    _expect(fn.dim() == 2 and fn.shape[1] == width, op, f"fn of shape [M,{width}]", _shape(fn))
+    return backend(X.device).hc_mixes(X, fn, float(eps))
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x[T,d] = sum_k pre[t,k] X[t,k] (X's dtype); norm = (weight [d], eps): the sub-layer's RMSNorm of
+    x in the same launch (x rounded to X's dtype first, as two ops would)."""
     op = "hc_pre"
     _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
     _expect(_shape(pre) == _shape(X)[:2], op, f"pre of shape {_shape(X)[:2]}", _shape(pre))
-    return backend(X.device).hc_pre(X, pre)
+    if norm is not None:
+        _expect(_shape(norm[0]) == [X.shape[2]], op, f"norm weight of shape [{X.shape[2]}]", _shape(norm[0]))
+        norm = (norm[0], float(norm[1]))
+    return backend(X.device).hc_pre(X, pre, norm)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

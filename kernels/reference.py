@@ -282,9 +282,16 @@ def hc_split_sinkhorn(
     return pre, post, comb
 
 
-def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """x[t] = sum_k pre[t,k] X[t,k]: the sub-layer input from the n residual streams."""
-    return torch.einsum("tk,tkd->td", pre.float(), X.float()).to(X.dtype)
+def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, M] fp32: the RMS-normalised (no gain) flattened streams X [T, n, d] times fn [M, n*d]."""
+    return F.linear(rms_norm(X.flatten(1), None, eps, torch.float32), fn.float())
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x[t] = sum_k pre[t,k] X[t,k]: the sub-layer input from the n residual streams (X's dtype);
+    norm = (weight, eps): then the sub-layer's RMSNorm of it."""
+    x = torch.einsum("tk,tkd->td", pre.float(), X.float()).to(X.dtype)
+    return x if norm is None else rms_norm(x, norm[0], norm[1], X.dtype)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ OP_NAMES = (
     "indexer_topk",
     "gated_pool_indexed",
     "moe_experts",
+    "hc_mixes",
     "hc_split_sinkhorn",
     "hc_pre",
     "hc_post",

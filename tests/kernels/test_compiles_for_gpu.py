@@ -34,6 +34,8 @@ def test_all_kernel_variants_compile_for_sm90():
         "_combine_kernel",
         "_split_sinkhorn_kernel",
         "_hc_pre_kernel",
+        "_hc_pre_norm_kernel",
+        "_hc_mixes_kernel",
         "_hc_post_kernel",
         "_paged_attention_kernel",
         "_paged_indexer_scores_kernel",
