@@ -19,6 +19,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from v4d.kernels import ops
 
+# Issue 11's target: launches per layer per decode step (tests/model/test_model_decode.py holds the
+# busiest layer to it at batch 1 and 64).
+LAUNCH_BUDGET = 40
+
 # Ops that only make a view (no kernel on a GPU); the second count of `ops_per_layer` leaves them out.
 VIEW_OPS = frozenset(
     f"aten::{n}"

@@ -9,7 +9,7 @@ import torch
 
 from v4d.serving import sizing
 from v4d.serving.model.cache import KVCache, SeqCache
-from v4d.serving.model.opcount import ops_per_layer
+from v4d.serving.model.opcount import LAUNCH_BUDGET, ops_per_layer
 from v4d.serving.model.step import Step
 
 from .test_model_equivalence import TOL
@@ -55,6 +55,12 @@ def test_ops_per_layer_of_a_decode_step_do_not_grow_with_the_batch(tiny_fast):
             got = counts[64][kind][layer]
             assert got <= 1.1 * n, f"layer {layer}: {got} ops at batch 64 vs {n} at batch 1"
     assert all(counts[1][1][layer] < n for layer, n in counts[1][0].items())
+    # issue 11's target: at most LAUNCH_BUDGET launches per layer per decode step, on the busiest
+    # (CSA) layer too, at batch 1 and 64
+    for b in (1, 64):
+        busiest = max(counts[b][1].values())
+        assert busiest == counts[b][1][cfg.compress_ratios.index(4)], "a CSA layer is the busiest"
+        assert busiest <= LAUNCH_BUDGET, f"batch {b}: {busiest} launching ops on the busiest layer"
 
 
 def test_step_indices_address_fresh_rows_rings_and_pages(tiny_fast):
