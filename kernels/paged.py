@@ -257,8 +257,11 @@ def gated_pool_indexed(
     n, w = kv.shape
     e, length = idx.shape
     c = w // 2 if overlap else w
-    kv, score, idx = kv.contiguous(), score.contiguous(), idx.contiguous()
-    state_kv, state_score, ape = state_kv.contiguous(), state_score.contiguous(), ape.float().contiguous()
+    # row-strided views (the model passes column halves of one projection / tail) are read in place
+    kv, score, state_kv, state_score = (
+        t if t.stride(1) == 1 else t.contiguous() for t in (kv, score, state_kv, state_score)
+    )
+    idx, ape = idx.contiguous(), ape.float().contiguous()
     out = torch.empty(e, c, dtype=kv.dtype, device=kv.device)
     if e == 0 or c == 0:
         return out

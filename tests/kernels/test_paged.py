@@ -64,6 +64,10 @@ def test_gated_pool_indexed_matches_reference(kops, gen, tol, overlap):
     assert out.shape == (e, w // 2 if overlap else w)
     torch.testing.assert_close(out, want, **tol(torch.float32))
     assert torch.all(out[0] == 0)
+    # values | gates side by side, as the compressor's projection and tail rings hold them: row-strided views
+    joint, tail = torch.cat([kv, score], 1), torch.cat([skv, sscore], 1)
+    views = (joint[:, :w], joint[:, w:], tail[:, :w], tail[:, w:])
+    torch.testing.assert_close(kops.gated_pool_indexed(*views, idx, overlap, ape), want, **tol(torch.float32))
 
 
 def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):
