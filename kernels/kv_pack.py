@@ -6,8 +6,9 @@ keeps the group's largest magnitude within 448, from the float's exponent bits),
 times its inverse (exact) rounded to E4M3 (nearest, ties to even) with integer bit arithmetic,
 not a float8 cast or approximate exp2/log2, so the bytes equal torch's on any device; the rope
 dims rounded to BF16 the same way; pad bytes 0.
-`pack_index` (indexer keys, already rotated): per group of 32 values the UE8M0 scale for 6, then
-each value's E2M1 nibble by comparison with the midpoints (ties down, as the reference), two per byte.
+`pack_index` (indexer keys): per group of 32 values the UE8M0 scale for 6, then each value's E2M1
+nibble by comparison with the midpoints (ties down, as the reference), two per byte; with `rotate`
+the row's Walsh-Hadamard rotation first (fp32 sums over the row, signs from popcount(i & j)).
 Both write row i to row i of a new tensor, or in place to row rows[i] of a store (`out`, `rows`):
 a step's closing entries go to their pages in the same launch.
 """
@@ -134,6 +135,18 @@ def _e2m1_code(y):
 
 
 @triton.jit
+def _hadamard_signs(i, j):
+    """[len(i), len(j)] entries (-1)^popcount(i & j) of the Sylvester Hadamard matrix, as fp32."""
+    p = i[:, None] & j[None, :]
+    p ^= p >> 16
+    p ^= p >> 8
+    p ^= p >> 4
+    p ^= p >> 2
+    p ^= p >> 1
+    return 1.0 - 2.0 * (p & 1).to(tl.float32)
+
+
+@triton.jit
 def _pack_index_kernel(
     x_ptr,
     out_ptr,
@@ -141,6 +154,7 @@ def _pack_index_kernel(
     sx,
     so,
     HAS_ROWS: tl.constexpr,
+    ROTATE: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
     HALF_GROUP: tl.constexpr,
@@ -148,11 +162,18 @@ def _pack_index_kernel(
     row = tl.program_id(0)
     dst = tl.load(rows_ptr + row).to(tl.int64) if HAS_ROWS else row.to(tl.int64)
     xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + dst * so
+    if ROTATE:  # the whole row, for y = H x (Sylvester H[i, j] = (-1)^popcount(i & j) / sqrt(D))
+        j = tl.arange(0, D)
+        x = tl.load(xrow + j).to(tl.float32)
     for g in range(G):
         i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)  # byte i holds elements 2i, 2i+1
         ok = 2 * i < D
-        xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
-        xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+        if ROTATE:
+            xe = tl.sum(_hadamard_signs(2 * i, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
+            xo = tl.sum(_hadamard_signs(2 * i + 1, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
+        else:
+            xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
+            xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(xe), 0), tl.max(tl.abs(xo), 0))
         e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 6.0))
         inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)
@@ -161,7 +182,9 @@ def _pack_index_kernel(
         tl.store(orow + D // 2 + g, (e + 127).to(tl.uint8))
 
 
-def pack_index(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
     r, d = x.shape
     x = x.contiguous()
     out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device) if out is None else out
@@ -173,6 +196,7 @@ def pack_index(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Ten
             x.stride(0),
             out.stride(0),
             HAS_ROWS=rows is not None,
+            ROTATE=rotate,
             D=d,
             G=-(-d // FP4_GROUP),
             HALF_GROUP=FP4_GROUP // 2,

@@ -382,9 +382,12 @@ def pack_main(
     return backend(x.device).pack_main(x, int(rope_dim), out, rows)
 
 
-def pack_index(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """[R, index_bytes] uint8: already rotated indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32
-    (kernels/kv_format.py layout), one launch; `out`/`rows` as in `pack_main`."""
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
+    """[R, index_bytes] uint8: indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32 (kernels/kv_format.py
+    layout), one launch; `rotate`: their normalised Walsh-Hadamard rotation (`kv_format.hadamard`,
+    d a power of two) first; `out`/`rows` as in `pack_main`."""
     op = "pack_index"
     _expect(
         x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0,
@@ -392,8 +395,10 @@ def pack_index(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Ten
         "floating point x of shape [R, d], d even",
         _shape(x),
     )
+    d = x.shape[1]
+    _expect(not rotate or d & (d - 1) == 0, op, "a power-of-two d to rotate", d)
     _check_into(op, x, out, rows, kv_format.index_bytes(x.shape[1]))
-    return backend(x.device).pack_index(x, out, rows)
+    return backend(x.device).pack_index(x, out, rows, bool(rotate))
 
 
 def _check_into(op: str, x: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None, width: int) -> None:

@@ -362,9 +362,12 @@ def pack_main(
     return _into(kv_format.pack_main(x, rope_dim), out, rows)
 
 
-def pack_index(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`kv_format.pack_index` of the rows; with out/rows written to out[rows] (returns out)."""
-    return _into(kv_format.pack_index(x), out, rows)
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
+    """`kv_format.pack_index` of the rows (`kv_format.hadamard` of them first with `rotate`); with
+    out/rows written to out[rows] (returns out)."""
+    return _into(kv_format.pack_index(kv_format.hadamard(x) if rotate else x), out, rows)
 
 
 def _into(packed: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:

@@ -159,6 +159,7 @@ def calls(dtype: torch.dtype) -> None:
     into = torch.arange(8) * 2  # straight into store rows
     tb.pack_main(r(8, 512), 64, torch.zeros(16, kv_format.main_bytes(512, 64), dtype=torch.uint8), into)
     tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into)
+    tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into, True)  # rotated
 
 
 def main() -> int:

@@ -48,9 +48,11 @@ class Indexer(nn.Module):
         q = p["q"]
         keys = self.compressor.update(proj, comp, cache.index_comp, q.dtype)
         store = cache.index.flatten(0, 1)
-        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis
-            keys, q = hadamard(keys), hadamard(q)
-        ops.store_rows(keys, store, None, comp.entry_rows)
+        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis (rotated as packed)
+            ops.pack_index(keys, store, comp.entry_rows, rotate=True)
+            q = hadamard(q)
+        else:
+            ops.store_rows(keys, store, None, comp.entry_rows)
         # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
         table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
         scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible, self.scale)

@@ -47,3 +47,15 @@ def test_pack_into_store_rows_writes_those_rows_only(kops, gen, kind):
     others = torch.ones(16, dtype=torch.bool)
     others[rows] = False
     assert torch.equal(got[others], before[others])
+
+
+@pytest.mark.parametrize("d", [128, 64], ids=["v4", "small"])
+def test_pack_index_rotated_equals_packing_the_hadamard_rotation(kops, dtype, gen, d):
+    x = (torch.randn(24, d, generator=gen) * torch.logspace(-3, 3, 24)[:, None]).to(dtype)
+    rows = torch.arange(24).flip(0) * 2
+    store = torch.zeros(48, kv_format.index_bytes(d), dtype=torch.uint8)
+    got = kops.pack_index(x, store, rows, True)
+    want = kv_format.pack_index(kv_format.hadamard(x))
+    # fp32 sums in another order than the matmul's: a value on an FP4 midpoint could round the other way
+    assert (got[rows] != want).sum() <= 2, f"{int((got[rows] != want).sum())} bytes differ"
+    assert torch.equal(kops.pack_index(x, store.clone(), rows, True)[rows], got[rows])
