@@ -70,7 +70,7 @@ def paged_sparse_attention(
     valid = i >= 0
     rows = q.new_zeros(*i.shape, d, dtype=torch.float32)
     fresh, in_ring = valid & (i < n), (i >= n) & (i < n + r)
-    rows[fresh] = load_rows(kv[i[fresh]], d, rope_dim)
+    rows[fresh] = load_rows(kv, d, rope_dim)[i[fresh]]  # the step's own rows: decoded once, then gathered
     rows[in_ring] = load_rows(ring[i[in_ring] - n], d, rope_dim)
     if store is not None:
         in_store = i >= n + r
