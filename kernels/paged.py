@@ -105,7 +105,7 @@ def _paged_attention_kernel(
         q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0
     ).to(tl.float32)
     q = (q * qk_scale).to(DOT)
-    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
+    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     den = tl.full([BLOCK_H], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -149,7 +149,7 @@ def paged_sparse_attention(
     packed = ring.dtype == torch.uint8
     if (store is not None and (store.dtype == torch.uint8) != packed) or (kv.dtype == torch.uint8) != packed:
         raise ValueError("paged_sparse_attention: kv, ring and store must share one storage format")
-    q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
+    q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()  # int32 or int64 indices, read as they are
     ring = ring.contiguous()
     store_t = store.contiguous() if store is not None else ring
     o = torch.empty_like(q)
@@ -167,7 +167,7 @@ def paged_sparse_attention(
         ring,
         store_t,
         idx,
-        (sink.float() * LOG2E).contiguous(),
+        sink.contiguous(),
         o,
         h,
         k,
@@ -375,9 +375,10 @@ def paged_indexer_scores(
     if packed and keys.shape[2] != index_bytes(d):
         raise ValueError(f"paged_indexer_scores: packed keys of {index_bytes(d)} B expected")
     q, w, keys = q.contiguous(), w.contiguous(), keys.contiguous()
-    block_table = block_table.to(torch.int32).contiguous()
-    seq = seq.to(device=q.device, dtype=torch.int32).contiguous()
-    n_visible = n_visible.to(device=q.device, dtype=torch.int32).contiguous()
+    # integer metadata in whatever width the step holds it (no cast launches); a column slice of the
+    # block table is read through its row stride
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    seq, n_visible = seq.contiguous(), n_visible.contiguous()
     out = torch.empty(t, s, dtype=torch.float32, device=q.device)
     if t == 0 or s == 0:
         return out

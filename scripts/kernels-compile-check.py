@@ -94,7 +94,7 @@ def calls(dtype: torch.dtype) -> None:
             rows(3, 512),
             rows(64, 512),
             rows(96, 512),
-            torch.randint(-1, 163, (4, 40), dtype=torch.int32),
+            torch.randint(-1, 163, (4, 40), dtype=torch.int32 if packed else torch.int64),  # HCA: int64 metadata
             r(64, dt=torch.float32),
             0.04,
             64,
