@@ -129,8 +129,7 @@ def filled_cache(
                     flat[lo : lo + pattern.shape[0]] = pattern[: flat.shape[0] - lo]
         for st in (lc.comp, lc.index_comp):
             if st is not None:
-                st.kv.normal_(generator=g)
-                st.score.normal_(generator=g)
+                st.tail.normal_(generator=g)
     seqs = [SeqCache(b, list(range(b * pages, (b + 1) * pages)), context) for b in range(batch)]
     return kv, seqs
 

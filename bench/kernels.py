@@ -111,7 +111,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     rd = cfg.qk_rope_head_dim if not small else 16
     ring = kv_format.pack_main(rnd(t * win, d, dtype=torch.float32), rd)
     store = kv_format.pack_main(rnd(n_pool, d, dtype=torch.float32), rd)
-    fresh = rnd(t, d)
+    fresh = kv_format.pack_main(rnd(t, d, dtype=torch.float32), rd)
     pidx = torch.cat(
         [t + torch.arange(t * win, device=dev, dtype=torch.int32).view(t, win), t + t * win + idx[:, win:]], dim=1
     )
@@ -145,6 +145,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
     ckv, csc = rnd(t, 2 * d, dtype=torch.float32), rnd(t, 2 * d, dtype=torch.float32)
     tkv, tsc = rnd(8 * t, 2 * d, dtype=torch.float32), rnd(8 * t, 2 * d, dtype=torch.float32)
     cidx = torch.randint(0, 9 * t, (closing, 8), generator=gen, device=dev)
+    ape = rnd(4, 2 * d, dtype=torch.float32)
     out.append(
         Case(
             name,
@@ -153,7 +154,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
             f"E={closing} L=8 C={d} CSA",
             _nbytes(cidx) + closing * 8 * 2 * d * 4.0 + closing * d * 4.0,
             4.0 * closing * 8 * d,
-            lambda b, a=(ckv, csc, tkv, tsc, cidx, True): b.gated_pool_indexed(*a),
+            lambda b, a=(ckv, csc, tkv, tsc, cidx, True, ape): b.gated_pool_indexed(*a),
         )
     )
     scores = rnd(t, s_comp, dtype=torch.float32)

@@ -1,10 +1,12 @@
 """Fused row-wise chains the model ran as many small torch ops: RMSNorm and interleaved RoPE.
 
 `rms_norm`: one program per row, two passes over the channels in blocks (sum of squares, then
-scale, gain and cast), so any width fits. `rope`: one program per (token, block of heads); the
-leading channels are copied, the last `dim` ones rotated pairwise (2i, 2i+1) by pos * inv_freq[i]
-with cos/sin computed in the kernel (no angle table). Both compute in fp32 and store the output
-dtype, like their references.
+scale, gain and cast), so any width fits; with RoPE the last `dim` channels of the second pass are
+rotated (as pairs loaded even / odd, rounded to the output dtype first as the norm's own output
+would be) before the store, so a norm and its RoPE are one launch with the two ops' result.
+`rope`: one program per (token, block of heads); the leading channels are copied, the last `dim`
+ones rotated pairwise (2i, 2i+1) by pos * inv_freq[i] with cos/sin computed in the kernel (no angle
+table). Both compute in fp32 and store the output dtype, like their references.
 """
 
 from __future__ import annotations
@@ -17,7 +19,22 @@ from v4d.kernels.launch import pow2
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, C, sx, so, eps, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    pos_ptr,
+    f_ptr,
+    C,
+    M,
+    sx,
+    so,
+    eps,
+    HAS_W: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     row = tl.program_id(0)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -25,16 +42,38 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, C, sx, so, eps, HAS_W: tl.constexpr,
         x = tl.load(x_ptr + row * sx + c, mask=c < C, other=0.0).to(tl.float32)
         acc += x * x
     inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
-    for c0 in range(0, C, BLOCK_C):
+    nope = C - 2 * HALF
+    for c0 in range(0, nope, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + row * sx + c, mask=c < C, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * sx + c, mask=c < nope, other=0.0).to(tl.float32)
         y = x * inv
         if HAS_W:
-            y = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32) * y
-        tl.store(out_ptr + row * so + c, y.to(out_ptr.dtype.element_ty), mask=c < C)
+            y = tl.load(w_ptr + c, mask=c < nope, other=0.0).to(tl.float32) * y
+        tl.store(out_ptr + row * so + c, y.to(out_ptr.dtype.element_ty), mask=c < nope)
+    if HALF > 0:  # RoPE of the last 2 * HALF channels, pairs (2i, 2i+1), at the row's token position
+        i = tl.arange(0, BLOCK_P)
+        ok = i < HALF
+        even = nope + 2 * i
+        a = tl.load(x_ptr + row * sx + even, mask=ok, other=0.0).to(tl.float32) * inv
+        b = tl.load(x_ptr + row * sx + even + 1, mask=ok, other=0.0).to(tl.float32) * inv
+        if HAS_W:
+            a = tl.load(w_ptr + even, mask=ok, other=0.0).to(tl.float32) * a
+            b = tl.load(w_ptr + even + 1, mask=ok, other=0.0).to(tl.float32) * b
+        ty = out_ptr.dtype.element_ty
+        a, b = a.to(ty).to(tl.float32), b.to(ty).to(tl.float32)  # rounded as the norm's output would be
+        ang = tl.load(pos_ptr + row // M).to(tl.float32) * tl.load(f_ptr + i, mask=ok, other=0.0)
+        cos, sin = tl.cos(ang), tl.sin(ang)
+        tl.store(out_ptr + row * so + even, (a * cos - b * sin).to(ty), mask=ok)
+        tl.store(out_ptr + row * so + even + 1, (a * sin + b * cos).to(ty), mask=ok)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    dtype: torch.dtype,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
     if x2.stride(-1) != 1:
@@ -42,8 +81,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: to
     out = torch.empty(x2.shape, dtype=dtype, device=x.device)
     if x2.shape[0]:
         w = weight if weight is not None else x2
+        pos, f = rotary if rotary is not None else (x2, x2)
+        half = f.shape[0] if rotary is not None else 0
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, w, out, c, x2.stride(0), out.stride(0), eps, HAS_W=weight is not None, BLOCK_C=min(pow2(c), 2048)
+            x2,
+            w,
+            out,
+            pos,
+            f.float().contiguous() if rotary is not None else f,
+            c,
+            x2.shape[0] // x.shape[0],
+            x2.stride(0),
+            out.stride(0),
+            eps,
+            HAS_W=weight is not None,
+            HALF=half,
+            BLOCK_C=min(pow2(c), 2048),
+            BLOCK_P=pow2(half),
         )
     return out.view(x.shape)
 

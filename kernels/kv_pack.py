@@ -6,9 +6,11 @@ keeps the group's largest magnitude within 448, from the float's exponent bits),
 times its inverse (exact) rounded to E4M3 (nearest, ties to even) with integer bit arithmetic,
 not a float8 cast or approximate exp2/log2, so the bytes equal torch's on any device; the rope
 dims rounded to BF16 the same way; pad bytes 0.
-`pack_index` (indexer keys, already rotated): per group of 32 values the UE8M0 scale for 6, then
-each value's E2M1 nibble by comparison with the midpoints (ties down, as the reference), two per byte.
-`unpack_main`: the inverse of `pack_main` with the paged kernels' inline decoder.
+`pack_index` (indexer keys): per group of 32 values the UE8M0 scale for 6, then each value's E2M1
+nibble by comparison with the midpoints (ties down, as the reference), two per byte; with `rotate`
+the row's Walsh-Hadamard rotation first (fp32 sums over the row, signs from popcount(i & j)).
+Both write row i to row i of a new tensor, or in place to row rows[i] of a store (`out`, `rows`):
+a step's closing entries go to their pages in the same launch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import triton.language as tl
 
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes, main_bytes
 from v4d.kernels.launch import pow2
-from v4d.kernels.paged import _load_main
 
 
 @triton.jit
@@ -56,8 +57,10 @@ def _e4m3_byte(y):
 def _pack_main_kernel(
     x_ptr,
     out_ptr,
+    rows_ptr,
     sx,
     so,
+    HAS_ROWS: tl.constexpr,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     G: tl.constexpr,
@@ -66,7 +69,8 @@ def _pack_main_kernel(
     BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0)
-    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
+    dst = tl.load(rows_ptr + row).to(tl.int64) if HAS_ROWS else row.to(tl.int64)
+    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + dst * so
     c = tl.arange(0, GROUP)
     for g in range(G):
         offs = g * GROUP + c
@@ -88,18 +92,22 @@ def _pack_main_kernel(
     tl.store(orow + p, tl.zeros((8,), dtype=tl.uint8), mask=p < WIDTH)
 
 
-def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+def pack_main(
+    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     r, d = x.shape
     nope = d - rope_dim
     width = main_bytes(d, rope_dim)
     x = x.contiguous()
-    out = torch.empty(r, width, dtype=torch.uint8, device=x.device)
+    out = torch.empty(r, width, dtype=torch.uint8, device=x.device) if out is None else out
     if r:
         _pack_main_kernel[(r,)](
             x,
             out,
+            out if rows is None else rows,
             x.stride(0),
             out.stride(0),
+            HAS_ROWS=rows is not None,
             NOPE=nope,
             ROPE=rope_dim,
             G=-(-nope // FP8_GROUP),
@@ -127,14 +135,45 @@ def _e2m1_code(y):
 
 
 @triton.jit
-def _pack_index_kernel(x_ptr, out_ptr, sx, so, D: tl.constexpr, G: tl.constexpr, HALF_GROUP: tl.constexpr):
+def _hadamard_signs(i, j):
+    """[len(i), len(j)] entries (-1)^popcount(i & j) of the Sylvester Hadamard matrix, as fp32."""
+    p = i[:, None] & j[None, :]
+    p ^= p >> 16
+    p ^= p >> 8
+    p ^= p >> 4
+    p ^= p >> 2
+    p ^= p >> 1
+    return 1.0 - 2.0 * (p & 1).to(tl.float32)
+
+
+@triton.jit
+def _pack_index_kernel(
+    x_ptr,
+    out_ptr,
+    rows_ptr,
+    sx,
+    so,
+    HAS_ROWS: tl.constexpr,
+    ROTATE: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    HALF_GROUP: tl.constexpr,
+):
     row = tl.program_id(0)
-    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + row.to(tl.int64) * so
+    dst = tl.load(rows_ptr + row).to(tl.int64) if HAS_ROWS else row.to(tl.int64)
+    xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + dst * so
+    if ROTATE:  # the whole row, for y = H x (Sylvester H[i, j] = (-1)^popcount(i & j) / sqrt(D))
+        j = tl.arange(0, D)
+        x = tl.load(xrow + j).to(tl.float32)
     for g in range(G):
         i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)  # byte i holds elements 2i, 2i+1
         ok = 2 * i < D
-        xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
-        xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+        if ROTATE:
+            xe = tl.sum(_hadamard_signs(2 * i, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
+            xo = tl.sum(_hadamard_signs(2 * i + 1, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
+        else:
+            xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
+            xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(xe), 0), tl.max(tl.abs(xo), 0))
         e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 6.0))
         inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)
@@ -143,56 +182,23 @@ def _pack_index_kernel(x_ptr, out_ptr, sx, so, D: tl.constexpr, G: tl.constexpr,
         tl.store(orow + D // 2 + g, (e + 127).to(tl.uint8))
 
 
-def pack_index(x: torch.Tensor) -> torch.Tensor:
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
     r, d = x.shape
     x = x.contiguous()
-    out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device)
+    out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device) if out is None else out
     if r:
         _pack_index_kernel[(r,)](
-            x, out, x.stride(0), out.stride(0), D=d, G=-(-d // FP4_GROUP), HALF_GROUP=FP4_GROUP // 2
-        )
-    return out
-
-
-@triton.jit
-def _unpack_main_kernel(
-    rows_ptr,
-    out_ptr,
-    R,
-    D,
-    srow,
-    so,
-    NOPE: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    x = _load_main(rows_ptr, r, r < R, d, D, srow, NOPE, True, GROUP)
-    tl.store(
-        out_ptr + r.to(tl.int64)[:, None] * so + d[None, :],
-        x.to(out_ptr.dtype.element_ty),
-        mask=(r < R)[:, None] & (d < D)[None, :],
-    )
-
-
-def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    r = rows.shape[0]
-    rows = rows.contiguous()
-    out = torch.empty(r, d, dtype=dtype, device=rows.device)
-    if r:
-        block_r = 4
-        _unpack_main_kernel[(triton.cdiv(r, block_r),)](
-            rows,
+            x,
             out,
-            r,
-            d,
-            rows.stride(0),
+            out if rows is None else rows,
+            x.stride(0),
             out.stride(0),
-            NOPE=d - rope_dim,
-            GROUP=FP8_GROUP,
-            BLOCK_R=block_r,
-            BLOCK_D=pow2(d),
+            HAS_ROWS=rows is not None,
+            ROTATE=rotate,
+            D=d,
+            G=-(-d // FP4_GROUP),
+            HALF_GROUP=FP4_GROUP // 2,
         )
     return out

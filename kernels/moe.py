@@ -246,7 +246,7 @@ def moe_experts(
     if pairs == 0 or e == 0:
         return out
     x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
-    flat = ids.reshape(-1).to(torch.int64)
+    flat = ids.reshape(-1).to(torch.int64).contiguous()  # the combine kernel reads it by pointer
     expert = torch.where((flat >= 0) & (flat < e), flat, e)  # e = not local
     order = torch.argsort(expert, stable=True).to(torch.int32)
     if interpreting():  # few programs and loop steps: the interpreter pays per op

@@ -82,17 +82,20 @@ def paged_sparse_attention(
     scale: float,
     rope_dim: int,
 ) -> torch.Tensor:
-    """o[T,H,D] like `reference.sparse_attention`, with idx addressing kv [N,D] (j < N), then the flattened
-    window rings [R,*] and the flattened page store [S,*] (plain rows or packed deployed entries),
-    read in place: one call serves every sequence of the batch."""
+    """o[T,H,D] like `reference.sparse_attention`, with idx addressing the step's fresh entries kv [N,*]
+    (j < N), then the flattened window rings [R,*] and the flattened page store [S,*], all three in
+    one format (plain rows or packed deployed entries), read in place: one call serves every sequence
+    of the batch."""
     op = "paged_sparse_attention"
     _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
     t, h, d = q.shape
-    _expect(kv.dim() == 2 and kv.shape[1] == d, op, f"kv of shape [N,{d}]", _shape(kv))
-    for name, src in (("ring", ring), ("store", store)):
+    for name, src in (("kv", kv), ("ring", ring), ("store", store)):
         if src is None:
             continue
         _expect(src.dim() == 2, op, f"{name} of shape [R,width]", _shape(src))
+        _expect(
+            (src.dtype == torch.uint8) == (ring.dtype == torch.uint8), op, f"{name} in the ring's format", src.dtype
+        )
         width = kv_format.main_bytes(d, rope_dim) if src.dtype == torch.uint8 else d
         _expect(src.shape[1] == width, op, f"{name} rows of width {width} ({src.dtype})", src.shape[1])
     _expect(idx.dim() == 2 and idx.shape[0] == t, op, f"idx of shape [{t},K]", _shape(idx))
@@ -109,9 +112,11 @@ def paged_indexer_scores(
     block_table: torch.Tensor,
     seq: torch.Tensor,
     n_visible: torch.Tensor,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
     """scores[T, P*E] (fp32) of each row against its own sequence's keys, read from the pages
-    block_table[seq[t]] of keys [pages, E, *] (plain or packed FP4); -inf from n_visible[t] on."""
+    block_table[seq[t]] of keys [pages, E, *] (plain or packed FP4); -inf from n_visible[t] on.
+    Head weights are w * w_scale (in fp32: the indexer's scale without a launch of its own)."""
     op = "paged_indexer_scores"
     _expect(q.dim() == 3, op, "q of shape [T,Hi,Di]", _shape(q))
     t, h, d = q.shape
@@ -127,15 +132,38 @@ def paged_indexer_scores(
     _expect(_shape(seq) == [t] and not seq.is_floating_point(), op, f"integer seq of shape [{t}]", _shape(seq))
     _expect(_shape(n_visible) == [t], op, f"n_visible of shape [{t}]", _shape(n_visible))
     _expect(not n_visible.is_floating_point(), op, "integer n_visible", n_visible.dtype)
-    return backend(q.device).paged_indexer_scores(q, w, keys, block_table, seq, n_visible)
+    return backend(q.device).paged_indexer_scores(q, w, keys, block_table, seq, n_visible, float(w_scale))
 
 
-def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """idx[T,k] int32 of the k best finite scores per row (as a set), -1 in unused slots."""
+def indexer_topk(
+    scores: torch.Tensor,
+    k: int,
+    rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """idx[T,k] int32 of the k best finite scores per row (as a set), -1 in unused slots.
+
+    rows = (block_table [B,P], seq [T], E, offset): each chosen entry s of row t is written as the
+    attention index offset + block_table[seq[t], s // E] * E + s % E (its page-store row); prefix [T,W]:
+    its columns come first ([T, W + k]). Together: a CSA layer's attention indices, one launch."""
     op = "indexer_topk"
     _expect(scores.dim() == 2, op, "scores of shape [T,S]", _shape(scores))
+    t = scores.shape[0]
     _expect(isinstance(k, int) and k >= 0, op, "k a non-negative int", k)
-    return backend(scores.device).indexer_topk(scores, k)
+    if rows is not None:
+        table, seq, per_page, offset = rows
+        _expect(table.dim() == 2 and not table.is_floating_point(), op, "integer block_table [B,P]", _shape(table))
+        _expect(
+            table.shape[1] * per_page >= scores.shape[1],
+            op,
+            f"a table covering {scores.shape[1]} entries",
+            table.shape[1] * per_page,
+        )
+        _expect(_shape(seq) == [t] and not seq.is_floating_point(), op, f"integer seq of shape [{t}]", _shape(seq))
+        rows = (table, seq, int(per_page), int(offset))
+    if prefix is not None:
+        _expect(prefix.dim() == 2 and prefix.shape[0] == t, op, f"prefix of shape [{t},W]", _shape(prefix))
+    return backend(scores.device).indexer_topk(scores, k, rows, prefix)
 
 
 def gated_pool_indexed(
@@ -145,10 +173,12 @@ def gated_pool_indexed(
     state_score: torch.Tensor,
     idx: torch.Tensor,
     overlap: bool,
+    ape: torch.Tensor,
 ) -> torch.Tensor:
     """[E,C]: `reference.gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
-    or of the state tails [R,W] (j - N); -1 pads. overlap (CSA): C = W/2, the first L/2 candidates
-    pool channels [:C] and the rest [C:]; else C = W."""
+    or of the state tails [R,W] (j - N); -1 pads. Candidate slot l's gate gets the position bias
+    ape[l % ratio] (ape [ratio, W]: candidates run over whole blocks, so slot l sits at phase l % ratio).
+    overlap (CSA): C = W/2, the first L/2 candidates pool channels [:C] and the rest [C:]; else C = W."""
     op = "gated_pool_indexed"
     _expect(kv.dim() == 2, op, "kv of shape [N,W]", _shape(kv))
     _expect(score.shape == kv.shape, op, f"score of shape {_shape(kv)}", _shape(score))
@@ -158,7 +188,8 @@ def gated_pool_indexed(
     _expect(idx.dim() == 2 and not idx.is_floating_point(), op, "integer idx of shape [E,L]", _shape(idx))
     if overlap:
         _expect(w % 2 == 0 and idx.shape[1] % 2 == 0, op, "even W and L with overlap", [w, idx.shape[1]])
-    return backend(kv.device).gated_pool_indexed(kv, score, state_kv, state_score, idx, bool(overlap))
+    _expect(ape.dim() == 2 and ape.shape[1] == w and ape.shape[0] >= 1, op, f"ape of shape [ratio,{w}]", _shape(ape))
+    return backend(kv.device).gated_pool_indexed(kv, score, state_kv, state_score, idx, bool(overlap), ape)
 
 
 def moe_experts(
@@ -218,6 +249,43 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant:
     return backend(x.device).fp8_linear(x, w, scale.view(torch.float8_e8m0fnu), bool(act_quant))
 
 
+def moe_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    scale: float,
+    tid2eid: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T,k] fp32, ids [T,k] int64): the router of x [T,d] over experts weight [E,d] in one
+    launch. s = sqrt(softplus(x W^T)) in fp32; ids = top-k of s + bias [E] (largest first), or on hash
+    layers (tid2eid [vocab,k] given) tid2eid[input_ids]; weights = s[ids] normalised to sum 1, times scale."""
+    op = "moe_route"
+    _expect(x.dim() == 2, op, "x of shape [T,d]", _shape(x))
+    t, d = x.shape
+    _expect(weight.dim() == 2 and weight.shape[1] == d, op, f"weight of shape [E,{d}]", _shape(weight))
+    e = weight.shape[0]
+    _expect(isinstance(k, int) and 1 <= k <= e, op, f"k in 1..{e}", k)
+    if tid2eid is None:
+        _expect(bias is not None and _shape(bias) == [e], op, f"bias of shape [{e}] (or a hash table)", bias)
+    else:
+        _expect(tid2eid.dim() == 2 and tid2eid.shape[1] == k, op, f"tid2eid of shape [vocab,{k}]", _shape(tid2eid))
+        _expect(input_ids is not None and _shape(input_ids) == [t], op, f"input_ids of shape [{t}]", input_ids)
+    return backend(x.device).moe_route(x, weight, bias, k, float(scale), tid2eid, input_ids)
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] in place (2-D dst and src of one dtype and width), one launch:
+    the window-ring and compressor-tail writes of a step."""
+    op = "copy_rows"
+    _expect(dst.dim() == 2 and src.dim() == 2, op, "2-D dst and src", [_shape(dst), _shape(src)])
+    _expect(dst.shape[1] == src.shape[1] and dst.dtype == src.dtype, op, f"src like dst {dst.dtype}", src.dtype)
+    _expect(dst.stride(1) == 1, op, "dst rows contiguous", dst.stride())
+    _expect(dst_rows.shape == src_rows.shape and dst_rows.dim() == 1, op, "dst_rows and src_rows [M]", _shape(src_rows))
+    backend(dst.device).copy_rows(dst, dst_rows, src, src_rows)
+
+
 def hc_split_sinkhorn(
     mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, n: int, iters: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,12 +299,26 @@ def hc_split_sinkhorn(
     return backend(mixes.device).hc_split_sinkhorn(mixes, hc_scale, hc_base, n, iters, float(eps))
 
 
-def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """x[T,d] = sum_k pre[t,k] X[t,k]."""
+def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """mixes[T,M] (fp32) = (X[T,n,d] flattened, RMS-normalised without gain) @ fn[M, n*d]^T: the mHC
+    projection that feeds `hc_split_sinkhorn` (or the head's sigmoid), one launch."""
+    op = "hc_mixes"
+    _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
+    width = X.shape[1] * X.shape[2]
+    _expect(fn.dim() == 2 and fn.shape[1] == width, op, f"fn of shape [M,{width}]", _shape(fn))
+    return backend(X.device).hc_mixes(X, fn, float(eps))
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x[T,d] = sum_k pre[t,k] X[t,k] (X's dtype); norm = (weight [d], eps): the sub-layer's RMSNorm of
+    x in the same launch (x rounded to X's dtype first, as two ops would)."""
     op = "hc_pre"
     _expect(X.dim() == 3, op, "X of shape [T,n,d]", _shape(X))
     _expect(_shape(pre) == _shape(X)[:2], op, f"pre of shape {_shape(X)[:2]}", _shape(pre))
-    return backend(X.device).hc_pre(X, pre)
+    if norm is not None:
+        _expect(_shape(norm[0]) == [X.shape[2]], op, f"norm weight of shape [{X.shape[2]}]", _shape(norm[0]))
+        norm = (norm[0], float(norm[1]))
+    return backend(X.device).hc_pre(X, pre, norm)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -251,15 +333,25 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    dtype: torch.dtype | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(weight *) x / rms(x) over the last dim in fp32, stored as `dtype` (default x's): the norms
-    of the block, the query/KV/compressor norms and the mHC pre-norm, one launch each."""
+    of the block, the query/KV/compressor norms and the mHC pre-norm, one launch each. rotary =
+    (pos [T], inv_freq): x is [T, ..., C] and the result's last 2 * len(inv_freq) channels get `rope`
+    at pos[t] in the same launch (the query, KV and compressed-entry norms)."""
     op = "rms_norm"
     _expect(x.dim() >= 1 and x.is_floating_point(), op, "floating point x of shape [..., C]", _shape(x))
     if weight is not None:
         _expect(_shape(weight) == [x.shape[-1]], op, f"weight of shape [{x.shape[-1]}]", _shape(weight))
-    return backend(x.device).rms_norm(x, weight, float(eps), dtype or x.dtype)
+    if rotary is not None:
+        pos, inv_freq = rotary
+        _expect(x.dim() >= 2 and _shape(pos) == [x.shape[0]], op, f"pos of shape [{x.shape[0]}]", _shape(pos))
+        _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1], op, "inv_freq [<= C/2]", _shape(inv_freq))
+    return backend(x.device).rms_norm(x, weight, float(eps), dtype or x.dtype, rotary)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -277,18 +369,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     return backend(x.device).rope(x, pos, inv_freq, bool(inverse))
 
 
-def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+def pack_main(
+    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """[R, main_bytes] uint8: rows x [R, d] as deployed main entries (kernels/kv_format.py layout:
-    FP8 E4M3 + UE8M0 per 64 nope values, BF16 rope dims), one launch."""
+    FP8 E4M3 + UE8M0 per 64 nope values, BF16 rope dims), one launch. With `out` (a store [S,
+    main_bytes]) and `rows` [R]: row i is written to out[rows[i]] in place and out is returned."""
     op = "pack_main"
     _expect(x.dim() == 2 and x.is_floating_point(), op, "floating point x of shape [R, d]", _shape(x))
     _expect(0 <= rope_dim <= x.shape[1], op, f"rope_dim in 0..{x.shape[1]}", rope_dim)
-    return backend(x.device).pack_main(x, int(rope_dim))
+    _check_into(op, x, out, rows, kv_format.main_bytes(x.shape[1], rope_dim))
+    return backend(x.device).pack_main(x, int(rope_dim), out, rows)
 
 
-def pack_index(x: torch.Tensor) -> torch.Tensor:
-    """[R, index_bytes] uint8: already rotated indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32
-    (kernels/kv_format.py layout), one launch."""
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
+    """[R, index_bytes] uint8: indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32 (kernels/kv_format.py
+    layout), one launch; `rotate`: their normalised Walsh-Hadamard rotation (`kv_format.hadamard`,
+    d a power of two) first; `out`/`rows` as in `pack_main`."""
     op = "pack_index"
     _expect(
         x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0,
@@ -296,25 +395,34 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
         "floating point x of shape [R, d], d even",
         _shape(x),
     )
-    return backend(x.device).pack_index(x)
+    d = x.shape[1]
+    _expect(not rotate or d & (d - 1) == 0, op, "a power-of-two d to rotate", d)
+    _check_into(op, x, out, rows, kv_format.index_bytes(x.shape[1]))
+    return backend(x.device).pack_index(x, out, rows, bool(rotate))
 
 
-def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[R, d] of `dtype`: deployed main entries [R, main_bytes] decoded (inverse of `pack_main`)."""
-    op = "unpack_main"
-    width = kv_format.main_bytes(d, rope_dim)
-    _expect(
-        rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] == width,
-        op,
-        f"uint8 rows of shape [R,{width}]",
-        [*_shape(rows), rows.dtype],
-    )
-    return backend(rows.device).unpack_main(rows, int(d), int(rope_dim), dtype)
+def _check_into(op: str, x: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None, width: int) -> None:
+    _expect((out is None) == (rows is None), op, "out and rows together", (out is None, rows is None))
+    if out is not None and rows is not None:
+        _expect(
+            out.dim() == 2 and out.dtype == torch.uint8 and out.shape[1] == width and out.stride(1) == 1,
+            op,
+            f"out a uint8 store [S,{width}]",
+            [*_shape(out), out.dtype],
+        )
+        _expect(_shape(rows) == [x.shape[0]] and not rows.is_floating_point(), op, f"rows [{x.shape[0]}]", rows)
 
 
-def store_rows(x: torch.Tensor, store: torch.Tensor, rope_dim: int | None) -> torch.Tensor:
+def store_rows(
+    x: torch.Tensor, store: torch.Tensor, rope_dim: int | None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
-    indexer keys (rope_dim None; `pack_index`), or a cast for plain stores."""
-    if store.dtype == torch.uint8 and rope_dim is not None:
-        return pack_main(x, rope_dim)
-    return x.to(store.dtype) if store.dtype != torch.uint8 else pack_index(x)
+    indexer keys (rope_dim None; `pack_index`), or a cast for plain stores. With `rows`: written to
+    store[rows] in place instead (packed: in the packing launch) and store is returned."""
+    if store.dtype == torch.uint8:
+        into = (store, rows) if rows is not None else (None, None)
+        return pack_main(x, rope_dim, *into) if rope_dim is not None else pack_index(x, *into)
+    if rows is None:
+        return x.to(store.dtype)
+    store[rows] = x.to(store.dtype)
+    return store

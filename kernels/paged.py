@@ -11,7 +11,8 @@ as the high half of an fp32, E2M1 by its 2-bit exponent and 1-bit mantissa, UE8M
   row with no valid index ends as 0 / 1 = 0, over one index space spanning fresh rows, rings and
   pages. Small batches split each row's indices across programs (flash-decoding) and merge the
   partial states in a second kernel.
-- gated_pool_indexed: one program per (closing entry, block of channels).
+- gated_pool_indexed: one program per (closing entry, block of channels); candidate slot l's gate
+  gets the position bias ape[l % ratio] as it is loaded (the tail rings hold unbiased gates).
 - paged_indexer_scores: one program per (query row, block of entries); an entry's key row comes
   from the row's block table.
 """
@@ -116,7 +117,7 @@ def _paged_attention_kernel(
         q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0
     ).to(tl.float32)
     q = (q * qk_scale).to(DOT)
-    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
+    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     # the sink's own weight is counted once: here unsplit, in the merge when split
     if SPLIT:
         den = tl.zeros([BLOCK_H], tl.float32)
@@ -131,9 +132,7 @@ def _paged_attention_kernel(
         ok = ids >= 0
         fresh = ok & (ids < N)
         in_ring = (ids >= N) & (ids < N + R)
-        rows = tl.load(
-            kv_ptr + ids[:, None] * skv + offs_d[None, :], mask=fresh[:, None] & d_ok[None, :], other=0.0
-        ).to(tl.float32)
+        rows = _load_main(kv_ptr, ids, fresh, offs_d, D, skv, NOPE, PACKED, GROUP)
         rows += _load_main(ring_ptr, ids - N, in_ring, offs_d, D, sring, NOPE, PACKED, GROUP)
         if HAS_STORE:
             rows += _load_main(store_ptr, ids - N - R, ids >= N + R, offs_d, D, sstore, NOPE, PACKED, GROUP)
@@ -181,7 +180,7 @@ def _attention_merge_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok, d_ok = offs_h < H, offs_d < D
-    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0)
+    m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     den = tl.full([BLOCK_H], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for sp in range(0, S):
@@ -234,9 +233,9 @@ def paged_sparse_attention(
 ) -> torch.Tensor:
     t, h, d = q.shape
     packed = ring.dtype == torch.uint8
-    if store is not None and (store.dtype == torch.uint8) != packed:
-        raise ValueError("paged_sparse_attention: ring and store must share one storage format")
-    q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
+    if (store is not None and (store.dtype == torch.uint8) != packed) or (kv.dtype == torch.uint8) != packed:
+        raise ValueError("paged_sparse_attention: kv, ring and store must share one storage format")
+    q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()  # int32 or int64 indices, read as they are
     ring = ring.contiguous()
     store_t = store.contiguous() if store is not None else ring
     o = torch.empty_like(q)
@@ -251,14 +250,14 @@ def paged_sparse_attention(
     per = triton.cdiv(triton.cdiv(k, attention_splits(t * hb, k, block_k, q.device)), block_k) * block_k
     splits = triton.cdiv(k, per)  # of `per` indices each, whole blocks
     part = torch.empty(splits, t, h, 2 + d, dtype=torch.float32, device=q.device) if splits > 1 else o
-    sink2 = (sink.float() * LOG2E).contiguous()
+    sink = sink.contiguous()  # scaled by log2(e) in the kernels
     _paged_attention_kernel[(t, hb, splits)](
         q,
         kv,
         ring,
         store_t,
         idx,
-        sink2,
+        sink,
         o,
         part,
         h,
@@ -295,7 +294,7 @@ def paged_sparse_attention(
         merge_h = min(pow2(h, 16), 16)
         _attention_merge_kernel[(t, triton.cdiv(h, merge_h))](
             part,
-            sink2,
+            sink,
             o,
             h,
             d,
@@ -319,15 +318,18 @@ def _gated_pool_indexed_kernel(
     skv_ptr,
     ssc_ptr,
     idx_ptr,
+    ape_ptr,
     o_ptr,
     N,
     L,
     C,
+    M,
     s_kv,
     s_sc,
     s_skv,
     s_ssc,
     s_idx,
+    s_ape,
     s_o,
     OVERLAP: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -347,6 +349,7 @@ def _gated_pool_indexed_kernel(
     g += tl.load(ssc_ptr + (ids - N)[:, None] * s_ssc + col, mask=tail, other=0.0).to(tl.float32)
     v = tl.load(kv_ptr + ids[:, None] * s_kv + col, mask=fresh, other=0.0).to(tl.float32)
     v += tl.load(skv_ptr + (ids - N)[:, None] * s_skv + col, mask=tail, other=0.0).to(tl.float32)
+    g += tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
     g = tl.where(fresh | tail, g, float("-inf"))
     mx = tl.max(g, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -364,12 +367,16 @@ def gated_pool_indexed(
     state_score: torch.Tensor,
     idx: torch.Tensor,
     overlap: bool,
+    ape: torch.Tensor,
 ) -> torch.Tensor:
     n, w = kv.shape
     e, length = idx.shape
     c = w // 2 if overlap else w
-    kv, score, idx = kv.contiguous(), score.contiguous(), idx.contiguous()
-    state_kv, state_score = state_kv.contiguous(), state_score.contiguous()
+    # row-strided views (the model passes column halves of one projection / tail) are read in place
+    kv, score, state_kv, state_score = (
+        t if t.stride(1) == 1 else t.contiguous() for t in (kv, score, state_kv, state_score)
+    )
+    idx, ape = idx.contiguous(), ape.float().contiguous()
     out = torch.empty(e, c, dtype=kv.dtype, device=kv.device)
     if e == 0 or c == 0:
         return out
@@ -381,15 +388,18 @@ def gated_pool_indexed(
         state_kv,
         state_score,
         idx,
+        ape,
         out,
         n,
         length,
         c,
+        ape.shape[0],
         kv.stride(0),
         score.stride(0),
         state_kv.stride(0),
         state_score.stride(0),
         idx.stride(0),
+        ape.stride(0),
         out.stride(0),
         OVERLAP=overlap,
         BLOCK_L=block_l,
@@ -420,6 +430,7 @@ def _paged_indexer_scores_kernel(
     sk,
     sbt,
     so_t,
+    w_scale,
     PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -456,7 +467,7 @@ def _paged_indexer_scores_kernel(
                 mask=h_ok[:, None] & (offs_d < D)[None, :],
                 other=0.0,
             ).to(tl.float32)
-            w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + t * sw_t + offs_h * sw_h, mask=h_ok, other=0.0).to(tl.float32) * w_scale
             s = tl.dot(q.to(DOT), tl.trans(keys), input_precision="ieee")
             acc += tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
     tl.store(out_ptr + t * so_t + offs_s, tl.where(visible, acc, float("-inf")), mask=offs_s < S)
@@ -469,6 +480,7 @@ def paged_indexer_scores(
     block_table: torch.Tensor,
     seq: torch.Tensor,
     n_visible: torch.Tensor,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
     t, h, d = q.shape
     e = keys.shape[1]
@@ -478,9 +490,10 @@ def paged_indexer_scores(
     if packed and keys.shape[2] != index_bytes(d):
         raise ValueError(f"paged_indexer_scores: packed keys of {index_bytes(d)} B expected")
     q, w, keys = q.contiguous(), w.contiguous(), keys.contiguous()
-    block_table = block_table.to(torch.int32).contiguous()
-    seq = seq.to(device=q.device, dtype=torch.int32).contiguous()
-    n_visible = n_visible.to(device=q.device, dtype=torch.int32).contiguous()
+    # integer metadata in whatever width the step holds it (no cast launches); a column slice of the
+    # block table is read through its row stride
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    seq, n_visible = seq.contiguous(), n_visible.contiguous()
     out = torch.empty(t, s, dtype=torch.float32, device=q.device)
     if t == 0 or s == 0:
         return out
@@ -510,6 +523,7 @@ def paged_indexer_scores(
         keys.stride(1),
         block_table.stride(0),
         out.stride(0),
+        w_scale,
         PACKED=packed,
         GROUP=FP4_GROUP,
         BLOCK_H=block_h,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from v4d.kernels.kv_format import load_rows, pack_index, pack_main  # noqa: F401  (references of ops.pack_*)
-from v4d.kernels.kv_format import unpack_main as _unpack_main
+from v4d.kernels import kv_format
+from v4d.kernels.kv_format import load_rows
 from v4d.kernels.quant import act_quant as quantise_activations
 from v4d.kernels.quant import dequant_fp4, dequant_fp8
 
@@ -54,8 +54,8 @@ def paged_sparse_attention(
 ) -> torch.Tensor:
     """`sparse_attention` over three row sources addressed by one index space, without copying them:
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
-    rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). Ring and store
-    rows are plain floats or packed deployed entries (kv_format), decoded as they are gathered."""
+    rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). All three hold
+    rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered."""
     if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
         return torch.cat(
             [
@@ -70,7 +70,7 @@ def paged_sparse_attention(
     valid = i >= 0
     rows = q.new_zeros(*i.shape, d, dtype=torch.float32)
     fresh, in_ring = valid & (i < n), (i >= n) & (i < n + r)
-    rows[fresh] = kv.float()[i[fresh]]
+    rows[fresh] = load_rows(kv, d, rope_dim)[i[fresh]]  # the step's own rows: decoded once, then gathered
     rows[in_ring] = load_rows(ring[i[in_ring] - n], d, rope_dim)
     if store is not None:
         in_store = i >= n + r
@@ -86,8 +86,15 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, n_visible:
     return scores.masked_fill(hidden, float("-inf"))
 
 
-def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest finite scores per row (int32), -1 in the slots left over.
+def indexer_topk(
+    scores: torch.Tensor,
+    k: int,
+    rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of the k largest finite scores per row (int32), -1 in the slots left over; with `rows`
+    = (block_table, seq, E, offset) each chosen s becomes offset + block_table[seq[t], s // E] * E + s % E,
+    after the columns of `prefix` (see ops.indexer_topk).
 
     Ties at the k-th score go to the lowest index, so the choice does not depend on the masked
     columns after it. `topk` (O(S), unspecified tie order) picks the candidates; rows where it left
@@ -95,6 +102,16 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     descending score, ties by ascending index (sorting k entries); callers treat the selection as
     a set (the Triton kernel returns ascending indices).
     """
+    idx = _topk(scores, k)
+    if rows is not None:
+        table, seq, per_page, offset = rows
+        s = idx.long()
+        page = table[seq[:, None], (s // per_page).clamp(0, table.shape[1] - 1)]
+        idx = torch.where(s >= 0, offset + page * per_page + s % per_page, -1).to(torch.int32)
+    return idx if prefix is None else torch.cat([prefix.to(torch.int32), idx], dim=1)
+
+
+def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     t, s = scores.shape
     idx = torch.full((t, k), -1, dtype=torch.int32, device=scores.device)
     kk = min(k, s)
@@ -139,8 +156,10 @@ def paged_indexer_scores(
     block_table: torch.Tensor,
     seq: torch.Tensor,
     n_visible: torch.Tensor,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
-    """`indexer_scores` of each query row against its own sequence's keys, read from pages.
+    """`indexer_scores` (head weights w * w_scale) of each query row against its own sequence's keys,
+    read from pages.
 
     keys [num_pages, E, *] (plain rows or packed FP4 keys), block_table [B, P] page ids (-1 unused),
     seq [T] the row's sequence; column s of the result is entry s of that sequence (page s // E,
@@ -156,7 +175,7 @@ def paged_indexer_scores(
     tmax = int(counts.max()) if t else 0
     qp = q.new_zeros(nb, tmax, h, d, dtype=torch.float32)
     wp = q.new_zeros(nb, tmax, h, dtype=torch.float32)
-    qp[seq, r], wp[seq, r] = q.float(), w.float()
+    qp[seq, r], wp[seq, r] = q.float(), w.float() * w_scale
     s = torch.einsum("bths,bth->bts", torch.relu(torch.einsum("bthd,bsd->bths", qp, k)), wp)[seq, r]
     hidden = torch.arange(k.shape[1], device=q.device)[None, :] >= n_visible.to(q.device)[:, None]
     return s.masked_fill(hidden, float("-inf"))
@@ -169,16 +188,18 @@ def gated_pool_indexed(
     state_score: torch.Tensor,
     idx: torch.Tensor,
     overlap: bool,
+    ape: torch.Tensor,
 ) -> torch.Tensor:
     """`gated_pool` of entries whose L candidate tokens are given by index: j < N is row j of this
-    step's kv/score [N, W], j >= N row j - N of the state tails [R, W], -1 a padded slot. With
-    `overlap` (CSA) the first L/2 candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2];
-    else [E, W]."""
+    step's kv/score [N, W], j >= N row j - N of the state tails [R, W], -1 a padded slot. Candidate
+    slot l's gate gets the bias ape[l % ratio] (ape [ratio, W]). With `overlap` (CSA) the first L/2
+    candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2]; else [E, W]."""
     n, r = kv.shape[0], state_kv.shape[0]
     i = idx.long()
     fresh = (i < n)[..., None]
     v = torch.where(fresh, kv.float()[i.clamp(0, max(n - 1, 0))], state_kv.float()[(i - n).clamp(0, r - 1)])
     g = torch.where(fresh, score.float()[i.clamp(0, max(n - 1, 0))], state_score.float()[(i - n).clamp(0, r - 1)])
+    g = g + ape.float()[torch.arange(i.shape[1], device=i.device) % ape.shape[0]]
     g = g.masked_fill((i < 0)[..., None], float("-inf"))
     v = v.masked_fill((i < 0)[..., None], 0.0)
     if overlap:
@@ -261,9 +282,16 @@ def hc_split_sinkhorn(
     return pre, post, comb
 
 
-def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """x[t] = sum_k pre[t,k] X[t,k]: the sub-layer input from the n residual streams."""
-    return torch.einsum("tk,tkd->td", pre.float(), X.float()).to(X.dtype)
+def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, M] fp32: the RMS-normalised (no gain) flattened streams X [T, n, d] times fn [M, n*d]."""
+    return F.linear(rms_norm(X.flatten(1), None, eps, torch.float32), fn.float())
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x[t] = sum_k pre[t,k] X[t,k]: the sub-layer input from the n residual streams (X's dtype);
+    norm = (weight, eps): then the sub-layer's RMSNorm of it."""
+    x = torch.einsum("tk,tkd->td", pre.float(), X.float()).to(X.dtype)
+    return x if norm is None else rms_norm(x, norm[0], norm[1], X.dtype)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -272,11 +300,19 @@ def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     return (post.float()[:, :, None] * f.float()[:, None, :] + mixed).to(X.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """(weight *) x / rms(x) over the last dim, computed in fp32, stored as `dtype`."""
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    dtype: torch.dtype,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(weight *) x / rms(x) over the last dim, computed in fp32, stored as `dtype`; with rotary =
+    (pos, inv_freq), then `rope` of that (as two ops would: rounded to `dtype` in between)."""
     x = x.float()
     y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return (y if weight is None else weight * y).to(dtype)
+    y = (y if weight is None else weight * y).to(dtype)
+    return y if rotary is None else rope(y, *rotary, False)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -294,6 +330,48 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
     return torch.cat([head, tail], dim=-1)
 
 
-def unpack_main(rows: torch.Tensor, d: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """[R, d] of `dtype`: deployed main entries decoded (kv_format.unpack_main)."""
-    return _unpack_main(rows, d, rope_dim).to(dtype)
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]], in place."""
+    dst[dst_rows] = src[src_rows]
+
+
+def moe_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    scale: float,
+    tid2eid: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T,k] fp32, ids [T,k] int64) of the router: s = sqrt(softplus(x W^T)) in fp32; ids the
+    top-k of s + bias, or tid2eid[input_ids] on hash layers; weights = s[ids] / sum * scale."""
+    scores = F.softplus(F.linear(x.float(), weight.float())).sqrt()
+    if tid2eid is not None:
+        ids = tid2eid[input_ids].long()
+    else:
+        ids = (scores + bias).topk(k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    return weights / weights.sum(-1, keepdim=True) * scale, ids
+
+
+def pack_main(
+    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`kv_format.pack_main` of the rows; with out/rows written to out[rows] (returns out)."""
+    return _into(kv_format.pack_main(x, rope_dim), out, rows)
+
+
+def pack_index(
+    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+) -> torch.Tensor:
+    """`kv_format.pack_index` of the rows (`kv_format.hadamard` of them first with `rotate`); with
+    out/rows written to out[rows] (returns out)."""
+    return _into(kv_format.pack_index(kv_format.hadamard(x) if rotate else x), out, rows)
+
+
+def _into(packed: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return packed
+    out[rows] = packed
+    return out

@@ -4,7 +4,11 @@
 registers and writes pre, post and the Sinkhorn-normalised n x n comb in one pass (the n x n
 matrices live as a [tokens, n, n] tile; n is padded to a power of two with zeros).
 `hc_pre` (x = sum_k pre_k X_k) and `hc_post` (X'_k = post_k f + sum_j comb_jk X_j): one program per
-(block of tokens, block of d), all n streams at once.
+(block of tokens, block of d), all n streams at once; `hc_pre` with the sub-layer's RMSNorm: one
+program per token, two passes over d (sum of squares, then scale and gain), x rounded to X's dtype
+in between as the two ops would.
+`hc_mixes` (the projection of the RMS-normalised flattened streams that feeds the split): one program
+per block of tokens, a pass for the sum of squares, then fp32 dots of the normalised rows with fn.
 """
 
 from __future__ import annotations
@@ -14,6 +18,58 @@ import triton
 import triton.language as tl
 
 from v4d.kernels.launch import interpreting, pow2
+
+
+@triton.jit
+def _hc_mixes_kernel(
+    x_ptr, fn_ptr, o_ptr, T, K, M, sx, sf, so, eps, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_m = tl.arange(0, BLOCK_M)
+    t_ok, m_ok = offs_t < T, offs_m < M
+    sq = tl.zeros([BLOCK_T], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None] * sx + k[None, :], mask=t_ok[:, None] & (k < K)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sq += tl.sum(x * x, 1)
+    inv = 1.0 / tl.sqrt(sq / K + eps)
+    acc = tl.zeros([BLOCK_T, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # the normalised rows (as rms_norm stores them) times fn
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None] * sx + k[None, :], mask=t_ok[:, None] & (k < K)[None, :], other=0.0)
+        x = x.to(tl.float32) * inv[:, None]
+        w = tl.load(fn_ptr + offs_m[:, None] * sf + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+    tl.store(o_ptr + offs_t[:, None] * so + offs_m[None, :], acc, mask=t_ok[:, None] & m_ok[None, :])
+
+
+def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    x = X.reshape(X.shape[0], -1)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    t, k = x.shape
+    m = fn.shape[0]
+    fn = fn.contiguous()
+    out = torch.empty(t, m, dtype=torch.float32, device=X.device)
+    if t == 0:
+        return out
+    _hc_mixes_kernel[(triton.cdiv(t, 16),)](
+        x,
+        fn,
+        out,
+        t,
+        k,
+        m,
+        x.stride(0),
+        fn.stride(0),
+        out.stride(0),
+        eps,
+        BLOCK_T=16,
+        BLOCK_M=pow2(m, 16),
+        BLOCK_K=min(pow2(k, 16), 1024 if interpreting() else 128),
+        num_warps=4,
+    )
+    return out
 
 
 @triton.jit
@@ -165,11 +221,53 @@ def _blocks(t: int, d: int) -> tuple[int, int]:
     return 1, min(pow2(d, 16), 512)
 
 
-def hc_pre(X: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _hc_pre_norm_kernel(
+    x_ptr, pre_ptr, w_ptr, o_ptr, Dm, sx_t, sx_n, sp, so, eps, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    t = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, NP)
+    w = tl.load(pre_ptr + t * sp + k, mask=k < N, other=0.0).to(tl.float32)
+    ty = o_ptr.dtype.element_ty
+    sq = tl.zeros([BLOCK_D], tl.float32)
+    for d0 in range(0, Dm, BLOCK_D):  # x = sum_k pre_k X_k, rounded as hc_pre stores it; its sum of squares
+        d = d0 + tl.arange(0, BLOCK_D)
+        X = tl.load(x_ptr + t * sx_t + k[:, None] * sx_n + d[None, :], mask=(k < N)[:, None] & (d < Dm)[None, :])
+        x = tl.sum(w[:, None] * X.to(tl.float32), 0).to(ty).to(tl.float32)
+        sq += x * x
+    inv = 1.0 / tl.sqrt(tl.sum(sq, 0) / Dm + eps)
+    for d0 in range(0, Dm, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        X = tl.load(x_ptr + t * sx_t + k[:, None] * sx_n + d[None, :], mask=(k < N)[:, None] & (d < Dm)[None, :])
+        x = tl.sum(w[:, None] * X.to(tl.float32), 0).to(ty).to(tl.float32)
+        g = tl.load(w_ptr + d, mask=d < Dm, other=0.0).to(tl.float32)
+        tl.store(o_ptr + t * so + d, (g * (x * inv)).to(ty), mask=d < Dm)
+
+
+def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     t, n, d = X.shape
     X, pre = X.contiguous(), pre.contiguous()
     out = torch.empty(t, d, dtype=X.dtype, device=X.device)
     if t == 0 or d == 0:
+        return out
+    if norm is not None:  # one program per token: the norm needs the whole row
+        weight, eps = norm
+        _hc_pre_norm_kernel[(t,)](
+            X,
+            pre,
+            weight,
+            out,
+            d,
+            X.stride(0),
+            X.stride(1),
+            pre.stride(0),
+            out.stride(0),
+            eps,
+            N=n,
+            NP=pow2(n),
+            BLOCK_D=min(pow2(d, 16), 1024),
+            num_warps=4,
+        )
         return out
     bt, bd = _blocks(t, d)
     _hc_pre_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](

@@ -67,6 +67,15 @@ def calls(dtype: torch.dtype) -> None:
 
     tb = triton_backend
     tb.indexer_topk(r(4, 100, dt=torch.float32), 16)
+    # the CSA layer's attention indices: the window's columns, then the top-k entries' page-store rows
+    table, seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), torch.tensor([0, 0, 1, 1])
+    tb.indexer_topk(r(4, 100, dt=torch.float32), 16, (table, seq, 32, 700), torch.randint(-1, 9, (4, 128)))
+    tb.moe_route(r(8, 256), r(16, 256), r(16, dt=torch.float32), 6, 1.5, None, None)
+    tb.moe_route(r(8, 256), r(16, 256), None, 6, 1.5, torch.randint(0, 16, (50, 6), dtype=torch.int32), seq)
+    tb.copy_rows(r(9, 512), torch.tensor([3, 5]), r(4, 512), torch.tensor([0, 2]))
+    tb.copy_rows(
+        torch.zeros(9, 584, dtype=torch.uint8), torch.tensor([3, 5]), torch.zeros(4, 584, dtype=torch.uint8), seq[:2]
+    )
     tb.moe_experts(
         r(8, 256),
         torch.randint(-1, 4, (8, 6)),
@@ -82,10 +91,10 @@ def calls(dtype: torch.dtype) -> None:
         keys = kv_format.pack_index(r(6 * 32, 128, dt=torch.float32)) if packed else r(6 * 32, 128)
         tb.paged_sparse_attention(
             r(4, 64, 512),
-            r(3, 512),
+            rows(3, 512),
             rows(64, 512),
             rows(96, 512),
-            torch.randint(-1, 163, (4, 40), dtype=torch.int32),
+            torch.randint(-1, 163, (4, 40), dtype=torch.int32 if packed else torch.int64),  # HCA: int64 metadata
             r(64, dt=torch.float32),
             0.04,
             64,
@@ -106,6 +115,7 @@ def calls(dtype: torch.dtype) -> None:
         r(16, 1024, dt=f32),
         torch.randint(-1, 21, (3, 8)),
         True,
+        r(4, 1024, dt=f32),
     )
     tb.gated_pool_indexed(
         r(5, 512, dt=f32),
@@ -114,6 +124,7 @@ def calls(dtype: torch.dtype) -> None:
         r(256, 512, dt=f32),
         torch.randint(-1, 261, (2, 128)),
         False,
+        r(128, 512, dt=f32),
     )
     # deployed precision: packed MXFP4 experts; FP8 GEMM at a decode and a prefill batch
     packed = [
@@ -134,16 +145,21 @@ def calls(dtype: torch.dtype) -> None:
     tb.fp8_linear(r(100, 300), w8, s8, False)
     tb.hc_split_sinkhorn(r(8, 24, dt=torch.float32), r(3, dt=torch.float32), r(24, dt=torch.float32), 4, 20, 1e-6)
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
+    tb.hc_pre(r(8, 4, 4096), r(8, 4, dt=torch.float32), (r(4096, dt=torch.float32), 1e-6))  # + sub-layer norm
+    tb.hc_mixes(r(8, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
     tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)  # block / KV norm, with gain
-    tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm / per-head q norm
+    tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm
+    rot = (torch.arange(8), r(32, dt=torch.float32))
+    tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype, rot)  # KV / entry norm + RoPE
+    tb.rms_norm(r(8, 64, 512), None, 1e-6, dtype, rot)  # per-head query norm + RoPE
     # small decode batches split each row's indices (flash-decoding) and merge in a second kernel
     one_program_per_row = paged.attention_splits
     paged.attention_splits = lambda *_: 2
     try:
         tb.paged_sparse_attention(
             r(1, 64, 512),
-            r(1, 512),
+            kv_format.pack_main(r(1, 512, dt=torch.float32), 64),
             kv_format.pack_main(r(64, 512, dt=torch.float32), 64),
             kv_format.pack_main(r(96, 512, dt=torch.float32), 64),
             torch.randint(-1, 161, (1, 64), dtype=torch.int32),
@@ -156,7 +172,10 @@ def calls(dtype: torch.dtype) -> None:
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))
-    tb.unpack_main(kv_format.pack_main(r(8, 512, dt=torch.float32), 64), 512, 64, dtype)
+    into = torch.arange(8) * 2  # straight into store rows
+    tb.pack_main(r(8, 512), 64, torch.zeros(16, kv_format.main_bytes(512, 64), dtype=torch.uint8), into)
+    tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into)
+    tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into, True)  # rotated
 
 
 def main() -> int:

@@ -85,8 +85,7 @@ def copy_slot(kv: KVCache, src: int, dst: int) -> None:
         lc.window[dst] = lc.window[src]
         for st in (lc.comp, lc.index_comp):
             if st is not None:
-                st.kv[dst] = st.kv[src]
-                st.score[dst] = st.score[src]
+                st.tail[dst] = st.tail[src]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:

@@ -21,8 +21,9 @@ from v4d.kernels import ops
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
+from v4d.serving.model.concat import RowConcat
 from v4d.serving.model.indexer import Indexer
-from v4d.serving.model.linear import Linear
+from v4d.serving.model.linear import Linear, linear_fp32
 from v4d.serving.model.norm import RMSNorm, rms_normalize
 from v4d.serving.model.rope import Rope
 from v4d.serving.model.step import Step
@@ -47,32 +48,34 @@ class Attention(nn.Module):
         self.scale = hd**-0.5
         self.compressor = Compressor(d, self.ratio, hd, self.rope, self.eps) if self.ratio else None
         self.indexer = Indexer(cfg, self.ratio, self.rope) if self.ratio == 4 else None
+        # the compressors' value and gate projections (main, then the indexer's): one fp32 GEMM
+        comps = [self.compressor, *([self.indexer.compressor] if self.indexer else [])] if self.compressor else []
+        self.comp_proj = RowConcat(*(lin for c in comps for lin in (c.wkv, c.wgate))) if comps else None
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache) -> torch.Tensor:
         """x: [N, d] (already normalised) rows of the step. Writes the step's state; returns [N, d]."""
-        pos, rd = step.pos, self.rope.dim
+        pos, rd, rotary = step.pos, self.rope.dim, (step.pos, self.rope.inv_freq)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = self.rope(rms_normalize(q, self.eps, x.dtype), pos)
-        # Pack window entries in the storage format once: this step reads them unpacked and the ring
-        # gets the same bytes, so a position reads the same value from this step's rows or the ring.
-        packed = ops.store_rows(self.rope(self.kv_norm(self.wkv(x)), pos), cache.window, rd)
-        packed_rows = packed.dtype == torch.uint8
-        kv = ops.unpack_main(packed, self.head_dim, rd, x.dtype) if packed_rows else packed.to(x.dtype)
+        q = rms_normalize(q, self.eps, x.dtype, rotary)
+        # Window entries in the storage format, once: attention reads this step's rows and the ring
+        # the same way, and the ring gets these bytes, so a position has one value wherever it is read.
+        kv = ops.store_rows(self.kv_norm(self.wkv(x), rotary), cache.window, rd)
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
         if self.compressor is not None:
             comp = step.compression(self.ratio)
             store = cache.main.flatten(0, 1)
-            entries = self.compressor.update(*self.compressor.project(x), pos, comp, cache.comp, x.dtype)
-            store[comp.entry_rows] = ops.store_rows(entries, store, rd)
+            proj = linear_fp32(x, self.comp_proj.weight())  # fp32 whatever the model dtype
+            main, index = proj.split(2 * self.compressor.wkv.out_features, dim=1) if self.indexer else (proj, None)
+            entries = self.compressor.update(main, comp, cache.comp, x.dtype)
+            ops.store_rows(entries, store, rd, comp.entry_rows)
             if self.indexer is not None:
-                rows = self.indexer.select(self.indexer.project(x, qr, pos), step, comp, cache)
-            else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1
-                rows = comp.all_visible_rows(step)
-            idx = torch.cat([idx, torch.where(rows >= 0, rows + step.n_rows + ring.shape[0], -1)], dim=1)
+                idx = self.indexer.select(self.indexer.project(x, qr, pos), index, step, comp, cache)
+            else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1 (step metadata)
+                idx = comp.attn_idx
         o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd)
-        ring[step.ring_dst] = packed[step.ring_src]
+        ops.copy_rows(ring, step.ring_dst, kv, step.ring_src)
         o = self.rope(o, pos, inverse=True).view(x.shape[0], self.groups, -1)
         o = self.wo_a.grouped(o, self.groups)
         return self.wo_b(o.flatten(1))

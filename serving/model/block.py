@@ -31,14 +31,16 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.zeros(3, dtype=torch.float32)))
 
     def _site(self, name: str, X: torch.Tensor):
+        """The sub-layer's input (mHC pre-mix, then its norm), post and comb."""
         fn, base, scale = (getattr(self, f"hc_{name}_{p}") for p in ("fn", "base", "scale"))
-        return hc_pre(X, fn, scale, base, self.iters, self.norm_eps, self.hc_eps)
+        norm = getattr(self, f"{name}_norm")
+        return hc_pre(X, fn, scale, base, self.iters, self.norm_eps, self.hc_eps, norm)
 
     def forward(
         self, X: torch.Tensor, input_ids: torch.Tensor, step: Step, kv: KVCache, experts: ExpertBackend
     ) -> torch.Tensor:
         """X: [N, hc_mult, d] residual streams of every token in the batch."""
         x, post, comb = self._site("attn", X)
-        X = hc_post(self.attn(self.attn_norm(x), step, kv.layer(self.layer)), X, post, comb)
+        X = hc_post(self.attn(x, step, kv.layer(self.layer)), X, post, comb)
         x, post, comb = self._site("ffn", X)
-        return hc_post(self.ffn(self.ffn_norm(x), input_ids, experts), X, post, comb)
+        return hc_post(self.ffn(x, input_ids, experts), X, post, comb)

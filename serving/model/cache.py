@@ -42,10 +42,18 @@ def compressor_shape(ratio: int, width: int) -> tuple[int, int]:
 # -- storage ------------------------------------------------------------------------------------
 @dataclass
 class CompressorState:
-    """Per-slot tail of one compressor: projected values and biased gate logits, fp32."""
+    """Per-slot tail of one compressor: projected values and (unbiased) gate logits side by side,
+    fp32, as the compressor's projection makes them, so one row copy writes both."""
 
-    kv: torch.Tensor  # [num_slots, rows, cols]
-    score: torch.Tensor
+    tail: torch.Tensor  # [num_slots, rows, 2 * cols]: values | gate logits
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.tail[..., : self.tail.shape[-1] // 2]
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.tail[..., self.tail.shape[-1] // 2 :]
 
 
 @dataclass
@@ -62,10 +70,9 @@ class LayerCache:
 
 def _state(num_slots: int, ratio: int, width: int, device) -> CompressorState:
     rows, cols = compressor_shape(ratio, width)
-    return CompressorState(
-        torch.zeros(num_slots, rows, cols, device=device),
-        torch.full((num_slots, rows, cols), float("-inf"), device=device),
-    )
+    state = CompressorState(torch.zeros(num_slots, rows, 2 * cols, device=device))
+    state.score.fill_(float("-inf"))
+    return state
 
 
 _PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,7 +137,7 @@ class KVCache:
             total += lc.window[0].nbytes
             for st in (lc.comp, lc.index_comp):
                 if st is not None:
-                    total += st.kv[0].nbytes + st.score[0].nbytes
+                    total += st.tail[0].nbytes
         return total
 
     def check_pages(self, seq: SeqCache, num_tokens: int) -> None:

@@ -34,22 +34,27 @@ class Indexer(nn.Module):
         self.scale = (self.head_dim * self.n_heads) ** -0.5
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token inputs of the whole batch: queries (roped), head weights, compressor inputs."""
+        """Per-token inputs of the whole batch: queries (roped) and head weights (the compressor's
+        projections run in the attention's joined GEMM)."""
         q = self.rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), pos)
-        kv, score = self.compressor.project(x)
-        return {"q": q, "w": self.weights_proj(x) * self.scale, "kv": kv, "score": score}
+        return {"q": q, "w": self.weights_proj(x)}
 
-    def select(self, p: dict[str, torch.Tensor], step: Step, comp: Compression, cache: LayerCache) -> torch.Tensor:
-        """Advance the indexer keys of the step and return each row's top-k entries as page-store
-        rows [N, k] (-1 = none)."""
+    def select(
+        self, p: dict[str, torch.Tensor], proj: torch.Tensor, step: Step, comp: Compression, cache: LayerCache
+    ) -> torch.Tensor:
+        """Advance the indexer keys of the step (proj: its compressor's projections) and return each
+        row's attention indices: the window's, then its top-k entries' page-store rows past the step's
+        rows and rings ([N, W + k], -1 = none)."""
         q = p["q"]
-        keys = self.compressor.update(p["kv"], p["score"], step.pos, comp, cache.index_comp, q.dtype)
+        keys = self.compressor.update(proj, comp, cache.index_comp, q.dtype)
         store = cache.index.flatten(0, 1)
-        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis
-            keys, q = hadamard(keys), hadamard(q)
-        store[comp.entry_rows] = ops.store_rows(keys, store, None)
+        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis (rotated as packed)
+            ops.pack_index(keys, store, comp.entry_rows, rotate=True)
+            q = hadamard(q)
+        else:
+            ops.store_rows(keys, store, None, comp.entry_rows)
         # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
         table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
-        scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible)
-        chosen = ops.indexer_topk(scores, min(self.topk, comp.max_visible))
-        return step.store_rows(step.seq[:, None], chosen.long(), comp.per_page)
+        scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible, self.scale)
+        rows = (table, step.seq, comp.per_page, step.entry_offset)
+        return ops.indexer_topk(scores, min(self.topk, comp.max_visible), rows, step.window_idx)

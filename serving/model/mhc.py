@@ -7,15 +7,9 @@ The parameters live on the owning module under the official names (`hc_attn_fn`,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from v4d.kernels import ops
-from v4d.serving.model.norm import rms_normalize
-
-
-def _mixes(X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """The 24-wide (or 4-wide at the head) projection of the RMS-normalised flattened streams."""
-    return F.linear(rms_normalize(X.flatten(1), norm_eps), fn.float())
+from v4d.serving.model.norm import RMSNorm
 
 
 def hc_pre(
@@ -26,11 +20,13 @@ def hc_pre(
     iters: int,
     norm_eps: float,
     hc_eps: float,
+    norm: RMSNorm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X: [T, n, d] streams -> (sub-layer input [T, d], post [T, n], comb [T, n, n])."""
+    """X: [T, n, d] streams -> (sub-layer input [T, d] after the sub-layer's `norm`, post [T, n],
+    comb [T, n, n]). Three launches: mixes, split + Sinkhorn, weighted sum + norm."""
     n = X.shape[1]
-    pre, post, comb = ops.hc_split_sinkhorn(_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
-    return ops.hc_pre(X, pre), post, comb  # fp32 math inside, X's dtype out: no cast launches
+    pre, post, comb = ops.hc_split_sinkhorn(ops.hc_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
+    return ops.hc_pre(X, pre, (norm.weight, norm.eps)), post, comb  # fp32 math inside, X's dtype out
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -42,5 +38,5 @@ def hc_head(
     X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float
 ) -> torch.Tensor:
     """Reduction-only mHC before the final norm: sigmoid weights, no Sinkhorn. [T, n, d] -> [T, d]."""
-    pre = torch.sigmoid(_mixes(X, fn, norm_eps) * scale + base) + hc_eps
+    pre = torch.sigmoid(ops.hc_mixes(X, fn, norm_eps) * scale + base) + hc_eps
     return ops.hc_pre(X, pre)

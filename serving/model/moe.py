@@ -11,13 +11,12 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from v4d.kernels import ops
 from v4d.kernels.reference import swiglu
 from v4d.serving.config import ModelConfig
-from v4d.serving.model.linear import Linear, linear_fp32
+from v4d.serving.model.linear import Linear
 
 
 class ExpertBackend(Protocol):
@@ -44,13 +43,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weights [T, k] fp32, ids [T, k] int64)."""
-        scores = F.softplus(linear_fp32(x, self.weight)).sqrt()
         if self.hash:
-            ids = self.tid2eid[input_ids].long()
-        else:
-            ids = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, ids)
-        return weights / weights.sum(-1, keepdim=True) * self.scale, ids
+            return ops.moe_route(x, self.weight, None, self.topk, self.scale, self.tid2eid, input_ids)
+        return ops.moe_route(x, self.weight, self.bias, self.topk, self.scale)
 
 
 class Expert(nn.Module):
@@ -62,20 +57,20 @@ class Expert(nn.Module):
         self.w1 = Linear(dim, inter, fmt)
         self.w2 = Linear(inter, dim, fmt)
         self.w3 = Linear(dim, inter, fmt)
+        self._unit: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, limit: float) -> torch.Tensor:
         if self.w1.fmt == "fp8":  # three block-scaled GEMMs
             return self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
-        one = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        return ops.moe_experts(
-            x,
-            one,
-            torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device),
-            self.w1.weight[None],
-            self.w3.weight[None],
-            self.w2.weight[None],
-            limit,
-        )
+        # every token through "expert 0" with weight 1: views of one-element tensors made once per
+        # device (not buffers: the model holds exactly its checkpoint's bytes), no fills per step
+        if x.device not in self._unit:
+            self._unit[x.device] = (
+                torch.zeros(1, 1, dtype=torch.long, device=x.device),
+                torch.ones(1, 1, dtype=torch.float32, device=x.device),
+            )
+        ids, weights = (u.expand(x.shape[0], 1) for u in self._unit[x.device])
+        return ops.moe_experts(x, ids, weights, self.w1.weight[None], self.w3.weight[None], self.w2.weight[None], limit)
 
 
 class MoE(nn.Module):

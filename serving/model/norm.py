@@ -8,10 +8,15 @@ from torch import nn
 from v4d.kernels import ops
 
 
-def rms_normalize(x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rms_normalize(
+    x: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype = torch.float32,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """x / rms(x) over the last dim in fp32, no gain, stored as `dtype` (the per-head query norm and
-    mHC use this); one `ops.rms_norm` launch."""
-    return ops.rms_norm(x, None, eps, dtype)
+    mHC use this); `rotary` = (pos, inv_freq) adds the RoPE; one `ops.rms_norm` launch."""
+    return ops.rms_norm(x, None, eps, dtype, rotary)
 
 
 class RMSNorm(nn.Module):
@@ -20,5 +25,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`rotary` = (pos, inv_freq): the RoPE of the result in the same launch (ops.rms_norm)."""
+        return ops.rms_norm(x, self.weight, self.eps, None, rotary)

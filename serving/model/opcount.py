@@ -19,6 +19,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from v4d.kernels import ops
 
+# Issue 11's target: launches per layer per decode step (tests/model/test_model_decode.py holds the
+# busiest layer to it at batch 1 and 64).
+LAUNCH_BUDGET = 40
+
 # Ops that only make a view (no kernel on a GPU); the second count of `ops_per_layer` leaves them out.
 VIEW_OPS = frozenset(
     f"aten::{n}"
@@ -43,6 +47,7 @@ VIEW_OPS = frozenset(
         "_reshape_alias",
         "narrow",
         "split",
+        "split_with_sizes",
         "chunk",
         "unbind",
         "conj",
@@ -56,6 +61,7 @@ OP_NAMES = (
     "indexer_topk",
     "gated_pool_indexed",
     "moe_experts",
+    "hc_mixes",
     "hc_split_sinkhorn",
     "hc_pre",
     "hc_post",
@@ -63,7 +69,8 @@ OP_NAMES = (
     "rope",
     "pack_main",
     "pack_index",
-    "unpack_main",
+    "copy_rows",
+    "moe_route",
 )
 
 

@@ -43,21 +43,16 @@ class Compression:
     ratio: int
     per_page: int  # entries per page
     idx: torch.Tensor  # [E, L] candidates of each closing entry (rows, N + tail rows, -1)
-    entry: torch.Tensor  # [E] entry number s within its sequence
+    anchor: torch.Tensor  # [E] position of each closing entry's RoPE: ratio * its entry number
     entry_rows: torch.Tensor  # [E] flat page-store row of each closing entry
     state_src: torch.Tensor  # [M] step rows whose projections go to the tail ring
     state_dst: torch.Tensor  # [M] their flat tail-ring rows
     visible: torch.Tensor  # [N] closed entries visible to each row: (p + 1) // ratio
     max_visible: int  # static steps: the block table's capacity in entries
-    _all_rows: torch.Tensor | None = None
-
-    def all_visible_rows(self, step: Step) -> torch.Tensor:
-        """[N, max_visible] page-store rows of every visible entry of each row's sequence (-1 pads)."""
-        if self._all_rows is None:
-            s = torch.arange(self.max_visible, device=self.visible.device)
-            s = torch.where(s[None, :] < self.visible[:, None], s[None, :], -1)
-            self._all_rows = step.store_rows(step.seq[:, None], s, self.per_page)
-        return self._all_rows
+    # HCA: attention indices of every row, the window's then every visible entry's (page-store rows
+    # offset past the step's rows and the rings, -1 pads): [N, W + max_visible]. CSA layers build
+    # theirs from the indexer's choice (ops.indexer_topk with the step's table).
+    attn_idx: torch.Tensor | None = None
 
 
 @dataclass
@@ -162,8 +157,13 @@ class Step:
         )  # fmt: skip
         if static:  # everything the layers read, built now
             for ratio in {r for r in cfg.compress_ratios if r}:
-                step.compression(ratio).all_visible_rows(step)
+                step.compression(ratio)
         return step
+
+    @property
+    def entry_offset(self) -> int:
+        """Attention index of page-store row 0: past the step's rows and the flattened rings."""
+        return self.n_rows + self.ring_rows
 
     def store_rows(self, seq: torch.Tensor, entry: torch.Tensor, per_page: int) -> torch.Tensor:
         """Flat page-store rows of entries `entry` (-1 stays -1) of sequences `seq` (broadcast)."""
@@ -196,14 +196,23 @@ class Step:
         if self.static:  # rows whose block stays open pool nothing into a scratch row
             idx = torch.where(closes[:, None], idx, -1)
             rows = torch.where(closes, rows, self.scratch_row * per_page)
+        max_visible = self.block_table.shape[1] * per_page if self.static else int(visible.max()) if n else 0
+        attn_idx = None
+        if not overlap:  # HCA attends to every visible entry: its indices are step metadata
+            s = torch.arange(max_visible, device=pos.device)
+            s = torch.where(s[None, :] < visible[:, None], s[None, :], -1)
+            all_rows = self.store_rows(self.seq[:, None], s, per_page)
+            all_rows = torch.where(all_rows >= 0, all_rows + self.entry_offset, -1)
+            attn_idx = torch.cat([self.window_idx, all_rows], dim=1)
         return Compression(
             m,
             per_page,
             idx,
-            e,
+            e * m,
             rows,
             keep,
             (self._slot * tail + pos % tail)[keep],
             visible,
-            self.block_table.shape[1] * per_page if self.static else int(visible.max()) if n else 0,
+            max_visible,
+            attn_idx,
         )

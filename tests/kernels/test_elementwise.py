@@ -19,6 +19,23 @@ def test_rms_norm(kops, dtype, gen, tol, shape, gain):
 
 
 @pytest.mark.parametrize(
+    "shape,dim", [((5, 4, 48), 16), ((3, 512), 64), ((2, 40), 40)], ids=["heads", "kv", "all-rope"]
+)
+@pytest.mark.parametrize("gain", [True, False])
+def test_rms_norm_with_rope_is_the_two_ops(kops, dtype, gen, tol, shape, dim, gain):
+    """One launch, the result of rms_norm then rope (rounded to the output dtype in between)."""
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    w = torch.rand(shape[-1], generator=gen) + 0.5 if gain else None
+    pos = torch.tensor([3, 0, 100_000, 7, 4096][: shape[0]])
+    f = inv_freq(dim, 10000.0, 4096, 16.0)
+    got = kops.rms_norm(x, w, 1e-6, dtype, (pos, f))
+    want = ref.rope(ref.rms_norm(x, w, 1e-6, dtype), pos, f, False)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, want, **tol(dtype))
+    torch.testing.assert_close(ref.rms_norm(x, w, 1e-6, dtype, (pos, f)), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
     "shape,dim", [((6, 4, 48), 16), ((5, 32), 32), ((3, 2, 3, 24), 8)], ids=["heads", "all-rope", "4d"]
 )
 @pytest.mark.parametrize("inverse", [False, True])

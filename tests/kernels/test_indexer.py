@@ -43,3 +43,24 @@ def test_topk_large_row_spans_blocks(kops, gen):
     scores = torch.randn(2, 3000, generator=gen)
     got = kops.indexer_topk(scores, 64)
     assert as_sets(got) == as_sets(ref.indexer_topk(scores, 64))
+
+
+def test_topk_as_attention_rows_after_a_prefix(kops, gen):
+    """With a block table: entry s of row t -> offset + table[seq[t], s // E] * E + s % E, after the
+    prefix columns (the window's indices); -1 stays -1."""
+    e, k, offset = 4, 5, 100
+    scores = torch.randn(3, 12, generator=gen)
+    scores[2, 3:] = float("-inf")  # three visible: two slots left over
+    table = torch.tensor([[7, 2, 5], [1, 0, 3]])
+    seq = torch.tensor([0, 1, 1])
+    prefix = torch.randint(-1, 50, (3, 6), generator=gen)
+    got = kops.indexer_topk(scores, k, (table, seq, e, offset), prefix)
+    want = ref.indexer_topk(scores, k, (table, seq, e, offset), prefix)
+    assert got.shape == (3, 6 + k) and got.dtype == torch.int32
+    assert got[:, :6].tolist() == prefix.tolist()
+    assert as_sets(got[:, 6:]) == as_sets(want[:, 6:])
+    chosen = ref.indexer_topk(scores, k)
+    for t in range(3):
+        rows = {offset + int(table[seq[t], s // e]) * e + s % e if s >= 0 else -1 for s in chosen[t].tolist()}
+        assert set(got[t, 6:].tolist()) == rows
+    assert sorted(got[2, 6:].tolist())[:2] == [-1, -1]

@@ -58,9 +58,7 @@ def test_triton_path_logits_equal_reference_path(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("V4D_KERNELS", "triton")
     got = run(model, ids, chunks, fmt)
 
-    unused = {"fp32": {"pack_main", "pack_index", "unpack_main"}, "deployed": set()}[
-        fmt
-    ]  # plain stores take casts, not packing
+    unused = {"fp32": {"pack_main", "pack_index"}, "deployed": set()}[fmt]  # plain stores take casts, not packing
     assert all(v for k, v in calls.items() if k not in unused), (
         f"ops never sent to Triton: {[k for k, v in calls.items() if not v and k not in unused]}"
     )

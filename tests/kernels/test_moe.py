@@ -42,3 +42,14 @@ def test_one_expert_many_tiles_and_empty(kops, gen, tol):
     )
     none = kops.moe_experts(x, torch.full((40, 1), -1), w, w1, w3, w2, 10.0)
     assert (none == 0).all()
+
+
+def test_broadcast_ids_and_weights(kops, gen):
+    """Expanded (stride-0) ids and weights, as the shared expert passes them, read like real ones."""
+    x = torch.randn(7, 32, generator=gen)
+    w1, w3, w2 = experts(gen, 1, 48, 32, torch.float32)
+    ids, weights = torch.zeros(1, 1, dtype=torch.long).expand(7, 1), torch.ones(1, 1).expand(7, 1)
+    y = kops.moe_experts(x, ids, weights, w1, w3, w2, 10.0)
+    torch.testing.assert_close(
+        y, ref.moe_experts(x, ids.clone(), weights.clone(), w1, w3, w2, 10.0), atol=1e-5, rtol=1e-5
+    )

@@ -19,7 +19,7 @@ def _store(rows: torch.Tensor, fmt: str, rope_dim: int | None) -> torch.Tensor:
 )
 def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n, r, s, k):
     q = torch.randn(t, h, d, generator=gen)
-    kv = torch.randn(n, d, generator=gen)
+    kv = _store(torch.randn(n, d, generator=gen), fmt, rope)
     ring = _store(torch.randn(r, d, generator=gen), fmt, rope)
     store = _store(torch.randn(s, d, generator=gen), fmt, rope)
     idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
@@ -49,8 +49,7 @@ def test_paged_attention_split_rows_merge_to_the_reference(kops, gen, tol, monke
     monkeypatch.setattr(paged, "attention_splits", lambda *_: splits)
     t, h, d, rope, n, r, s, k = 3, 4, 64, 16, 4, 24, 40, 300  # 2 or 3 splits of 128-index blocks
     q = torch.randn(t, h, d, generator=gen)
-    kv = torch.randn(n, d, generator=gen)
-    ring, store = (_store(torch.randn(m, d, generator=gen), fmt, rope) for m in (r, s))
+    kv, ring, store = (_store(torch.randn(m, d, generator=gen), fmt, rope) for m in (n, r, s))
     idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
     idx[0] = -1
     idx[1, 100:] = -1  # whole splits without a valid index
@@ -81,20 +80,28 @@ def test_gated_pool_indexed_matches_reference(kops, gen, tol, overlap):
     skv, sscore = torch.randn(r, w, generator=gen), torch.randn(r, w, generator=gen)
     idx = torch.randint(-1, n + r, (e, length), generator=gen)
     idx[0] = -1  # an entry of padding only pools to 0
-    out = kops.gated_pool_indexed(kv, score, skv, sscore, idx, overlap)
-    want = ref.gated_pool_indexed(kv, score, skv, sscore, idx, overlap)
+    ape = torch.randn(4, w, generator=gen)
+    out = kops.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape)
+    want = ref.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape)
     assert out.shape == (e, w // 2 if overlap else w)
     torch.testing.assert_close(out, want, **tol(torch.float32))
     assert torch.all(out[0] == 0)
+    # values | gates side by side, as the compressor's projection and tail rings hold them: row-strided views
+    joint, tail = torch.cat([kv, score], 1), torch.cat([skv, sscore], 1)
+    views = (joint[:, :w], joint[:, w:], tail[:, :w], tail[:, w:])
+    torch.testing.assert_close(kops.gated_pool_indexed(*views, idx, overlap, ape), want, **tol(torch.float32))
 
 
 def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):
+    """Candidate slot l's gate gets ape[l % ratio]: the bias of its position in the block."""
     kv, score = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
     skv, sscore = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     idx = torch.tensor([[0, 1, 7, 9], [2, 3, 4, 5]])
+    ape = torch.randn(2, 8, generator=gen)
     allv, alls = torch.cat([kv, skv]), torch.cat([score, sscore])
     torch.testing.assert_close(
-        ref.gated_pool_indexed(kv, score, skv, sscore, idx, False), ref.gated_pool(allv[idx], alls[idx])
+        ref.gated_pool_indexed(kv, score, skv, sscore, idx, False, ape),
+        ref.gated_pool(allv[idx], alls[idx] + ape[[0, 1, 0, 1]]),
     )
 
 
@@ -106,11 +113,13 @@ def test_paged_indexer_scores_match_reference(kops, gen, tol, fmt):
     seq = torch.tensor([0, 0, 1, 1, 1])
     n_vis = torch.tensor([3, 16, 0, 9, 24])
     q, w = torch.randn(5, h, d, generator=gen), torch.randn(5, h, generator=gen)
-    got = kops.paged_indexer_scores(q, w, keys, table, seq, n_vis)
-    want = ref.paged_indexer_scores(q, w, keys, table, seq, n_vis)
+    got = kops.paged_indexer_scores(q, w, keys, table, seq, n_vis, 0.3)
+    want = ref.paged_indexer_scores(q, w, keys, table, seq, n_vis, 0.3)
     assert got.shape == (5, 3 * e)
     torch.testing.assert_close(got, want, **tol(torch.float32))
     # column s of a row is entry s of its sequence: page table[seq, s // e], offset s % e
     flat = kv_format.load_rows(keys, d, None).flatten(0, 1)
     seq_keys = flat[torch.tensor([2 * e + i for i in range(e)] + [4 * e + i for i in range(e)])]
-    torch.testing.assert_close(want[3, :9], ref.indexer_scores(q[3:4], w[3:4], seq_keys, torch.tensor([9]))[0, :9])
+    torch.testing.assert_close(
+        want[3, :9], ref.indexer_scores(q[3:4], w[3:4] * 0.3, seq_keys, torch.tensor([9]))[0, :9]
+    )

@@ -30,3 +30,30 @@ def test_pre_and_post(kops, dtype, gen, t, n, d, tol):
     assert x.dtype == dtype and Xn.dtype == dtype
     torch.testing.assert_close(x, ref.hc_pre(X, pre), **tol(dtype))
     torch.testing.assert_close(Xn, ref.hc_post(f, X, post, comb), **tol(dtype))
+
+
+@pytest.mark.parametrize("t,n,d", [(5, 4, 64), (3, 3, 40), (2, 4, 1100)], ids=["v4", "ragged", "wide"])
+def test_pre_with_the_sublayer_norm(kops, dtype, gen, t, n, d, tol):
+    """One launch, the result of hc_pre then rms_norm (x rounded to X's dtype in between)."""
+    X = (torch.randn(t, n, d, generator=gen) * 3).to(dtype)
+    pre = torch.rand(t, n, generator=gen)
+    w = torch.rand(d, generator=gen) + 0.5
+    got = kops.hc_pre(X, pre, (w, 1e-6))
+    want = ref.rms_norm(ref.hc_pre(X, pre), w, 1e-6, dtype)
+    assert got.dtype == dtype and got.shape == (t, d)
+    torch.testing.assert_close(got, want, **tol(dtype))
+    assert torch.equal(ref.hc_pre(X, pre, (w, 1e-6)), want)
+
+
+@pytest.mark.parametrize("t,n,d,m", [(5, 4, 64, 24), (19, 4, 300, 4), (1, 3, 40, 15)], ids=["v4", "head", "ragged"])
+def test_mixes_are_the_normalised_streams_times_fn(kops, dtype, gen, t, n, d, m, tol):
+    X = (torch.randn(t, n, d, generator=gen) * 3).to(dtype)
+    fn = torch.randn(m, n * d, generator=gen) / (n * d) ** 0.5
+    got = kops.hc_mixes(X, fn, 1e-6)
+    want = ref.hc_mixes(X, fn, 1e-6)
+    assert got.dtype == torch.float32 and got.shape == (t, m)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    x = X.float().flatten(1)
+    torch.testing.assert_close(
+        want, (x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()) @ fn.T, **tol(torch.float32)
+    )

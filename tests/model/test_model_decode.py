@@ -9,7 +9,7 @@ import torch
 
 from v4d.serving import sizing
 from v4d.serving.model.cache import KVCache, SeqCache
-from v4d.serving.model.opcount import ops_per_layer
+from v4d.serving.model.opcount import LAUNCH_BUDGET, ops_per_layer
 from v4d.serving.model.step import Step
 
 from .test_model_equivalence import TOL
@@ -55,6 +55,12 @@ def test_ops_per_layer_of_a_decode_step_do_not_grow_with_the_batch(tiny_fast):
             got = counts[64][kind][layer]
             assert got <= 1.1 * n, f"layer {layer}: {got} ops at batch 64 vs {n} at batch 1"
     assert all(counts[1][1][layer] < n for layer, n in counts[1][0].items())
+    # issue 11's target: at most LAUNCH_BUDGET launches per layer per decode step, on the busiest
+    # (CSA) layer too, at batch 1 and 64
+    for b in (1, 64):
+        busiest = max(counts[b][1].values())
+        assert busiest == counts[b][1][cfg.compress_ratios.index(4)], "a CSA layer is the busiest"
+        assert busiest <= LAUNCH_BUDGET, f"batch {b}: {busiest} launching ops on the busiest layer"
 
 
 def test_step_indices_address_fresh_rows_rings_and_pages(tiny_fast):
@@ -70,10 +76,14 @@ def test_step_indices_address_fresh_rows_rings_and_pages(tiny_fast):
     assert step.ring_dst.tolist() == [2 * w + 10 % w, 2 * w + 11 % w, 2 * w + 12 % w, 0 * w + 130 % w]
     csa = step.compression(4)
     # position 11 closes CSA entry 2 (tokens 8..11 + previous block 4..7); 130 closes nothing
-    assert csa.entry.tolist() == [2] and csa.visible.tolist() == [2, 3, 3, 32]
+    assert csa.anchor.tolist() == [8] and csa.visible.tolist() == [2, 3, 3, 32]
     assert csa.idx[0].tolist() == [n + 2 * 8 + p % 8 for p in range(4, 10)] + [0, 1]
     assert csa.entry_rows.tolist() == [5 * 32 + 2]  # page 5 (the sequence's first), offset 2
     # entry 31 of sequence 1 (position 127) is on its first page 3; entry 32 on its second page 6
     assert step.store_rows(torch.tensor([1, 1]), torch.tensor([31, 32]), 32).tolist() == [3 * 32 + 31, 6 * 32]
     hca = step.compression(16)
-    assert hca.max_visible == 8 and hca.all_visible_rows(step)[3].tolist() == [3 * 8 + s for s in range(8)]
+    # HCA attends to the window, then every visible entry: page-store rows past the step's rows and rings
+    assert hca.max_visible == 8 and hca.attn_idx.shape == (n, w + 8)
+    assert torch.equal(hca.attn_idx[:, :w], step.window_idx)
+    assert hca.attn_idx[3, w:].tolist() == [step.entry_offset + 3 * 8 + s for s in range(8)]
+    assert step.entry_offset == n + 4 * w

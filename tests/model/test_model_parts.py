@@ -77,7 +77,8 @@ def test_local_experts_match_a_per_expert_loop_and_follow_loaded_weights(tiny):
 def test_sinkhorn_mixing_is_doubly_stochastic(tiny):
     block = tiny.layers[1]
     X = torch.randn(32, 4, tiny.cfg.hidden_size, generator=torch.Generator().manual_seed(4)) * 3
-    x, post, comb = hc_pre(X, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, 20, 1e-6, 1e-6)
+    fn, scale, base = block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base
+    x, post, comb = hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6, block.attn_norm)
     assert x.shape == (32, tiny.cfg.hidden_size) and post.shape == (32, 4)
     torch.testing.assert_close(comb.sum(-2), torch.ones(32, 4), atol=1e-5, rtol=0)
     torch.testing.assert_close(comb.sum(-1), torch.ones(32, 4), atol=1e-3, rtol=0)
