@@ -39,12 +39,14 @@ PY
 export PYTHONUNBUFFERED=1
 status=0
 # The decode bench first (the figures the README reports), with kernel profiles at batch 1 and 64.
-timeout 200 "$PY" bench/decode.py --device cuda --profile 1 --profile 64 --out "$DEST/decode.json" 2>&1 \
+timeout 100 "$PY" bench/decode.py --device cuda --profile 1 --profile 64 --out "$DEST/decode.json" 2>&1 \
   | tee "$DEST/bench-decode.txt" || status=1
 if "$PY" -c "import pytest" 2>/dev/null; then
   # (test_compiles_for_gpu.py is the GPU-less stand-in for what these tests do for real here)
   # --confcutdir: only tests/kernels/conftest.py, not the suite's top conftest (cluster helpers)
-  V4D_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" \
+  # several workers when pytest-xdist is there: the time goes to compiling kernels, on the CPU cores
+  PAR=""; "$PY" -c "import xdist" 2>/dev/null && PAR="-n 8"
+  V4D_TEST_DEVICE=cuda timeout 120 "$PY" -m pytest tests/kernels $PAR -q -p no:cacheprovider -o addopts="" \
     --confcutdir tests/kernels \
     --deselect tests/kernels/test_compiles_for_gpu.py 2>&1 \
     | tee "$DEST/tests.txt" || status=1
@@ -52,6 +54,6 @@ else
   echo "pytest is not installed here: tests/kernels skipped; the bench below still checks every kernel" \
        "against the torch reference at the bench shapes" | tee "$DEST/tests.txt"
 fi
-timeout 90 "$PY" bench/kernels.py --out "$DEST/kernels.json" 2>&1 | tee "$DEST/bench-kernels.txt" || status=1
+timeout 60 "$PY" bench/kernels.py --out "$DEST/kernels.json" 2>&1 | tee "$DEST/bench-kernels.txt" || status=1
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL); results in $DEST" | tee -a "$DEST/gpu-check.log"
 exit $status

@@ -26,6 +26,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from v4d.kernels import kv_format, paged, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
 TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -186,8 +187,10 @@ def main() -> int:
     for fn, sig, consts, opts in launches.values():
         name = fn.fn.__name__
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
-            print(f"ok    {name} {sorted(set(t for t in sig.values() if t.startswith('*')))}")
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
+            if k.metadata.shared > SHARED_LIMIT:  # checked when the kernel loads on a GPU, not by ptxas
+                raise RuntimeError(f"needs {k.metadata.shared} B of shared memory, sm_90 has {SHARED_LIMIT}")
+            print(f"ok    {name} {sorted(set(t for t in sig.values() if t.startswith('*')))} smem {k.metadata.shared}")
         except Exception as e:  # report every kernel, then fail
             failed += 1
             print(f"FAIL  {name} {sig}\n      {type(e).__name__}: {str(e)[:2000]}")
