@@ -30,3 +30,19 @@ def dot_dtype(t: torch.Tensor) -> tl.dtype:
 
 def pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+MAX_SPLITS = 16
+
+
+def split_reduction(programs: int, length: int, block: int, device: torch.device) -> int:
+    """Whole blocks of `block` per split of a reduction of `length` when its other grid dimensions
+    give only `programs` programs: enough splits for two programs per multiprocessor (a decode step of
+    a few tokens otherwise walks the whole reduction in one or a few programs while the others idle),
+    at most MAX_SPLITS (the kernel that sums the splits walks them in turn), one off CUDA (the
+    interpreter, where each program costs time). Returns the split's length."""
+    splits = 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(triton.cdiv(length, block), triton.cdiv(2 * sms, programs), MAX_SPLITS))
+    return triton.cdiv(triton.cdiv(length, splits), block) * block

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes
-from v4d.kernels.launch import dot_dtype, interpreting, pow2
+from v4d.kernels.launch import dot_dtype, interpreting, pow2, split_reduction
 
 LOG2E = 1.4426950408889634
 
@@ -211,16 +211,6 @@ def attention_blocks(h: int, d: int, itemsize: int) -> tuple[int, int, int, int]
     return (64, 32, 8, 1) if itemsize < 4 else (16, 16, 8, 3)
 
 
-def attention_splits(programs: int, k: int, block_k: int, device: torch.device) -> int:
-    """Splits of each row's indices (flash-decoding): enough programs for two per multiprocessor
-    when the batch alone gives fewer (otherwise a decode step of a few sequences walks each query's
-    640 rows in one program); one off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(k, block_k), triton.cdiv(2 * sms, programs)))
-
-
 def paged_sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -247,8 +237,8 @@ def paged_sparse_attention(
     else:
         block_h, block_k, warps, stages = attention_blocks(h, d, q.element_size())
     hb = triton.cdiv(h, block_h)
-    per = triton.cdiv(triton.cdiv(k, attention_splits(t * hb, k, block_k, q.device)), block_k) * block_k
-    splits = triton.cdiv(k, per)  # of `per` indices each, whole blocks
+    per = split_reduction(t * hb, k, block_k, q.device)  # flash-decoding for small batches
+    splits = triton.cdiv(k, per)
     part = torch.empty(splits, t, h, 2 + d, dtype=torch.float32, device=q.device) if splits > 1 else o
     sink = sink.contiguous()  # scaled by log2(e) in the kernels
     _paged_attention_kernel[(t, hb, splits)](

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from v4d.kernels import kv_format, paged, triton_backend  # noqa: E402
+from v4d.kernels import kv_format, paged, routing, sinkhorn, triton_backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
@@ -154,9 +154,12 @@ def calls(dtype: torch.dtype) -> None:
     rot = (torch.arange(8), r(32, dt=torch.float32))
     tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype, rot)  # KV / entry norm + RoPE
     tb.rms_norm(r(8, 64, 512), None, 1e-6, dtype, rot)  # per-head query norm + RoPE
-    # small decode batches split each row's indices (flash-decoding) and merge in a second kernel
-    one_program_per_row = paged.attention_splits
-    paged.attention_splits = lambda *_: 2
+    # a GPU splits the reductions of small batches (launch.split_reduction; one split on CPU tensors):
+    # attention rows (flash-decoding + merge), the router's and mHC mixes' inputs (partials + sum)
+    split_modules = (paged, routing, sinkhorn)
+    saved = [m.split_reduction for m in split_modules]
+    for m in split_modules:
+        m.split_reduction = lambda _p, size, block, _d: triton.cdiv(triton.cdiv(size, 2), block) * block
     try:
         tb.paged_sparse_attention(
             r(1, 64, 512),
@@ -168,8 +171,11 @@ def calls(dtype: torch.dtype) -> None:
             0.04,
             64,
         )
+        tb.moe_route(r(2, 4096), r(256, 4096), r(256, dt=torch.float32), 8, 2.5, None, None)
+        tb.hc_mixes(r(2, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
     finally:
-        paged.attention_splits = one_program_per_row
+        for m, fn in zip(split_modules, saved, strict=True):
+            m.split_reduction = fn
     tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 DEVICE = torch.device(os.environ.get("V4D_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cpu":
@@ -80,3 +81,16 @@ def tol():
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def split_into(monkeypatch: pytest.MonkeyPatch):
+    """force(module, n): the module's reductions split as a GPU splits them for small batches
+    (`launch.split_reduction`), in about n splits of whole blocks, on any device."""
+
+    def force(module, n: int) -> None:
+        monkeypatch.setattr(
+            module, "split_reduction", lambda _p, size, block, _d: triton.cdiv(triton.cdiv(size, n), block) * block
+        )
+
+    return force

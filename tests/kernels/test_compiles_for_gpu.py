@@ -28,6 +28,7 @@ def test_all_kernel_variants_compile_for_sm90():
     kernels = {
         "_indexer_topk_kernel",
         "_moe_route_kernel",
+        "_moe_logits_kernel",
         "_copy_rows_kernel",
         "_expert_up_kernel",
         "_expert_down_kernel",
@@ -36,6 +37,7 @@ def test_all_kernel_variants_compile_for_sm90():
         "_hc_pre_kernel",
         "_hc_pre_norm_kernel",
         "_hc_mixes_kernel",
+        "_hc_mixes_part_kernel",
         "_hc_post_kernel",
         "_paged_attention_kernel",
         "_attention_merge_kernel",

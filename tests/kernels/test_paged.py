@@ -41,12 +41,12 @@ def test_paged_attention_matches_reference(kops, gen, tol, fmt, t, h, d, rope, n
 
 @pytest.mark.parametrize("fmt", ["fp32", "deployed"])
 @pytest.mark.parametrize("splits", [2, 5])
-def test_paged_attention_split_rows_merge_to_the_reference(kops, gen, tol, monkeypatch, fmt, splits):
+def test_paged_attention_split_rows_merge_to_the_reference(kops, gen, tol, split_into, fmt, splits):
     """Flash-decoding: each row's indices split across programs (a GPU does this for small batches),
     partial states merged with the sink, equal the one-pass result; rows with no valid index stay 0."""
     from v4d.kernels import paged
 
-    monkeypatch.setattr(paged, "attention_splits", lambda *_: splits)
+    split_into(paged, splits)
     t, h, d, rope, n, r, s, k = 3, 4, 64, 16, 4, 24, 40, 300  # 2 or 3 splits of 128-index blocks
     q = torch.randn(t, h, d, generator=gen)
     kv, ring, store = (_store(torch.randn(m, d, generator=gen), fmt, rope) for m in (n, r, s))

@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from v4d.kernels import reference as ref
+from v4d.kernels import routing
 
 
 @pytest.mark.parametrize("t,d,e,k", [(5, 48, 16, 2), (19, 200, 256, 6), (1, 64, 3, 3)], ids=["small", "v4", "all"])
 @pytest.mark.parametrize("hashed", [False, True])
-def test_moe_route_matches_reference(kops, dtype, gen, tol, t, d, e, k, hashed):
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split-d"])
+def test_moe_route_matches_reference(kops, dtype, gen, tol, split_into, t, d, e, k, hashed, splits):
+    split_into(routing, splits)  # "v4" (d=200): 2 splits of 128 inputs, as a GPU does for few tokens
     x = torch.randn(t, d, generator=gen).to(dtype)
     w = (torch.randn(e, d, generator=gen) * 3 / d**0.5).to(dtype)
     bias = torch.randn(e, generator=gen)

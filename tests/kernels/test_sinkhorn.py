@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from v4d.kernels import reference as ref
+from v4d.kernels import sinkhorn
 
 
 @pytest.mark.parametrize("n,iters", [(4, 20), (4, 1), (3, 7)], ids=["v4", "one-round", "padded-n"])
@@ -46,7 +47,9 @@ def test_pre_with_the_sublayer_norm(kops, dtype, gen, t, n, d, tol):
 
 
 @pytest.mark.parametrize("t,n,d,m", [(5, 4, 64, 24), (19, 4, 300, 4), (1, 3, 40, 15)], ids=["v4", "head", "ragged"])
-def test_mixes_are_the_normalised_streams_times_fn(kops, dtype, gen, t, n, d, m, tol):
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split-inputs"])
+def test_mixes_are_the_normalised_streams_times_fn(kops, dtype, gen, t, n, d, m, tol, split_into, splits):
+    split_into(sinkhorn, splits)  # "head" (1,200 inputs): 2 splits of 1,024, as a GPU does for few tokens
     X = (torch.randn(t, n, d, generator=gen) * 3).to(dtype)
     fn = torch.randn(m, n * d, generator=gen) / (n * d) ** 0.5
     got = kops.hc_mixes(X, fn, 1e-6)
