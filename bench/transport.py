@@ -96,15 +96,18 @@ def server_tokens_per_s(base: str, model: str, streams: int, max_tokens: int) ->
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
         first = last = None
-        n = 0
+        n = 0  # tokens from the usage chunk: a chunk holds every token ready when it was sent
         async for chunk in stream:
+            if chunk.usage:
+                n = chunk.usage.completion_tokens
             if chunk.choices and chunk.choices[0].text:
                 now = time.perf_counter()
                 first = first or now
-                last, n = now, n + 1
+                last = now
         return n - 1, first, last
 
     async def run():
