@@ -1,7 +1,8 @@
 """Expert transport benchmark: one MoE layer's dispatch + combine round trip (Serve handles vs direct
 channels, by tokens), micro-batch overlap on/off, and local-tiny tokens/s through the server vs in process.
-The channel round trip is broken down into the expert compute (in-process shards), the engine's split
-+ combine (shards answering at once) and the pair's wire (a shard returning its input).
+The channel round trip is broken down into the expert compute (in-process shards, and each deployed shard's
+own math timed inside it), the engine's split + combine (shards answering at once) and the pair's wire (a
+shard returning its input); `round_trip_16_split_ms` splits the 16-token round trip into those and the rest.
 
     flock /tmp/v4d-servers.lock .venv/bin/python bench/transport.py [--quick] [--json]
 
@@ -95,15 +96,18 @@ def server_tokens_per_s(base: str, model: str, streams: int, max_tokens: int) ->
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
         first = last = None
-        n = 0
+        n = 0  # tokens from the usage chunk: a chunk holds every token ready when it was sent
         async for chunk in stream:
+            if chunk.usage:
+                n = chunk.usage.completion_tokens
             if chunk.choices and chunk.choices[0].text:
                 now = time.perf_counter()
                 first = first or now
-                last, n = now, n + 1
+                last = now
         return n - 1, first, last
 
     async def run():
@@ -192,7 +196,15 @@ def main() -> None:
         # After the channels: a Serve handle's first call starts router threads in this process.
         old = RemoteExperts(slot_map, ServeTransport(handles))
         result["serve_round_trip_ms"] = {str(t): round_trip_ms(old, cfg, t, max(10, reps // 3)) for t in TOKENS}
-        result["round_trip_ms_after_serve_handles"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
+        # Again, each shard timing its own math (its stats, read through the handles, in between).
+        result["round_trip_ms_after_serve_handles"], result["shard_compute_ms"] = {}, {}
+        for t in TOKENS:
+            before = shard_compute(handles)
+            result["round_trip_ms_after_serve_handles"][str(t)] = round_trip_ms(new, cfg, t, reps)
+            after = shard_compute(handles)
+            result["shard_compute_ms"][str(t)] = {
+                s: round((after[s][1] - before[s][1]) / max(after[s][0] - before[s][0], 1) * 1e3, 3) for s in after
+            }
 
         # Micro-batch overlap: an engine in this process over the deployed shards' channels.
         remote_model = load_model(weights, with_experts=False, progress=False)
@@ -216,6 +228,13 @@ def main() -> None:
         channels.close()
     finally:
         local.shutdown()
+    # The 16-token round trip (the run with shard timings): the slowest shard's own math, the engine's
+    # split + combine, the pair's wire (echo), and the rest (waiting for a core, thread wake-ups, unpacking).
+    rt = result["round_trip_ms_after_serve_handles"]["16"]
+    slowest = max(result["shard_compute_ms"]["16"].values())
+    parts = {"shard_compute": slowest, "split_combine": result["split_combine_ms"]["16"]}
+    parts["wire"] = result["wire_round_trip_ms"]["16"]
+    result["round_trip_16_split_ms"] = {**parts, "rest": round(rt - sum(parts.values()), 3)}
     result["server_over_in_process"] = {
         n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")
     }
@@ -240,6 +259,7 @@ def main() -> None:
             f"{result['channels_in_process_tokens_per_s'][n]:>33} | "
             f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}"
         )
+    print("16-token round trip (ms):", ", ".join(f"{k} {v}" for k, v in result["round_trip_16_split_ms"].items()))
     o = result["channels_16_streams_tokens_per_s_by_micro_batches"]
     print(
         f"micro-batch overlap, 16 streams over channels: {o['1']} tok/s (1 batch) vs {o['2']} tok/s (2 micro-batches)"
@@ -249,6 +269,12 @@ def main() -> None:
     print(f"wrote {dest}")
     if args.json:
         print(json.dumps(result))
+
+
+def shard_compute(handles) -> dict[str, tuple[int, float]]:
+    """(calls, seconds of expert math) each shard has served so far (ExpertShard.stats)."""
+    stats = {s: h.stats.remote().result() for s, h in handles.items()}
+    return {s: (st["calls"], st["compute_seconds"]) for s, st in stats.items()}
 
 
 def echo_actor():

@@ -144,6 +144,7 @@ class ExpertShard:
         device = torch_device(plan.pool(spec.pool).vendor)
         self.experts = ShardExperts.from_checkpoint(cfg, spec.slots, weights_dir, plan.precision, device)
         self.tokens: dict[int, int] = {}
+        self.calls, self.compute_s = 0, 0.0  # calls served and the seconds spent in their expert math
         self.recent: deque[tuple[float, int]] = deque()
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec.pool))
         self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan.name)), shard, self.compute, device=device.type)
@@ -159,7 +160,10 @@ class ExpertShard:
         self.tokens[layer] = self.tokens.get(layer, 0) + n
         self.recent.append((time.monotonic(), n))
         self.metrics.expert_tokens.inc(n, tags={"shard": self.name, "layer": str(layer)})
-        return self.experts.compute(layer, x, local_ids, weights)
+        t0 = time.perf_counter()
+        y = self.experts.compute(layer, x, local_ids, weights)
+        self.calls, self.compute_s = self.calls + 1, self.compute_s + time.perf_counter() - t0
+        return y
 
     def tokens_per_s(self) -> float:
         cutoff = time.monotonic() - self.window_s
@@ -168,7 +172,13 @@ class ExpertShard:
         return sum(n for _, n in self.recent) / self.window_s
 
     def stats(self) -> dict[str, Any]:
-        return {"shard": self.name, "tokens_per_layer": dict(self.tokens), "tokens_per_s": self.tokens_per_s()}
+        return {
+            "shard": self.name,
+            "tokens_per_layer": dict(self.tokens),
+            "tokens_per_s": self.tokens_per_s(),
+            "calls": self.calls,
+            "compute_seconds": self.compute_s,
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {EXPERT_TOKENS_PER_S: self.tokens_per_s()}

@@ -148,7 +148,8 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream {token_ids, finish_reason, num_prompt_tokens, num_output_tokens} for one request."""
+        """Stream {token_ids, finish_reason, num_prompt_tokens, num_output_tokens} for one request; an
+        item holds every token produced since the caller took the previous one."""
         rid = str(request.get("request_id") or f"req-{random.getrandbits(48):012x}")
         if rid in self.seqs:
             raise BadRequest("request_id", f"{rid!r} is already running")
@@ -167,14 +168,23 @@ class Engine:
             self._forget(seq)
             self._count_reject(e)
             raise
-        done = False
+        done, held = False, None
         try:  # admitted: from here on every exit either finishes the request or aborts it
             self._kick()
             while True:
-                item = await queue.get()
+                item = held if held is not None else await queue.get()
+                held = None
                 if isinstance(item, BaseException):
                     done = True
                     raise item
+                # Tokens the caller has not taken yet leave as one item (a lagging stream catches up
+                # in one hop, not one per token); an error after them waits for the next turn.
+                while item["finish_reason"] is None and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        held = nxt
+                        break
+                    item = {**nxt, "token_ids": item["token_ids"] + nxt["token_ids"]}
                 done = item["finish_reason"] is not None
                 yield item
                 if done:

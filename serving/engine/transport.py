@@ -104,32 +104,33 @@ class RemoteExperts:
         flat = ids.flatten()[pairs]
         order = torch.sort(flat, stable=True)
         experts, counts = torch.unique_consecutive(order.values, return_counts=True)
-        load: dict[str, int] = {}
-        shard_ids: dict[str, int] = {}  # first-use order: the combine adds shards in this order
-        seg_shard: list[int] = []
-        seg_slot: list[int] = []
-        seg_len: list[int] = []
         now = time.monotonic()
+        suspect = {s for s, t in self.failed_at.items() if now - t <= self.suspect_s}
+        load: dict[str, int] = {}
+        picked: dict[str, tuple[list[int], list[int]]] = {}  # shard -> (positions in sorted order, slots)
+        start = 0
         for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
-            live = [c for c in table.get(e, ()) if c[0] not in excluded]
+            copies = table.get(e, ())
+            live = [c for c in copies if c[0] not in excluded] if excluded else copies
             if not live:
                 raise ShardUnavailable(f"layer {layer}: no live copy of expert {e} (failed: {sorted(excluded)})")
-            healthy = [c for c in live if now - self.failed_at.get(c[0], -1e9) > self.suspect_s] or live
-            healthy.sort(key=lambda c: load.get(c[0], 0))
-            m = len(healthy)
-            for i, (shard, slot) in enumerate(healthy):
+            if len(live) > 1:
+                live = sorted([c for c in live if c[0] not in suspect] or live, key=lambda c: load.get(c[0], 0))
+            m = len(live)
+            for i, (shard, slot) in enumerate(live):
                 size = n // m + (i < n % m)  # torch.tensor_split's sizes
                 if size:
                     load[shard] = load.get(shard, 0) + size
-                    seg_shard.append(shard_ids.setdefault(shard, len(shard_ids)))
-                    seg_slot.append(slot)
-                    seg_len.append(size)
+                    where, slots = picked.setdefault(shard, ([], []))
+                    where.extend(range(start, start + size))
+                    slots.extend([slot] * size)
+                    start += size
         dev = pairs.device
-        lens = torch.tensor(seg_len, device=dev)
-        who = torch.repeat_interleave(torch.tensor(seg_shard, device=dev), lens)
-        slots = torch.repeat_interleave(torch.tensor(seg_slot, dtype=ids.dtype, device=dev), lens)
         sorted_pairs = pairs[order.indices]
-        return {s: (sorted_pairs[who == i], slots[who == i]) for s, i in shard_ids.items()}
+        return {
+            s: (sorted_pairs[torch.tensor(where, device=dev)], torch.tensor(slots, dtype=ids.dtype, device=dev))
+            for s, (where, slots) in picked.items()
+        }
 
     @staticmethod
     def _calls(x, ids, weights, assign) -> tuple[dict[str, Call], dict[str, torch.Tensor]]:

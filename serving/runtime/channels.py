@@ -213,14 +213,14 @@ class EngineChannel:
         self.pg, self.shard, self.replica, self.link = pg, shard, replica, link
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.locks = [threading.Lock() for _ in range(TAGS)]
+        self.buffers = [torch.empty(CHUNK) for _ in range(TAGS)]
         self.dead = False
 
     def send(self, tag: int, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Any:
         """Start a call; returns what `receive` needs. Holds the tag's lock until `receive`."""
         self.locks[tag].acquire()
         try:
-            head = torch.tensor([layer, x.shape[0], ids.shape[1], x.shape[1]], dtype=torch.float32)
-            msg = torch.cat([head, torch.cat([x.float(), ids.float(), w.float()], dim=1).flatten()])
+            msg = self._message(tag, layer, x, ids, w)
             out = torch.empty(x.shape[0], x.shape[1])
             recv = self.pg.recv([out], 1, tag)
             sends = [self.pg.send([part], 1, tag) for part in msg.split(CHUNK)]
@@ -229,6 +229,20 @@ class EngineChannel:
             self.dead = True
             self.locks[tag].release()
             raise
+
+    def _message(self, tag: int, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The call written into the tag's own send buffer (reused: `receive` waits for the sends
+        before the tag is free again): header through numpy, rows, ids and weights as three copies."""
+        n, d = x.shape
+        k = ids.shape[1]
+        size = HEADER + n * (d + 2 * k)
+        if self.buffers[tag].numel() < size:
+            self.buffers[tag] = torch.empty(max(size, CHUNK))
+        msg = self.buffers[tag][:size]
+        msg.numpy()[:HEADER] = (layer, n, k, d)
+        body = msg[HEADER:].view(n, d + 2 * k)
+        body[:, :d], body[:, d : d + k], body[:, d + k :] = x, ids, w
+        return msg
 
     def receive(self, tag: int, pending: Any) -> torch.Tensor:
         sends, recv, out = pending
@@ -330,7 +344,10 @@ class ShardEndpoint:
             threading.Thread(target=self._serve, args=(pg, tag), daemon=True).start()
 
     def _serve(self, pg: dist.ProcessGroup, tag: int) -> None:
+        """Answer calls on `tag` in this thread. A call that fits one chunk is read in place: its
+        buffer is not posted again before the reply is sent, so nothing is copied before compute."""
         bufs, turn = [torch.empty(CHUNK), torch.empty(CHUNK)], 0
+        body = torch.empty(0)  # calls over one chunk are gathered here
         posted = pg.recv([bufs[0]], 0, tag)
 
         def next_chunk() -> torch.Tensor:
@@ -347,12 +364,20 @@ class ShardEndpoint:
                 if layer == CLOSE:
                     return
                 size = n * (d + 2 * k)
-                parts, have = [first[HEADER : HEADER + size].clone()], min(size, CHUNK - HEADER)
-                while have < size:
-                    parts.append(next_chunk()[: min(CHUNK, size - have)].clone())
-                    have += parts[-1].numel()
-                body = torch.cat(parts).view(n, d + 2 * k)
-                x, ids, w = body[:, :d], body[:, d : d + k].long(), body[:, d + k :]
+                if size <= CHUNK - HEADER:
+                    rows = first[HEADER : HEADER + size]
+                else:
+                    if body.numel() < size:
+                        body = torch.empty(size)
+                    have = CHUNK - HEADER
+                    body[:have] = first[HEADER:]
+                    while have < size:
+                        part = min(CHUNK, size - have)
+                        body[have : have + part] = next_chunk()[:part]
+                        have += part
+                    rows = body[:size]
+                rows = rows.view(n, d + 2 * k)
+                x, ids, w = rows[:, :d], rows[:, d : d + k].long(), rows[:, d + k :]
                 pg.send([self.compute(layer, x, ids, w).float().contiguous()], 0, tag).wait()
             except Exception as e:  # noqa: BLE001 - engine gone or a bad call: this tag's loop ends
                 if not self.stopped.is_set():

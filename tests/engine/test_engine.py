@@ -127,6 +127,23 @@ def test_stop_token_and_abort(model):
     assert eng.stats()["num_pages_in_use"] == 0 and not eng.seqs
 
 
+def test_a_lagging_caller_gets_the_ready_tokens_in_one_item(model):
+    p = prompt(10)
+    want = greedy(model, p, 6)
+    eng = engine(model)
+
+    async def run():
+        gen = eng.generate({"request_id": "slow", "prompt_token_ids": p, "max_tokens": 6, "ignore_eos": True})
+        first = await gen.__anext__()
+        while "slow" in eng.seqs:  # the caller takes nothing while the request runs to its end
+            await asyncio.sleep(0.01)
+        return first, [item async for item in gen]
+
+    first, rest = asyncio.run(run())
+    assert first["token_ids"] == want[:1]
+    assert rest == [{"token_ids": want[1:], "finish_reason": "length", "num_prompt_tokens": 10, "num_output_tokens": 6}]
+
+
 def test_errors(model):
     eng = engine(model, pages=2, queue=1)
 

@@ -87,7 +87,9 @@ def test_fp4_moe_matches_reference(kops, gen, dtype, t, d, inter, e, k, limit, t
     assert (y[0] == 0).all()
 
 
-def test_fp4_moe_reference_equals_decoded_weights(gen):
+@pytest.mark.parametrize("dense_macs", [0, ref.DENSE_MACS], ids=["loop", "dense"])
+def test_fp4_moe_reference_equals_decoded_weights(gen, monkeypatch, dense_macs):
+    monkeypatch.setattr(ref, "DENSE_MACS", dense_macs)
     (w1, w3, w2), scales = fp4_experts(gen, 3, 64, 32)
     dec = [torch.stack([dequant_fp4(w[i], s[i]) for i in range(3)]) for w, s in zip((w1, w3, w2), scales, strict=True)]
     x, ids, wt = torch.randn(6, 32, generator=gen), torch.randint(0, 3, (6, 2), generator=gen), torch.rand(6, 2)

@@ -87,7 +87,9 @@ def test_gated_pool_by_hand_and_padding():
     assert torch.all(empty == 0)
 
 
-def test_moe_experts_per_token_loop(gen):
+@pytest.mark.parametrize("dense_macs", [0, ref.DENSE_MACS], ids=["loop", "dense"])
+def test_moe_experts_per_token_loop(gen, monkeypatch, dense_macs):
+    monkeypatch.setattr(ref, "DENSE_MACS", dense_macs)  # both ways of computing it
     t, d, inter, e, k, lim = 5, 6, 4, 3, 2, 1.5
     x = torch.randn(t, d, generator=gen)
     ids = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [7, 0]])  # 7: not a local expert
