@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import triton
 
 DEVICE = torch.device(os.environ.get("V4D_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cpu":
@@ -89,8 +88,10 @@ def split_into(monkeypatch: pytest.MonkeyPatch):
     (`launch.split_reduction`), in about n splits of whole blocks, on any device."""
 
     def force(module, n: int) -> None:
-        monkeypatch.setattr(
-            module, "split_reduction", lambda _p, size, block, _d: triton.cdiv(triton.cdiv(size, n), block) * block
-        )
+        def length(_programs: int, size: int, block: int, _device) -> int:
+            per_split = -(-size // n)  # ceil(size / n), rounded up to whole blocks
+            return -(-per_split // block) * block
+
+        monkeypatch.setattr(module, "split_reduction", length)
 
     return force
