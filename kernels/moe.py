@@ -197,23 +197,51 @@ def _combine_kernel(
     )
 
 
-def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int | None):
-    """Tiles of BLOCK_M sorted pairs: (count, expert per tile (-1 for surplus tiles), first row,
-    end row). `bound` sizes the grid without a host sync; None reads the exact count back."""
-    # scatter_add, not bincount: CUDA's bincount reads the max back to the host (no graph capture)
-    count = torch.zeros(e + 1, dtype=torch.int64, device=expert.device).scatter_add_(
-        0, expert, torch.ones_like(expert)
-    )[:e]
-    start = torch.cumsum(count, 0) - count
-    tiles = torch.div(count + bm - 1, bm, rounding_mode="floor")
-    ends = torch.cumsum(tiles, 0)
-    n_tiles = int(ends[-1]) if bound is None else bound
-    g = torch.arange(n_tiles, device=expert.device)
-    te = torch.searchsorted(ends, g, right=True)  # e for real tiles, e past them
-    ec = te.clamp(max=e - 1)
-    row = start[ec] + (g - (ends[ec] - tiles[ec])) * bm
-    tile_e = torch.where(te < e, te, -1).to(torch.int32)
-    return n_tiles, tile_e, row.to(torch.int32), (start[ec] + count[ec]).to(torch.int32)
+@triton.jit
+def _tile_schedule_kernel(
+    expert_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, P, E, BM, G,
+    E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """One program: per local expert the count of its pairs (expert E = not local), their start in
+    sorted order, BM-row tiles per expert, then for tile g < G the tile's expert (-1 past the real
+    tiles), first row and end row. Every per-expert value is a vector of E_PAD lanes; the tile's
+    expert is the number of experts whose tiles end at or before g (searchsorted), its values picked
+    by a one-hot sum, so nothing is gathered and nothing syncs with the host."""
+    e = tl.arange(0, E_PAD)
+    count = tl.zeros([E_PAD], tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ex = tl.load(expert_ptr + offs, mask=offs < P, other=E).to(tl.int32)
+        count += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), 0)
+    local = e < E
+    count = tl.where(local, count, 0)
+    start = tl.cumsum(count, 0) - count
+    tiles = (count + BM - 1) // BM
+    ends = tl.cumsum(tiles, 0)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        te = tl.sum((local[None, :] & (ends[None, :] <= g[:, None])).to(tl.int32), 1)
+        pick = e[None, :] == tl.minimum(te, E - 1)[:, None]
+        start_e = tl.sum(tl.where(pick, start[None, :], 0), 1)
+        first = tl.sum(tl.where(pick, ends[None, :] - tiles[None, :], 0), 1)
+        end = start_e + tl.sum(tl.where(pick, count[None, :], 0), 1)
+        ok = g < G
+        tl.store(tile_e_ptr + g, tl.where(te < E, te, -1), mask=ok)
+        tl.store(tile_row_ptr + g, start_e + (g - first) * BM, mask=ok)
+        tl.store(tile_end_ptr + g, end, mask=ok)
+
+
+def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int):
+    """Tiles of BLOCK_M sorted pairs, `bound` of them (the grid size, no host sync): (expert per
+    tile, -1 for surplus tiles; first row; end row), int32, in one launch."""
+    tile_e, tile_row, tile_end = (torch.empty(bound, dtype=torch.int32, device=expert.device) for _ in range(3))
+    e_pad = pow2(e + 1, 16)
+    block = max(16, min(64, 8192 // e_pad))  # [block, e_pad] one-hot tiles of at most 8K lanes
+    _tile_schedule_kernel[(1,)](
+        expert, tile_e, tile_row, tile_end, expert.shape[0], e, bm, bound,
+        E_PAD=e_pad, BLOCK_P=block, BLOCK_G=block, num_warps=4,
+    )  # fmt: skip
+    return tile_e, tile_row, tile_end
 
 
 def expert_tiles(pairs: int, e: int) -> tuple[int, int, int, int, int, int]:
@@ -251,11 +279,12 @@ def moe_experts(
     order = torch.argsort(expert, stable=True).to(torch.int32)
     if interpreting():  # few programs and loop steps: the interpreter pays per op
         bm, bn_up, bn_down, bk, warps, stages = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4, 1
-        bound = None
     else:
         bm, bn_up, bn_down, bk, warps, stages = expert_tiles(pairs, e)
-        bound = min(pairs, triton.cdiv(pairs, bm) + e)
-    n_tiles, tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, bound)
+    tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, min(pairs, triton.cdiv(pairs, bm) + e))
+    n_tiles = tile_e.shape[0]
+    if interpreting():  # real tiles come first: drop the surplus programs, which the interpreter pays for
+        n_tiles = int((tile_e >= 0).sum())
     if n_tiles == 0:
         return out
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # sorted order

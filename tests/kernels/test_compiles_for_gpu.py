@@ -30,6 +30,7 @@ def test_all_kernel_variants_compile_for_sm90():
         "_moe_route_kernel",
         "_moe_logits_kernel",
         "_copy_rows_kernel",
+        "_tile_schedule_kernel",
         "_expert_up_kernel",
         "_expert_down_kernel",
         "_combine_kernel",

@@ -53,3 +53,22 @@ def test_broadcast_ids_and_weights(kops, gen):
     torch.testing.assert_close(
         y, ref.moe_experts(x, ids.clone(), weights.clone(), w1, w3, w2, 10.0), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("pairs,e,bm", [(37, 16, 16), (6, 1, 16), (700, 300, 16), (5, 8, 4)])
+def test_tile_schedule_covers_each_experts_sorted_pairs(kops, gen, pairs, e, bm):
+    """The one-launch schedule against a plain loop: for each local expert (ids outside [0, e) are not
+    local) ceil(count / bm) tiles of its rows in expert-sorted order, then -1 tiles up to the bound."""
+    from v4d.kernels.moe import _tile_schedule
+
+    expert = torch.randint(0, e + 1, (pairs,), generator=gen)  # e = not local
+    bound = min(pairs, -(-pairs // bm) + e)
+    tile_e, tile_row, tile_end = (t.tolist() for t in _tile_schedule(expert.to(kops.device), e, bm, bound))
+    want, start = [], 0
+    for x in range(e):
+        n = int((expert == x).sum())
+        want += [(x, row, start + n) for row in range(start, start + n, bm)]
+        start += n
+    assert len(want) <= bound
+    assert list(zip(tile_e, tile_row, tile_end, strict=True))[: len(want)] == want
+    assert tile_e[len(want) :] == [-1] * (bound - len(want))
