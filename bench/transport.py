@@ -1,8 +1,17 @@
 """Expert transport benchmark: one MoE layer's dispatch + combine round trip (Serve handles vs direct
 channels, by tokens), micro-batch overlap on/off, and local-tiny tokens/s through the server vs in process.
-The channel round trip is broken down into the expert compute (in-process shards, and each deployed shard's
-own math timed inside it), the engine's split + combine (shards answering at once) and the pair's wire (a
-shard returning its input); `round_trip_16_split_ms` splits the 16-token round trip into those and the rest.
+
+`round_trip_ms` is what the issue calls dispatch + combine: the engine splits a layer's rows by shard,
+the rows go to every shard and the outputs come back and are added up, through the deployed path
+(RemoteExperts over the pair channels, shards in other processes) with shards that return their input
+instead of computing, so the figure is the transport's own cost, as DeepEP's dispatch + combine
+timings leave out the expert GEMMs. `layer_call_ms` is the whole remote MoE layer with the shards'
+math, beside the Serve-handle path (`serve_round_trip_ms`, also with math), and is broken down into
+the expert compute (in-process shards, and each deployed shard's own math timed inside it), the
+engine's split + combine (shards answering at once) and the pair's wire (one shard returning its
+input); `layer_call_16_split_ms` splits the 16-token layer call into those and the rest. Generation
+in process uses the same split over in-process shards (`in_process_tokens_per_s`, the baseline the
+server is compared with) and, beside it, all experts local.
 
     flock /tmp/v4d-servers.lock .venv/bin/python bench/transport.py [--quick] [--json]
 
@@ -56,15 +65,15 @@ class ZeroTransport:
         return {s: torch.zeros(c[0].shape[0], c[0].shape[1]) for s, c in calls.items()}
 
 
-def wire_ms(transport, cfg, t: int, reps: int) -> float:
-    """Median ms of one call of `t` rows to a shard that returns its input (the pair's wire alone)."""
+def wire_ms(transport, shard: str, cfg, t: int, reps: int) -> float:
+    """Median ms of one call of `t` rows to `shard` returning its input (one pair's wire alone)."""
     x, ids, w = layer_call(cfg, t, 0)
     for _ in range(3):
-        transport.dispatch(0, {"echo": (x, ids, w)})
+        transport.dispatch(0, {shard: (x, ids, w)})
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        transport.dispatch(0, {"echo": (x, ids, w)})
+        transport.dispatch(0, {shard: (x, ids, w)})
         times.append(time.perf_counter() - t0)
     return round(statistics.median(times) * 1e3, 3)
 
@@ -161,20 +170,24 @@ def main() -> None:
         "quick": args.quick,
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
     }
 
-    # In process: all experts local, and the same split over in-process shards (no transport cost).
-    local_model = load_model(weights, progress=False)
+    # In process: the same split over in-process shards (no transport cost), and all experts local.
     cores = {s.name: ShardExperts.from_checkpoint(cfg, s.slots, weights) for s in plan.shards}
     in_process = RemoteExperts(slot_map, InProcessTransport(cores))
     result["compute_ms"] = {str(t): round_trip_ms(in_process, cfg, t, reps) for t in TOKENS}
     result["split_combine_ms"] = {
         str(t): round_trip_ms(RemoteExperts(slot_map, ZeroTransport()), cfg, t, reps) for t in TOKENS
     }
-    result["in_process_tokens_per_s"] = {
-        str(n): round(asyncio.run(engine_tokens_per_s(Engine(local_model, limits), cfg.vocab_size, n, max_tokens)), 2)
-        for n in (1, 16)
-    }
+    split_model = load_model(weights, with_experts=False, progress=False)
+    split_model.experts = in_process
+    for key, model in (("in_process_tokens_per_s", split_model), ("in_process_local_tokens_per_s", None)):
+        model = model or load_model(weights, progress=False)
+        result[key] = {
+            str(n): round(asyncio.run(engine_tokens_per_s(Engine(model, limits), cfg.vocab_size, n, max_tokens)), 2)
+            for n in (1, 16)
+        }
 
     local = start_cluster(plan, args.port + 1)
     try:
@@ -184,23 +197,27 @@ def main() -> None:
         if not channels.ready(list(handles), timeout_s=120):
             raise SystemExit("no channel to every shard within 120 s")
         new = RemoteExperts(slot_map, channels)
-        echo = echo_actor().remote(rendezvous_name(plan.name) + "-echo")
-        ray.get(echo.ready.remote())
-        wire = ChannelTransport(rendezvous(rendezvous_name(plan.name) + "-echo"), shards=["echo"])
-        if not wire.ready(["echo"], timeout_s=60):
-            raise SystemExit("no channel to the echo shard within 60 s")
-        result["wire_round_trip_ms"] = {str(t): wire_ms(wire, cfg, t, reps * 3) for t in TOKENS}
+        # Dispatch + combine alone: the same slot map over channels to shards that return their input.
+        echo_rdv = rendezvous_name(plan.name) + "-echo"
+        echoes = [echo_actor().remote(echo_rdv, s.name) for s in plan.shards]
+        ray.get([e.ready.remote() for e in echoes])
+        wire = ChannelTransport(rendezvous(echo_rdv), shards=list(handles))
+        if not wire.ready(list(handles), timeout_s=60):
+            raise SystemExit("no channel to every echo shard within 60 s")
+        result["wire_round_trip_ms"] = {str(t): wire_ms(wire, plan.shards[0].name, cfg, t, reps * 3) for t in TOKENS}
+        result["round_trip_ms"] = {str(t): round_trip_ms(RemoteExperts(slot_map, wire), cfg, t, reps) for t in TOKENS}
         wire.close()
-        ray.kill(echo)
-        result["round_trip_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
+        for e in echoes:
+            ray.kill(e)
+        result["layer_call_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
         # After the channels: a Serve handle's first call starts router threads in this process.
         old = RemoteExperts(slot_map, ServeTransport(handles))
         result["serve_round_trip_ms"] = {str(t): round_trip_ms(old, cfg, t, max(10, reps // 3)) for t in TOKENS}
         # Again, each shard timing its own math (its stats, read through the handles, in between).
-        result["round_trip_ms_after_serve_handles"], result["shard_compute_ms"] = {}, {}
+        result["layer_call_ms_after_serve_handles"], result["shard_compute_ms"] = {}, {}
         for t in TOKENS:
             before = shard_compute(handles)
-            result["round_trip_ms_after_serve_handles"][str(t)] = round_trip_ms(new, cfg, t, reps)
+            result["layer_call_ms_after_serve_handles"][str(t)] = round_trip_ms(new, cfg, t, reps)
             after = shard_compute(handles)
             result["shard_compute_ms"][str(t)] = {
                 s: round((after[s][1] - before[s][1]) / max(after[s][0] - before[s][0], 1) * 1e3, 3) for s in after
@@ -228,38 +245,39 @@ def main() -> None:
         channels.close()
     finally:
         local.shutdown()
-    # The 16-token round trip (the run with shard timings): the slowest shard's own math, the engine's
+    # The 16-token layer call (the run with shard timings): the slowest shard's own math, the engine's
     # split + combine, the pair's wire (echo), and the rest (waiting for a core, thread wake-ups, unpacking).
-    rt = result["round_trip_ms_after_serve_handles"]["16"]
+    rt = result["layer_call_ms_after_serve_handles"]["16"]
     slowest = max(result["shard_compute_ms"]["16"].values())
     parts = {"shard_compute": slowest, "split_combine": result["split_combine_ms"]["16"]}
     parts["wire"] = result["wire_round_trip_ms"]["16"]
-    result["round_trip_16_split_ms"] = {**parts, "rest": round(rt - sum(parts.values()), 3)}
+    result["layer_call_16_split_ms"] = {**parts, "rest": round(rt - sum(parts.values()), 3)}
     result["server_over_in_process"] = {
         n: round(result["in_process_tokens_per_s"][n] / result["server_tokens_per_s"][n], 2) for n in ("1", "16")
     }
+    result["load_average_at_end"] = round(os.getloadavg()[0], 2)
 
     print(
-        f"{'tokens':>8} | {'serve path ms':>14} | {'channels ms':>12} | {'compute only ms':>16} | "
-        f"{'split+combine ms':>16} | {'wire ms':>8}"
+        f"{'tokens':>8} | {'dispatch+combine ms':>19} | {'layer call ms':>13} | {'serve path ms':>13} | "
+        f"{'compute only ms':>15} | {'split+combine ms':>16} | {'wire ms':>8}"
     )
     for t in map(str, TOKENS):
         print(
-            f"{t:>8} | {result['serve_round_trip_ms'][t]:>14} | {result['round_trip_ms'][t]:>12} | "
-            f"{result['compute_ms'][t]:>16} | {result['split_combine_ms'][t]:>16} | "
-            f"{result['wire_round_trip_ms'][t]:>8}"
+            f"{t:>8} | {result['round_trip_ms'][t]:>19} | {result['layer_call_ms'][t]:>13} | "
+            f"{result['serve_round_trip_ms'][t]:>13} | {result['compute_ms'][t]:>15} | "
+            f"{result['split_combine_ms'][t]:>16} | {result['wire_round_trip_ms'][t]:>8}"
         )
     print(
-        f"{'streams':>8} | {'in process tok/s':>16} | {'engine here, shards over channels':>33} | "
-        f"{'server tok/s':>12} | {'in process / server':>19}"
+        f"{'streams':>8} | {'in process, same split':>22} | {'in process, local experts':>25} | "
+        f"{'engine here, shards over channels':>33} | {'server tok/s':>12} | {'same split / server':>19}"
     )
     for n in ("1", "16"):
         print(
-            f"{n:>8} | {result['in_process_tokens_per_s'][n]:>16} | "
+            f"{n:>8} | {result['in_process_tokens_per_s'][n]:>22} | {result['in_process_local_tokens_per_s'][n]:>25} | "
             f"{result['channels_in_process_tokens_per_s'][n]:>33} | "
             f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}"
         )
-    print("16-token round trip (ms):", ", ".join(f"{k} {v}" for k, v in result["round_trip_16_split_ms"].items()))
+    print("16-token layer call (ms):", ", ".join(f"{k} {v}" for k, v in result["layer_call_16_split_ms"].items()))
     o = result["channels_16_streams_tokens_per_s_by_micro_batches"]
     print(
         f"micro-batch overlap, 16 streams over channels: {o['1']} tok/s (1 batch) vs {o['2']} tok/s (2 micro-batches)"
@@ -283,11 +301,11 @@ def echo_actor():
 
     @ray.remote(num_cpus=0)
     class Echo:
-        def __init__(self, rdv: str):
+        def __init__(self, rdv: str, shard: str):
             from v4d.serving.runtime.channels import ShardEndpoint, rendezvous
 
             torch.set_num_threads(1)
-            self.endpoint = ShardEndpoint(rendezvous(rdv), "echo", lambda layer, x, ids, w: x)
+            self.endpoint = ShardEndpoint(rendezvous(rdv), shard, lambda layer, x, ids, w: x)
 
         def ready(self) -> bool:
             return True

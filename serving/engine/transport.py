@@ -257,11 +257,18 @@ class ChannelTransport:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Live channels per shard and calls that fell back to Serve (engine stats, tests)."""
+        """Live channels per shard, the link their devices call for and the backend they run, and calls
+        that fell back to Serve (engine stats, tests)."""
         with self.lock:
             live = {s: sum(not c.dead for c in cs) for s, cs in self.channels.items()}
             links = {s: sorted({c.link for c in cs if not c.dead}) for s, cs in self.channels.items()}
-        return {"expert_channels": live, "expert_channel_links": links, "expert_fallback_calls": self.fallback_calls}
+            backends = {s: sorted({c.backend for c in cs if not c.dead}) for s, cs in self.channels.items()}
+        return {
+            "expert_channels": live,
+            "expert_channel_links": links,
+            "expert_channel_backends": backends,
+            "expert_fallback_calls": self.fallback_calls,
+        }
 
     def close(self) -> None:
         self.stopped.set()

@@ -6,7 +6,8 @@ anyone else's group. Rendezvous goes through one named Ray actor (`Rendezvous`):
 register there, an engine asks it to pair with a replica, and both ends exchange gloo addresses
 through its key-value store (`ActorStore`). The gloo device binds V4D_TRANSPORT_HOST (127.0.0.1 for
 `v4d serve`) or the Ray node's address, never a wildcard. Rows move through host memory over gloo;
-device-to-device pairs (NCCL, HCCL) are not built yet (docs/engine.md).
+with V4D_DEVICE_PAIRS=1, a pair whose ends are both CUDA (or both Ascend) runs NCCL (HCCL) on the
+devices instead (`pair_backend`; docs/engine.md: built, not yet run on hardware, so off by default).
 
 Wire format per call, on tag `t` (one tag per micro-batch, so two micro-batches overlap):
 engine -> shard one fp32 message [layer, tokens, k, d | tokens x (x | local ids | weights)], cut
@@ -14,7 +15,8 @@ into chunks of at most CHUNK floats; shard -> engine fp32 [tokens, d]. Gloo send
 only if the receiver has already posted its receive (else it first exchanges a ready notice), so
 the shard keeps a CHUNK-sized receive posted at all times (two buffers in turn) and the engine posts
 its reply receive before sending: a decode call is two messages, no extra round trips. A header with
-layer -1 closes the tag.
+layer -1 closes the tag. NCCL and HCCL receives must match the sent size, so device pairs send every
+engine -> shard chunk whole (padded: "fixed" framing); the reply's size is known to both ends.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ HOST_ENV = "V4D_TRANSPORT_HOST"
 STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
 GONE_S = 300.0  # a rendezvous nobody has called this long belongs to an app that went away
 IDLE_S = 86400.0  # how long a shard's pair waits for the next call
+DEVICE_PAIRS_ENV = "V4D_DEVICE_PAIRS"  # "1": NCCL/HCCL pairs where both ends are on such devices
+
+
+def device_pairs() -> bool:
+    return os.environ.get(DEVICE_PAIRS_ENV, "0") == "1"
 
 
 class Rendezvous:
@@ -109,6 +116,10 @@ class Rendezvous:
             return None
         self.pending[replica].append(pair)
         return self.devices[replica]
+
+    def device(self, replica: str) -> str | None:
+        """The device type `replica` computes on; None if it is not registered."""
+        return self.devices.get(replica)
 
     def take_pairs(self, replica: str) -> list[str] | None:
         """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
@@ -188,13 +199,28 @@ class ActorStore(dist.Store):
             self.get(k)
 
 
-def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float) -> dist.ProcessGroup:
-    """A two-rank gloo group (engine rank 0, shard rank 1) whose device binds `host` only. `timeout_s`
-    bounds every wait without its own timeout (the shard's: an idle pair waits a day for work)."""
+def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float, backend: str = "gloo") -> dist.ProcessGroup:
+    """A two-rank group (engine rank 0, shard rank 1): gloo, whose device binds `host` only, or NCCL /
+    HCCL between the two ends' current devices. `timeout_s` bounds every wait without its own
+    timeout (the shard's: an idle pair waits a day for work)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    if backend == "hccl":
+        import torch_npu  # noqa: F401  (adds ProcessGroupHCCL to torch.distributed)
+
+        return dist.ProcessGroupHCCL(store, rank, 2, timeout)
     opts = dist.ProcessGroupGloo._Options()
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    opts._timeout = timeout
     return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def pair_device(backend: str, device: str) -> torch.device:
+    """Where a pair's buffers live: the replica's current accelerator on NCCL/HCCL pairs, else host memory."""
+    return torch.device(device) if backend in ("nccl", "hccl") else torch.device("cpu")
 
 
 def node_address() -> str:
@@ -208,12 +234,24 @@ def node_address() -> str:
 class EngineChannel:
     """Rank 0 of one pair: `send` starts a shard's call for one layer, `receive` waits for its output."""
 
-    def __init__(self, pg: dist.ProcessGroup, shard: str, replica: str, timeout_s: float, link: str = "gloo"):
-        """`link`: the backend the two ends' devices call for (device.pair_backend); the pair runs gloo."""
-        self.pg, self.shard, self.replica, self.link = pg, shard, replica, link
+    def __init__(
+        self,
+        pg: dist.ProcessGroup,
+        shard: str,
+        replica: str,
+        timeout_s: float,
+        link: str = "gloo",
+        backend: str = "gloo",
+        device: torch.device | None = None,
+    ):
+        """`link`: the backend the two ends' devices call for (device.pair_backend); `backend`: the one
+        the pair runs (`link` with V4D_DEVICE_PAIRS=1, else gloo); `device`: where its buffers live."""
+        self.pg, self.shard, self.replica, self.link, self.backend = pg, shard, replica, link, backend
+        self.device = device or torch.device("cpu")
+        self.fixed = backend != "gloo"  # NCCL/HCCL: whole chunks only
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.locks = [threading.Lock() for _ in range(TAGS)]
-        self.buffers = [torch.empty(CHUNK) for _ in range(TAGS)]
+        self.buffers = [torch.empty(CHUNK, device=self.device) for _ in range(TAGS)]
         self.dead = False
 
     def send(self, tag: int, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Any:
@@ -221,7 +259,7 @@ class EngineChannel:
         self.locks[tag].acquire()
         try:
             msg = self._message(tag, layer, x, ids, w)
-            out = torch.empty(x.shape[0], x.shape[1])
+            out = torch.empty(x.shape[0], x.shape[1], device=self.device)
             recv = self.pg.recv([out], 1, tag)
             sends = [self.pg.send([part], 1, tag) for part in msg.split(CHUNK)]
             return sends, recv, out
@@ -236,11 +274,15 @@ class EngineChannel:
         n, d = x.shape
         k = ids.shape[1]
         size = HEADER + n * (d + 2 * k)
-        if self.buffers[tag].numel() < size:
-            self.buffers[tag] = torch.empty(max(size, CHUNK))
-        msg = self.buffers[tag][:size]
-        msg.numpy()[:HEADER] = (layer, n, k, d)
-        body = msg[HEADER:].view(n, d + 2 * k)
+        sent = -(-size // CHUNK) * CHUNK if self.fixed else size
+        if self.buffers[tag].numel() < sent:
+            self.buffers[tag] = torch.empty(max(sent, CHUNK), device=self.device)
+        msg = self.buffers[tag][:sent]
+        if msg.is_cpu:
+            msg.numpy()[:HEADER] = (layer, n, k, d)
+        else:
+            msg[:HEADER].copy_(torch.tensor((layer, n, k, d), dtype=msg.dtype), non_blocking=True)
+        body = msg[HEADER:size].view(n, d + 2 * k)
         body[:, :d], body[:, d : d + k], body[:, d + k :] = x, ids, w
         return msg
 
@@ -263,29 +305,40 @@ class EngineChannel:
         try:
             for tag in range(TAGS):
                 with self.locks[tag]:
-                    self.pg.send([torch.tensor([CLOSE, 0, 0, 0], dtype=torch.float32)], 1, tag).wait(self.timeout)
+                    self.pg.send([close_message(self.fixed, self.device)], 1, tag).wait(self.timeout)
         except Exception:  # noqa: BLE001 - the peer is already gone
             pass
 
 
+def close_message(fixed: bool, device: torch.device) -> torch.Tensor:
+    """The header that ends a tag (a whole chunk on fixed-framing pairs)."""
+    msg = torch.zeros(CHUNK if fixed else HEADER, device=device)
+    msg[0] = CLOSE
+    return msg
+
+
 def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str = "cpu") -> EngineChannel:
     """Pair this engine (computing on `device`) with one shard replica (blocks until the shard
-    joins, at most `timeout_s`)."""
+    joins, at most `timeout_s`). The pair's backend is decided here and told to the shard in the
+    pair's id (`pair/<id>/<backend>/`)."""
     import ray
 
-    pair = f"pair/{uuid.uuid4().hex}/"
-    shard_device = ray.get(actor.pair.remote(replica, pair), timeout=timeout_s)
+    shard_device = ray.get(actor.device.remote(replica), timeout=timeout_s)
     if shard_device is None:
         raise ConnectionError(f"shard replica {replica} is no longer registered")
     link = pair_backend(device, shard_device)
-    if link != "gloo":
+    backend = link if device_pairs() else "gloo"
+    if link != backend:
         log.info(
-            "pair with %s: %s devices, gloo through host memory (device-to-device pairs not built yet)", replica, link
+            "pair with %s: %s devices, gloo through host memory (%s=1 for %s)", replica, link, DEVICE_PAIRS_ENV, link
         )
+    pair = f"pair/{uuid.uuid4().hex}/{backend}/"
+    if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
+        raise ConnectionError(f"shard replica {replica} is no longer registered")
     store = ActorStore(actor, pair, timeout_s)
-    pg = open_pair(store, 0, node_address(), timeout_s)
+    pg = open_pair(store, 0, node_address(), timeout_s, backend)
     release(store, pair)
-    return EngineChannel(pg, shard, replica, timeout_s, link)
+    return EngineChannel(pg, shard, replica, timeout_s, link, backend, pair_device(backend, device))
 
 
 def release(store: ActorStore, pair: str) -> None:
@@ -332,22 +385,23 @@ class ShardEndpoint:
             self.stopped.wait(0.05)
 
     def _join(self, pair: str) -> None:
+        backend = pair.rstrip("/").rsplit("/", 1)[-1]
         try:
             store = ActorStore(self.actor, pair, self.timeout_s)
-            pg = open_pair(store, 1, node_address(), IDLE_S)
+            pg = open_pair(store, 1, node_address(), IDLE_S, backend)
             release(store, pair)
         except Exception as e:  # noqa: BLE001 - the engine gave up; it will ask again
             log.warning("pairing %s failed: %r", pair, e)
             return
         self.pairs.append(pg)
         for tag in range(TAGS):
-            threading.Thread(target=self._serve, args=(pg, tag), daemon=True).start()
+            threading.Thread(target=self._serve, args=(pg, tag, pair_device(backend, self.device)), daemon=True).start()
 
-    def _serve(self, pg: dist.ProcessGroup, tag: int) -> None:
+    def _serve(self, pg: dist.ProcessGroup, tag: int, device: torch.device) -> None:
         """Answer calls on `tag` in this thread. A call that fits one chunk is read in place: its
         buffer is not posted again before the reply is sent, so nothing is copied before compute."""
-        bufs, turn = [torch.empty(CHUNK), torch.empty(CHUNK)], 0
-        body = torch.empty(0)  # calls over one chunk are gathered here
+        bufs, turn = [torch.empty(CHUNK, device=device), torch.empty(CHUNK, device=device)], 0
+        body = torch.empty(0, device=device)  # calls over one chunk are gathered here
         posted = pg.recv([bufs[0]], 0, tag)
 
         def next_chunk() -> torch.Tensor:
@@ -368,7 +422,7 @@ class ShardEndpoint:
                     rows = first[HEADER : HEADER + size]
                 else:
                     if body.numel() < size:
-                        body = torch.empty(size)
+                        body = torch.empty(size, device=device)
                     have = CHUNK - HEADER
                     body[:have] = first[HEADER:]
                     while have < size:

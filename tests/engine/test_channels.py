@@ -84,6 +84,23 @@ def test_channels_equal_all_experts_in_one_place(world, tokens):
         )
 
 
+@pytest.mark.parametrize("tokens", [16, 600])
+def test_fixed_framing_of_device_pairs_gives_the_same_numbers(world, tokens):
+    """NCCL/HCCL pairs send whole chunks (their receives must match the sent size): the same calls
+    with that framing over these gloo pairs. The pairs run gloo here: no accelerators."""
+    _, tensors, _, _, transport, remote = world
+    chans = [c for cs in transport.channels.values() for c in cs]
+    assert chans and all(c.backend == "gloo" and not c.fixed for c in chans)
+    try:
+        for c in chans:
+            c.fixed = True
+        x, ids, w = batch(tokens, seed=3)
+        torch.testing.assert_close(remote(0, x, ids, w), all_experts(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
+    finally:
+        for c in chans:
+            c.fixed = False
+
+
 def test_two_micro_batches_in_flight_at_once(world):
     _, tensors, _, _, _, remote = world
     inputs = [batch(8, seed=10 + i) for i in range(2)]
@@ -161,6 +178,7 @@ def test_a_transport_pairs_only_with_its_shards(world):
         assert only_c.stats() == {
             "expert_channels": {"c": 1},
             "expert_channel_links": {"c": ["gloo"]},
+            "expert_channel_backends": {"c": ["gloo"]},
             "expert_fallback_calls": 0,
         }
     finally:

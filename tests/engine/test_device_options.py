@@ -102,3 +102,27 @@ def test_bound_deployments_take_their_delays_and_timeout_from_the_plan():
 )
 def test_pair_backend_matches_both_ends_devices(a, b, want):
     assert pair_backend(a, b) == want
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "want"),
+    [
+        ("nccl", "cuda", "cuda"),
+        ("gloo", "cuda", "cpu"),
+        ("gloo", "npu", "cpu"),
+        ("gloo", "cpu", "cpu"),
+    ],  # "npu" parses only with torch_npu
+)
+def test_pair_buffers_live_on_the_device_only_on_device_pairs(backend, device, want):
+    from v4d.serving.runtime.channels import pair_device
+
+    assert pair_device(backend, device).type == want
+
+
+def test_device_pairs_are_off_unless_switched_on(monkeypatch):
+    from v4d.serving.runtime.channels import DEVICE_PAIRS_ENV, device_pairs
+
+    monkeypatch.delenv(DEVICE_PAIRS_ENV, raising=False)
+    assert not device_pairs()
+    monkeypatch.setenv(DEVICE_PAIRS_ENV, "1")
+    assert device_pairs()
