@@ -15,8 +15,14 @@ into chunks of at most CHUNK floats; shard -> engine fp32 [tokens, d]. Gloo send
 only if the receiver has already posted its receive (else it first exchanges a ready notice), so
 the shard keeps a CHUNK-sized receive posted at all times (two buffers in turn) and the engine posts
 its reply receive before sending: a decode call is two messages, no extra round trips. A header with
-layer -1 closes the tag. NCCL and HCCL receives must match the sent size, so device pairs send every
-engine -> shard chunk whole (padded: "fixed" framing); the reply's size is known to both ends.
+layer -1 closes the tag.
+
+Device pairs (NCCL, HCCL) are "ordered": their point-to-point operations between two ranks run one
+after another on one stream, in the order they were issued, ignore tags, and a receive must match
+the sent size. So each tag gets a group of its own, the engine sends before it posts the reply's
+receive, the shard posts a receive only when it waits for the next call (a standing receive would
+hold back the reply behind it), and every engine -> shard chunk is sent whole (the reply's size is
+known to both ends).
 """
 
 from __future__ import annotations
@@ -218,6 +224,25 @@ def open_pair(store: dist.Store, rank: int, host: str, timeout_s: float, backend
     return dist.ProcessGroupGloo(store, rank, 2, opts)
 
 
+def ordered(backend: str) -> bool:
+    """Whether `backend`'s operations between two ranks run in issue order on one stream (see above)."""
+    return backend in ("nccl", "hccl")
+
+
+def open_groups(
+    actor: Any, pair: str, rank: int, timeout_s: float, backend: str, store_timeout_s: float
+) -> list[dist.ProcessGroup]:
+    """The groups of one pair, one per tag ([one group] * TAGS on gloo, whose tags keep calls apart);
+    its rendezvous keys are dropped once both ends have joined."""
+    n = TAGS if ordered(backend) else 1
+    pgs = [
+        open_pair(ActorStore(actor, f"{pair}t{i}/", store_timeout_s), rank, node_address(), timeout_s, backend)
+        for i in range(n)
+    ]
+    release(ActorStore(actor, pair, store_timeout_s), pair)
+    return pgs * (TAGS // n)
+
+
 def pair_device(backend: str, device: str) -> torch.device:
     """Where a pair's buffers live: the replica's current accelerator on NCCL/HCCL pairs, else host memory."""
     return torch.device(device) if backend in ("nccl", "hccl") else torch.device("cpu")
@@ -236,7 +261,7 @@ class EngineChannel:
 
     def __init__(
         self,
-        pg: dist.ProcessGroup,
+        pgs: list[dist.ProcessGroup],
         shard: str,
         replica: str,
         timeout_s: float,
@@ -244,11 +269,12 @@ class EngineChannel:
         backend: str = "gloo",
         device: torch.device | None = None,
     ):
-        """`link`: the backend the two ends' devices call for (device.pair_backend); `backend`: the one
-        the pair runs (`link` with V4D_DEVICE_PAIRS=1, else gloo); `device`: where its buffers live."""
-        self.pg, self.shard, self.replica, self.link, self.backend = pg, shard, replica, link, backend
+        """`pgs`: the pair's group of each tag; `link`: the backend the two ends' devices call for
+        (device.pair_backend); `backend`: the one the pair runs (`link` with V4D_DEVICE_PAIRS=1,
+        else gloo); `device`: where its buffers live."""
+        self.pgs, self.shard, self.replica, self.link, self.backend = pgs, shard, replica, link, backend
         self.device = device or torch.device("cpu")
-        self.fixed = backend != "gloo"  # NCCL/HCCL: whole chunks only
+        self.ordered = ordered(backend)  # tests switch it on over gloo
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.locks = [threading.Lock() for _ in range(TAGS)]
         self.buffers = [torch.empty(CHUNK, device=self.device) for _ in range(TAGS)]
@@ -258,11 +284,13 @@ class EngineChannel:
         """Start a call; returns what `receive` needs. Holds the tag's lock until `receive`."""
         self.locks[tag].acquire()
         try:
-            msg = self._message(tag, layer, x, ids, w)
+            msg, pg = self._message(tag, layer, x, ids, w), self.pgs[tag]
             out = torch.empty(x.shape[0], x.shape[1], device=self.device)
-            recv = self.pg.recv([out], 1, tag)
-            sends = [self.pg.send([part], 1, tag) for part in msg.split(CHUNK)]
-            return sends, recv, out
+            if self.ordered:  # the reply's receive after the sends: it would hold them back
+                sends = [pg.send([part], 1, tag) for part in msg.split(CHUNK)]
+                return sends, pg.recv([out], 1, tag), out
+            recv = pg.recv([out], 1, tag)
+            return [pg.send([part], 1, tag) for part in msg.split(CHUNK)], recv, out
         except BaseException:
             self.dead = True
             self.locks[tag].release()
@@ -274,7 +302,7 @@ class EngineChannel:
         n, d = x.shape
         k = ids.shape[1]
         size = HEADER + n * (d + 2 * k)
-        sent = -(-size // CHUNK) * CHUNK if self.fixed else size
+        sent = -(-size // CHUNK) * CHUNK if self.ordered else size
         if self.buffers[tag].numel() < sent:
             self.buffers[tag] = torch.empty(max(sent, CHUNK), device=self.device)
         msg = self.buffers[tag][:sent]
@@ -305,14 +333,14 @@ class EngineChannel:
         try:
             for tag in range(TAGS):
                 with self.locks[tag]:
-                    self.pg.send([close_message(self.fixed, self.device)], 1, tag).wait(self.timeout)
+                    self.pgs[tag].send([close_message(self.ordered, self.device)], 1, tag).wait(self.timeout)
         except Exception:  # noqa: BLE001 - the peer is already gone
             pass
 
 
-def close_message(fixed: bool, device: torch.device) -> torch.Tensor:
-    """The header that ends a tag (a whole chunk on fixed-framing pairs)."""
-    msg = torch.zeros(CHUNK if fixed else HEADER, device=device)
+def close_message(whole: bool, device: torch.device) -> torch.Tensor:
+    """The header that ends a tag (a whole chunk on ordered pairs)."""
+    msg = torch.zeros(CHUNK if whole else HEADER, device=device)
     msg[0] = CLOSE
     return msg
 
@@ -335,10 +363,8 @@ def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str 
     pair = f"pair/{uuid.uuid4().hex}/{backend}/"
     if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
         raise ConnectionError(f"shard replica {replica} is no longer registered")
-    store = ActorStore(actor, pair, timeout_s)
-    pg = open_pair(store, 0, node_address(), timeout_s, backend)
-    release(store, pair)
-    return EngineChannel(pg, shard, replica, timeout_s, link, backend, pair_device(backend, device))
+    pgs = open_groups(actor, pair, 0, timeout_s, backend, timeout_s)
+    return EngineChannel(pgs, shard, replica, timeout_s, link, backend, pair_device(backend, device))
 
 
 def release(store: ActorStore, pair: str) -> None:
@@ -364,7 +390,7 @@ class ShardEndpoint:
         self.actor, self.shard, self.compute, self.timeout_s, self.device = actor, shard, compute, timeout_s, device
         self.replica = f"{shard}/{uuid.uuid4().hex[:12]}"
         self.stopped = threading.Event()
-        self.pairs: list[dist.ProcessGroup] = []
+        self.pairs: list[list[dist.ProcessGroup]] = []
         import ray
 
         ray.get(actor.register.remote(self.replica, shard, device), timeout=timeout_s)
@@ -387,56 +413,15 @@ class ShardEndpoint:
     def _join(self, pair: str) -> None:
         backend = pair.rstrip("/").rsplit("/", 1)[-1]
         try:
-            store = ActorStore(self.actor, pair, self.timeout_s)
-            pg = open_pair(store, 1, node_address(), IDLE_S, backend)
-            release(store, pair)
+            pgs = open_groups(self.actor, pair, 1, IDLE_S, backend, self.timeout_s)
         except Exception as e:  # noqa: BLE001 - the engine gave up; it will ask again
             log.warning("pairing %s failed: %r", pair, e)
             return
-        self.pairs.append(pg)
-        for tag in range(TAGS):
-            threading.Thread(target=self._serve, args=(pg, tag, pair_device(backend, self.device)), daemon=True).start()
-
-    def _serve(self, pg: dist.ProcessGroup, tag: int, device: torch.device) -> None:
-        """Answer calls on `tag` in this thread. A call that fits one chunk is read in place: its
-        buffer is not posted again before the reply is sent, so nothing is copied before compute."""
-        bufs, turn = [torch.empty(CHUNK, device=device), torch.empty(CHUNK, device=device)], 0
-        body = torch.empty(0, device=device)  # calls over one chunk are gathered here
-        posted = pg.recv([bufs[0]], 0, tag)
-
-        def next_chunk() -> torch.Tensor:
-            nonlocal posted, turn
-            posted.wait()  # no timeout: a pair idles between requests
-            got, turn = bufs[turn], turn ^ 1
-            posted = pg.recv([bufs[turn]], 0, tag)  # the next chunk's receive is posted before it comes
-            return got
-
-        while not self.stopped.is_set():
-            try:
-                first = next_chunk()
-                layer, n, k, d = (int(v) for v in first[:HEADER].tolist())
-                if layer == CLOSE:
-                    return
-                size = n * (d + 2 * k)
-                if size <= CHUNK - HEADER:
-                    rows = first[HEADER : HEADER + size]
-                else:
-                    if body.numel() < size:
-                        body = torch.empty(size, device=device)
-                    have = CHUNK - HEADER
-                    body[:have] = first[HEADER:]
-                    while have < size:
-                        part = min(CHUNK, size - have)
-                        body[have : have + part] = next_chunk()[:part]
-                        have += part
-                    rows = body[:size]
-                rows = rows.view(n, d + 2 * k)
-                x, ids, w = rows[:, :d], rows[:, d : d + k].long(), rows[:, d + k :]
-                pg.send([self.compute(layer, x, ids, w).float().contiguous()], 0, tag).wait()
-            except Exception as e:  # noqa: BLE001 - engine gone or a bad call: this tag's loop ends
-                if not self.stopped.is_set():
-                    log.warning("shard %s: pair closed on tag %d: %r", self.shard, tag, e)
-                return
+        self.pairs.append(pgs)
+        device = pair_device(backend, self.device)
+        for tag, pg in enumerate(pgs):
+            args = (pg, tag, device, self.compute, self.stopped, ordered(backend), self.shard)
+            threading.Thread(target=serve_tag, args=args, daemon=True).start()
 
     def close(self) -> None:
         self.stopped.set()
@@ -446,6 +431,61 @@ class ShardEndpoint:
             ray.get(self.actor.unregister.remote(self.replica), timeout=self.timeout_s)
         except Exception:  # noqa: BLE001 - shutting down with the cluster
             pass
+
+
+def serve_tag(
+    pg: dist.ProcessGroup,
+    tag: int,
+    device: torch.device,
+    compute: Callable[..., torch.Tensor],
+    stopped: threading.Event,
+    in_order: bool = False,
+    shard: str = "",
+) -> None:
+    """Answer one pair's calls on `tag` in the calling thread until it is closed. A call that fits
+    one chunk is read in place: its buffer is not posted again before the reply is sent, so nothing
+    is copied before compute. Unordered (gloo) pairs keep the next receive posted; ordered ones
+    (NCCL, HCCL) post it only when waiting for the next call."""
+    bufs, turn = [torch.empty(CHUNK, device=device) for _ in range(1 if in_order else 2)], 0
+    body = torch.empty(0, device=device)  # calls over one chunk are gathered here
+    posted = None if in_order else pg.recv([bufs[0]], 0, tag)
+
+    def next_chunk() -> torch.Tensor:
+        nonlocal posted, turn
+        if in_order:
+            pg.recv([bufs[0]], 0, tag).wait()
+            return bufs[0]
+        posted.wait()  # no timeout: a pair idles between requests
+        got, turn = bufs[turn], turn ^ 1
+        posted = pg.recv([bufs[turn]], 0, tag)  # the next chunk's receive is posted before it comes
+        return got
+
+    while not stopped.is_set():
+        try:
+            first = next_chunk()
+            layer, n, k, d = (int(v) for v in first[:HEADER].tolist())
+            if layer == CLOSE:
+                return
+            size = n * (d + 2 * k)
+            if size <= CHUNK - HEADER:
+                rows = first[HEADER : HEADER + size]
+            else:
+                if body.numel() < size:
+                    body = torch.empty(size, device=device)
+                have = CHUNK - HEADER
+                body[:have] = first[HEADER:]
+                while have < size:
+                    part = min(CHUNK, size - have)
+                    body[have : have + part] = next_chunk()[:part]
+                    have += part
+                rows = body[:size]
+            rows = rows.view(n, d + 2 * k)
+            x, ids, w = rows[:, :d], rows[:, d : d + k].long(), rows[:, d + k :]
+            pg.send([compute(layer, x, ids, w).float().contiguous()], 0, tag).wait()
+        except Exception as e:  # noqa: BLE001 - engine gone or a bad call: this tag's loop ends
+            if not stopped.is_set():
+                log.warning("shard %s: pair closed on tag %d: %r", shard, tag, e)
+            return
 
 
 _local = threading.local()

@@ -85,20 +85,21 @@ def test_channels_equal_all_experts_in_one_place(world, tokens):
 
 
 @pytest.mark.parametrize("tokens", [16, 600])
-def test_fixed_framing_of_device_pairs_gives_the_same_numbers(world, tokens):
-    """NCCL/HCCL pairs send whole chunks (their receives must match the sent size): the same calls
-    with that framing over these gloo pairs. The pairs run gloo here: no accelerators."""
+def test_whole_chunk_calls_of_ordered_pairs_give_the_same_numbers(world, tokens):
+    """Ordered (NCCL/HCCL) pairs send before posting the reply's receive and send whole chunks
+    (their receives must match the sent size): the same calls that way over these gloo pairs (no
+    accelerators here; tests/engine/test_pair_order.py covers the in-order execution)."""
     _, tensors, _, _, transport, remote = world
     chans = [c for cs in transport.channels.values() for c in cs]
-    assert chans and all(c.backend == "gloo" and not c.fixed for c in chans)
+    assert chans and all(c.backend == "gloo" and not c.ordered for c in chans)
     try:
         for c in chans:
-            c.fixed = True
+            c.ordered = True
         x, ids, w = batch(tokens, seed=3)
         torch.testing.assert_close(remote(0, x, ids, w), all_experts(tensors, 0, x, ids, w), rtol=1e-5, atol=1e-5)
     finally:
         for c in chans:
-            c.fixed = False
+            c.ordered = False
 
 
 def test_two_micro_batches_in_flight_at_once(world):
