@@ -62,14 +62,14 @@ class InOrder:
 def gloo_pairs(n: int) -> list[tuple[dist.ProcessGroup, dist.ProcessGroup]]:
     """`n` two-rank gloo groups inside this process: (rank 0, rank 1) each."""
     out = []
-    for i in range(n):
+    for _ in range(n):
         store, ends = dist.HashStore(), {}
 
         def make(rank: int, store=store, ends=ends) -> None:
             opts = dist.ProcessGroupGloo._Options()
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
             opts._timeout = TIMEOUT
-            ends[rank] = dist.ProcessGroupGloo(dist.PrefixStore(f"g{i}/", store), rank, 2, opts)
+            ends[rank] = dist.ProcessGroupGloo(store, rank, 2, opts)
 
         t = threading.Thread(target=make, args=(1,))
         t.start()
