@@ -62,7 +62,9 @@ def test_graceful_shutdown_finishes_inflight_streams(base_url):
     from v4d.serving.local import drain
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=90)
-    stream = client.completions.create(model=MODEL, prompt="A long road", max_tokens=12, temperature=0, stream=True)
+    # long enough to still be running when the drain starts, however fast the machine (12 tokens once finished
+    # within the old fixed 0.5 s wait, the app was deleted and the late request got 404)
+    stream = client.completions.create(model=MODEL, prompt="A long road", max_tokens=64, temperature=0, stream=True)
     chunks, result = [], {}
 
     def shut_down():  # what `v4d serve` does on SIGINT: drain, then delete
@@ -75,10 +77,14 @@ def test_graceful_shutdown_finishes_inflight_streams(base_url):
         if stopper is None:
             stopper = threading.Thread(target=shut_down)
             stopper.start()
-            time.sleep(0.5)
-            with pytest.raises(openai.InternalServerError) as e:  # no new work while draining
-                client.completions.create(model=MODEL, prompt="late", max_tokens=2)
-            assert e.value.status_code == 503
+            e = None
+            while e is None:  # no new work once the drain has begun: 503 (a request served first came before it)
+                try:
+                    client.completions.create(model=MODEL, prompt="late", max_tokens=1)
+                    time.sleep(0.05)
+                except openai.APIStatusError as err:
+                    e = err
+            assert e.status_code == 503, e
     stopper.join(timeout=120)
     assert result["drained"]
     assert chunks[-1].choices[0].finish_reason == "length"
