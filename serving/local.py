@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -131,16 +131,15 @@ def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None 
     serve.run(build_app(plan, api_key=key), name=app_name, route_prefix="/")
 
 
-def drain(app_name: str = APP_NAME, timeout_s: float = 60.0) -> bool:
-    """Stop admitting requests and wait for in-flight ones to finish; False if some were still running."""
-    import time
-
+def drain(app_name: str = APP_NAME, timeout_s: float = 60.0, give_up: Callable[[], bool] = lambda: False) -> bool:
+    """Stop admitting requests and wait for in-flight ones to finish; False if some were still running
+    at the deadline or when `give_up()` turned true."""
     from ray import serve
 
     handle = serve.get_app_handle(app_name)
     deadline = time.monotonic() + timeout_s
     while handle.drain.remote().result() > 0:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or give_up():
             return False
         time.sleep(0.2)
     return True
@@ -148,16 +147,23 @@ def drain(app_name: str = APP_NAME, timeout_s: float = 60.0) -> bool:
 
 def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> None:
     """Run until SIGINT/SIGTERM, then drain (in-flight streams finish), shut Serve and every Ray process down."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # The handler only appends: it runs between two bytecodes of the main thread, wherever that is, so
+    # it must take no lock (threading.Event.set there deadlocked when a second Ctrl-C came during the first's).
+    signals: list[int] = []
+
+    def catch_stop_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda sig, _frame: signals.append(sig))
+
+    catch_stop_signals()
     plan = ensure_checkpoint(plan, log)
     log(
         f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})"
     )
     local = start_cluster(plan, port + 1)
+    catch_stop_signals()  # again: ray.init's core worker puts its own SIGTERM handler in (it exits at once)
     try:
-        if not stop.is_set():
+        if not signals:
             log(
                 f"deploying {plan.served_name}: {plan.engine.replicas} engine replica(s), "
                 f"{len(plan.shards)} expert shard(s)"
@@ -169,10 +175,11 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
             for node, url in local.metrics_urls.items():
                 log(f"  metrics ({node}): {url}")
             log("press Ctrl-C to stop")
-        stop.wait()
-        log("shutting down: finishing in-flight requests ...")
+        while not signals:
+            time.sleep(0.1)
+        log("shutting down: finishing in-flight requests (Ctrl-C again: stop now) ...")
         try:
-            drain(timeout_s=min(plan.serving.request_timeout_s, 120.0))
+            drain(timeout_s=min(plan.serving.request_timeout_s, 120.0), give_up=lambda: len(signals) > 1)
         except Exception as e:  # the app never came up, or is already gone: nothing to drain
             log(f"  (no drain: {type(e).__name__})")
     finally:

@@ -1,4 +1,4 @@
-"""`v4d serve examples/local-tiny.yaml` as a user runs it: answers, then exits cleanly on SIGINT."""
+"""`v4d serve examples/local-tiny.yaml` as a user runs it: answers, then exits cleanly on SIGTERM + SIGINT."""
 
 import os
 import re
@@ -83,6 +83,10 @@ def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
         ray_pids = _descendants(proc.pid)
         assert len(ray_pids) >= 3, "expected gcs, raylets and workers under v4d serve"
     finally:
+        # a supervisor's SIGTERM and a Ctrl-C back to back: both are v4d's to handle (ray.init installs a
+        # SIGTERM handler of its own that exits at once), the second means stop now, and the handler must
+        # survive being re-entered
+        proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
