@@ -52,6 +52,32 @@ def ensure_checkpoint(plan: Plan, log: Callable[[str], None] = print) -> Plan:
     return replace(plan, weights_uri=str(out))
 
 
+def metrics_ports(plan: Plan, first: int) -> dict[str, int]:
+    """Node ("head", then each pool in manifest order) -> the port Ray exports its metrics on."""
+    return {"head": first, **{pool.name: first + i for i, pool in enumerate(plan.pools, start=1)}}
+
+
+def ports_in_use(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, int]:
+    """Those of `ports` (what -> port) that `host` cannot bind now: a server started there would fail
+    minutes later, deep inside Ray, so `v4d serve` checks first. SO_REUSEADDR as servers set it, so a
+    port left in TIME_WAIT counts as free."""
+    import socket
+
+    busy = {}
+    for what, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy[what] = port
+    return busy
+
+
+class PortsInUse(RuntimeError):
+    pass
+
+
 @dataclass
 class LocalCluster:
     cluster: object  # ray.cluster_utils.Cluster
@@ -69,7 +95,7 @@ class LocalCluster:
 
 
 def start_cluster(plan: Plan, metrics_port: int, attempts: int = 3) -> LocalCluster:
-    """Start head + one labelled node per pool; metrics export ports metrics_port, +1, ... (head first).
+    """Start head + one labelled node per pool, exporting metrics on `metrics_ports(plan, metrics_port)`.
 
     Ray gives a raylet a fixed 30 s to register; on a saturated machine that can lapse, so a failed
     start is torn down and tried again."""
@@ -90,34 +116,33 @@ def _start_cluster(plan: Plan, metrics_port: int) -> LocalCluster:
     # a machine without one it logs a traceback per node. Expected here, so not shown.
     logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
 
+    ports = metrics_ports(plan, metrics_port)
     cluster = Cluster(shutdown_at_exit=True)
     try:
         cluster.add_node(
             num_cpus=1,
             object_store_memory=200 * 2**20,
             include_dashboard=False,
-            metrics_export_port=metrics_port,
+            metrics_export_port=ports["head"],
             # Ray starts workers at niceness 15, below every ordinary process: on a shared machine
             # the replicas (the whole server) would wait behind unrelated jobs. They are the workload.
             _system_config={"metrics_report_interval_ms": 1000, "worker_niceness": 0},
         )
-        urls = {"head": f"http://127.0.0.1:{metrics_port}/metrics"}
-        for i, pool in enumerate(plan.pools, start=1):
+        for pool in plan.pools:
             cluster.add_node(
                 num_cpus=NODE_CPUS,
                 object_store_memory=100 * 2**20,
                 labels={POOL_LABEL: pool.name},
-                metrics_export_port=metrics_port + i,
+                metrics_export_port=ports[pool.name],
                 **node_resources(plan, pool.name),  # its accelerators, as KubeRay's worker group declares them
             )
-            urls[pool.name] = f"http://127.0.0.1:{metrics_port + i}/metrics"
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
     except Exception:
         ray.shutdown()
         cluster.shutdown()
         raise
-    return LocalCluster(cluster, urls)
+    return LocalCluster(cluster, {node: f"http://127.0.0.1:{port}/metrics" for node, port in ports.items()})
 
 
 def deploy(plan: Plan, port: int, app_name: str = APP_NAME, api_key: str | None = None) -> None:
@@ -156,6 +181,14 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
             signal.signal(sig, lambda sig, _frame: signals.append(sig))
 
     catch_stop_signals()
+    metrics = metrics_ports(plan, port + 1)
+    wanted = {"the APIs": port, **{f"Ray metrics of {'pool ' * (n != 'head')}{n}": p for n, p in metrics.items()}}
+    if busy := ports_in_use(wanted):
+        taken = ", ".join(f"{p} ({what})" for what, p in busy.items())
+        raise PortsInUse(
+            f"port already in use on 127.0.0.1: {taken}. --port P serves the APIs on P and Ray's metrics "
+            f"on the {len(metrics)} ports after it"
+        )
     plan = ensure_checkpoint(plan, log)
     log(
         f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})"

@@ -50,6 +50,10 @@ def command(file: str, port: int | None, precision: str | None) -> None:
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
 
-    from v4d.serving.local import serve_forever
+    from v4d.serving.local import PortsInUse, serve_forever
 
-    serve_forever(p, port or p.serving.port, log=lambda s: click.echo(s, err=False))
+    try:
+        serve_forever(p, port or p.serving.port, log=lambda s: click.echo(s, err=False))
+    except PortsInUse as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)

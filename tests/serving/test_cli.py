@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,8 +12,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
-pytestmark = pytest.mark.ray
+from v4d.operator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8160
@@ -46,6 +48,7 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+@pytest.mark.ray
 def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
     env = {**os.environ, "V4D_CACHE": str(cache_dir)}
     proc = subprocess.Popen(
@@ -95,3 +98,19 @@ def test_v4d_serve_answers_and_exits_cleanly_on_sigint(cache_dir):
     while _alive(ray_pids) and time.time() < deadline:
         time.sleep(0.5)
     assert not _alive(ray_pids), "Ray processes left behind"
+
+
+def test_v4d_serve_names_a_taken_port_before_starting_anything(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:  # the pool "npu"'s metrics port (head first, then gpu, npu): refused at once, Ray never started
+        out = CliRunner().invoke(main, ["serve", str(ROOT / "examples/local-tiny.yaml"), "--port", str(port - 3)])
+    finally:
+        taken.close()
+    assert out.exit_code == 1, out.output
+    assert "port already in use on 127.0.0.1: " in out.stderr, out.stderr
+    assert f"{port} (Ray metrics of pool npu)" in out.stderr, out.stderr
+    assert "--port P serves the APIs on P and Ray's metrics on the 3 ports after it" in out.stderr
+    assert "starting a local Ray cluster" not in out.output
