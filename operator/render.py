@@ -34,6 +34,7 @@ from v4d.serving.names import (
     POOL_LABEL,
     ROLE_LABEL,
     SERVE_PORT,
+    WEIGHTS_DIR_ENV,
     ChildNames,
 )
 from v4d.serving.plan import Plan, PoolPlan
@@ -223,7 +224,7 @@ def _weights_volume(uri: str) -> Weights:
     return (
         volumes,
         [{"name": "weights", "mountPath": mount, "readOnly": True}],
-        [{"name": "V4D_WEIGHTS_DIR", "value": path}],
+        [{"name": WEIGHTS_DIR_ENV, "value": path}],
     )
 
 

@@ -15,16 +15,19 @@ from ray.serve import Application
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.experts import bind_shards
 from v4d.serving.ingress import Ingress
-from v4d.serving.plan import Plan
+from v4d.serving.names import WEIGHTS_DIR_ENV
+from v4d.serving.plan import Plan, weights_dir
 
 
 def build_app(plan: Plan, api_key: str | None = None) -> Application:
     """Bind every deployment of `plan`; `api_key` overrides the key read from `plan.serving.api_key_env`."""
     if not plan.weights_uri:
         raise ValueError("weights_uri: empty; `v4d serve` makes a random checkpoint, the operator needs a real path")
-    shards = bind_shards(plan, plan.weights_uri)
-    engine = bind_engine(plan, plan.weights_uri, shards)
-    return Ingress.bind(engine, plan, plan.weights_uri, api_key)
+    # every Ray pod mounts the weights at the same place, so the builder's view is each replica's
+    wdir = weights_dir(plan.weights_uri, os.environ.get(WEIGHTS_DIR_ENV))
+    shards = bind_shards(plan, wdir)
+    engine = bind_engine(plan, wdir, shards)
+    return Ingress.bind(engine, plan, wdir, api_key)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

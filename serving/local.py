@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from v4d.serving.names import POOL_LABEL
-from v4d.serving.plan import Plan
+from v4d.serving.names import POOL_LABEL, WEIGHTS_DIR_ENV
+from v4d.serving.plan import Plan, WeightsNotHere, weights_dir
 from v4d.serving.runtime.device import node_resources
 
 # Ray on a shared development box (docs/toolchain.md §1.3): no token file, loopback only, no telemetry.
@@ -76,6 +76,18 @@ def ports_in_use(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, in
 
 class PortsInUse(RuntimeError):
     pass
+
+
+def check_weights(plan: Plan) -> None:
+    """Refuse, before anything starts, weights this machine cannot read (the replicas would fail
+    minutes later, one traceback each)."""
+    from v4d.serving.model.loader import CONFIG_FILE
+
+    wdir = weights_dir(plan.weights_uri, os.environ.get(WEIGHTS_DIR_ENV))
+    if not (Path(wdir) / CONFIG_FILE).is_file():
+        raise WeightsNotHere(
+            f"spec.model.weights.uri: {plan.weights_uri!r}: no {CONFIG_FILE} in {wdir} (not a checkpoint directory)"
+        )
 
 
 @dataclass
@@ -190,6 +202,7 @@ def serve_forever(plan: Plan, port: int, log: Callable[[str], None] = print) -> 
             f"on the {len(metrics)} ports after it"
         )
     plan = ensure_checkpoint(plan, log)
+    check_weights(plan)
     log(
         f"starting a local Ray cluster: head + {len(plan.pools)} pool node(s) ({', '.join(p.name for p in plan.pools)})"
     )

@@ -29,6 +29,7 @@ APP_IMPORT_PATH = "v4d.serving.app:app_builder"
 SERVE_PORT = 8000  # Ray Serve's HTTP proxy port in every Ray pod
 METRICS_PORT = 8080  # Ray's metrics export port
 DEPLOYMENT_ENV = "V4D_DEPLOYMENT"  # env var naming the V4Deployment in every Ray pod
+WEIGHTS_DIR_ENV = "V4D_WEIGHTS_DIR"  # where a pod has the pvc:// or hostpath:// weights mounted
 
 # -- scaling history ---------------------------------------------------------------------------
 STATUS_SCALING_HISTORY = 10  # decisions in status.scalingHistory and in the decisions ConfigMap

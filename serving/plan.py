@@ -15,6 +15,30 @@ Role = Literal["attention", "experts"]
 RayResource = Literal["GPU", "NPU"]  # the Ray resource a pool's device is declared as
 
 
+class WeightsNotHere(ValueError):
+    """The weights URI names no directory this process can read."""
+
+
+def weights_dir(uri: str, mounted: str | None) -> str:
+    """The checkpoint directory of a weights URI (operator/validate.py checks its form) as this process
+    sees it. `mounted`: $V4D_WEIGHTS_DIR, where the operator's pods mount pvc:// and hostpath:// weights
+    (operator/render.py); file:// is a path in the image or on this machine; a plain path (the random
+    checkpoint `v4d serve` makes) is itself."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    if scheme == "file":
+        return rest
+    if mounted:
+        return mounted
+    if scheme == "hostpath":
+        return rest  # outside a pod (`v4d serve`): this host's directory
+    raise WeightsNotHere(
+        f"spec.model.weights.uri: {uri!r} is mounted only in the operator's pods; here give file:///<dir> or "
+        "hostpath:///<dir> (a local checkpoint), or no URI for a random-weight checkpoint of a small preset"
+    )
+
+
 @dataclass
 class PoolPlan:
     name: str

@@ -51,9 +51,10 @@ def command(file: str, port: int | None, precision: str | None) -> None:
         click.echo(f"warning: {w}", err=True)
 
     from v4d.serving.local import PortsInUse, serve_forever
+    from v4d.serving.plan import WeightsNotHere
 
     try:
         serve_forever(p, port or p.serving.port, log=lambda s: click.echo(s, err=False))
-    except PortsInUse as e:
+    except (PortsInUse, WeightsNotHere) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

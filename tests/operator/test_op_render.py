@@ -11,7 +11,8 @@ from helpers.opspecs import sample, tiny_spec
 from v4d.operator import render, status
 from v4d.operator.kube import contains
 from v4d.operator.planner import plan
-from v4d.serving.plan import Plan
+from v4d.serving.names import WEIGHTS_DIR_ENV
+from v4d.serving.plan import Plan, WeightsNotHere, weights_dir
 
 META = {"name": "demo", "namespace": "ns1", "uid": "1234-uid"}
 
@@ -110,13 +111,38 @@ def test_podmonitor_only_with_prometheus_operator():
 
 
 def test_weights_volume_from_pvc_uri():
-    _, objs = _rendered(tiny_spec())
-    pod = _groups(objs[("RayService", "demo")])["gpu-attention"]["template"]["spec"]
-    assert pod["volumes"] == [
-        {"name": "weights", "persistentVolumeClaim": {"claimName": "tiny-weights", "readOnly": True}}
+    p, objs = _rendered(tiny_spec())
+    rs = objs[("RayService", "demo")]
+    pods = [g["template"]["spec"] for g in _groups(rs).values()] + [
+        rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     ]
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert env["V4D_WEIGHTS_DIR"] == "/mnt/v4d/weights/ckpt" and env["V4D_ROLE"] == "attention"
+    for pod in pods:  # every Ray pod: the app's builder runs on one, the replicas on the others
+        assert pod["volumes"] == [
+            {"name": "weights", "persistentVolumeClaim": {"claimName": "tiny-weights", "readOnly": True}}
+        ]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env[WEIGHTS_DIR_ENV] == "/mnt/v4d/weights/ckpt"
+        # the Serve app reads the checkpoint where the pod mounts it, not at the URI's text
+        assert weights_dir(p.weights_uri, env[WEIGHTS_DIR_ENV]) == "/mnt/v4d/weights/ckpt"
+        assert container["volumeMounts"] == [{"name": "weights", "mountPath": "/mnt/v4d/weights", "readOnly": True}]
+    with pytest.raises(WeightsNotHere, match="spec.model.weights.uri: 'pvc://tiny-weights/ckpt' is mounted only"):
+        weights_dir(p.weights_uri, None)  # outside the pods (`v4d serve`)
+
+
+@pytest.mark.parametrize(
+    ("uri", "mounted", "expected"),
+    [
+        ("/home/me/ckpt", None, "/home/me/ckpt"),  # the random checkpoint `v4d serve` makes
+        ("file:///models/v4", None, "/models/v4"),
+        ("file:///models/v4", "/mnt/v4d/weights", "/models/v4"),  # in the image: nothing mounted for it
+        ("hostpath:///data/v4", "/mnt/v4d/weights", "/mnt/v4d/weights"),
+        ("hostpath:///data/v4", None, "/data/v4"),  # `v4d serve` on that host
+        ("pvc://claim/sub/dir", "/mnt/v4d/weights/sub/dir", "/mnt/v4d/weights/sub/dir"),
+    ],
+)
+def test_weights_dir_of_each_uri(uri, mounted, expected):
+    assert weights_dir(uri, mounted) == expected
 
 
 def _cluster_without_replicas(rs):

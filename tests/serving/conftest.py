@@ -108,7 +108,8 @@ def ray_cluster(plan):
 def base_url(ray_cluster, plan):
     from v4d.serving.local import deploy
 
-    deploy(plan, HTTP_PORT, app_name=APP)
+    # as a manifest names local weights: the app resolves the URI to the directory (serving/plan.py weights_dir)
+    deploy(replace(plan, weights_uri=f"file://{plan.weights_uri}"), HTTP_PORT, app_name=APP)
     return f"http://127.0.0.1:{HTTP_PORT}"
 
 

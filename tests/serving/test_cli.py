@@ -114,3 +114,19 @@ def test_v4d_serve_names_a_taken_port_before_starting_anything(tmp_path):
     assert f"{port} (Ray metrics of pool npu)" in out.stderr, out.stderr
     assert "--port P serves the APIs on P and Ray's metrics on the 3 ports after it" in out.stderr
     assert "starting a local Ray cluster" not in out.output
+
+
+def test_v4d_serve_refuses_weights_it_cannot_read_before_starting_anything(tmp_path):
+    out = CliRunner().invoke(main, ["serve", str(ROOT / "examples/flash-h200.yaml"), "--port", "8170"])
+    assert out.exit_code == 1, out.output  # a PVC exists only in the cluster
+    assert "error: spec.model.weights.uri: 'pvc://deepseek-v4-flash/checkpoint' is mounted only in the" in out.stderr
+    manifest = (
+        (ROOT / "examples/flash-h200.yaml")
+        .read_text()
+        .replace("pvc://deepseek-v4-flash/checkpoint", f"file://{tmp_path}")
+    )
+    (tmp_path / "v4d.yaml").write_text(manifest)
+    out = CliRunner().invoke(main, ["serve", str(tmp_path / "v4d.yaml"), "--port", "8170"])
+    assert out.exit_code == 1, out.output
+    assert f"no config.json in {tmp_path} (not a checkpoint directory)" in out.stderr
+    assert "starting a local Ray cluster" not in out.output
