@@ -205,10 +205,10 @@ def serve_config(plan: Plan) -> str:
     return yaml.safe_dump(config, sort_keys=True, default_flow_style=None, width=1 << 16)
 
 
-Weights = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]  # volumes, mounts, env
+PodShared = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]  # volumes, mounts, env
 
 
-def _weights_volume(uri: str) -> Weights:
+def _weights_volume(uri: str) -> PodShared:
     """Volumes, mounts and env for the weights URI: pvc://CLAIM/PATH and hostpath:///DIR are
     mounted read-only at /mnt/v4d/weights; file:// (in the image) and remote schemes need none."""
     mount = "/mnt/v4d/weights"
@@ -228,13 +228,23 @@ def _weights_volume(uri: str) -> Weights:
     )
 
 
+def _api_key_env(plan: Plan) -> list[dict[str, Any]]:
+    """spec.serving.apiKeySecretRef as the env var the ingress reads its key from (a missing Secret
+    keeps the pods from starting: no unauthenticated fallback)."""
+    ref = plan.serving.api_key_secret
+    if not ref:
+        return []
+    secret = {"name": ref["name"], "key": ref["key"]}
+    return [{"name": plan.serving.api_key_env, "valueFrom": {"secretKeyRef": secret}}]
+
+
 def _env(name: str, role: str, pool: str = "", vendor: str = "") -> list[dict[str, str]]:
     values = {DEPLOYMENT_ENV: name, "V4D_ROLE": role, "V4D_POOL": pool, "V4D_VENDOR": vendor}
     return [{"name": k, "value": v} for k, v in values.items() if v]
 
 
-def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: Weights) -> dict[str, Any]:
-    volumes, mounts, wenv = weights
+def _worker_group(meta: dict[str, Any], g: WorkerGroup, shared: PodShared) -> dict[str, Any]:
+    volumes, mounts, shared_env = shared
     devices = str(g.devices_per_pod)
     start: dict[str, str] = {}
     if g.ray_resource == "NPU":
@@ -244,7 +254,7 @@ def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: Weights) -> dic
         "name": "ray-worker",
         "image": g.image,
         "resources": {"limits": {g.resource_name: devices}, "requests": {g.resource_name: devices}},
-        "env": _env(meta["name"], g.role, g.pool, g.vendor) + wenv,
+        "env": _env(meta["name"], g.role, g.pool, g.vendor) + shared_env,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
     }
     if mounts:
@@ -274,8 +284,9 @@ def _worker_group(meta: dict[str, Any], g: WorkerGroup, weights: Weights) -> dic
 
 
 def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], options: RenderOptions) -> dict[str, Any]:
-    weights = _weights_volume(plan.weights_uri)
-    volumes, mounts, wenv = weights
+    # what every Ray pod gets alike: the app's builder runs on one, its replicas on any
+    volumes, mounts, weights_env = _weights_volume(plan.weights_uri)
+    shared_env = weights_env + _api_key_env(plan)
     engine = plan.engine
     autoscaling = engine.max_replicas > engine.min_replicas
     head_image = next(
@@ -289,7 +300,7 @@ def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], opti
             "requests": {"cpu": options.head_cpu, "memory": options.head_memory},
             "limits": {"cpu": options.head_cpu, "memory": options.head_memory},
         },
-        "env": _env(meta["name"], "head") + wenv,
+        "env": _env(meta["name"], "head") + shared_env,
         "ports": [
             {"name": "gcs", "containerPort": 6379},
             {"name": "dashboard", "containerPort": 8265},
@@ -317,7 +328,7 @@ def rayservice(plan: Plan, meta: dict[str, Any], groups: list[WorkerGroup], opti
                 "spec": head_pod,
             },
         },
-        "workerGroupSpecs": [_worker_group(meta, g, weights) for g in groups],
+        "workerGroupSpecs": [_worker_group(meta, g, (volumes, mounts, shared_env)) for g in groups],
     }
     if autoscaling:
         cluster["autoscalerOptions"] = {

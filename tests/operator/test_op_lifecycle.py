@@ -109,19 +109,23 @@ def kuberay_status(p, generation, ready=True):
 def test_lifecycle(cluster, operator):
     ns = cluster.namespace("life")
     custom = cluster.custom()
-    v4d = custom.create_namespaced_custom_object(G, V, ns, P, {**manifest("demo"), "metadata": {"name": "demo"}})
+    spec = tiny_spec(serving={**tiny_spec()["serving"], "apiKeySecretRef": {"name": "demo-api-key", "key": "token"}})
+    v4d = custom.create_namespaced_custom_object(G, V, ns, P, {**manifest("demo", spec), "metadata": {"name": "demo"}})
     uid = v4d["metadata"]["uid"]
 
     # Children exist, owned, and survive the real RayService schema unpruned.
     rs = wait_for(lambda: get_rs(cluster, ns, "demo"), what="RayService")
-    p = plan(tiny_spec(), name="demo")
+    p = plan(spec, name="demo")
     want = {
         (c["kind"], c["metadata"]["name"]): c
-        for c in render.render(p, tiny_spec(), {"name": "demo", "namespace": ns, "uid": uid})
+        for c in render.render(p, spec, {"name": "demo", "namespace": ns, "uid": uid})
     }
     assert contains(rs, want[("RayService", "demo")]), "the apiserver pruned or changed rendered RayService fields"
     groups = {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert set(groups) == {"gpu-attention", "gpu-experts", "npu-experts"}
+    for g in [rs["spec"]["rayClusterConfig"]["headGroupSpec"], *groups.values()]:  # the key, from the Secret
+        env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert env["V4D_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "demo-api-key", "key": "token"}}
     assert groups["npu-experts"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
         "huawei.com/Ascend910": "1"
     }

@@ -209,3 +209,16 @@ def test_contains_ignores_server_defaults_but_sees_drift():
     assert contains({"a": {"b": [1, {"c": "x", "default": 0}]}, "d": "e", "extra": 1}, want)
     assert not contains({"a": {"b": [1, {"c": "y"}]}, "d": "e"}, want)
     assert not contains({"a": {"b": [1]}, "d": "e"}, want)
+
+
+def test_api_key_from_the_secret_in_every_ray_pod():
+    ref = {"name": "v4d-api-key", "key": "token"}
+    p, objs = _rendered(tiny_spec(serving={**tiny_spec()["serving"], "apiKeySecretRef": ref}))
+    rs = objs[("RayService", "demo")]
+    cluster = rs["spec"]["rayClusterConfig"]
+    for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert env[p.serving.api_key_env] == {"name": "V4D_API_KEY", "valueFrom": {"secretKeyRef": ref}}
+    _, objs = _rendered(tiny_spec())  # no key: no such env (every request accepted, as documented)
+    pods = objs[("RayService", "demo")]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert not any(e["name"] == "V4D_API_KEY" for g in pods for e in g["template"]["spec"]["containers"][0]["env"])
