@@ -157,6 +157,7 @@ def main() -> None:
     from v4d.serving.model.loader import load_model
     from v4d.serving.runtime.channels import rendezvous, rendezvous_name
     from v4d.serving.runtime.runner import ModelRunner
+    from v4d.serving.runtime.shm import SHM_PAIRS_ENV
 
     name, spec = load_manifest(args.manifest)
     plan = ensure_checkpoint(make_plan(spec, name=name))
@@ -201,12 +202,21 @@ def main() -> None:
         echo_rdv = rendezvous_name(plan.name) + "-echo"
         echoes = [echo_actor().remote(echo_rdv, s.name) for s in plan.shards]
         ray.get([e.ready.remote() for e in echoes])
-        wire = ChannelTransport(rendezvous(echo_rdv), shards=list(handles))
-        if not wire.ready(list(handles), timeout_s=60):
-            raise SystemExit("no channel to every echo shard within 60 s")
-        result["wire_round_trip_ms"] = {str(t): wire_ms(wire, plan.shards[0].name, cfg, t, reps * 3) for t in TOKENS}
-        result["round_trip_ms"] = {str(t): round_trip_ms(RemoteExperts(slot_map, wire), cfg, t, reps) for t in TOKENS}
-        wire.close()
+        # The pairs' default on one host (shared memory), then gloo as between hosts, side by side.
+        result["channel_backends"] = channels.stats()["expert_channel_backends"]
+        for suffix, shm in (("", "1"), ("_gloo", "0")):
+            os.environ[SHM_PAIRS_ENV] = shm  # read when this process pairs
+            wire = ChannelTransport(rendezvous(echo_rdv), shards=list(handles))
+            if not wire.ready(list(handles), timeout_s=60):
+                raise SystemExit("no channel to every echo shard within 60 s")
+            result[f"wire_round_trip{suffix}_ms"] = {
+                str(t): wire_ms(wire, plan.shards[0].name, cfg, t, reps * 3) for t in TOKENS
+            }
+            result[f"round_trip{suffix}_ms"] = {
+                str(t): round_trip_ms(RemoteExperts(slot_map, wire), cfg, t, reps) for t in TOKENS
+            }
+            wire.close()
+        del os.environ[SHM_PAIRS_ENV]
         for e in echoes:
             ray.kill(e)
         result["layer_call_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
@@ -257,15 +267,17 @@ def main() -> None:
     }
     result["load_average_at_end"] = round(os.getloadavg()[0], 2)
 
+    print(f"pairs: {result['channel_backends']}; dispatch+combine and wire also over gloo (as between hosts)")
     print(
-        f"{'tokens':>8} | {'dispatch+combine ms':>19} | {'layer call ms':>13} | {'serve path ms':>13} | "
-        f"{'compute only ms':>15} | {'split+combine ms':>16} | {'wire ms':>8}"
+        f"{'tokens':>8} | {'dispatch+combine ms':>19} | {'over gloo':>9} | {'layer call ms':>13} | "
+        f"{'serve path ms':>13} | {'compute only ms':>15} | {'split+combine ms':>16} | {'wire ms':>8} | {'gloo':>6}"
     )
     for t in map(str, TOKENS):
         print(
-            f"{t:>8} | {result['round_trip_ms'][t]:>19} | {result['layer_call_ms'][t]:>13} | "
-            f"{result['serve_round_trip_ms'][t]:>13} | {result['compute_ms'][t]:>15} | "
-            f"{result['split_combine_ms'][t]:>16} | {result['wire_round_trip_ms'][t]:>8}"
+            f"{t:>8} | {result['round_trip_ms'][t]:>19} | {result['round_trip_gloo_ms'][t]:>9} | "
+            f"{result['layer_call_ms'][t]:>13} | {result['serve_round_trip_ms'][t]:>13} | "
+            f"{result['compute_ms'][t]:>15} | {result['split_combine_ms'][t]:>16} | "
+            f"{result['wire_round_trip_ms'][t]:>8} | {result['wire_round_trip_gloo_ms'][t]:>6}"
         )
     print(
         f"{'streams':>8} | {'in process, same split':>22} | {'in process, local experts':>25} | "

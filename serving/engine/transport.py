@@ -187,7 +187,8 @@ class ServeTransport:
 
 
 class ChannelTransport:
-    """Direct channels to every registered replica of every shard (one gloo pair each), re-formed as
+    """Direct channels to every registered replica of every shard (one pair each: shared memory on one
+    host, gloo or NCCL/HCCL between hosts), re-formed as
     replicas come and go: a background thread pairs with new ones, forgets departed ones and re-pairs
     with live ones whose channel broke, so membership changes never stall a step. A shard's call goes to one of its
     replicas in turn; if

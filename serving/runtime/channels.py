@@ -5,9 +5,11 @@ created directly (no global `init_process_group`), so replicas join and leave wi
 anyone else's group. Rendezvous goes through one named Ray actor (`Rendezvous`): shard replicas
 register there, an engine asks it to pair with a replica, and both ends exchange gloo addresses
 through its key-value store (`ActorStore`). The gloo device binds V4D_TRANSPORT_HOST (127.0.0.1 for
-`v4d serve`) or the Ray node's address, never a wildcard. Rows move through host memory over gloo;
-with V4D_DEVICE_PAIRS=1, a pair whose ends are both CUDA (or both Ascend) runs NCCL (HCCL) on the
-devices instead (`pair_backend`; docs/engine.md: built, not yet run on hardware, so off by default).
+`v4d serve`) or the Ray node's address, never a wildcard. Rows move through host memory over gloo,
+or over shared memory where both ends share a host (`shm.py`, the default there: the pair's id says
+`shm` and no process group is made); with V4D_DEVICE_PAIRS=1, a pair whose ends are both CUDA (or
+both Ascend) runs NCCL (HCCL) on the devices instead (`pair_backend`; docs/engine.md: built, not yet
+run on hardware, so off by default).
 
 Wire format per call, on tag `t` (one tag per micro-batch, so two micro-batches overlap):
 engine -> shard one fp32 message [layer, tokens, k, d | tokens x (x | local ids | weights)], cut
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from v4d.serving.runtime.device import pair_backend
+from v4d.serving.runtime.shm import ShardTag, ShmEngineChannel, host_identity, shm_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class Rendezvous:
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
         self.seen: dict[str, float] = {}  # shard replica id -> its last poll
         self.devices: dict[str, str] = {}  # shard replica id -> the torch device type it computes on
+        self.hosts: dict[str, str] = {}  # shard replica id -> shm.host_identity() of its process
         self.kv: dict[str, bytes] = {}
         self.gone_s, self.last_call, self.watching = gone_s, time.monotonic(), False
 
@@ -97,15 +101,16 @@ class Rendezvous:
 
         threading.Thread(target=loop, name="v4d-rendezvous-watch", daemon=True).start()
 
-    def register(self, replica: str, shard: str, device: str = "cpu") -> None:
+    def register(self, replica: str, shard: str, device: str = "cpu", host: str = "") -> None:
         self.last_call = time.monotonic()
         self.members[replica] = shard
         self.devices[replica] = device
+        self.hosts[replica] = host
         self.pending.setdefault(replica, [])
         self.seen[replica] = time.monotonic()
 
     def unregister(self, replica: str) -> None:
-        for d in (self.members, self.pending, self.seen, self.devices):
+        for d in (self.members, self.pending, self.seen, self.devices, self.hosts):
             d.pop(replica, None)
 
     def shards(self) -> dict[str, str]:
@@ -126,6 +131,10 @@ class Rendezvous:
     def device(self, replica: str) -> str | None:
         """The device type `replica` computes on; None if it is not registered."""
         return self.devices.get(replica)
+
+    def host(self, replica: str) -> str:
+        """Where `replica`'s process runs (shm.host_identity(); "" if unknown)."""
+        return self.hosts.get(replica, "")
 
     def take_pairs(self, replica: str) -> list[str] | None:
         """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
@@ -345,7 +354,9 @@ def close_message(whole: bool, device: torch.device) -> torch.Tensor:
     return msg
 
 
-def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str = "cpu") -> EngineChannel:
+def connect(
+    actor: Any, shard: str, replica: str, timeout_s: float, device: str = "cpu"
+) -> EngineChannel | ShmEngineChannel:
     """Pair this engine (computing on `device`) with one shard replica (blocks until the shard
     joins, at most `timeout_s`). The pair's backend is decided here and told to the shard in the
     pair's id (`pair/<id>/<backend>/`)."""
@@ -360,7 +371,21 @@ def connect(actor: Any, shard: str, replica: str, timeout_s: float, device: str 
         log.info(
             "pair with %s: %s devices, gloo through host memory (%s=1 for %s)", replica, link, DEVICE_PAIRS_ENV, link
         )
-    pair = f"pair/{uuid.uuid4().hex}/{backend}/"
+    here = host_identity()
+    if backend == "gloo" and shm_pairs() and here and ray.get(actor.host.remote(replica), timeout=timeout_s) == here:
+        backend = "shm"  # same host: shared memory, no sockets
+    key = uuid.uuid4().hex
+    pair = f"pair/{key}/{backend}/"
+    if backend == "shm":
+        ch = ShmEngineChannel(f"v4d-{key}", shard, replica, timeout_s, link, TAGS)  # its files before the shard looks
+        try:
+            if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
+                raise ConnectionError(f"shard replica {replica} is no longer registered")
+            ch.joined(timeout_s)
+        except BaseException:
+            ch.close()
+            raise
+        return ch
     if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
         raise ConnectionError(f"shard replica {replica} is no longer registered")
     pgs = open_groups(actor, pair, 0, timeout_s, backend, timeout_s)
@@ -390,10 +415,11 @@ class ShardEndpoint:
         self.actor, self.shard, self.compute, self.timeout_s, self.device = actor, shard, compute, timeout_s, device
         self.replica = f"{shard}/{uuid.uuid4().hex[:12]}"
         self.stopped = threading.Event()
-        self.pairs: list[list[dist.ProcessGroup]] = []
+        self.pairs: list[list[dist.ProcessGroup] | list[ShardTag]] = []
+        self.host = host_identity()
         import ray
 
-        ray.get(actor.register.remote(self.replica, shard, device), timeout=timeout_s)
+        ray.get(actor.register.remote(self.replica, shard, device, self.host), timeout=timeout_s)
         threading.Thread(target=self._accept, name=f"v4d-accept-{shard}", daemon=True).start()
 
     def _accept(self) -> None:
@@ -403,7 +429,10 @@ class ShardEndpoint:
             try:
                 pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
                 if pairs is None:  # forgotten while it could not poll: register again
-                    ray.get(self.actor.register.remote(self.replica, self.shard, self.device), timeout=self.timeout_s)
+                    ray.get(
+                        self.actor.register.remote(self.replica, self.shard, self.device, self.host),
+                        timeout=self.timeout_s,
+                    )
                 for pair in pairs or ():
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling
@@ -412,6 +441,9 @@ class ShardEndpoint:
 
     def _join(self, pair: str) -> None:
         backend = pair.rstrip("/").rsplit("/", 1)[-1]
+        if backend == "shm":
+            self._join_shm(pair)
+            return
         try:
             pgs = open_groups(self.actor, pair, 1, IDLE_S, backend, self.timeout_s)
         except Exception as e:  # noqa: BLE001 - the engine gave up; it will ask again
@@ -422,6 +454,21 @@ class ShardEndpoint:
         for tag, pg in enumerate(pgs):
             args = (pg, tag, device, self.compute, self.stopped, ordered(backend), self.shard)
             threading.Thread(target=serve_tag, args=args, daemon=True).start()
+
+    def _join_shm(self, pair: str) -> None:
+        try:
+            tags = [ShardTag(f"v4d-{pair.split('/')[1]}", t) for t in range(TAGS)]
+        except Exception as e:  # noqa: BLE001 - the engine gave up and removed the files; it will ask again
+            log.warning("pairing %s failed: %r", pair, e)
+            return
+        self.pairs.append(tags)
+
+        def failed(tag: int) -> Callable[[BaseException], None]:
+            return lambda e: log.warning("shard %s: pair closed on tag %d: %r", self.shard, tag, e)
+
+        for tag, t in enumerate(tags):
+            args = (self.compute, self.stopped, failed(tag))
+            threading.Thread(target=t.serve, args=args, name=f"v4d-shm-{self.shard}-{tag}", daemon=True).start()
 
     def close(self) -> None:
         self.stopped.set()

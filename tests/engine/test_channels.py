@@ -1,7 +1,8 @@
 """ChannelTransport over real processes: shard replicas as Ray actors with a `ShardEndpoint`, paired
-with this process through the rendezvous actor over gloo. Same numbers as all experts in one place,
-two micro-batch tags at once, a replica joining, a replica killed (retried on another replica or a
-redundant copy), ShardUnavailable when no copy is left."""
+with this process through the rendezvous actor, over shared memory (same host, the default) and over
+gloo (V4D_SHM_PAIRS=0, as between hosts). Same numbers as all experts in one place, two micro-batch
+tags at once, a replica joining, a replica killed (retried on another replica or a redundant copy),
+ShardUnavailable when no copy is left."""
 
 import os
 import threading
@@ -18,6 +19,7 @@ from v4d.serving.engine.transport import ChannelTransport, RemoteExperts, SlotMa
 from v4d.serving.errors import ShardUnavailable
 from v4d.serving.experts import ShardExperts
 from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, set_tag
+from v4d.serving.runtime.shm import SHM_PAIRS_ENV
 
 LAYERS = 2  # slots for MoE layers 0 and 1 only
 LAYOUT = {"a": list(range(0, 8)), "b": list(range(8, 16)), "c": [0, 1, 2, 3]}  # 0..3 also on c
@@ -55,9 +57,14 @@ def batch(t, seed=1):
     return x, ids, torch.rand(t, 2, generator=g)
 
 
-@pytest.fixture(scope="module")
-def world(serve_instance):
+@pytest.fixture(scope="module", params=["shm", "gloo"])
+def world(request, serve_instance):
+    """The shards and a transport paired with them over `request.param` (tests name the backends they
+    need with indirect parametrisation; both by default)."""
     torch.set_num_threads(1)
+    backend = request.param
+    saved = os.environ.get(SHM_PAIRS_ENV)
+    os.environ[SHM_PAIRS_ENV] = "1" if backend == "shm" else "0"  # read by every pairing of this engine
     rdv = f"test-rdv-{uuid.uuid4().hex[:8]}"
     tensors = expert_tensors(LAYERS)
     slots = {n: [list(s)] * LAYERS for n, s in LAYOUT.items()}
@@ -65,6 +72,7 @@ def world(serve_instance):
     ray.get([a[0].replica.remote() for a in actors.values()])
     transport = ChannelTransport(rendezvous(rdv), timeout_s=5.0, refresh_s=0.2)
     assert transport.ready(list(LAYOUT), timeout_s=60)
+    assert {c.backend for cs in transport.channels.values() for c in cs} == {backend}
     plan_shards = [{"name": n, "slots": s} for n, s in slots.items()]
     yield rdv, tensors, slots, actors, transport, RemoteExperts(SlotMap.from_shards(plan_shards), transport)
     transport.close()
@@ -72,6 +80,10 @@ def world(serve_instance):
         for a in reps:
             ray.kill(a)
     ray.kill(rendezvous(rdv))
+    if saved is None:
+        os.environ.pop(SHM_PAIRS_ENV)
+    else:
+        os.environ[SHM_PAIRS_ENV] = saved
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 64, 600])  # 600: over one 64 Ki-float chunk
@@ -84,6 +96,7 @@ def test_channels_equal_all_experts_in_one_place(world, tokens):
         )
 
 
+@pytest.mark.parametrize("world", ["gloo"], indirect=True)
 @pytest.mark.parametrize("tokens", [16, 600])
 def test_whole_chunk_calls_of_ordered_pairs_give_the_same_numbers(world, tokens):
     """Ordered (NCCL/HCCL) pairs send before posting the reply's receive and send whole chunks
@@ -178,8 +191,8 @@ def test_a_transport_pairs_only_with_its_shards(world):
         time.sleep(1.0)  # several refreshes: nothing else gets paired
         assert only_c.stats() == {
             "expert_channels": {"c": 1},
-            "expert_channel_links": {"c": ["gloo"]},
-            "expert_channel_backends": {"c": ["gloo"]},
+            "expert_channel_links": {"c": ["gloo"]},  # what the devices call for: host memory
+            "expert_channel_backends": {"c": [os.environ[SHM_PAIRS_ENV] == "1" and "shm" or "gloo"]},
             "expert_fallback_calls": 0,
         }
     finally:
