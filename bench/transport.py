@@ -9,7 +9,10 @@ timings leave out the expert GEMMs. `layer_call_ms` is the whole remote MoE laye
 math, beside the Serve-handle path (`serve_round_trip_ms`, also with math), and is broken down into
 the expert compute (in-process shards, and each deployed shard's own math timed inside it), the
 engine's split + combine (shards answering at once) and the pair's wire (one shard returning its
-input); `layer_call_16_split_ms` splits the 16-token layer call into those and the rest. Generation
+input); `layer_call_16_split_ms` splits the 16-token layer call into those and the rest. The pairs run
+shared memory here (one host); dispatch + combine and the wire are also measured over gloo (as
+between hosts: `round_trip_gloo_ms`, `wire_round_trip_gloo_ms`), and one round trip through a Ray
+Compiled Graph beside them (`compiled_graph_round_trip_ms`), the alternative docs/engine.md weighs. Generation
 in process uses the same split over in-process shards (`in_process_tokens_per_s`, the baseline the
 server is compared with) and, beside it, all experts local.
 
@@ -217,6 +220,7 @@ def main() -> None:
             }
             wire.close()
         del os.environ[SHM_PAIRS_ENV]
+        result["compiled_graph_round_trip_ms"] = compiled_graph_ms(cfg, reps * 3)
         for e in echoes:
             ray.kill(e)
         result["layer_call_ms"] = {str(t): round_trip_ms(new, cfg, t, reps) for t in TOKENS}
@@ -289,6 +293,14 @@ def main() -> None:
             f"{result['channels_in_process_tokens_per_s'][n]:>33} | "
             f"{result['server_tokens_per_s'][n]:>12} | {result['server_over_in_process'][n]:>19}"
         )
+    print(
+        "one pair's wire, rows out and back (ms), shm / gloo / Ray Compiled Graph: "
+        + ", ".join(
+            f"{t} tokens {result['wire_round_trip_ms'][t]} / {result['wire_round_trip_gloo_ms'][t]} / "
+            f"{result['compiled_graph_round_trip_ms'][t]}"
+            for t in map(str, TOKENS)
+        )
+    )
     print("16-token layer call (ms):", ", ".join(f"{k} {v}" for k, v in result["layer_call_16_split_ms"].items()))
     o = result["channels_16_streams_tokens_per_s_by_micro_batches"]
     print(
@@ -299,6 +311,38 @@ def main() -> None:
     print(f"wrote {dest}")
     if args.json:
         print(json.dumps(result))
+
+
+def compiled_graph_ms(cfg, reps: int) -> dict[str, float]:
+    """Median ms of one round trip of `t` rows to an actor that returns them through a Ray Compiled
+    Graph (the alternative to the pair channels, docs/engine.md): its shared-memory channels, no math."""
+    import ray
+    from ray.dag import InputNode
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    actor = Echo.remote()
+    with InputNode() as inp:
+        dag = actor.echo.bind(inp).experimental_compile()
+    out = {}
+    try:
+        for t in TOKENS:
+            x = layer_call(cfg, t, 0)[0]
+            for _ in range(3):
+                ray.get(dag.execute(x))
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                ray.get(dag.execute(x))
+                times.append(time.perf_counter() - t0)
+            out[str(t)] = round(statistics.median(times) * 1e3, 3)
+    finally:
+        dag.teardown()
+        ray.kill(actor)
+    return out
 
 
 def shard_compute(handles) -> dict[str, tuple[int, float]]:
