@@ -88,7 +88,7 @@ def rms_norm(
             w,
             out,
             pos,
-            f.float().contiguous() if rotary is not None else f,
+            f.contiguous() if rotary is not None else f,  # upcast as loaded
             c,
             x2.shape[0] // x.shape[0],
             x2.stride(0),
@@ -129,7 +129,7 @@ def _rope_kernel(
     i = tl.arange(0, BLOCK_P)
     i_ok = i < HALF
     p = tl.load(pos_ptr + t).to(tl.float32)
-    ang = p * tl.load(f_ptr + i, mask=i_ok, other=0.0)
+    ang = p * tl.load(f_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
     cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
     ok = m_ok[:, None] & i_ok[None, :]
     even = base[:, None] + HEAD + 2 * i[None, :]
@@ -150,7 +150,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
         _rope_kernel[(t, triton.cdiv(m, block_m))](
             x,
             pos,
-            inv_freq.float().contiguous(),
+            inv_freq.contiguous(),  # upcast as loaded
             out,
             m,
             c,

@@ -174,11 +174,13 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """[E,C]: `reference.gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
     or of the state tails [R,W] (j - N); -1 pads. Candidate slot l's gate gets the position bias
     ape[l % ratio] (ape [ratio, W]: candidates run over whole blocks, so slot l sits at phase l % ratio).
-    overlap (CSA): C = W/2, the first L/2 candidates pool channels [:C] and the rest [C:]; else C = W."""
+    overlap (CSA): C = W/2, the first L/2 candidates pool channels [:C] and the rest [C:]; else C = W.
+    Computed in fp32, stored as `dtype` (default kv's): the entries' dtype without a cast launch."""
     op = "gated_pool_indexed"
     _expect(kv.dim() == 2, op, "kv of shape [N,W]", _shape(kv))
     _expect(score.shape == kv.shape, op, f"score of shape {_shape(kv)}", _shape(score))
@@ -189,7 +191,9 @@ def gated_pool_indexed(
     if overlap:
         _expect(w % 2 == 0 and idx.shape[1] % 2 == 0, op, "even W and L with overlap", [w, idx.shape[1]])
     _expect(ape.dim() == 2 and ape.shape[1] == w and ape.shape[0] >= 1, op, f"ape of shape [ratio,{w}]", _shape(ape))
-    return backend(kv.device).gated_pool_indexed(kv, score, state_kv, state_score, idx, bool(overlap), ape)
+    return backend(kv.device).gated_pool_indexed(
+        kv, score, state_kv, state_score, idx, bool(overlap), ape, dtype or kv.dtype
+    )
 
 
 def moe_experts(

@@ -339,7 +339,8 @@ def _gated_pool_indexed_kernel(
     g += tl.load(ssc_ptr + (ids - N)[:, None] * s_ssc + col, mask=tail, other=0.0).to(tl.float32)
     v = tl.load(kv_ptr + ids[:, None] * s_kv + col, mask=fresh, other=0.0).to(tl.float32)
     v += tl.load(skv_ptr + (ids - N)[:, None] * s_skv + col, mask=tail, other=0.0).to(tl.float32)
-    g += tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
+    ape = tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
+    g += ape.to(tl.float32)
     g = tl.where(fresh | tail, g, float("-inf"))
     mx = tl.max(g, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -358,6 +359,7 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     n, w = kv.shape
     e, length = idx.shape
@@ -366,8 +368,8 @@ def gated_pool_indexed(
     kv, score, state_kv, state_score = (
         t if t.stride(1) == 1 else t.contiguous() for t in (kv, score, state_kv, state_score)
     )
-    idx, ape = idx.contiguous(), ape.float().contiguous()
-    out = torch.empty(e, c, dtype=kv.dtype, device=kv.device)
+    idx, ape = idx.contiguous(), ape.contiguous()  # ape upcast as loaded
+    out = torch.empty(e, c, dtype=dtype, device=kv.device)
     if e == 0 or c == 0:
         return out
     block_l = pow2(length)

@@ -189,11 +189,13 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`gated_pool` of entries whose L candidate tokens are given by index: j < N is row j of this
     step's kv/score [N, W], j >= N row j - N of the state tails [R, W], -1 a padded slot. Candidate
     slot l's gate gets the bias ape[l % ratio] (ape [ratio, W]). With `overlap` (CSA) the first L/2
-    candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2]; else [E, W]."""
+    candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2]; else [E, W]. Stored as `dtype`
+    (default kv's)."""
     n, r = kv.shape[0], state_kv.shape[0]
     i = idx.long()
     fresh = (i < n)[..., None]
@@ -206,7 +208,7 @@ def gated_pool_indexed(
         c, half = kv.shape[1] // 2, i.shape[1] // 2
         v = torch.cat([v[:, :half, :c], v[:, half:, c:]], dim=1)
         g = torch.cat([g[:, :half, :c], g[:, half:, c:]], dim=1)
-    return gated_pool(v, g)
+    return gated_pool(v, g).to(dtype or kv.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

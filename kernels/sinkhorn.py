@@ -178,8 +178,8 @@ def hc_split_sinkhorn(
     block_t = min(pow2(t), 256) if interpreting() else 32
     _split_sinkhorn_kernel[(triton.cdiv(t, block_t),)](
         mixes,
-        hc_scale.float().contiguous(),
-        hc_base.float().contiguous(),
+        hc_scale.contiguous(),  # upcast as loaded
+        hc_base.contiguous(),
         pre,
         post,
         comb,

@@ -117,6 +117,7 @@ def calls(dtype: torch.dtype) -> None:
         torch.randint(-1, 21, (3, 8)),
         True,
         r(4, 1024, dt=f32),
+        torch.bfloat16,  # entries stored in the model dtype
     )
     tb.gated_pool_indexed(
         r(5, 512, dt=f32),
@@ -126,6 +127,7 @@ def calls(dtype: torch.dtype) -> None:
         torch.randint(-1, 261, (2, 128)),
         False,
         r(128, 512, dt=f32),
+        f32,
     )
     # deployed precision: packed MXFP4 experts; FP8 GEMM at a decode and a prefill batch
     packed = [

@@ -44,8 +44,8 @@ class Compressor(nn.Module):
         w = proj.shape[1] // 2
         tail = state.tail.flatten(0, 1)
         pooled = ops.gated_pool_indexed(
-            proj[:, :w], proj[:, w:], tail[:, :w], tail[:, w:], comp.idx, self.overlap, self.ape
+            proj[:, :w], proj[:, w:], tail[:, :w], tail[:, w:], comp.idx, self.overlap, self.ape, out_dtype
         )
-        entries = self.norm(pooled.to(out_dtype), (comp.anchor, self.rope.inv_freq))
+        entries = self.norm(pooled, (comp.anchor, self.rope.inv_freq))
         ops.copy_rows(tail, comp.state_dst, proj, comp.state_src)
         return entries

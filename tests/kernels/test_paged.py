@@ -90,6 +90,13 @@ def test_gated_pool_indexed_matches_reference(kops, gen, tol, overlap):
     joint, tail = torch.cat([kv, score], 1), torch.cat([skv, sscore], 1)
     views = (joint[:, :w], joint[:, w:], tail[:, :w], tail[:, w:])
     torch.testing.assert_close(kops.gated_pool_indexed(*views, idx, overlap, ape), want, **tol(torch.float32))
+    # entries stored in the model's dtype, from a 16-bit ape (both cast in the kernel): as casting after
+    for dt in (torch.bfloat16, torch.float16):
+        got = kops.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape.to(dt), dt)
+        assert got.dtype == dt
+        torch.testing.assert_close(
+            got, ref.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape.to(dt)).to(dt), **tol(dt)
+        )
 
 
 def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):
