@@ -313,6 +313,28 @@ def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return backend(X.device).hc_mixes(X, fn, float(eps))
 
 
+def hc_mixes_sinkhorn(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    eps: float,
+    hc_scale: torch.Tensor,
+    hc_base: torch.Tensor,
+    n: int,
+    iters: int,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre[T,n], post[T,n], comb[T,n,n] (fp32) = `hc_split_sinkhorn(hc_mixes(X, fn, eps), hc_scale,
+    hc_base, n, iters, hc_eps)` in one launch (the same math: the split reads the mixes as stored)."""
+    op = "hc_mixes_sinkhorn"
+    m = (2 + n) * n
+    _expect(X.dim() == 3 and X.shape[1] == n, op, f"X of shape [T,{n},d]", _shape(X))
+    _expect(_shape(fn) == [m, n * X.shape[2]], op, f"fn of shape [{m},{n * X.shape[2]}]", _shape(fn))
+    _expect(_shape(hc_scale) == [3], op, "hc_scale of shape [3]", _shape(hc_scale))
+    _expect(_shape(hc_base) == [m], op, f"hc_base of shape [{m}]", _shape(hc_base))
+    _expect(iters >= 1, op, "iters >= 1", iters)
+    return backend(X.device).hc_mixes_sinkhorn(X, fn, float(eps), hc_scale, hc_base, n, iters, float(hc_eps))
+
+
 def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x[T,d] = sum_k pre[t,k] X[t,k] (X's dtype); norm = (weight [d], eps): the sub-layer's RMSNorm of
     x in the same launch (x rounded to X's dtype first, as two ops would)."""

@@ -319,6 +319,20 @@ def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return F.linear(rms_norm(X.flatten(1), None, eps, torch.float32), fn.float())
 
 
+def hc_mixes_sinkhorn(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    eps: float,
+    hc_scale: torch.Tensor,
+    hc_base: torch.Tensor,
+    n: int,
+    iters: int,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hc_split_sinkhorn` of `hc_mixes`: an mHC site's pre, post and comb from its streams."""
+    return hc_split_sinkhorn(hc_mixes(X, fn, eps), hc_scale, hc_base, n, iters, hc_eps)
+
+
 def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x[t] = sum_k pre[t,k] X[t,k]: the sub-layer input from the n residual streams (X's dtype);
     norm = (weight, eps): then the sub-layer's RMSNorm of it."""

@@ -150,6 +150,16 @@ def calls(dtype: torch.dtype) -> None:
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_pre(r(8, 4, 4096), r(8, 4, dt=torch.float32), (r(4096, dt=torch.float32), 1e-6))  # + sub-layer norm
     tb.hc_mixes(r(8, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
+    tb.hc_mixes_sinkhorn(
+        r(8, 4, 4096),
+        r(24, 4 * 4096, dt=torch.float32),
+        1e-6,
+        r(3, dt=torch.float32),
+        r(24, dt=torch.float32),
+        4,
+        20,
+        1e-6,
+    )
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
     tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)  # block / KV norm, with gain
     tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm
@@ -175,6 +185,16 @@ def calls(dtype: torch.dtype) -> None:
         )
         tb.moe_route(r(2, 4096), r(256, 4096), r(256, dt=torch.float32), 8, 2.5, None, None)
         tb.hc_mixes(r(2, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
+        tb.hc_mixes_sinkhorn(
+            r(2, 4, 4096),
+            r(24, 4 * 4096, dt=torch.float32),
+            1e-6,
+            r(3, dt=torch.float32),
+            r(24, dt=torch.float32),
+            4,
+            20,
+            1e-6,
+        )
     finally:
         for m, fn in zip(split_modules, saved, strict=True):
             m.split_reduction = fn

@@ -85,7 +85,7 @@ OP_NAMES = (
     "gated_pool_indexed",
     "moe_experts",
     "hc_mixes",
-    "hc_split_sinkhorn",
+    "hc_mixes_sinkhorn",
     "hc_pre",
     "hc_post",
     "rms_norm",
