@@ -11,7 +11,8 @@
    expert casts before w2).
 3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
    the pair's own row (token-major), so no atomics and the result is deterministic.
-4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype.
+4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype (then, with
+   `add`, plus that row of `add`: the shared expert adds the routed output without a launch of its own).
 
 With packed MXFP4 weights (`scales` given: int8 [E, out, in/2], two E2M1 codes per byte, and a UE8M0
 scale per 32 inputs) steps 2 and 3 read the packed bytes and decode each weight tile in registers
@@ -173,6 +174,7 @@ def _expert_down_kernel(
 def _combine_kernel(
     ypair_ptr,
     ids_ptr,
+    add_ptr,
     out_ptr,
     T,
     E,
@@ -181,7 +183,9 @@ def _combine_kernel(
     sy,
     sid,
     sid_j,
+    sa,
     so,
+    ADD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -201,11 +205,12 @@ def _combine_kernel(
         mask=local[:, :, None] & (offs_n < Dm)[None, None, :],
         other=0.0,
     )
-    tl.store(
-        out_ptr + offs_t[:, None] * so + offs_n[None, :],
-        tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
-        mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :],
-    )
+    ok = (offs_t < T)[:, None] & (offs_n < Dm)[None, :]
+    y = tl.sum(rows, 1).to(out_ptr.dtype.element_ty)
+    if ADD:  # as torch adds two tensors: in fp32, the sum rounded once
+        a = tl.load(add_ptr + offs_t[:, None] * sa + offs_n[None, :], mask=ok, other=0.0)
+        y = y.to(tl.float32) + a.to(tl.float32)
+    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -287,6 +292,7 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     t, d = x.shape
     topk = ids.shape[1]
@@ -299,7 +305,7 @@ def moe_experts(
         s1 = s3 = s2 = w1
     pairs = t * topk
     if pairs == 0 or e == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if add is None else add.to(x.dtype, copy=True)
     out = torch.empty_like(x)  # the combine writes every row (0 where a token has no local pair)
     x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
     if interpreting():  # few programs and loop steps: the interpreter pays per op
@@ -375,6 +381,7 @@ def moe_experts(
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
         y_pairs,
         ids,
+        out if add is None else add,
         out,
         t,
         e,
@@ -383,7 +390,9 @@ def moe_experts(
         y_pairs.stride(0),
         ids.stride(0),
         ids.stride(1),
+        0 if add is None else add.stride(0),
         out.stride(0),
+        ADD=add is not None,
         BLOCK_T=block_t,
         BLOCK_J=pow2(topk),
         BLOCK_N=block_n,

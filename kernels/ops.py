@@ -205,8 +205,11 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here).
+    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here);
+    `add` [T,d] (e.g. the routed experts' output, for the shared expert): add + y in the same launch,
+    x's dtype, y rounded to it first as two outputs summed would be.
 
     Plain weights: w1, w3 [E,I,d], w2 [E,d,I]. Packed MXFP4 (`scales` = (s1, s3, s2) given): w1, w3
     int8 [E,I,d/2], w2 int8 [E,d,I/2] (two E2M1 codes per byte, even index low), scales UE8M0
@@ -232,7 +235,9 @@ def moe_experts(
         ):
             _expect(_shape(s) == want, op, f"{name} of shape {want}", _shape(s))
         scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
-    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales)
+    if add is not None:
+        _expect(_shape(add) == [t, d], op, f"add of shape [{t},{d}]", _shape(add))
+    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales, add)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:

@@ -227,6 +227,7 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * w2[e] @ swiglu(w1[e] x[t], w3[e] x[t]), e = ids[t,j].
 
@@ -234,10 +235,19 @@ def moe_experts(
     (s1, s3, s2) the weights are packed MXFP4 (int8 [E, out, in/2]) and each used expert is decoded.
     Small calls with at least as many (token, slot) pairs as local experts run every expert on every
     token in three GEMMs, weighting the unrouted ones by 0; the rest loop over the used experts.
+    `add` [T, d]: returns (add + y) in x's dtype, y rounded to x's dtype first (two outputs summed).
     """
     e, inter = w1.shape[:2]
     if e <= ids.numel() and x.shape[0] * e * inter * x.shape[1] <= DENSE_MACS:
-        return _moe_dense(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+        y = _moe_dense(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+    else:
+        y = _moe_loop(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+    return y if add is None else (add + y).to(x.dtype)
+
+
+def _moe_loop(x, ids, weights, w1, w3, w2, swiglu_limit, scales) -> torch.Tensor:
+    """`moe_experts` as a loop over the used local experts."""
+    e = w1.shape[0]
     xf = x.float()
     y = torch.zeros_like(xf)
 

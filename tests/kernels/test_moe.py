@@ -78,3 +78,24 @@ def test_tile_schedule_sorts_and_covers_each_experts_pairs(kops, gen, t, k, e, b
     assert len(want) <= bound
     assert list(zip(tile_e, tile_row, tile_end, strict=True))[: len(want)] == want
     assert tile_e[len(want) :] == [-1] * (bound - len(want))
+
+
+@pytest.mark.parametrize("add_dtype", [None, torch.float32], ids=["add-x-dtype", "add-fp32"])
+def test_add_in_the_combine_equals_adding_the_outputs(kops, dtype, gen, tol, add_dtype):
+    """With `add` (the shared expert adding the routed output) the result is add + y as torch adds
+    the two tensors (y rounded to x's dtype first), including tokens with no local expert."""
+    t, d, inter, e = 9, 32, 48, 4
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    ids = torch.randint(-1, e, (t, 2), generator=gen)
+    ids[0] = -1
+    weights = torch.rand(t, 2, generator=gen)
+    add = torch.randn(t, d, generator=gen).to(add_dtype or dtype)
+    w1, w3, w2 = experts(gen, e, inter, d, dtype)
+    got = kops.moe_experts(x, ids, weights, w1, w3, w2, 10.0, None, add)
+    y = kops.moe_experts(x, ids, weights, w1, w3, w2, 10.0)
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16 and kops.device.type == "cpu":  # the interpreter rounds bf16 by truncation
+        torch.testing.assert_close(got, (add + y).to(dtype), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(got, (add + y).to(dtype))
+    torch.testing.assert_close(got, ref.moe_experts(x, ids, weights, w1, w3, w2, 10.0, None, add), **tol(dtype))
