@@ -26,8 +26,8 @@ launch work, counted; one torch op can launch more than one CUDA kernel), cuda_k
 (measured with --profile), est_cuda_launches_per_layer_step (CPU: the busiest layer's CUDA kernels
 estimated by opcount.decode_step_launches for a bf16 copy of the model, batch 1 and 64),
 est_cuda_launches_busiest_layer (its kernels by name), est_cuda_launches (per layer, outside the
-layers, a graph replay's own, per step), step_s_by_context, kv_capacity_tokens, batches, prefill_4k)
-as the last line.
+layers, a graph replay's own, per step, per step over layers), step_s_by_context,
+kv_capacity_tokens, batches, prefill_4k) as the last line.
 """
 
 from __future__ import annotations
@@ -357,6 +357,8 @@ def estimated_launches(cfg: ModelConfig, batches: tuple[int, ...] = (1, 64)) -> 
             "outside_layers": est.outside,
             "graph_replay": est.graph_replay,
             "per_step": est.total,
+            # what --profile's kernels_per_layer measures (kernels per step / layers): the calibration figure
+            "per_step_over_layers": round(est.total / cfg.num_hidden_layers, 1),
         }
     return out
 
@@ -463,8 +465,7 @@ def main() -> None:
         }
         or None,
         "est_cuda_launches": {
-            str(b): {k: e[k] for k in ("per_layer", "outside_layers", "graph_replay", "per_step")}
-            for b, e in est.items()
+            str(b): {k: v for k, v in e.items() if not k.startswith("busiest")} for b, e in est.items()
         }
         or None,
         "step_s_by_context": ctx,
