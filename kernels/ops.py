@@ -81,11 +81,12 @@ def paged_sparse_attention(
     sink: torch.Tensor,
     scale: float,
     rope_dim: int,
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o[T,H,D] like `reference.sparse_attention`, with idx addressing the step's fresh entries kv [N,*]
     (j < N), then the flattened window rings [R,*] and the flattened page store [S,*], all three in
     one format (plain rows or packed deployed entries), read in place: one call serves every sequence
-    of the batch."""
+    of the batch. unrotate = (pos [T], inv_freq): o's inverse `rope` in the same launch."""
     op = "paged_sparse_attention"
     _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
     t, h, d = q.shape
@@ -102,7 +103,13 @@ def paged_sparse_attention(
     _expect(idx.dtype in (torch.int32, torch.int64), op, "idx int32 or int64", idx.dtype)
     _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
     _expect(0 <= rope_dim <= d, op, f"rope_dim in 0..{d}", rope_dim)
-    return backend(q.device).paged_sparse_attention(q, kv, ring, store, idx, sink, float(scale), int(rope_dim))
+    if unrotate is not None:
+        pos, inv_freq = unrotate
+        _expect(_shape(pos) == [t], op, f"pos of shape [{t}]", _shape(pos))
+        _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= d, op, f"inv_freq [<= {d // 2}]", _shape(inv_freq))
+    return backend(q.device).paged_sparse_attention(
+        q, kv, ring, store, idx, sink, float(scale), int(rope_dim), unrotate
+    )
 
 
 def paged_indexer_scores(

@@ -51,15 +51,22 @@ def paged_sparse_attention(
     sink: torch.Tensor,
     scale: float,
     rope_dim: int,
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`sparse_attention` over three row sources addressed by one index space, without copying them:
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
     rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). All three hold
-    rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered."""
+    rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered.
+    unrotate = (pos, inv_freq): then the output's inverse `rope`."""
+    o = _paged_attention(q, kv, ring, store, idx, sink, scale, rope_dim)
+    return o if unrotate is None else rope(o, *unrotate, inverse=True)
+
+
+def _paged_attention(q, kv, ring, store, idx, sink, scale, rope_dim) -> torch.Tensor:
     if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
         return torch.cat(
             [
-                paged_sparse_attention(
+                _paged_attention(
                     q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK], sink, scale, rope_dim
                 )
                 for lo in range(0, q.shape[0], QUERY_BLOCK)
