@@ -23,13 +23,18 @@ eager step and one replay at that batch: kernels per step and per layer, GPU bus
 kernels that take the time (decode-profile.txt beside the JSON).
 `--json` prints the result object (keys: ops_per_layer_step, launches_per_layer_step (the ops that
 launch work, counted; one torch op can launch more than one CUDA kernel), cuda_kernels_per_layer_step
-(measured with --profile), step_s_by_context, kv_capacity_tokens, batches, prefill_4k) as the last line.
+(measured with --profile), est_cuda_launches_per_layer_step (CPU: the busiest layer's CUDA kernels
+estimated by opcount.decode_step_launches for a bf16 copy of the model, batch 1 and 64),
+est_cuda_launches_busiest_layer (its kernels by name), est_cuda_launches (per layer, outside the
+layers, a graph replay's own, per step, per step over layers), step_s_by_context,
+kv_capacity_tokens, batches, prefill_4k) as the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -46,7 +51,7 @@ from v4d.serving.config import FLASH, PRESETS, TINY, ModelConfig
 from v4d.serving.model.cache import KVCache, SeqCache
 from v4d.serving.model.graphs import DecodeGraphs
 from v4d.serving.model.model import Transformer, init_weights
-from v4d.serving.model.opcount import ops_per_layer
+from v4d.serving.model.opcount import LAUNCH_BUDGET, decode_step_launches, ops_per_layer
 
 OUT = Path(__file__).resolve().parent / "results" / "decode.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,6 +341,28 @@ def kernel_profile(model: Transformer, batch: int, context: int, device: torch.d
     return result, "\n".join(tables)
 
 
+def estimated_launches(cfg: ModelConfig, batches: tuple[int, ...] = (1, 64)) -> dict[int, dict]:
+    """CPU: the CUDA kernels of a decode step estimated for a bf16 model of `cfg` (the GPU run's dtype,
+    so its fp32 upcasts count) by `opcount.decode_step_launches`, per batch."""
+    model = random_model(cfg, torch.device("cpu")).to(torch.bfloat16)
+    out = {}
+    for b in batches:
+        est = decode_step_launches(model, b)
+        busiest = max(est.per_layer, key=est.per_layer.get)
+        out[b] = {
+            "per_layer": est.per_layer,
+            "busiest_layer": busiest,
+            "busiest": est.per_layer[busiest],
+            "busiest_by_kernel": dict(est.by_kernel[busiest].most_common()),
+            "outside_layers": est.outside,
+            "graph_replay": est.graph_replay,
+            "per_step": est.total,
+            # what --profile's kernels_per_layer measures (kernels per step / layers): the calibration figure
+            "per_step_over_layers": round(est.total / cfg.num_hidden_layers, 1),
+        }
+    return out
+
+
 def capacity() -> dict[str, int] | None:
     """Engine vs planner capacity for the flash-h200 example (None where the operator side is not
     installed, e.g. on a bare GPU box)."""
@@ -367,6 +394,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":  # the launch estimate runs Triton's interpreter, on before triton is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
     cfg = CPU_CFG if device.type == "cpu" else GPU_CFG
     t0 = time.perf_counter()
@@ -378,6 +407,7 @@ def main() -> None:
     ctx, ctx_rest = by_context(model, [4096, 65536, 262144], 5, device)  # cheap: one sequence
     prefill = prefill_chunk(model, 4096, device)
     cap = capacity()
+    est = estimated_launches(cfg) if device.type == "cpu" else {}
     profiled, tables = {}, []
     for b in args.profile if device.type == "cuda" else []:
         profiled[str(b)], table = kernel_profile(model, b, 8192, device)
@@ -397,18 +427,20 @@ def main() -> None:
         f"KV deployed; bandwidth {bw / 1e9:.1f} GB/s)"
     )
     print(
-        f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'launches':>9} {'ops/step':>9} "
-        f"{'tok/s':>9} {'Flash tok/s':>12} {'Pro tok/s':>10}"
+        f"{'batch':>6} {'step ms':>9} {'roofline':>9} {'ops/layer':>10} {'launches':>9} {'est. CUDA':>10} "
+        f"{'ops/step':>9} {'tok/s':>9} {'Flash tok/s':>12} {'Pro tok/s':>10}"
     )
     for r in rows:
+        cuda = est[r["batch"]]["busiest"] if r["batch"] in est else "-"
         print(
             f"{r['batch']:>6} {r['step_s'] * 1e3:>9.2f} {r['roofline_share']:>9.1%} {r['ops_per_layer_max']:>10} "
-            f"{r['launching_ops_per_layer_max']:>9} {r['ops_per_step']:>9} {r['tokens_per_s']:>9.1f} "
+            f"{r['launching_ops_per_layer_max']:>9} {cuda:>10} {r['ops_per_step']:>9} {r['tokens_per_s']:>9.1f} "
             f"{r['tokens_per_s_flash']:>12.1f} {r['tokens_per_s_pro']:>10.1f}"
         )
     print(
         "(ops/layer: the busiest layer's top-level torch ops, one per `ops` call; launches: less the ops "
-        "that only make views and the no-op casts, i.e. the kernel launches of the CUDA path)"
+        "that only make views and the no-op casts; est. CUDA: the busiest layer's CUDA kernels estimated "
+        f"for a bf16 model (opcount.decode_step_launches; issue 11's target: {LAUNCH_BUDGET}))"
     )
     print("\nOne sequence's decode step by context (and less the indexer's key scan + top-k)")
     print(f"{'context':>8} {'step ms':>9} {'vs 4K':>7} {'w/o scan ms':>12} {'vs 4K':>7}")
@@ -426,6 +458,16 @@ def main() -> None:
     result = {
         "ops_per_layer_step": {str(b): by_b[b]["ops_per_layer_max"] for b in (1, 64)},
         "launches_per_layer_step": {str(b): by_b[b]["launching_ops_per_layer_max"] for b in (1, 64)},
+        # estimated (CPU): CUDA kernels of the busiest layer per decode step, its kernels by name, and more
+        "est_cuda_launches_per_layer_step": {str(b): e["busiest"] for b, e in est.items()} or None,
+        "est_cuda_launches_busiest_layer": {
+            str(b): {k: e[k] for k in ("busiest_layer", "busiest", "busiest_by_kernel")} for b, e in est.items()
+        }
+        or None,
+        "est_cuda_launches": {
+            str(b): {k: v for k, v in e.items() if not k.startswith("busiest")} for b, e in est.items()
+        }
+        or None,
         "step_s_by_context": ctx,
         "step_s_by_context_without_indexer_scan": ctx_rest,
         "kv_capacity_tokens": {k: cap[k] for k in ("engine", "planner")} if cap else None,

@@ -154,7 +154,7 @@ def cases(name: str, phase: str, dev: torch.device, small: bool) -> list[Case]:
             f"E={closing} L=8 C={d} CSA",
             _nbytes(cidx) + closing * 8 * 2 * d * 4.0 + closing * d * 4.0,
             4.0 * closing * 8 * d,
-            lambda b, a=(ckv, csc, tkv, tsc, cidx, True, ape): b.gated_pool_indexed(*a),
+            lambda b, a=(ckv, csc, tkv, tsc, cidx, True, ape, ckv.dtype): b.gated_pool_indexed(*a),
         )
     )
     scores = rnd(t, s_comp, dtype=torch.float32)

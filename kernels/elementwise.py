@@ -88,7 +88,7 @@ def rms_norm(
             w,
             out,
             pos,
-            f.float().contiguous() if rotary is not None else f,
+            f.contiguous() if rotary is not None else f,  # upcast as loaded
             c,
             x2.shape[0] // x.shape[0],
             x2.stride(0),
@@ -126,10 +126,19 @@ def _rope_kernel(
         ok = m_ok[:, None] & (c < HEAD)[None, :]
         v = tl.load(x_ptr + base[:, None] + c[None, :], mask=ok, other=0.0)
         tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
+    rotate_rows(x_ptr, out_ptr, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
+
+
+@triton.jit
+def rotate_rows(
+    x_ptr, out_ptr, base, m_ok, pos, f_ptr, sign, HEAD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    """RoPE of rows base[m] (m_ok: in range) at position pos: channels HEAD + 2i, HEAD + 2i + 1 of x
+    rotated by sign * pos * f[i], stored to out (may be x: each pair is loaded before it is stored).
+    The rope kernel's, and the attention's for its output (paged.py)."""
     i = tl.arange(0, BLOCK_P)
     i_ok = i < HALF
-    p = tl.load(pos_ptr + t).to(tl.float32)
-    ang = p * tl.load(f_ptr + i, mask=i_ok, other=0.0)
+    ang = pos.to(tl.float32) * tl.load(f_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
     cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
     ok = m_ok[:, None] & i_ok[None, :]
     even = base[:, None] + HEAD + 2 * i[None, :]
@@ -150,7 +159,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
         _rope_kernel[(t, triton.cdiv(m, block_m))](
             x,
             pos,
-            inv_freq.float().contiguous(),
+            inv_freq.contiguous(),  # upcast as loaded
             out,
             m,
             c,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.launch import dot_dtype, interpreting, pow2
+from v4d.kernels.launch import dot_dtype, gpu_sms, interpreting, pow2
 
 BLOCK = 128  # the checkpoint's quantisation block along both dims
 
@@ -137,13 +137,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant:
     bs = scale.contiguous().view(torch.uint8)
     q, s = quantise_activations(x) if act_quant else (x, x)
     if interpreting():
-        bm, bn, warps, stages, sms = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1, 4
+        bm, bn, warps, stages = min(pow2(m, 16), 64), min(pow2(n, 16), 128), 4, 1
     elif m <= 64:  # decode: bound by the weight bytes; narrow N tiles so every SM streams weights
         bm, bn, warps, stages = max(16, pow2(m)), 64, 4, 4
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     else:  # prefill: compute-bound, big tiles on the FP8 tensor cores
-        bm, bn, warps, stages, sms = 128, 128, 8, 3, 0
-    tiles, kbs = triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, BLOCK)
+        bm, bn, warps, stages = 128, 128, 8, 3
+    sms, kbs = gpu_sms(x.device), triton.cdiv(k, BLOCK)
+    if interpreting() and sms is None:  # few splits of the interpreter's tiles, so split-K is tested
+        tiles, sms = triton.cdiv(m, bm) * triton.cdiv(n, bn), 4
+    else:  # the GPU's decode tiles (also under launch.as_on_gpu; 132 SMs when compiling off CUDA)
+        tiles, sms = triton.cdiv(m, max(16, pow2(m))) * triton.cdiv(n, 64), sms or 132
     # Decode with few output tiles (e.g. V4-Flash wo_b: N=4096 -> 64 tiles on 132 SMs): split K so
     # about two programs per SM stream weights; the fp32 partials are a few MB against the weight.
     per = triton.cdiv(kbs, max(1, min(kbs, triton.cdiv(2 * sms, tiles)))) if m <= 64 else kbs

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -33,6 +35,28 @@ def pow2(n: int, lo: int = 1) -> int:
 
 
 MAX_SPLITS = 16
+_gpu_sms: int | None = None  # set by `as_on_gpu`
+
+
+@contextmanager
+def as_on_gpu(sms: int = 132) -> Iterator[None]:
+    """Meanwhile the launchers take a GPU's launch decisions (reduction splits, split-K, no
+    interpreter-only reads) for tensors off CUDA, as on a device with `sms` multiprocessors (an
+    H200 has 132): the interpreter then launches what CUDA would (serving/model/opcount.py)."""
+    global _gpu_sms
+    before, _gpu_sms = _gpu_sms, sms
+    try:
+        yield
+    finally:
+        _gpu_sms = before
+
+
+def gpu_sms(device: torch.device) -> int | None:
+    """Multiprocessors the launch decisions assume: the device's on CUDA, `as_on_gpu`'s elsewhere,
+    None off a GPU (the interpreter's own choices)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _gpu_sms
 
 
 def split_reduction(programs: int, length: int, block: int, device: torch.device) -> int:
@@ -40,9 +64,8 @@ def split_reduction(programs: int, length: int, block: int, device: torch.device
     give only `programs` programs: enough splits for two programs per multiprocessor (a decode step of
     a few tokens otherwise walks the whole reduction in one or a few programs while the others idle),
     at most MAX_SPLITS (the kernel that sums the splits walks them in turn), one off CUDA (the
-    interpreter, where each program costs time). Returns the split's length."""
+    interpreter, where each program costs time, unless `as_on_gpu`). Returns the split's length."""
     splits = 1
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms := gpu_sms(device):
         splits = max(1, min(triton.cdiv(length, block), triton.cdiv(2 * sms, programs), MAX_SPLITS))
     return triton.cdiv(triton.cdiv(length, splits), block) * block

@@ -1,16 +1,18 @@
 """Routed experts: tokens sorted by expert, grouped GEMMs with the clamped SwiGLU, weighted combine.
 
-1. On the device, with no host sync: the (token, slot) pairs whose expert is local are sorted by
-   expert (stable argsort); per expert a count and a start offset; then a tile schedule of
-   BLOCK_M pairs per tile (expert, first row, end row). A GPU launch sizes the grid by the bound
-   min(P, P / BLOCK_M + E) and surplus tiles exit at once; on the CPU the exact count is read.
+1. On the device, with no host sync, in one launch (`_tile_schedule_kernel`): per local expert a
+   count of its (token, slot) pairs and a start offset, the pairs sorted by expert (a stable
+   counting sort), then a tile schedule of BLOCK_M pairs per tile (expert, first row, end row). A
+   GPU launch sizes the grid by the bound min(P, P / BLOCK_M + E) and surplus tiles exit at once;
+   in the interpreter the exact count is read.
 2. `_expert_up_kernel`: per tile (one expert) and block of the intermediate dim, gathers the tile's
    token rows of x, multiplies by w1[e] and w3[e] over d and writes
    h = silu(min(w1 x, lim)) * clamp(w3 x, -lim, lim) in sorted order (x's dtype, as the official
    expert casts before w2).
 3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
    the pair's own row (token-major), so no atomics and the result is deterministic.
-4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype.
+4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype (then, with
+   `add`, plus that row of `add`: the shared expert adds the routed output without a launch of its own).
 
 With packed MXFP4 weights (`scales` given: int8 [E, out, in/2], two E2M1 codes per byte, and a UE8M0
 scale per 32 inputs) steps 2 and 3 read the packed bytes and decode each weight tile in registers
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.launch import dot_dtype, interpreting, pow2
+from v4d.kernels.launch import dot_dtype, gpu_sms, interpreting, pow2
 
 
 @triton.jit
@@ -117,8 +119,11 @@ def _expert_down_kernel(
     wt_ptr,
     y_ptr,
     s2_ptr,
+    TOPK,
     Dm,
     Di,
+    swt,
+    swt_j,
     sh,
     s2e,
     s2d,
@@ -156,7 +161,8 @@ def _expert_down_kernel(
             else:
                 w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=w_ok, other=0.0).to(DOT)
             acc += tl.dot(hb, w2b, input_precision="ieee")
-        wt = tl.load(wt_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
+        wt = tl.load(wt_ptr + (pair // TOPK).to(tl.int64) * swt + (pair % TOPK) * swt_j, mask=m_ok, other=0.0)
+        wt = wt.to(tl.float32)
         tl.store(
             y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :],
             acc * wt[:, None],
@@ -168,13 +174,18 @@ def _expert_down_kernel(
 def _combine_kernel(
     ypair_ptr,
     ids_ptr,
+    add_ptr,
     out_ptr,
     T,
     E,
     TOPK,
     Dm,
     sy,
+    sid,
+    sid_j,
+    sa,
     so,
+    ADD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -183,39 +194,57 @@ def _combine_kernel(
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pair = offs_t[:, None] * TOPK + offs_j[None, :]  # [t, j]
-    ids = tl.load(ids_ptr + pair, mask=(offs_t < T)[:, None] & (offs_j < TOPK)[None, :], other=-1)
+    ids = tl.load(
+        ids_ptr + offs_t[:, None] * sid + offs_j[None, :] * sid_j,
+        mask=(offs_t < T)[:, None] & (offs_j < TOPK)[None, :],
+        other=-1,
+    )
     local = (ids >= 0) & (ids < E)
     rows = tl.load(
         ypair_ptr + pair.to(tl.int64)[:, :, None] * sy + offs_n[None, None, :],
         mask=local[:, :, None] & (offs_n < Dm)[None, None, :],
         other=0.0,
     )
-    tl.store(
-        out_ptr + offs_t[:, None] * so + offs_n[None, :],
-        tl.sum(rows, 1).to(out_ptr.dtype.element_ty),
-        mask=(offs_t < T)[:, None] & (offs_n < Dm)[None, :],
-    )
+    ok = (offs_t < T)[:, None] & (offs_n < Dm)[None, :]
+    y = tl.sum(rows, 1).to(out_ptr.dtype.element_ty)
+    if ADD:  # as torch adds two tensors: in fp32, the sum rounded once
+        a = tl.load(add_ptr + offs_t[:, None] * sa + offs_n[None, :], mask=ok, other=0.0)
+        y = y.to(tl.float32) + a.to(tl.float32)
+    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _local_onehot(ids_ptr, offs, P, TOPK, sid, sid_j, E, e):
+    """[pairs, E_PAD] int32: 1 where pair offs[i] (ids[p // TOPK, p % TOPK]) goes to local expert e[j]."""
+    ex = tl.load(ids_ptr + (offs // TOPK).to(tl.int64) * sid + (offs % TOPK) * sid_j, mask=offs < P, other=-1)
+    return ((ex[:, None] == e[None, :]) & ((ex >= 0) & (ex < E))[:, None]).to(tl.int32)
 
 
 @triton.jit
 def _tile_schedule_kernel(
-    expert_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, P, E, BM, G,
+    ids_ptr, order_ptr, tile_e_ptr, tile_row_ptr, tile_end_ptr, P, TOPK, sid, sid_j, E, BM, G,
     E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    """One program: per local expert the count of its pairs (expert E = not local), their start in
-    sorted order, BM-row tiles per expert, then for tile g < G the tile's expert (-1 past the real
-    tiles), first row and end row. Every per-expert value is a vector of E_PAD lanes; the tile's
-    expert is the number of experts whose tiles end at or before g (searchsorted), its values picked
-    by a one-hot sum, so nothing is gathered and nothing syncs with the host."""
+    """One program: per local expert the count of its pairs (ids outside [0, E) are not local), their
+    start in sorted order, each local pair's row in that order (stable counting sort: its expert's
+    start plus the earlier pairs of that expert), BM-row tiles per expert, then for tile g < G the
+    tile's expert (-1 past the real tiles), first row and end row. Every per-expert value is a vector
+    of E_PAD lanes; the tile's expert is the number of experts whose tiles end at or before g
+    (searchsorted), its values picked by a one-hot sum, so nothing is gathered and nothing syncs with
+    the host."""
     e = tl.arange(0, E_PAD)
     count = tl.zeros([E_PAD], tl.int32)
     for p0 in range(0, P, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        ex = tl.load(expert_ptr + offs, mask=offs < P, other=E).to(tl.int32)
-        count += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), 0)
+        count += tl.sum(_local_onehot(ids_ptr, p0 + tl.arange(0, BLOCK_P), P, TOPK, sid, sid_j, E, e), 0)
     local = e < E
-    count = tl.where(local, count, 0)
     start = tl.cumsum(count, 0) - count
+    seen = start  # per expert: the next free row in sorted order
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        hot = _local_onehot(ids_ptr, offs, P, TOPK, sid, sid_j, E, e)
+        row = tl.sum(hot * (seen[None, :] + tl.cumsum(hot, 0) - hot), 1)
+        tl.store(order_ptr + row, offs, mask=tl.sum(hot, 1) > 0)
+        seen += tl.sum(hot, 0)
     tiles = (count + BM - 1) // BM
     ends = tl.cumsum(tiles, 0)
     for g0 in range(0, G, BLOCK_G):
@@ -231,17 +260,21 @@ def _tile_schedule_kernel(
         tl.store(tile_end_ptr + g, end, mask=ok)
 
 
-def _tile_schedule(expert: torch.Tensor, e: int, bm: int, bound: int):
-    """Tiles of BLOCK_M sorted pairs, `bound` of them (the grid size, no host sync): (expert per
-    tile, -1 for surplus tiles; first row; end row), int32, in one launch."""
-    tile_e, tile_row, tile_end = (torch.empty(bound, dtype=torch.int32, device=expert.device) for _ in range(3))
+def _tile_schedule(ids: torch.Tensor, e: int, bm: int, bound: int):
+    """The (token, slot) pairs of ids [T, k] (any strides; ids outside [0, e) not local) sorted by
+    expert, and tiles of BLOCK_M sorted pairs, `bound` of them (the grid size, no host sync): (pair
+    per sorted row, local rows only; expert per tile, -1 for surplus tiles; first row; end row),
+    int32, in one launch."""
+    pairs = ids.numel()
+    order = torch.empty(pairs, dtype=torch.int32, device=ids.device)
+    tile_e, tile_row, tile_end = (torch.empty(bound, dtype=torch.int32, device=ids.device) for _ in range(3))
     e_pad = pow2(e + 1, 16)
     block = max(16, min(64, 8192 // e_pad))  # [block, e_pad] one-hot tiles of at most 8K lanes
     _tile_schedule_kernel[(1,)](
-        expert, tile_e, tile_row, tile_end, expert.shape[0], e, bm, bound,
+        ids, order, tile_e, tile_row, tile_end, pairs, ids.shape[1], ids.stride(0), ids.stride(1), e, bm, bound,
         E_PAD=e_pad, BLOCK_P=block, BLOCK_G=block, num_warps=4,
     )  # fmt: skip
-    return tile_e, tile_row, tile_end
+    return order, tile_e, tile_row, tile_end
 
 
 def expert_tiles(pairs: int, e: int) -> tuple[int, int, int, int, int, int]:
@@ -259,6 +292,7 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     t, d = x.shape
     topk = ids.shape[1]
@@ -269,24 +303,19 @@ def moe_experts(
         s1, s3, s2 = (s.contiguous().view(torch.uint8) for s in scales)
     else:
         s1 = s3 = s2 = w1
-    out = torch.zeros_like(x)
     pairs = t * topk
     if pairs == 0 or e == 0:
-        return out
+        return torch.zeros_like(x) if add is None else add.to(x.dtype, copy=True)
+    out = torch.empty_like(x)  # the combine writes every row (0 where a token has no local pair)
     x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
-    flat = ids.reshape(-1).to(torch.int64).contiguous()  # the combine kernel reads it by pointer
-    expert = torch.where((flat >= 0) & (flat < e), flat, e)  # e = not local
-    order = torch.argsort(expert, stable=True).to(torch.int32)
     if interpreting():  # few programs and loop steps: the interpreter pays per op
         bm, bn_up, bn_down, bk, warps, stages = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4, 1
     else:
         bm, bn_up, bn_down, bk, warps, stages = expert_tiles(pairs, e)
-    tile_e, tile_row, tile_end = _tile_schedule(expert, e, bm, min(pairs, triton.cdiv(pairs, bm) + e))
+    order, tile_e, tile_row, tile_end = _tile_schedule(ids, e, bm, min(pairs, triton.cdiv(pairs, bm) + e))
     n_tiles = tile_e.shape[0]
-    if interpreting():  # real tiles come first: drop the surplus programs, which the interpreter pays for
+    if interpreting() and gpu_sms(x.device) is None:  # real tiles first: drop the surplus programs (a read)
         n_tiles = int((tile_e >= 0).sum())
-    if n_tiles == 0:
-        return out
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # sorted order
     y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
     dot = dot_dtype(x)
@@ -326,11 +355,14 @@ def moe_experts(
         tile_row,
         tile_end,
         w2,
-        weights.float().reshape(-1).contiguous(),
+        weights,  # read as it is (any strides and float dtype, as the shared expert's expanded ones)
         y_pairs,
         s2,
+        topk,
         d,
         inter,
+        weights.stride(0),
+        weights.stride(1),
         h.stride(0),
         w2.stride(0),
         w2.stride(1),
@@ -348,14 +380,19 @@ def moe_experts(
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
         y_pairs,
-        flat,
+        ids,
+        out if add is None else add,
         out,
         t,
         e,
         topk,
         d,
         y_pairs.stride(0),
+        ids.stride(0),
+        ids.stride(1),
+        0 if add is None else add.stride(0),
         out.stride(0),
+        ADD=add is not None,
         BLOCK_T=block_t,
         BLOCK_J=pow2(topk),
         BLOCK_N=block_n,

@@ -81,11 +81,12 @@ def paged_sparse_attention(
     sink: torch.Tensor,
     scale: float,
     rope_dim: int,
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o[T,H,D] like `reference.sparse_attention`, with idx addressing the step's fresh entries kv [N,*]
     (j < N), then the flattened window rings [R,*] and the flattened page store [S,*], all three in
     one format (plain rows or packed deployed entries), read in place: one call serves every sequence
-    of the batch."""
+    of the batch. unrotate = (pos [T], inv_freq): o's inverse `rope` in the same launch."""
     op = "paged_sparse_attention"
     _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
     t, h, d = q.shape
@@ -102,7 +103,13 @@ def paged_sparse_attention(
     _expect(idx.dtype in (torch.int32, torch.int64), op, "idx int32 or int64", idx.dtype)
     _expect(_shape(sink) == [h], op, f"sink of shape [{h}]", _shape(sink))
     _expect(0 <= rope_dim <= d, op, f"rope_dim in 0..{d}", rope_dim)
-    return backend(q.device).paged_sparse_attention(q, kv, ring, store, idx, sink, float(scale), int(rope_dim))
+    if unrotate is not None:
+        pos, inv_freq = unrotate
+        _expect(_shape(pos) == [t], op, f"pos of shape [{t}]", _shape(pos))
+        _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= d, op, f"inv_freq [<= {d // 2}]", _shape(inv_freq))
+    return backend(q.device).paged_sparse_attention(
+        q, kv, ring, store, idx, sink, float(scale), int(rope_dim), unrotate
+    )
 
 
 def paged_indexer_scores(
@@ -174,11 +181,13 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """[E,C]: `reference.gated_pool` of entries whose candidates idx[E,L] are rows of kv/score [N,W] (j < N)
     or of the state tails [R,W] (j - N); -1 pads. Candidate slot l's gate gets the position bias
     ape[l % ratio] (ape [ratio, W]: candidates run over whole blocks, so slot l sits at phase l % ratio).
-    overlap (CSA): C = W/2, the first L/2 candidates pool channels [:C] and the rest [C:]; else C = W."""
+    overlap (CSA): C = W/2, the first L/2 candidates pool channels [:C] and the rest [C:]; else C = W.
+    Computed in fp32, stored as `dtype` (default kv's): the entries' dtype without a cast launch."""
     op = "gated_pool_indexed"
     _expect(kv.dim() == 2, op, "kv of shape [N,W]", _shape(kv))
     _expect(score.shape == kv.shape, op, f"score of shape {_shape(kv)}", _shape(score))
@@ -189,7 +198,9 @@ def gated_pool_indexed(
     if overlap:
         _expect(w % 2 == 0 and idx.shape[1] % 2 == 0, op, "even W and L with overlap", [w, idx.shape[1]])
     _expect(ape.dim() == 2 and ape.shape[1] == w and ape.shape[0] >= 1, op, f"ape of shape [ratio,{w}]", _shape(ape))
-    return backend(kv.device).gated_pool_indexed(kv, score, state_kv, state_score, idx, bool(overlap), ape)
+    return backend(kv.device).gated_pool_indexed(
+        kv, score, state_kv, state_score, idx, bool(overlap), ape, dtype or kv.dtype
+    )
 
 
 def moe_experts(
@@ -201,8 +212,11 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here).
+    """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here);
+    `add` [T,d] (e.g. the routed experts' output, for the shared expert): add + y in the same launch,
+    x's dtype, y rounded to it first as two outputs summed would be.
 
     Plain weights: w1, w3 [E,I,d], w2 [E,d,I]. Packed MXFP4 (`scales` = (s1, s3, s2) given): w1, w3
     int8 [E,I,d/2], w2 int8 [E,d,I/2] (two E2M1 codes per byte, even index low), scales UE8M0
@@ -228,7 +242,9 @@ def moe_experts(
         ):
             _expect(_shape(s) == want, op, f"{name} of shape {want}", _shape(s))
         scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
-    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales)
+    if add is not None:
+        _expect(_shape(add) == [t, d], op, f"add of shape [{t},{d}]", _shape(add))
+    return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales, add)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:
@@ -307,6 +323,28 @@ def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     width = X.shape[1] * X.shape[2]
     _expect(fn.dim() == 2 and fn.shape[1] == width, op, f"fn of shape [M,{width}]", _shape(fn))
     return backend(X.device).hc_mixes(X, fn, float(eps))
+
+
+def hc_mixes_sinkhorn(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    eps: float,
+    hc_scale: torch.Tensor,
+    hc_base: torch.Tensor,
+    n: int,
+    iters: int,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre[T,n], post[T,n], comb[T,n,n] (fp32) = `hc_split_sinkhorn(hc_mixes(X, fn, eps), hc_scale,
+    hc_base, n, iters, hc_eps)` in one launch (the same math: the split reads the mixes as stored)."""
+    op = "hc_mixes_sinkhorn"
+    m = (2 + n) * n
+    _expect(X.dim() == 3 and X.shape[1] == n, op, f"X of shape [T,{n},d]", _shape(X))
+    _expect(_shape(fn) == [m, n * X.shape[2]], op, f"fn of shape [{m},{n * X.shape[2]}]", _shape(fn))
+    _expect(_shape(hc_scale) == [3], op, "hc_scale of shape [3]", _shape(hc_scale))
+    _expect(_shape(hc_base) == [m], op, f"hc_base of shape [{m}]", _shape(hc_base))
+    _expect(iters >= 1, op, "iters >= 1", iters)
+    return backend(X.device).hc_mixes_sinkhorn(X, fn, float(eps), hc_scale, hc_base, n, iters, float(hc_eps))
 
 
 def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:

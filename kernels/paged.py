@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from v4d.kernels.elementwise import rotate_rows
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes
 from v4d.kernels.launch import dot_dtype, interpreting, pow2, split_reduction
 
@@ -95,6 +96,8 @@ def _paged_attention_kernel(
     sp_s,
     sp_t,
     sp_h,
+    pos_ptr,
+    f_ptr,
     NOPE: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_STORE: tl.constexpr,
@@ -104,9 +107,12 @@ def _paged_attention_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Program (query row, block of heads, split): indices split*K_SPLIT.. of the row. Unsplit it
-    writes the output; split, its partial state per head as [running max, sum, unnormalised
+    writes the output (then, with ROT_HALF, rotates its last 2 * ROT_HALF channels back by the row's
+    position: the inverse RoPE); split, its partial state per head as [running max, sum, unnormalised
     output[0..D)] to part_ptr, merged by _attention_merge_kernel."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -156,6 +162,10 @@ def _paged_attention_kernel(
             (acc / den[:, None]).to(o_ptr.dtype.element_ty),
             mask=h_ok[:, None] & d_ok[None, :],
         )
+        if ROT_HALF > 0:  # the rows as stored, visible to the whole program after the barrier
+            tl.debug_barrier()
+            rotate_rows(o_ptr, o_ptr, t * so_t + offs_h * so_h, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
+                        D - 2 * ROT_HALF, ROT_HALF, BLOCK_P)  # fmt: skip
 
 
 @triton.jit
@@ -171,11 +181,16 @@ def _attention_merge_kernel(
     sp_h,
     so_t,
     so_h,
+    pos_ptr,
+    f_ptr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Program (query row, block of heads): the splits' partial states merged as the unsplit
-    kernel's online softmax would have, starting from the sink (max = sink, sum = 1)."""
+    kernel's online softmax would have, starting from the sink (max = sink, sum = 1); the output
+    rotated back as the unsplit kernel does."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -198,6 +213,10 @@ def _attention_merge_kernel(
         (acc / den[:, None]).to(o_ptr.dtype.element_ty),
         mask=h_ok[:, None] & d_ok[None, :],
     )
+    if ROT_HALF > 0:
+        tl.debug_barrier()
+        rotate_rows(o_ptr, o_ptr, t * so_t + offs_h * so_h, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
+                    D - 2 * ROT_HALF, ROT_HALF, BLOCK_P)  # fmt: skip
 
 
 def attention_blocks(h: int, d: int, itemsize: int) -> tuple[int, int, int, int]:
@@ -220,9 +239,12 @@ def paged_sparse_attention(
     sink: torch.Tensor,
     scale: float,
     rope_dim: int,
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     t, h, d = q.shape
     packed = ring.dtype == torch.uint8
+    pos, f = unrotate if unrotate is not None else (idx, sink)  # RoPE frequencies upcast as loaded
+    rot_half = f.shape[0] if unrotate is not None else 0
     if (store is not None and (store.dtype == torch.uint8) != packed) or (kv.dtype == torch.uint8) != packed:
         raise ValueError("paged_sparse_attention: kv, ring and store must share one storage format")
     q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()  # int32 or int64 indices, read as they are
@@ -268,6 +290,8 @@ def paged_sparse_attention(
         part.stride(0),
         part.stride(1),
         part.stride(2),
+        pos,
+        f,
         NOPE=d - rope_dim,
         PACKED=packed,
         HAS_STORE=store is not None,
@@ -277,6 +301,8 @@ def paged_sparse_attention(
         BLOCK_K=block_k,
         BLOCK_D=pow2(d, 16),
         DOT=dot_dtype(q),
+        ROT_HALF=0 if splits > 1 else rot_half,
+        BLOCK_P=pow2(rot_half),
         num_warps=warps,
         num_stages=stages,
     )
@@ -294,8 +320,12 @@ def paged_sparse_attention(
             part.stride(2),
             o.stride(0),
             o.stride(1),
+            pos,
+            f,
             BLOCK_H=merge_h,
             BLOCK_D=pow2(d, 16),
+            ROT_HALF=rot_half,
+            BLOCK_P=pow2(rot_half),
             num_warps=4,
         )
     return o
@@ -339,7 +369,8 @@ def _gated_pool_indexed_kernel(
     g += tl.load(ssc_ptr + (ids - N)[:, None] * s_ssc + col, mask=tail, other=0.0).to(tl.float32)
     v = tl.load(kv_ptr + ids[:, None] * s_kv + col, mask=fresh, other=0.0).to(tl.float32)
     v += tl.load(skv_ptr + (ids - N)[:, None] * s_skv + col, mask=tail, other=0.0).to(tl.float32)
-    g += tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
+    ape = tl.load(ape_ptr + (offs_l % M)[:, None] * s_ape + col, mask=(offs_l < L)[:, None] & c_ok, other=0.0)
+    g += ape.to(tl.float32)
     g = tl.where(fresh | tail, g, float("-inf"))
     mx = tl.max(g, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -358,6 +389,7 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     n, w = kv.shape
     e, length = idx.shape
@@ -366,8 +398,8 @@ def gated_pool_indexed(
     kv, score, state_kv, state_score = (
         t if t.stride(1) == 1 else t.contiguous() for t in (kv, score, state_kv, state_score)
     )
-    idx, ape = idx.contiguous(), ape.float().contiguous()
-    out = torch.empty(e, c, dtype=kv.dtype, device=kv.device)
+    idx, ape = idx.contiguous(), ape.contiguous()  # ape upcast as loaded
+    out = torch.empty(e, c, dtype=dtype, device=kv.device)
     if e == 0 or c == 0:
         return out
     block_l = pow2(length)

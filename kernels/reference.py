@@ -51,15 +51,22 @@ def paged_sparse_attention(
     sink: torch.Tensor,
     scale: float,
     rope_dim: int,
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`sparse_attention` over three row sources addressed by one index space, without copying them:
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
     rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). All three hold
-    rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered."""
+    rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered.
+    unrotate = (pos, inv_freq): then the output's inverse `rope`."""
+    o = _paged_attention(q, kv, ring, store, idx, sink, scale, rope_dim)
+    return o if unrotate is None else rope(o, *unrotate, inverse=True)
+
+
+def _paged_attention(q, kv, ring, store, idx, sink, scale, rope_dim) -> torch.Tensor:
     if q.shape[0] > QUERY_BLOCK:  # long prefill chunks: bound the gathered [T, K, D] rows
         return torch.cat(
             [
-                paged_sparse_attention(
+                _paged_attention(
                     q[lo : lo + QUERY_BLOCK], kv, ring, store, idx[lo : lo + QUERY_BLOCK], sink, scale, rope_dim
                 )
                 for lo in range(0, q.shape[0], QUERY_BLOCK)
@@ -189,11 +196,13 @@ def gated_pool_indexed(
     idx: torch.Tensor,
     overlap: bool,
     ape: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`gated_pool` of entries whose L candidate tokens are given by index: j < N is row j of this
     step's kv/score [N, W], j >= N row j - N of the state tails [R, W], -1 a padded slot. Candidate
     slot l's gate gets the bias ape[l % ratio] (ape [ratio, W]). With `overlap` (CSA) the first L/2
-    candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2]; else [E, W]."""
+    candidates pool channels [:W/2] and the rest [W/2:]: [E, W/2]; else [E, W]. Stored as `dtype`
+    (default kv's)."""
     n, r = kv.shape[0], state_kv.shape[0]
     i = idx.long()
     fresh = (i < n)[..., None]
@@ -206,7 +215,7 @@ def gated_pool_indexed(
         c, half = kv.shape[1] // 2, i.shape[1] // 2
         v = torch.cat([v[:, :half, :c], v[:, half:, c:]], dim=1)
         g = torch.cat([g[:, :half, :c], g[:, half:, c:]], dim=1)
-    return gated_pool(v, g)
+    return gated_pool(v, g).to(dtype or kv.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -225,6 +234,7 @@ def moe_experts(
     w2: torch.Tensor,
     swiglu_limit: float,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * w2[e] @ swiglu(w1[e] x[t], w3[e] x[t]), e = ids[t,j].
 
@@ -232,10 +242,19 @@ def moe_experts(
     (s1, s3, s2) the weights are packed MXFP4 (int8 [E, out, in/2]) and each used expert is decoded.
     Small calls with at least as many (token, slot) pairs as local experts run every expert on every
     token in three GEMMs, weighting the unrouted ones by 0; the rest loop over the used experts.
+    `add` [T, d]: returns (add + y) in x's dtype, y rounded to x's dtype first (two outputs summed).
     """
     e, inter = w1.shape[:2]
     if e <= ids.numel() and x.shape[0] * e * inter * x.shape[1] <= DENSE_MACS:
-        return _moe_dense(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+        y = _moe_dense(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+    else:
+        y = _moe_loop(x, ids, weights, w1, w3, w2, swiglu_limit, scales)
+    return y if add is None else (add + y).to(x.dtype)
+
+
+def _moe_loop(x, ids, weights, w1, w3, w2, swiglu_limit, scales) -> torch.Tensor:
+    """`moe_experts` as a loop over the used local experts."""
+    e = w1.shape[0]
     xf = x.float()
     y = torch.zeros_like(xf)
 
@@ -315,6 +334,20 @@ def hc_split_sinkhorn(
 def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """[T, M] fp32: the RMS-normalised (no gain) flattened streams X [T, n, d] times fn [M, n*d]."""
     return F.linear(rms_norm(X.flatten(1), None, eps, torch.float32), fn.float())
+
+
+def hc_mixes_sinkhorn(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    eps: float,
+    hc_scale: torch.Tensor,
+    hc_base: torch.Tensor,
+    n: int,
+    iters: int,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hc_split_sinkhorn` of `hc_mixes`: an mHC site's pre, post and comb from its streams."""
+    return hc_split_sinkhorn(hc_mixes(X, fn, eps), hc_scale, hc_base, n, iters, hc_eps)
 
 
 def hc_pre(X: torch.Tensor, pre: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ in between as the two ops would.
 per block of tokens, a pass for the sum of squares, then fp32 dots of the normalised rows with fn; on
 a GPU, for a few tokens, a first kernel splits the n*d inputs across programs (sums of squares and raw
 dots per split) and the second scales their sums (one program walking all 16,384 inputs took 0.62 ms
-on an H200).
+on an H200). `hc_mixes_sinkhorn`: the same launch then splits its block's mixes (read back after a
+barrier) as `hc_split_sinkhorn` does, one launch less per mHC site.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from v4d.kernels.launch import interpreting, pow2, split_reduction
 @triton.jit
 def _hc_mixes_kernel(
     x_ptr, fn_ptr, o_ptr, part_ptr, T, K, M, S, sx, sf, so, sp_s, eps,
+    scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, hc_eps,
     PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINKHORN: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_m = tl.arange(0, BLOCK_M)
@@ -55,6 +58,9 @@ def _hc_mixes_kernel(
             w = tl.load(fn_ptr + offs_m[:, None] * sf + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
     tl.store(o_ptr + offs_t[:, None] * so + offs_m[None, :], acc, mask=t_ok[:, None] & m_ok[None, :])
+    if SINKHORN:  # the block's mixes as stored, visible to the whole program after the barrier
+        tl.debug_barrier()
+        _sinkhorn_rows(o_ptr, so, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, offs_t, t_ok, hc_eps, N, NP, ITERS)
 
 
 @triton.jit
@@ -86,14 +92,40 @@ def _hc_mixes_part_kernel(
 
 
 def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    return _mixes(X, fn, eps, None)[0]
+
+
+def hc_mixes_sinkhorn(
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    eps: float,
+    hc_scale: torch.Tensor,
+    hc_base: torch.Tensor,
+    n: int,
+    iters: int,
+    hc_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, pre, post, comb = _mixes(X, fn, eps, (hc_scale, hc_base, n, iters, hc_eps))
+    return pre, post, comb
+
+
+def _split_outputs(t: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty(t, *shape, dtype=torch.float32, device=device) for shape in ((n,), (n,), (n, n)))
+
+
+def _mixes(X: torch.Tensor, fn: torch.Tensor, eps: float, split: tuple | None) -> tuple[torch.Tensor, ...]:
+    """The mixes, and with `split` = (hc_scale, hc_base, n, iters, hc_eps) their pre, post and comb
+    from the same launch."""
     x = X.reshape(X.shape[0], -1)
     x = x if x.stride(1) == 1 else x.contiguous()
     t, k = x.shape
     m = fn.shape[0]
     fn = fn.contiguous()
     out = torch.empty(t, m, dtype=torch.float32, device=X.device)
+    scale, base, n, iters, hc_eps = split if split is not None else (out, out, 1, 1, 0.0)
+    pre, post, comb = _split_outputs(t, n, X.device) if split is not None else (out, out, out)
     if t == 0:
-        return out
+        return out, pre, post, comb
     block_m, block_k = pow2(m, 16), min(pow2(k, 16), 1024 if interpreting() else 128)
     per = split_reduction(triton.cdiv(t, 16), k, block_k, X.device)
     splits = triton.cdiv(k, per)
@@ -105,10 +137,11 @@ def hc_mixes(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
         )  # fmt: skip
     _hc_mixes_kernel[(triton.cdiv(t, 16),)](
         x, fn, out, part, t, k, m, splits, x.stride(0), fn.stride(0), out.stride(0),
-        part.stride(0) if splits > 1 else 0, eps,
-        PARTS=splits > 1, BLOCK_T=16, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        part.stride(0) if splits > 1 else 0, eps, scale.contiguous(), base.contiguous(), pre, post, comb, hc_eps,
+        PARTS=splits > 1, BLOCK_T=16, BLOCK_M=block_m, BLOCK_K=block_k,
+        SINKHORN=split is not None, N=n, NP=pow2(n), ITERS=iters, num_warps=4,
     )  # fmt: skip
-    return out
+    return out, pre, post, comb
 
 
 @triton.jit
@@ -128,7 +161,15 @@ def _split_sinkhorn_kernel(
     BLOCK_T: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
+    _sinkhorn_rows(mix_ptr, sm, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, offs_t, offs_t < T, eps, N, NP, ITERS)
+
+
+@triton.jit
+def _sinkhorn_rows(
+    mix_ptr, sm, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, offs_t, t_ok, eps,
+    N: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    """pre, post and comb of the tokens offs_t (t_ok: in range) from their mixes."""
     j = tl.arange(0, NP)
     ok2 = t_ok[:, None] & (j < N)[None, :]
     a_pre = tl.load(scale_ptr).to(tl.float32)
@@ -168,18 +209,15 @@ def hc_split_sinkhorn(
     mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, n: int, iters: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = mixes.shape[0]
-    dev = mixes.device
-    pre = torch.empty(t, n, dtype=torch.float32, device=dev)
-    post = torch.empty(t, n, dtype=torch.float32, device=dev)
-    comb = torch.empty(t, n, n, dtype=torch.float32, device=dev)
+    pre, post, comb = _split_outputs(t, n, mixes.device)
     if t == 0:
         return pre, post, comb
     mixes = mixes.contiguous()
     block_t = min(pow2(t), 256) if interpreting() else 32
     _split_sinkhorn_kernel[(triton.cdiv(t, block_t),)](
         mixes,
-        hc_scale.float().contiguous(),
-        hc_base.float().contiguous(),
+        hc_scale.contiguous(),  # upcast as loaded
+        hc_base.contiguous(),
         pre,
         post,
         comb,

@@ -8,13 +8,14 @@ from v4d.kernels.moe import moe_experts
 from v4d.kernels.paged import gated_pool_indexed, paged_indexer_scores, paged_sparse_attention
 from v4d.kernels.routing import moe_route
 from v4d.kernels.rows import copy_rows
-from v4d.kernels.sinkhorn import hc_mixes, hc_post, hc_pre, hc_split_sinkhorn
+from v4d.kernels.sinkhorn import hc_mixes, hc_mixes_sinkhorn, hc_post, hc_pre, hc_split_sinkhorn
 
 __all__ = [
     "copy_rows",
     "fp8_linear",
     "gated_pool_indexed",
     "hc_mixes",
+    "hc_mixes_sinkhorn",
     "hc_post",
     "hc_pre",
     "hc_split_sinkhorn",

@@ -99,6 +99,7 @@ def calls(dtype: torch.dtype) -> None:
             r(64, dt=torch.float32),
             0.04,
             64,
+            (torch.arange(4), r(32, dt=torch.float32)),  # the output rotated back, as the model calls it
         )
         tb.paged_indexer_scores(
             r(4, 64, 128),
@@ -117,6 +118,7 @@ def calls(dtype: torch.dtype) -> None:
         torch.randint(-1, 21, (3, 8)),
         True,
         r(4, 1024, dt=f32),
+        torch.bfloat16,  # entries stored in the model dtype
     )
     tb.gated_pool_indexed(
         r(5, 512, dt=f32),
@@ -126,6 +128,7 @@ def calls(dtype: torch.dtype) -> None:
         torch.randint(-1, 261, (2, 128)),
         False,
         r(128, 512, dt=f32),
+        f32,
     )
     # deployed precision: packed MXFP4 experts; FP8 GEMM at a decode and a prefill batch
     packed = [
@@ -148,6 +151,16 @@ def calls(dtype: torch.dtype) -> None:
     tb.hc_pre(r(8, 4, 256), r(8, 4, dt=torch.float32))
     tb.hc_pre(r(8, 4, 4096), r(8, 4, dt=torch.float32), (r(4096, dt=torch.float32), 1e-6))  # + sub-layer norm
     tb.hc_mixes(r(8, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
+    tb.hc_mixes_sinkhorn(
+        r(8, 4, 4096),
+        r(24, 4 * 4096, dt=torch.float32),
+        1e-6,
+        r(3, dt=torch.float32),
+        r(24, dt=torch.float32),
+        4,
+        20,
+        1e-6,
+    )
     tb.hc_post(r(8, 256), r(8, 4, 256), r(8, 4, dt=torch.float32), r(8, 4, 4, dt=torch.float32))
     tb.rms_norm(r(8, 512), r(512, dt=torch.float32), 1e-6, dtype)  # block / KV norm, with gain
     tb.rms_norm(r(8, 4096), None, 1e-6, torch.float32)  # mHC pre-norm
@@ -170,9 +183,20 @@ def calls(dtype: torch.dtype) -> None:
             r(64, dt=torch.float32),
             0.04,
             64,
+            (torch.arange(1), r(32, dt=torch.float32)),
         )
         tb.moe_route(r(2, 4096), r(256, 4096), r(256, dt=torch.float32), 8, 2.5, None, None)
         tb.hc_mixes(r(2, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)
+        tb.hc_mixes_sinkhorn(
+            r(2, 4, 4096),
+            r(24, 4 * 4096, dt=torch.float32),
+            1e-6,
+            r(3, dt=torch.float32),
+            r(24, dt=torch.float32),
+            4,
+            20,
+            1e-6,
+        )
     finally:
         for m, fn in zip(split_modules, saved, strict=True):
             m.split_reduction = fn

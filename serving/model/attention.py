@@ -74,8 +74,11 @@ class Attention(nn.Module):
                 idx = self.indexer.select(self.indexer.project(x, qr, pos), index, step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1 (step metadata)
                 idx = comp.attn_idx
-        o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd)
+            # the step's rows into both compressors' tails (after their pools read them): one copy
+            ops.copy_rows(cache.tails.flatten(0, 1), comp.state_dst, proj, comp.state_src)
+        # rotated back by -pos (only relative position remains) in the attention's launch
+        o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd, rotary)
         ops.copy_rows(ring, step.ring_dst, kv, step.ring_src)
-        o = self.rope(o, pos, inverse=True).view(x.shape[0], self.groups, -1)
+        o = o.view(x.shape[0], self.groups, -1)
         o = self.wo_a.grouped(o, self.groups)
         return self.wo_b(o.flatten(1))

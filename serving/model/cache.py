@@ -66,13 +66,19 @@ class LayerCache:
     index: torch.Tensor | None = None  # [num_pages, page_tokens / 4, row] (CSA only)
     comp: CompressorState | None = None
     index_comp: CompressorState | None = None
+    # [num_slots, rows, cols]: comp's and index_comp's tails side by side (they are column views of
+    # it), in the order of the layer's joint compressor projection, so one row copy writes both
+    tails: torch.Tensor | None = None
 
 
-def _state(num_slots: int, ratio: int, width: int, device) -> CompressorState:
-    rows, cols = compressor_shape(ratio, width)
-    state = CompressorState(torch.zeros(num_slots, rows, 2 * cols, device=device))
-    state.score.fill_(float("-inf"))
-    return state
+def _states(num_slots: int, ratio: int, widths: list[int], device) -> tuple[torch.Tensor, list[CompressorState]]:
+    """One tensor of the tails of compressors of these widths, side by side, and each one's state (a view)."""
+    cols = [2 * compressor_shape(ratio, w)[1] for w in widths]
+    tails = torch.zeros(num_slots, compressor_shape(ratio, widths[0])[0], sum(cols), device=device)
+    states = [CompressorState(t) for t in tails.split(cols, dim=-1)]
+    for state in states:
+        state.score.fill_(float("-inf"))
+    return tails, states
 
 
 _PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,10 +119,11 @@ class KVCache:
             lc = LayerCache(zeros(num_slots, cfg.sliding_window, main_row))
             if ratio:
                 lc.main = zeros(num_pages, per_page // ratio, main_row)
-                lc.comp = _state(num_slots, ratio, cfg.head_dim, device)
+                widths = [cfg.head_dim, *([cfg.index_head_dim] if ratio == 4 else [])]
+                lc.tails, (lc.comp, *rest) = _states(num_slots, ratio, widths, device)
             if ratio == 4:
                 lc.index = zeros(num_pages, per_page // ratio, index_row)
-                lc.index_comp = _state(num_slots, ratio, cfg.index_head_dim, device)
+                lc.index_comp = rest[0]
             self.layers[layer] = lc
 
     def layer(self, layer: int) -> LayerCache:

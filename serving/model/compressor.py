@@ -39,13 +39,12 @@ class Compressor(nn.Module):
         self, proj: torch.Tensor, comp: Compression, state: CompressorState, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """Feed the step's rows (proj [N, 2 * width]: values | unbiased gate logits, fp32): returns the
-        entries [E, head_dim] the step closes (in `comp.anchor` order) and updates the tail rings (the
-        pool adds the position bias `ape` as it reads a candidate)."""
+        entries [E, head_dim] the step closes (in `comp.anchor` order; the pool adds the position bias
+        `ape` as it reads a candidate). The caller then writes the step's rows to the tail rings
+        (`LayerCache.tails`: one copy for the layer's compressors)."""
         w = proj.shape[1] // 2
         tail = state.tail.flatten(0, 1)
         pooled = ops.gated_pool_indexed(
-            proj[:, :w], proj[:, w:], tail[:, :w], tail[:, w:], comp.idx, self.overlap, self.ape
+            proj[:, :w], proj[:, w:], tail[:, :w], tail[:, w:], comp.idx, self.overlap, self.ape, out_dtype
         )
-        entries = self.norm(pooled.to(out_dtype), (comp.anchor, self.rope.inv_freq))
-        ops.copy_rows(tail, comp.state_dst, proj, comp.state_src)
-        return entries
+        return self.norm(pooled, (comp.anchor, self.rope.inv_freq))

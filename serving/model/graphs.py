@@ -58,11 +58,33 @@ class DecodeGraphs:
 
     def __call__(self, batch: Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]) -> list[torch.Tensor] | None:
         """Last-token logits per sequence of a decode-only batch, or None (run it eagerly)."""
+        step = self.inputs(batch)
+        if step is None:
+            return None
+        inputs, table = step
+        with torch.inference_mode():
+            if self.use_graphs:
+                graph, static_inputs, static_table, out = self._graph(inputs.shape[1])
+                static_inputs.copy_(inputs, non_blocking=True)
+                static_table.copy_(table, non_blocking=True)
+                graph.replay()
+                logits = out.clone()
+            else:
+                logits = self.forward(inputs.to(self.device), table.to(self.device))
+        for _, seq in batch:
+            seq.num_tokens += 1
+        return list(logits[: len(batch)])
+
+    def inputs(
+        self, batch: Sequence[tuple[Sequence[int] | torch.Tensor, SeqCache]]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The static step's inputs on the host, (token ids, positions, slots) rows [3, bucket] and the
+        block table [bucket, max_pages], or None where the batch is not a graph step."""
         size = bucket_for(len(batch), self.buckets)
         ids = [torch.as_tensor(t, dtype=torch.long).flatten() for t, _ in batch]
         if size is None or any(t.numel() != 1 for t in ids) or any(len(s.page_ids) > self.max_pages for _, s in batch):
             return None
-        # The step's four inputs, padding rows at position 0 of the scratch slot and page.
+        # padding rows at position 0 of the scratch slot and page
         inputs = torch.zeros(3, size, dtype=torch.long)
         inputs[0, : len(batch)] = torch.cat(ids)
         inputs[1, : len(batch)] = torch.tensor([s.num_tokens for _, s in batch])
@@ -72,20 +94,9 @@ class DecodeGraphs:
         table[:, 0] = self.scratch_page
         for b, (_, s) in enumerate(batch):
             table[b, : len(s.page_ids)] = torch.as_tensor(s.page_ids, dtype=torch.long)
-        with torch.inference_mode():
-            if self.use_graphs:
-                graph, static_inputs, static_table, out = self._graph(size)
-                static_inputs.copy_(inputs, non_blocking=True)
-                static_table.copy_(table, non_blocking=True)
-                graph.replay()
-                logits = out.clone()
-            else:
-                logits = self._forward(inputs.to(self.device), table.to(self.device))
-        for _, seq in batch:
-            seq.num_tokens += 1
-        return list(logits[: len(batch)])
+        return inputs, table
 
-    def _forward(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Logits of a static decode step: (token ids, positions, slots) rows and the block table."""
         step = Step.decode(self.model.cfg, inputs[1], inputs[2], table, self.kv.num_slots, self.scratch_page)
         return self.model.logits(self.model.blocks(inputs[0], step, self.kv))
@@ -100,10 +111,10 @@ class DecodeGraphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (allocator, kernel compilation) before capture
-                self._forward(inputs, table)
+                self.forward(inputs, table)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._forward(inputs, table)
+                out = self.forward(inputs, table)
             self.graphs[size] = (graph, inputs, table, out)
         return self.graphs[size]

@@ -29,8 +29,10 @@ from v4d.kernels.quant import FP4_GROUP, dequant_fp4, dequant_fp8
 BLOCK = 128
 
 
-# torch.mm(..., out_dtype=) (16-bit operands, fp32 output) exists on CUDA builds from torch 2.9.
+# torch.mm(..., out_dtype=) (16-bit operands, fp32 output) exists from torch 2.9, with a kernel on
+# these devices only (opcount.cuda_launches adds "cpu" and computes it there as the upcast would).
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+MM_OUT_DTYPE_DEVICES = {"cuda"}
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,8 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     copy of a 16-bit weight each step: on CUDA, x and W in the same 16-bit dtype go through one
     16-bit GEMM with fp32 output (products of 16-bit values are exact in fp32, sums accumulate in
     fp32: the math of the upcast up to summation order); otherwise both are upcast."""
-    if _MM_OUT_DTYPE and x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16):
+    half = x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16)
+    if _MM_OUT_DTYPE and half and x.device.type in MM_OUT_DTYPE_DEVICES:
         return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
     return F.linear(x.float(), w.float())
 

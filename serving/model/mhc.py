@@ -23,9 +23,8 @@ def hc_pre(
     norm: RMSNorm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X: [T, n, d] streams -> (sub-layer input [T, d] after the sub-layer's `norm`, post [T, n],
-    comb [T, n, n]). Three launches: mixes, split + Sinkhorn, weighted sum + norm."""
-    n = X.shape[1]
-    pre, post, comb = ops.hc_split_sinkhorn(ops.hc_mixes(X, fn, norm_eps), scale, base, n, iters, hc_eps)
+    comb [T, n, n]). Two launches: mixes with split + Sinkhorn, weighted sum + norm."""
+    pre, post, comb = ops.hc_mixes_sinkhorn(X, fn, norm_eps, scale, base, X.shape[1], iters, hc_eps)
     return ops.hc_pre(X, pre, (norm.weight, norm.eps)), post, comb  # fp32 math inside, X's dtype out
 
 

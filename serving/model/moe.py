@@ -59,9 +59,11 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter, fmt)
         self._unit: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, x: torch.Tensor, limit: float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, limit: float, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's output, or `add` plus it (x's dtype), in the expert's last launch where it can."""
         if self.w1.fmt == "fp8":  # three block-scaled GEMMs
-            return self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
+            y = self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
+            return y if add is None else (add + y).to(x.dtype)
         # every token through "expert 0" with weight 1: views of one-element tensors made once per
         # device (not buffers: the model holds exactly its checkpoint's bytes), no fills per step
         if x.device not in self._unit:
@@ -70,7 +72,8 @@ class Expert(nn.Module):
                 torch.ones(1, 1, dtype=torch.float32, device=x.device),
             )
         ids, weights = (u.expand(x.shape[0], 1) for u in self._unit[x.device])
-        return ops.moe_experts(x, ids, weights, self.w1.weight[None], self.w3.weight[None], self.w2.weight[None], limit)
+        w1, w3, w2 = (lin.weight[None] for lin in (self.w1, self.w3, self.w2))
+        return ops.moe_experts(x, ids, weights, w1, w3, w2, limit, add=add)
 
 
 class MoE(nn.Module):
@@ -85,9 +88,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
         y = backend(self.layer, x, ids, weights)
-        # The shared expert is clamped like the routed ones (docs/deepseek-v4.md §5; official Expert(swiglu_limit=)).
-        y = y + self.shared_experts(x, self.swiglu_limit)
-        return y.to(x.dtype)
+        # The shared expert is clamped like the routed ones (docs/deepseek-v4.md §5; official Expert(swiglu_limit=)),
+        # and adds the routed output to its own in its last launch.
+        return self.shared_experts(x, self.swiglu_limit, add=y)
 
 
 class LocalExperts:

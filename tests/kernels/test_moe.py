@@ -55,20 +55,47 @@ def test_broadcast_ids_and_weights(kops, gen):
     )
 
 
-@pytest.mark.parametrize("pairs,e,bm", [(37, 16, 16), (6, 1, 16), (700, 300, 16), (5, 8, 4)])
-def test_tile_schedule_covers_each_experts_sorted_pairs(kops, gen, pairs, e, bm):
-    """The one-launch schedule against a plain loop: for each local expert (ids outside [0, e) are not
-    local) ceil(count / bm) tiles of its rows in expert-sorted order, then -1 tiles up to the bound."""
+@pytest.mark.parametrize(
+    "t,k,e,bm", [(37, 1, 16, 16), (6, 1, 1, 16), (350, 2, 300, 16), (5, 1, 8, 4), (29, 6, 12, 16), (90, 3, 5, 16)]
+)
+def test_tile_schedule_sorts_and_covers_each_experts_pairs(kops, gen, t, k, e, bm):
+    """The one-launch schedule against a plain loop over the pairs p = t * k + j of ids [T, k] (here
+    a strided view; ids outside [0, e) are not local): the local pairs in expert order, stable (the
+    counting sort), and for each expert ceil(count / bm) tiles of its rows, then -1 tiles up to the bound."""
     from v4d.kernels.moe import _tile_schedule
 
-    expert = torch.randint(0, e + 1, (pairs,), generator=gen)  # e = not local
-    bound = min(pairs, -(-pairs // bm) + e)
-    tile_e, tile_row, tile_end = (t.tolist() for t in _tile_schedule(expert.to(kops.device), e, bm, bound))
+    ids = torch.randint(-1, e + 2, (t, 2 * k), generator=gen)[:, ::2]
+    bound = min(t * k, -(-(t * k) // bm) + e)
+    order, tile_e, tile_row, tile_end = (x.cpu().tolist() for x in _tile_schedule(ids.to(kops.device), e, bm, bound))
+    flat = ids.reshape(-1).tolist()
+    want_order = [p for x in range(e) for p, ex in enumerate(flat) if ex == x]
     want, start = [], 0
     for x in range(e):
-        n = int((expert == x).sum())
+        n = flat.count(x)
         want += [(x, row, start + n) for row in range(start, start + n, bm)]
         start += n
+    assert order[: len(want_order)] == want_order
     assert len(want) <= bound
     assert list(zip(tile_e, tile_row, tile_end, strict=True))[: len(want)] == want
     assert tile_e[len(want) :] == [-1] * (bound - len(want))
+
+
+@pytest.mark.parametrize("add_dtype", [None, torch.float32], ids=["add-x-dtype", "add-fp32"])
+def test_add_in_the_combine_equals_adding_the_outputs(kops, dtype, gen, tol, add_dtype):
+    """With `add` (the shared expert adding the routed output) the result is add + y as torch adds
+    the two tensors (y rounded to x's dtype first), including tokens with no local expert."""
+    t, d, inter, e = 9, 32, 48, 4
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    ids = torch.randint(-1, e, (t, 2), generator=gen)
+    ids[0] = -1
+    weights = torch.rand(t, 2, generator=gen)
+    add = torch.randn(t, d, generator=gen).to(add_dtype or dtype)
+    w1, w3, w2 = experts(gen, e, inter, d, dtype)
+    got = kops.moe_experts(x, ids, weights, w1, w3, w2, 10.0, None, add)
+    y = kops.moe_experts(x, ids, weights, w1, w3, w2, 10.0)
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16 and kops.device.type == "cpu":  # the interpreter rounds bf16 by truncation
+        torch.testing.assert_close(got, (add + y).to(dtype), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(got, (add + y).to(dtype))
+    torch.testing.assert_close(got, ref.moe_experts(x, ids, weights, w1, w3, w2, 10.0, None, add), **tol(dtype))

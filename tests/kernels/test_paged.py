@@ -61,6 +61,27 @@ def test_paged_attention_split_rows_merge_to_the_reference(kops, gen, tol, split
     assert torch.all(o[0] == 0)
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_attention_unrotates_its_output_as_rope_after_it(kops, gen, split_into, splits, dtype):
+    """`unrotate`: the output's inverse RoPE in the attention's launch (or its merge) is bitwise the
+    `rope(..., inverse=True)` launch after it: the rows as stored, rotated by the same helper."""
+    from v4d.kernels import paged
+
+    split_into(paged, splits)
+    t, h, d, rope, n, r, s, k = 3, 4, 64, 16, 4, 24, 40, 300
+    q = torch.randn(t, h, d, generator=gen).to(dtype)
+    kv, ring, store = (_store(torch.randn(m, d, generator=gen), "deployed", rope) for m in (n, r, s))
+    idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
+    sink, pos = torch.randn(h, generator=gen), torch.tensor([3, 700, 65000])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rope, 2) / rope))
+    o = kops.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope)
+    got = kops.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope, (pos, inv_freq))
+    assert torch.equal(got, kops.rope(o, pos, inv_freq, True))
+    want = ref.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope, (pos, inv_freq))
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
     """The index space is the concatenation [kv; ring; store], read in place."""
     q, kv, ring, store = (torch.randn(*s, generator=gen) for s in ((4, 2, 32), (3, 32), (5, 32), (7, 32)))
@@ -90,6 +111,13 @@ def test_gated_pool_indexed_matches_reference(kops, gen, tol, overlap):
     joint, tail = torch.cat([kv, score], 1), torch.cat([skv, sscore], 1)
     views = (joint[:, :w], joint[:, w:], tail[:, :w], tail[:, w:])
     torch.testing.assert_close(kops.gated_pool_indexed(*views, idx, overlap, ape), want, **tol(torch.float32))
+    # entries stored in the model's dtype, from a 16-bit ape (both cast in the kernel): as casting after
+    for dt in (torch.bfloat16, torch.float16):
+        got = kops.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape.to(dt), dt)
+        assert got.dtype == dt
+        torch.testing.assert_close(
+            got, ref.gated_pool_indexed(kv, score, skv, sscore, idx, overlap, ape.to(dt)).to(dt), **tol(dt)
+        )
 
 
 def test_gated_pool_indexed_equals_gated_pool_of_the_gathered_candidates(gen):

@@ -60,3 +60,21 @@ def test_mixes_are_the_normalised_streams_times_fn(kops, dtype, gen, t, n, d, m,
     torch.testing.assert_close(
         want, (x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()) @ fn.T, **tol(torch.float32)
     )
+
+
+@pytest.mark.parametrize("t", [1, 21])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split-inputs"])
+def test_mixes_with_sinkhorn_in_one_launch_equal_the_two_ops(kops, dtype, gen, t, split_into, splits):
+    """The fused mHC site (mixes, then the split of each program's own rows after a barrier) gives
+    exactly the two launches' pre, post and comb, and the reference's."""
+    split_into(sinkhorn, splits)
+    n, d, iters = 4, 64, 20
+    X = (torch.randn(t, n, d, generator=gen) * 3).to(dtype)
+    fn = torch.randn((2 + n) * n, n * d, generator=gen) / (n * d) ** 0.5
+    scale, base = torch.rand(3, generator=gen) + 0.5, torch.randn((2 + n) * n, generator=gen)
+    got = kops.hc_mixes_sinkhorn(X, fn, 1e-6, scale, base, n, iters, 1e-6)
+    two = kops.hc_split_sinkhorn(kops.hc_mixes(X, fn, 1e-6), scale, base, n, iters, 1e-6)
+    want = ref.hc_mixes_sinkhorn(X, fn, 1e-6, scale, base, n, iters, 1e-6)
+    for g, o, w in zip(got, two, want, strict=True):
+        assert torch.equal(g, o)
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

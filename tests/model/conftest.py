@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers.models import build
@@ -10,6 +12,11 @@ from v4d.serving.model.model import Transformer
 
 # Small ops on a shared 2-core machine run far faster single-threaded.
 torch.set_num_threads(1)
+# The launch estimate (opcount.decode_step_launches) runs Triton's interpreter, which must be on before
+# anything imports triton (torch's compiler does); CPU tensors still take the references unless
+# V4D_KERNELS=triton.
+if os.environ.get("V4D_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
