@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,10 +30,23 @@ log = logging.getLogger(__name__)
 Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x [T_s, d], local ids [T_s, k], weights [T_s, k]
 
 
+Results = dict[str, torch.Tensor | BaseException]
+
+
 class Transport(Protocol):
-    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
-        """Run each shard's call concurrently; a shard's value is its output [T_s, d] or the error it raised."""
-        ...
+    """`dispatch` runs each shard's call concurrently; a shard's value is its output [T_s, d] or the
+    error it raised. A transport whose calls travel while the caller computes also has
+    `start(layer, calls) -> finish`, where `finish()` waits and returns what `dispatch` would."""
+
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> Results: ...
+
+
+def begin(transport: Transport, layer: int, calls: Mapping[str, Call]) -> Callable[[], Results]:
+    start = getattr(transport, "start", None)
+    if start is not None:
+        return start(layer, calls)
+    out = transport.dispatch(layer, calls)
+    return lambda: out
 
 
 @dataclass(frozen=True)
@@ -71,25 +84,43 @@ class RemoteExperts:
         return max(self.load.values(), default=0) / mean if mean else 1.0
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.start(layer, x, ids, weights)()
+
+    def start(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Send the layer's rows; the returned function waits for the shards, fails calls over and
+        combines (MoE computes the shared expert in between, as DeepSeek's serving overlaps it with
+        dispatch)."""
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        pairs = (ids >= 0).flatten().nonzero().flatten()
         excluded: set[str] = set()
-        while pairs.numel():
+
+        def send(pairs: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor], Callable[[], Results]]:
             assign = self._assign(layer, ids, pairs, excluded)
             calls, rows = self._calls(x, ids, weights, assign)
-            results = self.transport.dispatch(layer, calls)
-            retry = []
-            for shard, out in results.items():
-                if isinstance(out, BaseException):
-                    log.warning("expert shard %s failed on layer %d: %r", shard, layer, out)
-                    self.failed_at[shard] = time.monotonic()
-                    excluded.add(shard)
-                    retry.append(assign[shard][0])
-                else:
-                    y.index_add_(0, rows[shard], out.to(y.dtype))
-                    self.load[shard] += assign[shard][0].numel()
-            pairs = torch.cat(retry) if retry else pairs[:0]
-        return y
+            return assign, rows, begin(self.transport, layer, calls)
+
+        pairs = (ids >= 0).flatten().nonzero().flatten()
+        sent = send(pairs) if pairs.numel() else None
+
+        def finish() -> torch.Tensor:
+            nonlocal sent
+            while sent is not None:
+                assign, rows, results = sent
+                retry = []
+                for shard, out in results().items():
+                    if isinstance(out, BaseException):
+                        log.warning("expert shard %s failed on layer %d: %r", shard, layer, out)
+                        self.failed_at[shard] = time.monotonic()
+                        excluded.add(shard)
+                        retry.append(assign[shard][0])
+                    else:
+                        y.index_add_(0, rows[shard], out.to(y.dtype))
+                        self.load[shard] += assign[shard][0].numel()
+                sent = send(torch.cat(retry)) if retry else None
+            return y
+
+        return finish
 
     def _assign(
         self, layer: int, ids: torch.Tensor, pairs: torch.Tensor, excluded: set[str]
@@ -151,8 +182,8 @@ class InProcessTransport:
     def __init__(self, shards: Mapping[str, Any]):
         self.shards = dict(shards)
 
-    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
-        out: dict[str, torch.Tensor | BaseException] = {}
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> Results:
+        out: Results = {}
         for shard, args in calls.items():
             try:
                 out[shard] = self.shards[shard].compute(layer, *args)
@@ -167,14 +198,14 @@ class ServeTransport:
     def __init__(self, handles: Mapping[str, Any], timeout_s: float = 10.0):
         self.handles, self.timeout_s = dict(handles), timeout_s
 
-    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> Results:
         pending = {}
         for shard, (x, local, w) in calls.items():
             try:
                 pending[shard] = self.handles[shard].compute.remote(layer, x, local, w)
             except Exception as e:  # noqa: BLE001 - a shard's failure is reported, not raised
                 pending[shard] = e
-        out: dict[str, torch.Tensor | BaseException] = {}
+        out: Results = {}
         for shard, resp in pending.items():
             if isinstance(resp, BaseException):
                 out[shard] = resp
@@ -226,7 +257,12 @@ class ChannelTransport:
             time.sleep(0.05)
         return True
 
-    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> dict[str, torch.Tensor | BaseException]:
+    def dispatch(self, layer: int, calls: Mapping[str, Call]) -> Results:
+        return self.start(layer, calls)()
+
+    def start(self, layer: int, calls: Mapping[str, Call]) -> Callable[[], Results]:
+        """Send every shard's call now; the returned function collects the answers (retrying a broken
+        channel on another replica, then the fallback)."""
         tag = current_tag()
         started, rest = {}, {}
         for shard, args in calls.items():
@@ -235,7 +271,12 @@ class ChannelTransport:
                 rest[shard] = args
             else:
                 started[shard] = got
-        out: dict[str, torch.Tensor | BaseException] = {}
+        return lambda: self._finish(tag, layer, calls, started, rest)
+
+    def _finish(
+        self, tag: int, layer: int, calls: Mapping[str, Call], started: dict[str, Any], rest: dict[str, Call]
+    ) -> Results:
+        out: Results = {}
         for shard, (ch, pending) in started.items():
             try:
                 out[shard] = ch.receive(tag, pending)

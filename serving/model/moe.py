@@ -87,10 +87,17 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, backend: ExpertBackend) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
-        y = backend(self.layer, x, ids, weights)
-        # The shared expert is clamped like the routed ones (docs/deepseek-v4.md §5; official Expert(swiglu_limit=)),
-        # and adds the routed output to its own in its last launch.
-        return self.shared_experts(x, self.swiglu_limit, add=y)
+        # The shared expert is clamped like the routed ones (docs/deepseek-v4.md §5; official Expert(swiglu_limit=)).
+        start = getattr(backend, "start", None)
+        if start is None:  # in process: it adds the routed output to its own in its last launch
+            return self.shared_experts(x, self.swiglu_limit, add=backend(self.layer, x, ids, weights))
+        finish = start(self.layer, x, ids, weights)  # remote: computed while the routed rows are away
+        try:
+            shared = self.shared_experts(x, self.swiglu_limit)
+        except BaseException:
+            finish()  # collect the calls in flight: a channel holds its tag until then
+            raise
+        return (finish() + shared).to(x.dtype)  # the sum the fused add makes
 
 
 class LocalExperts:

@@ -105,3 +105,30 @@ def test_micro_batches_from_the_manifest_reach_the_engines_runner(model):
     assert Engine(model, small).runner.micro_batches == 2
     spec["serving"]["microBatches"] = 3
     assert [i.path for i in validate_spec(spec)] == ["spec.serving.microBatches"]
+
+
+def test_the_shared_expert_runs_while_the_routed_rows_are_away(model):
+    """MoE sends the routed rows, computes the shared expert, then collects (DeepSeek's overlap of the
+    shared expert with dispatch); the sum equals the in-process form (shared expert adding the routed
+    output in its last launch) bit for bit."""
+    events = []
+
+    class Recording(InProcessTransport):
+        def start(self, layer, calls):
+            events.append("sent")
+            out = self.dispatch(layer, calls)
+            return lambda: events.append("back") or out
+
+    remote = model.experts
+    moe = model.layers[-1].ffn
+    hook = moe.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(6, CFG.hidden_size, generator=g)
+        input_ids = torch.randint(0, CFG.vocab_size, (6,), generator=g)
+        overlapped = moe(x, input_ids, RemoteExperts(remote.map, Recording(remote.transport.shards)))
+        assert events == ["sent", "shared", "back"]
+        fused = moe(x, input_ids, lambda *a: remote(*a))  # a backend without `start`: the fused add
+    finally:
+        hook.remove()
+    assert torch.equal(overlapped, fused)
