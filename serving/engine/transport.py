@@ -115,7 +115,7 @@ class RemoteExperts:
                         excluded.add(shard)
                         retry.append(assign[shard][0])
                     else:
-                        y.index_add_(0, rows[shard], out.to(y.dtype))
+                        y.index_add_(0, rows[shard], out.to(y.device, y.dtype))  # host-memory pairs answer on the CPU
                         self.load[shard] += assign[shard][0].numel()
                 sent = send(torch.cat(retry)) if retry else None
             return y
