@@ -15,8 +15,7 @@ from ray.serve import Application
 from v4d.serving.engine.server import bind_engine
 from v4d.serving.experts import bind_shards
 from v4d.serving.ingress import Ingress
-from v4d.serving.names import WEIGHTS_DIR_ENV
-from v4d.serving.plan import Plan, weights_dir
+from v4d.serving.plan import Plan, local_weights_dir
 
 
 def build_app(plan: Plan, api_key: str | None = None) -> Application:
@@ -24,7 +23,7 @@ def build_app(plan: Plan, api_key: str | None = None) -> Application:
     if not plan.weights_uri:
         raise ValueError("weights_uri: empty; `v4d serve` makes a random checkpoint, the operator needs a real path")
     # every Ray pod mounts the weights at the same place, so the builder's view is each replica's
-    wdir = weights_dir(plan.weights_uri, os.environ.get(WEIGHTS_DIR_ENV))
+    wdir = local_weights_dir(plan.weights_uri)
     shards = bind_shards(plan, wdir)
     engine = bind_engine(plan, wdir, shards)
     return Ingress.bind(engine, plan, wdir, api_key)

@@ -10,7 +10,6 @@ for metrics and for its own autoscaling.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -23,8 +22,8 @@ from v4d.kernels.quant import FP4_GROUP
 from v4d.serving.autoscale import EXPERT_TOKENS_PER_S, ExpertLoadPolicy, autoscaling_config
 from v4d.serving.config import ModelConfig
 from v4d.serving.metrics import ServingMetrics, plan_labels
-from v4d.serving.names import POOL_LABEL, WEIGHTS_DIR_ENV
-from v4d.serving.plan import Plan, weights_dir
+from v4d.serving.names import POOL_LABEL
+from v4d.serving.plan import Plan, local_weights_dir
 from v4d.serving.precision import resolve_precision
 from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, rendezvous_name
 from v4d.serving.runtime.device import ray_options, torch_device
@@ -226,4 +225,4 @@ def shard_app_builder(args: dict[str, Any]) -> Any:
     v4d.serving.experts:shard_app_builder`, `args: {"plan": <plan dict>, "shard": <name>}`); the engine
     then runs with `bind_engine(..., shard_apps=True)`."""
     plan = Plan.from_dict(args["plan"])
-    return bind_shards(plan, weights_dir(plan.weights_uri, os.environ.get(WEIGHTS_DIR_ENV)))[args["shard"]]
+    return bind_shards(plan, local_weights_dir(plan.weights_uri))[args["shard"]]

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from v4d.serving.names import POOL_LABEL, WEIGHTS_DIR_ENV
-from v4d.serving.plan import Plan, WeightsNotHere, weights_dir
+from v4d.serving.names import POOL_LABEL
+from v4d.serving.plan import Plan, WeightsNotHere, local_weights_dir
 from v4d.serving.runtime.device import node_resources
 
 # Ray on a shared development box (docs/toolchain.md §1.3): no token file, loopback only, no telemetry.
@@ -83,7 +83,7 @@ def check_weights(plan: Plan) -> None:
     minutes later, one traceback each)."""
     from v4d.serving.model.loader import CONFIG_FILE
 
-    wdir = weights_dir(plan.weights_uri, os.environ.get(WEIGHTS_DIR_ENV))
+    wdir = local_weights_dir(plan.weights_uri)
     if not (Path(wdir) / CONFIG_FILE).is_file():
         raise WeightsNotHere(
             f"spec.model.weights.uri: {plan.weights_uri!r}: no {CONFIG_FILE} in {wdir} (not a checkpoint directory)"

@@ -7,8 +7,11 @@ Produced by `v4d.operator.planner.plan(spec, cfg)`, serialised to JSON (a Config
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from v4d.serving.names import WEIGHTS_DIR_ENV
 
 Vendor = Literal["nvidia", "ascend"]
 Role = Literal["attention", "experts"]
@@ -37,6 +40,11 @@ def weights_dir(uri: str, mounted: str | None) -> str:
         f"spec.model.weights.uri: {uri!r} is mounted only in the operator's pods; here give file:///<dir> or "
         "hostpath:///<dir> (a local checkpoint), or no URI for a random-weight checkpoint of a small preset"
     )
+
+
+def local_weights_dir(uri: str) -> str:
+    """`weights_dir` in this process: the mount from its $V4D_WEIGHTS_DIR, if the operator made one."""
+    return weights_dir(uri, os.environ.get(WEIGHTS_DIR_ENV))
 
 
 @dataclass
