@@ -374,22 +374,26 @@ def connect(
     here = host_identity()
     if backend == "gloo" and shm_pairs() and here and ray.get(actor.host.remote(replica), timeout=timeout_s) == here:
         backend = "shm"  # same host: shared memory, no sockets
-    key = uuid.uuid4().hex
-    pair = f"pair/{key}/{backend}/"
-    if backend == "shm":
-        ch = ShmEngineChannel(f"v4d-{key}", shard, replica, timeout_s, link, TAGS)  # its files before the shard looks
-        try:
-            if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
-                raise ConnectionError(f"shard replica {replica} is no longer registered")
-            ch.joined(timeout_s)
-        except BaseException:
-            ch.close()
-            raise
-        return ch
-    if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
-        raise ConnectionError(f"shard replica {replica} is no longer registered")
+    pair = f"pair/{uuid.uuid4().hex}/{backend}/"
+    # a shm pair's files exist before the shard looks for them
+    shm = ShmEngineChannel(shm_base(pair), shard, replica, timeout_s, link, TAGS) if backend == "shm" else None
+    try:
+        if ray.get(actor.pair.remote(replica, pair), timeout=timeout_s) is None:
+            raise ConnectionError(f"shard replica {replica} is no longer registered")
+        if shm is not None:
+            shm.joined(timeout_s)
+            return shm
+    except BaseException:
+        if shm is not None:
+            shm.close()
+        raise
     pgs = open_groups(actor, pair, 0, timeout_s, backend, timeout_s)
     return EngineChannel(pgs, shard, replica, timeout_s, link, backend, pair_device(backend, device))
+
+
+def shm_base(pair: str) -> str:
+    """The /dev/shm name prefix of a shm pair (`pair/<id>/shm/`): both ends derive it from the id."""
+    return f"v4d-{pair.split('/')[1]}"
 
 
 def release(store: ActorStore, pair: str) -> None:
@@ -457,7 +461,7 @@ class ShardEndpoint:
 
     def _join_shm(self, pair: str) -> None:
         try:
-            tags = [ShardTag(f"v4d-{pair.split('/')[1]}", t) for t in range(TAGS)]
+            tags = [ShardTag(shm_base(pair), t) for t in range(TAGS)]
         except Exception as e:  # noqa: BLE001 - the engine gave up and removed the files; it will ask again
             log.warning("pairing %s failed: %r", pair, e)
             return

@@ -95,10 +95,11 @@ def _wait(fd: int, peer: Callable[[], int], deadline: float, what: str) -> None:
 
 class _Names:
     def __init__(self, base: str, tag: int):
-        self.control, self.request, self.reply = f"{base}-{tag}-c", f"{base}-{tag}-q", f"{base}-{tag}-r"
+        self.prefix = f"{base}-{tag}"
+        self.control, self.request, self.reply = f"{self.prefix}-c", f"{self.prefix}-q", f"{self.prefix}-r"
 
     def data(self, gen: int) -> str:
-        return f"{self.control[:-2]}-d{gen}"
+        return f"{self.prefix}-d{gen}"
 
 
 # -- the engine end -----------------------------------------------------------------------------
