@@ -27,6 +27,7 @@ def _rms_norm_kernel(
     f_ptr,
     C,
     M,
+    st,
     sx,
     so,
     eps,
@@ -36,16 +37,17 @@ def _rms_norm_kernel(
     BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0)
+    x_row = (row // M) * st + (row % M) * sx  # M rows of sx per token, tokens st apart
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + row * sx + c, mask=c < C, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row + c, mask=c < C, other=0.0).to(tl.float32)
         acc += x * x
     inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
     nope = C - 2 * HALF
     for c0 in range(0, nope, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + row * sx + c, mask=c < nope, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row + c, mask=c < nope, other=0.0).to(tl.float32)
         y = x * inv
         if HAS_W:
             y = tl.load(w_ptr + c, mask=c < nope, other=0.0).to(tl.float32) * y
@@ -54,8 +56,8 @@ def _rms_norm_kernel(
         i = tl.arange(0, BLOCK_P)
         ok = i < HALF
         even = nope + 2 * i
-        a = tl.load(x_ptr + row * sx + even, mask=ok, other=0.0).to(tl.float32) * inv
-        b = tl.load(x_ptr + row * sx + even + 1, mask=ok, other=0.0).to(tl.float32) * inv
+        a = tl.load(x_ptr + x_row + even, mask=ok, other=0.0).to(tl.float32) * inv
+        b = tl.load(x_ptr + x_row + even + 1, mask=ok, other=0.0).to(tl.float32) * inv
         if HAS_W:
             a = tl.load(w_ptr + even, mask=ok, other=0.0).to(tl.float32) * a
             b = tl.load(w_ptr + even + 1, mask=ok, other=0.0).to(tl.float32) * b
@@ -75,23 +77,30 @@ def rms_norm(
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     c = x.shape[-1]
-    x2 = x.reshape(-1, c)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
-    if x2.shape[0]:
-        w = weight if weight is not None else x2
-        pos, f = rotary if rotary is not None else (x2, x2)
+    tokens = x.shape[0] if x.dim() > 1 else 1
+    rows = x.numel() // c if c else 0
+    m = rows // tokens if tokens else 1  # rows per token (its position's)
+    if x.dim() > 1 and tokens and x[0].is_contiguous():  # tokens at any stride (a column slice): in place
+        x2, st, sx = x, x.stride(0), c
+    else:
+        x2 = x.reshape(-1, c)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        st, sx = m * x2.stride(0), x2.stride(0)
+    out = torch.empty((rows, c), dtype=dtype, device=x.device)
+    if rows:
+        w = weight if weight is not None else out
+        pos, f = rotary if rotary is not None else (out, out)
         half = f.shape[0] if rotary is not None else 0
-        _rms_norm_kernel[(x2.shape[0],)](
+        _rms_norm_kernel[(rows,)](
             x2,
             w,
             out,
             pos,
             f.contiguous() if rotary is not None else f,  # upcast as loaded
             c,
-            x2.shape[0] // x.shape[0],
-            x2.stride(0),
+            m,
+            st,
+            sx,
             out.stride(0),
             eps,
             HAS_W=weight is not None,
@@ -110,6 +119,7 @@ def _rope_kernel(
     out_ptr,
     M,
     C,
+    st,
     sign,
     HEAD: tl.constexpr,
     HALF: tl.constexpr,
@@ -120,40 +130,53 @@ def _rope_kernel(
     t = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
-    base = (t * M + m) * C  # [BLOCK_M] row starts
+    base = (t * M + m) * C  # [BLOCK_M] row starts (out)
+    x_base = t * st + m * C  # x's: tokens st apart
     for c0 in range(0, HEAD, BLOCK_H):
         c = c0 + tl.arange(0, BLOCK_H)
         ok = m_ok[:, None] & (c < HEAD)[None, :]
-        v = tl.load(x_ptr + base[:, None] + c[None, :], mask=ok, other=0.0)
+        v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0)
         tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
-    rotate_rows(x_ptr, out_ptr, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
+    rotate_rows(x_ptr, out_ptr, x_base, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
 
 
 @triton.jit
 def rotate_rows(
-    x_ptr, out_ptr, base, m_ok, pos, f_ptr, sign, HEAD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr
+    x_ptr,
+    out_ptr,
+    x_base,
+    out_base,
+    m_ok,
+    pos,
+    f_ptr,
+    sign,
+    HEAD: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """RoPE of rows base[m] (m_ok: in range) at position pos: channels HEAD + 2i, HEAD + 2i + 1 of x
-    rotated by sign * pos * f[i], stored to out (may be x: each pair is loaded before it is stored).
+    """RoPE of rows x_base[m] (m_ok: in range) at position pos: channels HEAD + 2i, HEAD + 2i + 1 of x
+    rotated by sign * pos * f[i], stored to rows out_base[m] of out (may be x's: each pair is loaded
+    before it is stored).
     The rope kernel's, and the attention's for its output (paged.py)."""
     i = tl.arange(0, BLOCK_P)
     i_ok = i < HALF
     ang = pos.to(tl.float32) * tl.load(f_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
     cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
     ok = m_ok[:, None] & i_ok[None, :]
-    even = base[:, None] + HEAD + 2 * i[None, :]
-    a = tl.load(x_ptr + even, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + even + 1, mask=ok, other=0.0).to(tl.float32)
+    even = HEAD + 2 * i[None, :]
+    a = tl.load(x_ptr + x_base[:, None] + even, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + x_base[:, None] + even + 1, mask=ok, other=0.0).to(tl.float32)
     ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + even, (a * cos - b * sin).to(ty), mask=ok)
-    tl.store(out_ptr + even + 1, (a * sin + b * cos).to(ty), mask=ok)
+    tl.store(out_ptr + out_base[:, None] + even, (a * cos - b * sin).to(ty), mask=ok)
+    tl.store(out_ptr + out_base[:, None] + even + 1, (a * sin + b * cos).to(ty), mask=ok)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
-    x = x.contiguous()
+    # a token's rows contiguous, tokens at any stride (a column slice of a joined projection): in place
+    x = x if x.shape[0] == 0 or x[0].is_contiguous() else x.contiguous()
     t, c, dim = x.shape[0], x.shape[-1], 2 * inv_freq.shape[0]
     m = x[0].numel() // c if t else 0
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if t and m:
         block_m = min(pow2(m), 16)
         _rope_kernel[(t, triton.cdiv(m, block_m))](
@@ -163,6 +186,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
             out,
             m,
             c,
+            x.stride(0),
             -1.0 if inverse else 1.0,
             HEAD=c - dim,
             HALF=dim // 2,

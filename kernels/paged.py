@@ -164,7 +164,8 @@ def _paged_attention_kernel(
         )
         if ROT_HALF > 0:  # the rows as stored, visible to the whole program after the barrier
             tl.debug_barrier()
-            rotate_rows(o_ptr, o_ptr, t * so_t + offs_h * so_h, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
+            o_rows = t * so_t + offs_h * so_h
+            rotate_rows(o_ptr, o_ptr, o_rows, o_rows, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
                         D - 2 * ROT_HALF, ROT_HALF, BLOCK_P)  # fmt: skip
 
 
@@ -215,7 +216,8 @@ def _attention_merge_kernel(
     )
     if ROT_HALF > 0:
         tl.debug_barrier()
-        rotate_rows(o_ptr, o_ptr, t * so_t + offs_h * so_h, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
+        o_rows = t * so_t + offs_h * so_h
+        rotate_rows(o_ptr, o_ptr, o_rows, o_rows, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
                     D - 2 * ROT_HALF, ROT_HALF, BLOCK_P)  # fmt: skip
 
 
@@ -511,7 +513,7 @@ def paged_indexer_scores(
     packed = keys.dtype == torch.uint8
     if packed and keys.shape[2] != index_bytes(d):
         raise ValueError(f"paged_indexer_scores: packed keys of {index_bytes(d)} B expected")
-    q, w, keys = q.contiguous(), w.contiguous(), keys.contiguous()
+    q, keys = q.contiguous(), keys.contiguous()  # w: read through its strides
     # integer metadata in whatever width the step holds it (no cast launches); a column slice of the
     # block table is read through its row stride
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()

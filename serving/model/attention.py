@@ -51,16 +51,23 @@ class Attention(nn.Module):
         # the compressors' value and gate projections (main, then the indexer's): one fp32 GEMM
         comps = [self.compressor, *([self.indexer.compressor] if self.indexer else [])] if self.compressor else []
         self.comp_proj = RowConcat(*(lin for c in comps for lin in (c.wkv, c.wgate))) if comps else None
+        # the projections of x (query latent, window entry, indexer head weights) and of the query
+        # latent (queries, indexer queries), each one GEMM where their formats allow
+        ix = [self.indexer] if self.indexer else []
+        self.x_proj = RowConcat(self.wq_a, self.wkv, *(i.weights_proj for i in ix))
+        self.qr_proj = RowConcat(self.wq_b, *(i.wq_b for i in ix))
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache) -> torch.Tensor:
         """x: [N, d] (already normalised) rows of the step. Writes the step's state; returns [N, d]."""
         pos, rd, rotary = step.pos, self.rope.dim, (step.pos, self.rope.inv_freq)
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        qa, kv_a, *iw = self.x_proj(x)
+        qr = self.q_norm(qa)
+        q, *iq = self.qr_proj(qr)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
         q = rms_normalize(q, self.eps, x.dtype, rotary)
         # Window entries in the storage format, once: attention reads this step's rows and the ring
         # the same way, and the ring gets these bytes, so a position has one value wherever it is read.
-        kv = ops.store_rows(self.kv_norm(self.wkv(x), rotary), cache.window, rd)
+        kv = ops.store_rows(self.kv_norm(kv_a, rotary), cache.window, rd)
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
         if self.compressor is not None:
@@ -71,7 +78,7 @@ class Attention(nn.Module):
             entries = self.compressor.update(main, comp, cache.comp, x.dtype)
             ops.store_rows(entries, store, rd, comp.entry_rows)
             if self.indexer is not None:
-                idx = self.indexer.select(self.indexer.project(x, qr, pos), index, step, comp, cache)
+                idx = self.indexer.select(self.indexer.project(iq[0], iw[0], pos), index, step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1 (step metadata)
                 idx = comp.attn_idx
             # the step's rows into both compressors' tails (after their pools read them): one copy

@@ -33,11 +33,10 @@ class Indexer(nn.Module):
         self.rope = rope
         self.scale = (self.head_dim * self.n_heads) ** -0.5
 
-    def project(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token inputs of the whole batch: queries (roped) and head weights (the compressor's
-        projections run in the attention's joined GEMM)."""
-        q = self.rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), pos)
-        return {"q": q, "w": self.weights_proj(x)}
+    def project(self, q: torch.Tensor, w: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token inputs of the whole batch from `wq_b(qr)` and `weights_proj(x)` (run in the
+        attention's joined GEMMs, as the compressor's projections): queries (roped) and head weights."""
+        return {"q": self.rope(q.unflatten(-1, (self.n_heads, self.head_dim)), pos), "w": w}
 
     def select(
         self, p: dict[str, torch.Tensor], proj: torch.Tensor, step: Step, comp: Compression, cache: LayerCache

@@ -48,3 +48,21 @@ def test_rope(kops, dtype, gen, tol, shape, dim, inverse):
     torch.testing.assert_close(got, ref.rope(x, pos, f, inverse), **tol(dtype))
     back = kops.rope(got.float(), pos, f, not inverse)  # rotating back restores x
     torch.testing.assert_close(back, x.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
+
+
+def test_column_slices_of_a_joined_projection_are_read_in_place(kops, dtype, gen):
+    """Tokens at a row stride (a split of one GEMM's output), each token's heads contiguous: norm
+    (with and without RoPE) and rope read them where they are, with the results of contiguous inputs."""
+    joined = torch.randn(5, 3 * 48 + 40, generator=gen).to(dtype)
+    x = joined[:, 40:].unflatten(-1, (3, 48))
+    assert not x.is_contiguous()
+    pos, f = torch.tensor([0, 1, 7, 4096, 100_000]), inv_freq(16, 10000.0, 4096, 16.0)
+    w = torch.rand(48, generator=gen) + 0.5
+    for rotary in (None, (pos, f)):
+        got = kops.rms_norm(x, w, 1e-6, dtype, rotary)
+        assert torch.equal(got, kops.rms_norm(x.contiguous(), w, 1e-6, dtype, rotary))
+        assert torch.equal(
+            kops.rms_norm(joined[:, :40], None, 1e-6, dtype),
+            kops.rms_norm(joined[:, :40].contiguous(), None, 1e-6, dtype),
+        )
+    assert torch.equal(kops.rope(x, pos, f, False), kops.rope(x.contiguous(), pos, f, False))

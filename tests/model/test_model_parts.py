@@ -7,9 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from v4d.kernels import ops
+from v4d.kernels.quant import quant_fp8
 from v4d.serving import sizing
 from v4d.serving.config import get_preset
 from v4d.serving.model import model as model_mod
+from v4d.serving.model.concat import RowConcat
+from v4d.serving.model.linear import Linear, weights_in
 from v4d.serving.model.mhc import hc_pre
 from v4d.serving.model.model import Transformer, head_logits
 from v4d.serving.model.moe import LocalExperts
@@ -160,3 +164,27 @@ def test_head_logits_upcast_in_chunks_equal_one_full_upcast(monkeypatch):
     torch.testing.assert_close(got, F.linear(x.to(torch.bfloat16).float(), w.float()), rtol=1e-6, atol=1e-5)
     w32 = w.float()
     torch.testing.assert_close(head_logits(x, w32), F.linear(x, w32), rtol=0, atol=0)
+
+
+def test_row_concat_runs_joinable_layers_as_one_gemm_under_their_names():
+    """FP8 layers of whole 128-row blocks join weight and scale rows (one fp8_linear); a plain layer
+    after them runs on its own; an unaligned FP8 layer too. Outputs equal the layers' own; the
+    parameters stay where load_state_dict copies into them."""
+    gen = torch.Generator().manual_seed(0)
+    with weights_in("deployed"):
+        a, b, odd = Linear(256, 128, "fp8"), Linear(256, 256, "fp8"), Linear(256, 64, "fp8")
+    plain = torch.nn.Linear(256, 8, bias=False)
+    for lin in (a, b, odd):
+        w, s = quant_fp8(torch.randn(lin.out_features, 256, generator=gen))
+        lin.weight.data, lin.scale.data = w, s
+    x = torch.randn(3, 256, generator=gen)
+    want = [lin(x) for lin in (a, b, plain, odd)]
+    cat = RowConcat(a, b, plain, odd)
+    assert [len(run.layers) for run in cat.runs] == [2, 1, 1]
+    got = cat(x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert b.weight.data_ptr() == a.weight.data_ptr() + 128 * 256 and b.scale.data_ptr() == a.scale.data_ptr() + 2
+    fresh, _ = quant_fp8(torch.randn(256, 256, generator=gen))
+    b.load_state_dict({"weight": fresh, "scale": b.scale.detach().clone()})
+    torch.testing.assert_close(cat(x)[1], ops.fp8_linear(x, fresh, b.scale), atol=1e-5, rtol=1e-5)
