@@ -12,11 +12,9 @@ cannot join the run before them (another format, unaligned FP8) run on their own
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from v4d.kernels import ops
-from v4d.serving.model.linear import BLOCK
+from v4d.serving.model.linear import BLOCK, matmul
 
 
 def _kind(layer: nn.Linear) -> str | None:
@@ -59,14 +57,8 @@ class _Run:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if len(self.layers) == 1:
             return [self.layers[0](x)]
-        sizes = [layer.out_features for layer in self.layers]
-        if self.kind == "fp8":
-            w, s = self.tensors()
-            y = ops.fp8_linear(x.flatten(0, -2), w, s).unflatten(0, x.shape[:-1])
-        else:
-            (w,) = self.tensors()
-            y = F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-        return list(y.split(sizes, dim=-1))
+        y = matmul(x, *self.tensors())
+        return list(y.split([layer.out_features for layer in self.layers], dim=-1))
 
 
 class RowConcat:
@@ -75,7 +67,6 @@ class RowConcat:
     output (views of the run's output), in order."""
 
     def __init__(self, *layers: nn.Linear):
-        self.layers = layers
         self.runs: list[_Run] = []
         for layer in layers:
             kind = _kind(layer)

@@ -46,6 +46,14 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), w.float())
 
 
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T in x's dtype: an FP8 weight with its block `scale` through `ops.fp8_linear`, else a plain
+    weight (cast to x's dtype). `Linear` and the joined projections (concat.py) run their GEMMs here."""
+    if scale is not None:
+        return ops.fp8_linear(x.flatten(0, -2), weight, scale).unflatten(0, x.shape[:-1])
+    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+
+
 class Linear(nn.Linear):
     """y = x W^T without bias; see the module docstring for the stored forms."""
 
@@ -74,9 +82,9 @@ class Linear(nn.Linear):
         self.scale = nn.Parameter(s, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "fp8":
-            return ops.fp8_linear(x.flatten(0, -2), self.weight, self.scale).unflatten(0, x.shape[:-1])
-        return F.linear(x, self.dense_weight(x.dtype))
+        if self.fmt == "fp4":
+            return F.linear(x, self.dense_weight(x.dtype))
+        return matmul(x, self.weight, self.scale)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a plain [out, in] tensor of `dtype` (decoded when quantised)."""
