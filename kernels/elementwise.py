@@ -6,7 +6,9 @@ rotated (as pairs loaded even / odd, rounded to the output dtype first as the no
 would be) before the store, so a norm and its RoPE are one launch with the two ops' result.
 `rope`: one program per (token, block of heads); the leading channels are copied, the last `dim`
 ones rotated pairwise (2i, 2i+1) by pos * inv_freq[i] with cos/sin computed in the kernel (no angle
-table). Both compute in fp32 and store the output dtype, like their references.
+table). With `hadamard` each row, rotated and rounded as rope's output would be, is multiplied by the
+normalised Walsh-Hadamard matrix (fp32 dot, fp32 output): the indexer query's two steps in one.
+Both compute in fp32 and store the output dtype, like their references.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from v4d.kernels.kv_format import hadamard_matrix
 from v4d.kernels.launch import pow2
 
 
@@ -116,6 +119,7 @@ def _rope_kernel(
     x_ptr,
     pos_ptr,
     f_ptr,
+    h_ptr,
     out_ptr,
     M,
     C,
@@ -126,18 +130,35 @@ def _rope_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    HADAMARD: tl.constexpr,
 ):
     t = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     base = (t * M + m) * C  # [BLOCK_M] row starts (out)
     x_base = t * st + m * C  # x's: tokens st apart
-    for c0 in range(0, HEAD, BLOCK_H):
-        c = c0 + tl.arange(0, BLOCK_H)
-        ok = m_ok[:, None] & (c < HEAD)[None, :]
-        v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0)
-        tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
-    rotate_rows(x_ptr, out_ptr, x_base, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
+    if HADAMARD:  # whole rows (C a power of two): rotated pairs as rotate_rows computes them, then x H
+        c = tl.arange(0, BLOCK_H)
+        ok = m_ok[:, None] & (c < C)[None, :]
+        rot = (c >= HEAD) & (c < C)
+        v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        partner = tl.load(x_ptr + x_base[:, None] + (c ^ 1)[None, :], mask=ok & rot[None, :], other=0.0)
+        partner = partner.to(tl.float32)
+        i = tl.where(rot, (c - HEAD) // 2, 0)
+        ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + i, mask=rot, other=0.0).to(tl.float32)
+        cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
+        odd = (c % 2 == 1)[None, :]  # HEAD is even: pair (2i, 2i+1) = channels (c, c ^ 1)
+        y = tl.where(odd, partner * sin + v * cos, v * cos - partner * sin)
+        y = tl.where(rot[None, :], y, v).to(x_ptr.dtype.element_ty).to(tl.float32)  # rope's output
+        hm = tl.load(h_ptr + c[:, None] * C + c[None, :], mask=(c < C)[:, None] & (c < C)[None, :], other=0.0)
+        tl.store(out_ptr + base[:, None] + c[None, :], tl.dot(y, hm, input_precision="ieee"), mask=ok)
+    else:
+        for c0 in range(0, HEAD, BLOCK_H):
+            c = c0 + tl.arange(0, BLOCK_H)
+            ok = m_ok[:, None] & (c < HEAD)[None, :]
+            v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0)
+            tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
+        rotate_rows(x_ptr, out_ptr, x_base, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
 
 
 @triton.jit
@@ -171,18 +192,19 @@ def rotate_rows(
     tl.store(out_ptr + out_base[:, None] + even + 1, (a * sin + b * cos).to(ty), mask=ok)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool, hadamard: bool) -> torch.Tensor:
     # a token's rows contiguous, tokens at any stride (a column slice of a joined projection): in place
     x = x if x.shape[0] == 0 or x[0].is_contiguous() else x.contiguous()
     t, c, dim = x.shape[0], x.shape[-1], 2 * inv_freq.shape[0]
     m = x[0].numel() // c if t else 0
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.float32 if hadamard else x.dtype, device=x.device)
     if t and m:
-        block_m = min(pow2(m), 16)
+        block_m = 16 if hadamard else min(pow2(m), 16)  # tl.dot's least rows
         _rope_kernel[(t, triton.cdiv(m, block_m))](
             x,
             pos,
             inv_freq.contiguous(),  # upcast as loaded
+            hadamard_matrix(c, x.device) if hadamard else out,
             out,
             m,
             c,
@@ -191,7 +213,8 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
             HEAD=c - dim,
             HALF=dim // 2,
             BLOCK_M=block_m,
-            BLOCK_H=min(pow2(max(c - dim, 1)), 128),
+            BLOCK_H=pow2(c) if hadamard else min(pow2(max(c - dim, 1)), 128),
             BLOCK_P=pow2(dim // 2),
+            HADAMARD=hadamard,
         )
     return out

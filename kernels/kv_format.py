@@ -73,7 +73,8 @@ def unpack_main(rows: torch.Tensor, d: int, rope_dim: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def _hadamard(d: int, device: torch.device) -> torch.Tensor:
+def hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
+    """[d, d] fp32: the normalised Walsh-Hadamard matrix, made once per device (d a power of two)."""
     if d & (d - 1):
         raise ValueError(f"index_head_dim: the Hadamard rotation needs a power of two, got {d}")
     h = torch.ones(1, 1)
@@ -84,7 +85,7 @@ def _hadamard(d: int, device: torch.device) -> torch.Tensor:
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard rotation over the last dim (orthogonal and symmetric), fp32."""
-    return x.float() @ _hadamard(x.shape[-1], x.device)
+    return x.float() @ hadamard_matrix(x.shape[-1], x.device)
 
 
 @lru_cache(maxsize=8)

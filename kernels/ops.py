@@ -392,11 +392,17 @@ def rms_norm(
     return backend(x.device).rms_norm(x, weight, float(eps), dtype or x.dtype, rotary)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False, hadamard: bool = False
+) -> torch.Tensor:
     """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by the
-    angle pos[t] * inv_freq[i] (minus it with `inverse`); a new tensor of x's dtype."""
+    angle pos[t] * inv_freq[i] (minus it with `inverse`); a new tensor of x's dtype. `hadamard`: then
+    rotated by the Walsh-Hadamard matrix over C (a power of two), as `kv_format.hadamard` of that
+    tensor (fp32): the deployed indexer query's two steps in one launch."""
     op = "rope"
     _expect(x.dim() >= 2, op, "x of shape [T, ..., C]", _shape(x))
+    c = x.shape[-1]
+    _expect(not hadamard or (c & (c - 1) == 0 and c <= 256), op, "a power-of-two C <= 256 with hadamard", c)
     _expect(_shape(pos) == [x.shape[0]], op, f"pos of shape [{x.shape[0]}]", _shape(pos))
     _expect(
         inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= x.shape[-1],
@@ -404,7 +410,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bo
         f"inv_freq of shape [<= {x.shape[-1] // 2}]",
         _shape(inv_freq),
     )
-    return backend(x.device).rope(x, pos, inv_freq, bool(inverse))
+    return backend(x.device).rope(x, pos, inv_freq, bool(inverse), bool(hadamard))
 
 
 def pack_main(

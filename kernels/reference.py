@@ -378,9 +378,14 @@ def rms_norm(
     return y if rotary is None else rope(y, *rotary, False)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool, hadamard: bool = False
+) -> torch.Tensor:
     """x [T, ..., C] with its last 2 * len(inv_freq) channels rotated pairwise (2i, 2i+1) by
-    pos[t] * inv_freq[i] (by minus that with `inverse`); a new tensor of x's dtype."""
+    pos[t] * inv_freq[i] (by minus that with `inverse`); a new tensor of x's dtype, or with `hadamard`
+    that tensor's Walsh-Hadamard rotation (`kv_format.hadamard`, fp32)."""
+    if hadamard:
+        return kv_format.hadamard(rope(x, pos, inv_freq, inverse))
     dim = 2 * inv_freq.shape[0]
     angles = torch.outer(pos.to(torch.float32), inv_freq.float())
     rot = torch.polar(torch.ones_like(angles), angles)

@@ -200,7 +200,8 @@ def calls(dtype: torch.dtype) -> None:
     finally:
         for m, fn in zip(split_modules, saved, strict=True):
             m.split_reduction = fn
-    tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False)
+    tb.rope(r(8, 64, 512), torch.arange(8), r(32, dt=torch.float32), False, False)
+    tb.rope(r(8, 64, 128), torch.arange(8), r(32, dt=torch.float32), False, True)  # indexer query, rotated
     tb.pack_main(r(8, 512), 64)
     tb.pack_index(r(8, 128))
     into = torch.arange(8) * 2  # straight into store rows

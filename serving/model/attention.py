@@ -59,7 +59,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache) -> torch.Tensor:
         """x: [N, d] (already normalised) rows of the step. Writes the step's state; returns [N, d]."""
-        pos, rd, rotary = step.pos, self.rope.dim, (step.pos, self.rope.inv_freq)
+        rd, rotary = self.rope.dim, (step.pos, self.rope.inv_freq)
         qa, kv_a, *iw = self.x_proj(x)
         qr = self.q_norm(qa)
         q, *iq = self.qr_proj(qr)
@@ -78,7 +78,7 @@ class Attention(nn.Module):
             entries = self.compressor.update(main, comp, cache.comp, x.dtype)
             ops.store_rows(entries, store, rd, comp.entry_rows)
             if self.indexer is not None:
-                idx = self.indexer.select(self.indexer.project(iq[0], iw[0], pos), index, step, comp, cache)
+                idx = self.indexer.select(iq[0], iw[0], index, step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1 (step metadata)
                 idx = comp.attn_idx
             # the step's rows into both compressors' tails (after their pools read them): one copy

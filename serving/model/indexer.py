@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from v4d.kernels import ops
-from v4d.kernels.kv_format import hadamard
 from v4d.serving.config import ModelConfig
 from v4d.serving.model.cache import LayerCache
 from v4d.serving.model.compressor import Compressor
@@ -33,27 +32,24 @@ class Indexer(nn.Module):
         self.rope = rope
         self.scale = (self.head_dim * self.n_heads) ** -0.5
 
-    def project(self, q: torch.Tensor, w: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token inputs of the whole batch from `wq_b(qr)` and `weights_proj(x)` (run in the
-        attention's joined GEMMs, as the compressor's projections): queries (roped) and head weights."""
-        return {"q": self.rope(q.unflatten(-1, (self.n_heads, self.head_dim)), pos), "w": w}
-
     def select(
-        self, p: dict[str, torch.Tensor], proj: torch.Tensor, step: Step, comp: Compression, cache: LayerCache
+        self, q: torch.Tensor, w: torch.Tensor, proj: torch.Tensor, step: Step, comp: Compression, cache: LayerCache
     ) -> torch.Tensor:
-        """Advance the indexer keys of the step (proj: its compressor's projections) and return each
-        row's attention indices: the window's, then its top-k entries' page-store rows past the step's
-        rows and rings ([N, W + k], -1 = none)."""
-        q = p["q"]
+        """Advance the indexer keys of the step and return each row's attention indices: the window's,
+        then its top-k entries' page-store rows past the step's rows and rings ([N, W + k], -1 = none).
+        q = wq_b(qr), w = weights_proj(x), proj: the compressor's projections (all from the
+        attention's joined GEMMs)."""
         keys = self.compressor.update(proj, comp, cache.index_comp, q.dtype)
         store = cache.index.flatten(0, 1)
-        if store.dtype == torch.uint8:  # deployed: FP4 keys in the Hadamard basis (rotated as packed)
+        packed = store.dtype == torch.uint8  # deployed: FP4 keys in the Hadamard basis (rotated as packed)
+        if packed:
             ops.pack_index(keys, store, comp.entry_rows, rotate=True)
-            q = hadamard(q)
         else:
             ops.store_rows(keys, store, None, comp.entry_rows)
+        # the queries roped, and in the deployed format rotated like the keys, in one launch
+        q = self.rope(q.unflatten(-1, (self.n_heads, self.head_dim)), step.pos, hadamard=packed)
         # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
         table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
-        scores = ops.paged_indexer_scores(q, p["w"], cache.index, table, step.seq, comp.visible, self.scale)
+        scores = ops.paged_indexer_scores(q, w, cache.index, table, step.seq, comp.visible, self.scale)
         rows = (table, step.seq, comp.per_page, step.entry_offset)
         return ops.indexer_topk(scores, min(self.topk, comp.max_visible), rows, step.window_idx)

@@ -63,7 +63,10 @@ class Rope(nn.Module):
             )
         return cls(rd, inv_freq(rd, cfg.rope_theta))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False, hadamard: bool = False
+    ) -> torch.Tensor:
         """x: [T, ..., C] with C >= dim; pos: [T] absolute positions. Returns a new tensor (one
-        `ops.rope` launch: angles computed in place, no table)."""
-        return ops.rope(x, pos, self.inv_freq, inverse)
+        `ops.rope` launch: angles computed in place, no table); `hadamard`: its Walsh-Hadamard
+        rotation (fp32) in the same launch."""
+        return ops.rope(x, pos, self.inv_freq, inverse, hadamard)

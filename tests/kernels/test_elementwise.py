@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from v4d.kernels import reference as ref
+from v4d.kernels.kv_format import hadamard
 from v4d.serving.model.rope import inv_freq
 
 
@@ -66,3 +67,23 @@ def test_column_slices_of_a_joined_projection_are_read_in_place(kops, dtype, gen
             kops.rms_norm(joined[:, :40].contiguous(), None, 1e-6, dtype),
         )
     assert torch.equal(kops.rope(x, pos, f, False), kops.rope(x.contiguous(), pos, f, False))
+
+
+@pytest.mark.parametrize(
+    "shape,dim", [((6, 4, 64), 32), ((3, 2, 128), 64), ((2, 16), 16)], ids=["heads", "wide", "all-rope"]
+)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_with_hadamard_is_the_two_ops(kops, dtype, gen, shape, dim, inverse):
+    """One launch, kv_format.hadamard of rope's output (rounded to x's dtype in between), fp32."""
+    x = torch.randn(shape, generator=gen).to(dtype)
+    pos = torch.tensor([0, 1, 7, 4096, 100_000, 3][: shape[0]])
+    f = inv_freq(dim, 10000.0, 4096, 16.0)
+    want = hadamard(ref.rope(x, pos, f, inverse))
+    got = kops.rope(x, pos, f, inverse, True)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5)
+    # the same rotated values as the backend's own rope (up to the fp32 sum's order)
+    torch.testing.assert_close(got, hadamard(kops.rope(x, pos, f, inverse)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(ref.rope(x, pos, f, inverse, hadamard=True), want)
+    with pytest.raises(ValueError, match="power-of-two"):
+        kops.rope(torch.zeros(2, 48, dtype=dtype), pos[:2], f[:8], False, True)
