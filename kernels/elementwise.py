@@ -40,36 +40,57 @@ def _rms_norm_kernel(
     BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0)
-    x_row = (row // M) * st + (row % M) * sx  # M rows of sx per token, tokens st apart
+    x_row = x_ptr + (row // M) * st + (row % M) * sx  # M rows of sx per token, tokens st apart
+    inv = rms_inv(x_row, C, eps, BLOCK_C)
+    nope = C - 2 * HALF
+    ty = out_ptr.dtype.element_ty
+    for c0 in range(0, nope, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        y = normed(x_row, w_ptr, c, c < nope, inv, HAS_W)
+        tl.store(out_ptr + row * so + c, y.to(ty), mask=c < nope)
+    if HALF > 0:  # RoPE of the last 2 * HALF channels, pairs (2i, 2i+1), at the row's token position
+        i = tl.arange(0, BLOCK_P)
+        even = nope + 2 * i
+        pos = tl.load(pos_ptr + row // M)
+        a, b = normed_pairs(x_row, w_ptr, even, i < HALF, inv, pos, f_ptr, nope, HAS_W, True, ty)
+        tl.store(out_ptr + row * so + even, a.to(ty), mask=i < HALF)
+        tl.store(out_ptr + row * so + even + 1, b.to(ty), mask=i < HALF)
+
+
+@triton.jit
+def rms_inv(x_row, C, eps, BLOCK_C: tl.constexpr):
+    """1 / rms of the C channels at x_row (+ eps), fp32: rms_norm's first pass, and the packers' (kv_pack.py)
+    when they normalise the rows they pack, so both give the same factor."""
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + x_row + c, mask=c < C, other=0.0).to(tl.float32)
+        x = tl.load(x_row + c, mask=c < C, other=0.0).to(tl.float32)
         acc += x * x
-    inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
-    nope = C - 2 * HALF
-    for c0 in range(0, nope, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + x_row + c, mask=c < nope, other=0.0).to(tl.float32)
-        y = x * inv
-        if HAS_W:
-            y = tl.load(w_ptr + c, mask=c < nope, other=0.0).to(tl.float32) * y
-        tl.store(out_ptr + row * so + c, y.to(out_ptr.dtype.element_ty), mask=c < nope)
-    if HALF > 0:  # RoPE of the last 2 * HALF channels, pairs (2i, 2i+1), at the row's token position
-        i = tl.arange(0, BLOCK_P)
-        ok = i < HALF
-        even = nope + 2 * i
-        a = tl.load(x_ptr + x_row + even, mask=ok, other=0.0).to(tl.float32) * inv
-        b = tl.load(x_ptr + x_row + even + 1, mask=ok, other=0.0).to(tl.float32) * inv
-        if HAS_W:
-            a = tl.load(w_ptr + even, mask=ok, other=0.0).to(tl.float32) * a
-            b = tl.load(w_ptr + even + 1, mask=ok, other=0.0).to(tl.float32) * b
-        ty = out_ptr.dtype.element_ty
-        a, b = a.to(ty).to(tl.float32), b.to(ty).to(tl.float32)  # rounded as the norm's output would be
-        ang = tl.load(pos_ptr + row // M).to(tl.float32) * tl.load(f_ptr + i, mask=ok, other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
+
+
+@triton.jit
+def normed(x_row, w_ptr, c, ok, inv, HAS_W: tl.constexpr):
+    """Channels c of the row at x_row times inv (and the gain), fp32 before the output's rounding."""
+    y = tl.load(x_row + c, mask=ok, other=0.0).to(tl.float32) * inv
+    if HAS_W:
+        y = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32) * y
+    return y
+
+
+@triton.jit
+def normed_pairs(x_row, w_ptr, even, ok, inv, pos, f_ptr, start, HAS_W: tl.constexpr, ROTARY: tl.constexpr, ty):
+    """Channels (even, even + 1) normalised (`normed`) and rounded to ty as the norm's output would be;
+    with ROTARY the pairs from channel `start` on rotated by RoPE at pos (pair (even - start) // 2's
+    frequency). fp32 values before the final rounding to ty."""
+    a = normed(x_row, w_ptr, even, ok, inv, HAS_W).to(ty).to(tl.float32)
+    b = normed(x_row, w_ptr, even + 1, ok, inv, HAS_W).to(ty).to(tl.float32)
+    if ROTARY:
+        rot = ok & (even >= start)
+        ang = pos.to(tl.float32) * tl.load(f_ptr + (even - start) // 2, mask=rot, other=0.0).to(tl.float32)
         cos, sin = tl.cos(ang), tl.sin(ang)
-        tl.store(out_ptr + row * so + even, (a * cos - b * sin).to(ty), mask=ok)
-        tl.store(out_ptr + row * so + even + 1, (a * sin + b * cos).to(ty), mask=ok)
+        a, b = tl.where(rot, a * cos - b * sin, a), tl.where(rot, a * sin + b * cos, b)
+    return a, b
 
 
 def rms_norm(

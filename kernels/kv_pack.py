@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from v4d.kernels.elementwise import normed, normed_pairs, rms_inv
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes, main_bytes
 from v4d.kernels.launch import pow2
+from v4d.kernels.rownorm import RowNorm
 
 
 @triton.jit
@@ -54,68 +56,115 @@ def _e4m3_byte(y):
 
 
 @triton.jit
+def _store_bf16(ptr, v, ok):
+    """The BF16 bits of fp32 v (nearest, ties to even) as two little-endian bytes at ptr."""
+    r = v.to(tl.uint32, bitcast=True)
+    b = (r + 0x7FFF + ((r >> 16) & 1)) >> 16
+    tl.store(ptr, (b & 255).to(tl.uint8), mask=ok)
+    tl.store(ptr + 1, (b >> 8).to(tl.uint8), mask=ok)
+
+
+@triton.jit
 def _pack_main_kernel(
     x_ptr,
     out_ptr,
     rows_ptr,
+    w_ptr,
+    pos_ptr,
+    f_ptr,
     sx,
     so,
+    eps,
     HAS_ROWS: tl.constexpr,
+    NORM: tl.constexpr,
+    ROTARY: tl.constexpr,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     G: tl.constexpr,
     WIDTH: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     dst = tl.load(rows_ptr + row).to(tl.int64) if HAS_ROWS else row.to(tl.int64)
     xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + dst * so
+    ty = x_ptr.dtype.element_ty
+    inv = rms_inv(xrow, NOPE + ROPE, eps, BLOCK_C) if NORM else 1.0
     c = tl.arange(0, GROUP)
     for g in range(G):
         offs = g * GROUP + c
         ok = offs < NOPE
-        x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
+        if NORM:  # the norm's output, rounded to x's dtype as rms_norm would store it
+            x = normed(xrow, w_ptr, offs, ok, inv, True).to(ty).to(tl.float32)
+        else:
+            x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), 0)
         e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 448.0))  # IEEE division, as torch's
-        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)  # 2**-e, exact
-        y = x * inv
+        inv_s = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)  # 2**-e, exact
+        y = x * inv_s
         tl.store(orow + offs, _e4m3_byte(y).to(tl.uint8), mask=ok)
         tl.store(orow + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8))
-    i = tl.arange(0, BLOCK_R)
-    ok = i < ROPE
-    r = tl.load(xrow + NOPE + i, mask=ok, other=0.0).to(tl.float32).to(tl.uint32, bitcast=True)
-    b = (r + 0x7FFF + ((r >> 16) & 1)) >> 16  # BF16 bits, nearest even
-    tl.store(orow + NOPE + 2 * i, (b & 255).to(tl.uint8), mask=ok)
-    tl.store(orow + NOPE + 2 * i + 1, (b >> 8).to(tl.uint8), mask=ok)
+    i = tl.arange(0, BLOCK_R)  # rope dims as pairs (2i, 2i + 1)
+    ok = i < ROPE // 2
+    even = NOPE + 2 * i
+    if NORM:
+        pos = tl.load(pos_ptr + row) if ROTARY else 0
+        a, b = normed_pairs(xrow, w_ptr, even, ok, inv, pos, f_ptr, NOPE, True, ROTARY, ty)
+        a, b = a.to(ty).to(tl.float32), b.to(ty).to(tl.float32)
+    else:
+        a = tl.load(xrow + even, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(xrow + even + 1, mask=ok, other=0.0).to(tl.float32)
+    _store_bf16(orow + NOPE + 4 * i, a, ok)  # rope dim k's BF16 at bytes NOPE + 2k, NOPE + 2k + 1
+    _store_bf16(orow + NOPE + 4 * i + 2, b, ok)
     p = NOPE + 2 * ROPE + G + tl.arange(0, 8)
     tl.store(orow + p, tl.zeros((8,), dtype=tl.uint8), mask=p < WIDTH)
 
 
 def pack_main(
-    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    x: torch.Tensor,
+    rope_dim: int,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     r, d = x.shape
     nope = d - rope_dim
     width = main_bytes(d, rope_dim)
-    x = x.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()  # rows at any stride (a column slice): in place
     out = torch.empty(r, width, dtype=torch.uint8, device=x.device) if out is None else out
     if r:
+        w, pos, f = _norm_args(norm, out)
         _pack_main_kernel[(r,)](
             x,
             out,
             out if rows is None else rows,
+            w,
+            pos,
+            f,
             x.stride(0),
             out.stride(0),
+            norm.eps if norm is not None else 0.0,
             HAS_ROWS=rows is not None,
+            NORM=norm is not None,
+            ROTARY=norm is not None and norm.rotary is not None,
             NOPE=nope,
             ROPE=rope_dim,
             G=-(-nope // FP8_GROUP),
             WIDTH=width,
             GROUP=FP8_GROUP,
-            BLOCK_R=pow2(rope_dim),
+            BLOCK_R=pow2(rope_dim // 2),
+            BLOCK_C=min(pow2(d), 2048),  # rms_norm's, for the same sum of squares
         )
     return out
+
+
+def _norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gain, positions and frequencies of a RowNorm as kernel arguments (any tensor where absent)."""
+    if norm is None:
+        return dummy, dummy, dummy
+    pos, f = norm.rotary if norm.rotary is not None else (dummy, dummy)
+    return norm.weight, pos, f.contiguous()  # upcast as loaded
 
 
 @triton.jit
@@ -151,54 +200,87 @@ def _pack_index_kernel(
     x_ptr,
     out_ptr,
     rows_ptr,
+    w_ptr,
+    pos_ptr,
+    f_ptr,
     sx,
     so,
+    eps,
+    start,
     HAS_ROWS: tl.constexpr,
     ROTATE: tl.constexpr,
+    NORM: tl.constexpr,
+    ROTARY: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
     HALF_GROUP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     dst = tl.load(rows_ptr + row).to(tl.int64) if HAS_ROWS else row.to(tl.int64)
     xrow, orow = x_ptr + row.to(tl.int64) * sx, out_ptr + dst * so
+    ty = x_ptr.dtype.element_ty
+    if NORM:  # rms_norm's factor, and its RoPE from channel `start` on
+        inv = rms_inv(xrow, D, eps, BLOCK_C)
+        pos = tl.load(pos_ptr + row) if ROTARY else 0
     if ROTATE:  # the whole row, for y = H x (Sylvester H[i, j] = (-1)^popcount(i & j) / sqrt(D))
         j = tl.arange(0, D)
-        x = tl.load(xrow + j).to(tl.float32)
+        if NORM:  # channel j of its pair (j & ~1, j | 1), as the norm (and RoPE) would store it
+            a, b = normed_pairs(xrow, w_ptr, j - j % 2, j < D, inv, pos, f_ptr, start, True, ROTARY, ty)
+            x = tl.where(j % 2 == 1, b, a).to(ty).to(tl.float32)
+        else:
+            x = tl.load(xrow + j).to(tl.float32)
     for g in range(G):
         i = g * HALF_GROUP + tl.arange(0, HALF_GROUP)  # byte i holds elements 2i, 2i+1
         ok = 2 * i < D
         if ROTATE:
             xe = tl.sum(_hadamard_signs(2 * i, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
             xo = tl.sum(_hadamard_signs(2 * i + 1, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
+        elif NORM:
+            xe, xo = normed_pairs(xrow, w_ptr, 2 * i, ok, inv, pos, f_ptr, start, True, ROTARY, ty)
+            xe, xo = xe.to(ty).to(tl.float32), xo.to(ty).to(tl.float32)
         else:
             xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
             xo = tl.load(xrow + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(xe), 0), tl.max(tl.abs(xo), 0))
         e = _ceil_log2(tl.div_rn(tl.maximum(amax, 2.0**-126), 6.0))
-        inv = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)
-        byte = _e2m1_code(xe * inv) | (_e2m1_code(xo * inv) << 4)
+        inv_s = ((127 - tl.minimum(e, 126)) << 23).to(tl.float32, bitcast=True)
+        byte = _e2m1_code(xe * inv_s) | (_e2m1_code(xo * inv_s) << 4)
         tl.store(orow + i, byte.to(tl.uint8), mask=ok)
         tl.store(orow + D // 2 + g, (e + 127).to(tl.uint8))
 
 
 def pack_index(
-    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    rotate: bool = False,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     r, d = x.shape
-    x = x.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()  # rows at any stride (a column slice): in place
     out = torch.empty(r, index_bytes(d), dtype=torch.uint8, device=x.device) if out is None else out
     if r:
+        w, pos, f = _norm_args(norm, out)
+        rotary = norm is not None and norm.rotary is not None
         _pack_index_kernel[(r,)](
             x,
             out,
             out if rows is None else rows,
+            w,
+            pos,
+            f,
             x.stride(0),
             out.stride(0),
+            norm.eps if norm is not None else 0.0,
+            d - 2 * f.shape[0] if rotary else d,
             HAS_ROWS=rows is not None,
             ROTATE=rotate,
+            NORM=norm is not None,
+            ROTARY=rotary,
             D=d,
             G=-(-d // FP4_GROUP),
             HALF_GROUP=FP4_GROUP // 2,
+            BLOCK_C=min(pow2(d), 2048),  # rms_norm's, for the same sum of squares
         )
     return out

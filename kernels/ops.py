@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 
 from v4d.kernels import kv_format, reference
+from v4d.kernels.rownorm import RowNorm
 
 MODES = ("auto", "reference", "triton")
 _triton_backend: ModuleType | None = None
@@ -414,24 +415,34 @@ def rope(
 
 
 def pack_main(
-    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    x: torch.Tensor,
+    rope_dim: int,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """[R, main_bytes] uint8: rows x [R, d] as deployed main entries (kernels/kv_format.py layout:
     FP8 E4M3 + UE8M0 per 64 nope values, BF16 rope dims), one launch. With `out` (a store [S,
-    main_bytes]) and `rows` [R]: row i is written to out[rows[i]] in place and out is returned."""
+    main_bytes]) and `rows` [R]: row i is written to out[rows[i]] in place and out is returned.
+    `norm`: the rows' `rms_norm` (and RoPE of the rope dims) packed, in the same launch."""
     op = "pack_main"
     _expect(x.dim() == 2 and x.is_floating_point(), op, "floating point x of shape [R, d]", _shape(x))
-    _expect(0 <= rope_dim <= x.shape[1], op, f"rope_dim in 0..{x.shape[1]}", rope_dim)
+    _expect(0 <= rope_dim <= x.shape[1] and rope_dim % 2 == 0, op, f"an even rope_dim in 0..{x.shape[1]}", rope_dim)
     _check_into(op, x, out, rows, kv_format.main_bytes(x.shape[1], rope_dim))
-    return backend(x.device).pack_main(x, int(rope_dim), out, rows)
+    _check_norm(op, x, norm, rope_dim)
+    return backend(x.device).pack_main(x, int(rope_dim), out, rows, norm)
 
 
 def pack_index(
-    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    rotate: bool = False,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """[R, index_bytes] uint8: indexer keys x [R, d] as FP4 E2M1 + UE8M0 per 32 (kernels/kv_format.py
     layout), one launch; `rotate`: their normalised Walsh-Hadamard rotation (`kv_format.hadamard`,
-    d a power of two) first; `out`/`rows` as in `pack_main`."""
+    d a power of two) first; `out`/`rows`/`norm` as in `pack_main` (the norm before the rotation)."""
     op = "pack_index"
     _expect(
         x.dim() == 2 and x.is_floating_point() and x.shape[1] % 2 == 0,
@@ -442,7 +453,22 @@ def pack_index(
     d = x.shape[1]
     _expect(not rotate or d & (d - 1) == 0, op, "a power-of-two d to rotate", d)
     _check_into(op, x, out, rows, kv_format.index_bytes(x.shape[1]))
-    return backend(x.device).pack_index(x, out, rows, bool(rotate))
+    _check_norm(op, x, norm, None)
+    return backend(x.device).pack_index(x, out, rows, bool(rotate), norm)
+
+
+def _check_norm(op: str, x: torch.Tensor, norm: RowNorm | None, rope_dim: int | None) -> None:
+    """A packer's `norm`: a gain per channel; RoPE positions per row, over rope_dim channels when given."""
+    if norm is None:
+        return
+    c = x.shape[1]
+    _expect(_shape(norm.weight) == [c], op, f"norm.weight of shape [{c}]", _shape(norm.weight))
+    if norm.rotary is not None:
+        pos, f = norm.rotary
+        _expect(_shape(pos) == [x.shape[0]], op, f"norm.rotary pos of shape [{x.shape[0]}]", _shape(pos))
+        want = f"[{rope_dim // 2}]" if rope_dim is not None else f"[<= {c // 2}]"
+        ok = f.dim() == 1 and (2 * f.shape[0] == rope_dim if rope_dim is not None else 2 * f.shape[0] <= c)
+        _expect(ok, op, f"norm.rotary inv_freq of shape {want}", _shape(f))
 
 
 def _check_into(op: str, x: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None, width: int) -> None:
@@ -458,14 +484,23 @@ def _check_into(op: str, x: torch.Tensor, out: torch.Tensor | None, rows: torch.
 
 
 def store_rows(
-    x: torch.Tensor, store: torch.Tensor, rope_dim: int | None, rows: torch.Tensor | None = None
+    x: torch.Tensor,
+    store: torch.Tensor,
+    rope_dim: int | None,
+    rows: torch.Tensor | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """Rows of `x` in `store`'s format: packed main entries (rope_dim given; `pack_main`), packed
-    indexer keys (rope_dim None; `pack_index`), or a cast for plain stores. With `rows`: written to
-    store[rows] in place instead (packed: in the packing launch) and store is returned."""
+    indexer keys in the Hadamard basis (rope_dim None; `pack_index(rotate=True)`), or a cast for
+    plain stores. With `rows`: written to store[rows] in place instead (packed: in the packing launch)
+    and store is returned. `norm`: the rows' `rms_norm` (and RoPE) stored, packed in the same launch."""
     if store.dtype == torch.uint8:
         into = (store, rows) if rows is not None else (None, None)
-        return pack_main(x, rope_dim, *into) if rope_dim is not None else pack_index(x, *into)
+        if rope_dim is not None:
+            return pack_main(x, rope_dim, *into, norm=norm)
+        return pack_index(x, *into, rotate=True, norm=norm)
+    if norm is not None:  # plain stores (exactness runs): the norm's own launch
+        x = rms_norm(x, norm.weight, norm.eps, x.dtype, norm.rotary)
     if rows is None:
         return x.to(store.dtype)
     store[rows] = x.to(store.dtype)

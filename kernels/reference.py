@@ -14,6 +14,7 @@ from v4d.kernels import kv_format
 from v4d.kernels.kv_format import load_rows
 from v4d.kernels.quant import act_quant as quantise_activations
 from v4d.kernels.quant import dequant_fp4, dequant_fp8
+from v4d.kernels.rownorm import RowNorm
 
 QUERY_BLOCK = 512  # query rows per gather in paged_sparse_attention (a decode batch is one block)
 
@@ -424,18 +425,32 @@ def moe_route(
 
 
 def pack_main(
-    x: torch.Tensor, rope_dim: int, out: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    x: torch.Tensor,
+    rope_dim: int,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
-    """`kv_format.pack_main` of the rows; with out/rows written to out[rows] (returns out)."""
-    return _into(kv_format.pack_main(x, rope_dim), out, rows)
+    """`kv_format.pack_main` of the rows (of their `rms_norm` with `norm`); with out/rows written to
+    out[rows] (returns out)."""
+    return _into(kv_format.pack_main(_normed(x, norm), rope_dim), out, rows)
 
 
 def pack_index(
-    x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None, rotate: bool = False
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    rotate: bool = False,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
-    """`kv_format.pack_index` of the rows (`kv_format.hadamard` of them first with `rotate`); with
-    out/rows written to out[rows] (returns out)."""
+    """`kv_format.pack_index` of the rows (of their `rms_norm` with `norm`; `kv_format.hadamard` of
+    that first with `rotate`); with out/rows written to out[rows] (returns out)."""
+    x = _normed(x, norm)
     return _into(kv_format.pack_index(kv_format.hadamard(x) if rotate else x), out, rows)
+
+
+def _normed(x: torch.Tensor, norm: RowNorm | None) -> torch.Tensor:
+    return x if norm is None else rms_norm(x, norm.weight, norm.eps, x.dtype, norm.rotary)
 
 
 def _into(packed: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:

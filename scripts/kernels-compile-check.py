@@ -24,6 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from v4d.kernels import kv_format, paged, routing, sinkhorn, triton_backend  # noqa: E402
+from v4d.kernels.rownorm import RowNorm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
@@ -208,6 +209,11 @@ def calls(dtype: torch.dtype) -> None:
     tb.pack_main(r(8, 512), 64, torch.zeros(16, kv_format.main_bytes(512, 64), dtype=torch.uint8), into)
     tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into)
     tb.pack_index(r(8, 128), torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8), into, True)  # rotated
+    rotary = (torch.arange(8), r(32, dt=torch.float32))  # the KV / compressed-entry norms, packed with their rows
+    main_store = torch.zeros(16, kv_format.main_bytes(512, 64), dtype=torch.uint8)
+    tb.pack_main(r(8, 512), 64, main_store, into, RowNorm(r(512, dt=torch.float32), 1e-6, rotary))
+    index_store = torch.zeros(16, kv_format.index_bytes(128), dtype=torch.uint8)
+    tb.pack_index(r(8, 128), index_store, into, True, RowNorm(r(128, dt=torch.float32), 1e-6, rotary))
 
 
 def main() -> int:

@@ -67,7 +67,7 @@ class Attention(nn.Module):
         q = rms_normalize(q, self.eps, x.dtype, rotary)
         # Window entries in the storage format, once: attention reads this step's rows and the ring
         # the same way, and the ring gets these bytes, so a position has one value wherever it is read.
-        kv = ops.store_rows(self.kv_norm(kv_a, rotary), cache.window, rd)
+        kv = ops.store_rows(kv_a, cache.window, rd, norm=self.kv_norm.as_row_norm(rotary))
         ring = cache.window.flatten(0, 1)
         idx, store = step.window_idx, None
         if self.compressor is not None:
@@ -75,8 +75,8 @@ class Attention(nn.Module):
             store = cache.main.flatten(0, 1)
             proj = linear_fp32(x, self.comp_proj.weight())  # fp32 whatever the model dtype
             main, index = proj.split(2 * self.compressor.wkv.out_features, dim=1) if self.indexer else (proj, None)
-            entries = self.compressor.update(main, comp, cache.comp, x.dtype)
-            ops.store_rows(entries, store, rd, comp.entry_rows)
+            entries, norm = self.compressor.update(main, comp, cache.comp, x.dtype)
+            ops.store_rows(entries, store, rd, comp.entry_rows, norm)
             if self.indexer is not None:
                 idx = self.indexer.select(iq[0], iw[0], index, step, comp, cache)
             else:  # HCA: every closed block, visible once p >= ratio * (s + 1) - 1 (step metadata)

@@ -5,11 +5,12 @@ the pool reads a candidate, so the tail rings hold wgate x_j). HCA pools each bl
 of `ratio` tokens; CSA (ratio 4) is overlapped: entry i pools 8 candidates, the previous block
 through the first `head_dim` channels ("b" branch) and its own block through the second ("a"),
 with one softmax per channel over all 8. Each finished entry gets RMSNorm and RoPE at its anchor
-position ratio * i. Positions of a block not yet closed wait in the slot's tail state, so any split
-of a sequence into chunks produces the same entries. `update` serves every sequence of a step at
-once: the step's `Compression` lists each closing entry's candidate rows (this step's or the tail
-ring's), so one `gated_pool_indexed` call pools them all. The projections (`wkv`, `wgate`) run in
-the owning attention's joined GEMM (serving/model/concat.py) in fp32.
+position ratio * i, in the launch that stores it. Positions of a block not yet closed wait in the
+slot's tail state, so any split of a sequence into chunks produces the same entries. `update`
+serves every sequence of a step at once: the step's `Compression` lists each closing entry's
+candidate rows (this step's or the tail ring's), so one `gated_pool_indexed` call pools them all.
+The projections (`wkv`, `wgate`) run in the owning attention's joined GEMM
+(serving/model/concat.py) in fp32.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ class Compressor(nn.Module):
 
     def update(
         self, proj: torch.Tensor, comp: Compression, state: CompressorState, out_dtype: torch.dtype
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ops.RowNorm]:
         """Feed the step's rows (proj [N, 2 * width]: values | unbiased gate logits, fp32): returns the
-        entries [E, head_dim] the step closes (in `comp.anchor` order; the pool adds the position bias
-        `ape` as it reads a candidate). The caller then writes the step's rows to the tail rings
-        (`LayerCache.tails`: one copy for the layer's compressors)."""
+        pooled entries [E, head_dim] the step closes (in `comp.anchor` order; the pool adds the position
+        bias `ape` as it reads a candidate) and the norm + RoPE that finishes them, which the store
+        applies as it packs them (`ops.store_rows(norm=)`). The caller then writes the step's rows to
+        the tail rings (`LayerCache.tails`: one copy for the layer's compressors)."""
         w = proj.shape[1] // 2
         tail = state.tail.flatten(0, 1)
         pooled = ops.gated_pool_indexed(
             proj[:, :w], proj[:, w:], tail[:, :w], tail[:, w:], comp.idx, self.overlap, self.ape, out_dtype
         )
-        return self.norm(pooled, (comp.anchor, self.rope.inv_freq))
+        return pooled, self.norm.as_row_norm((comp.anchor, self.rope.inv_freq))

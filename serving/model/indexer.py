@@ -39,15 +39,11 @@ class Indexer(nn.Module):
         then its top-k entries' page-store rows past the step's rows and rings ([N, W + k], -1 = none).
         q = wq_b(qr), w = weights_proj(x), proj: the compressor's projections (all from the
         attention's joined GEMMs)."""
-        keys = self.compressor.update(proj, comp, cache.index_comp, q.dtype)
-        store = cache.index.flatten(0, 1)
-        packed = store.dtype == torch.uint8  # deployed: FP4 keys in the Hadamard basis (rotated as packed)
-        if packed:
-            ops.pack_index(keys, store, comp.entry_rows, rotate=True)
-        else:
-            ops.store_rows(keys, store, None, comp.entry_rows)
-        # the queries roped, and in the deployed format rotated like the keys, in one launch
-        q = self.rope(q.unflatten(-1, (self.n_heads, self.head_dim)), step.pos, hadamard=packed)
+        keys, norm = self.compressor.update(proj, comp, cache.index_comp, q.dtype)
+        store = ops.store_rows(keys, cache.index.flatten(0, 1), None, comp.entry_rows, norm)
+        # the queries roped, and in the deployed format (FP4 keys in the Hadamard basis) rotated like
+        # the keys, in one launch
+        q = self.rope(q.unflatten(-1, (self.n_heads, self.head_dim)), step.pos, hadamard=store.dtype == torch.uint8)
         # only the pages that hold a visible entry: the scan and top-k cover closed blocks, not the table
         table = step.block_table[:, : max(1, -(-comp.max_visible // comp.per_page))]
         scores = ops.paged_indexer_scores(q, w, cache.index, table, step.seq, comp.visible, self.scale)

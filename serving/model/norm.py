@@ -28,3 +28,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`rotary` = (pos, inv_freq): the RoPE of the result in the same launch (ops.rms_norm)."""
         return ops.rms_norm(x, self.weight, self.eps, None, rotary)
+
+    def as_row_norm(self, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> ops.RowNorm:
+        """This norm (and RoPE) for a packer to apply to the rows it stores (`ops.store_rows(norm=)`)."""
+        return ops.RowNorm(self.weight, self.eps, rotary)

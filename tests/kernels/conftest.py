@@ -42,8 +42,9 @@ class OnDevice:
         fn = getattr(self._ops, name)
 
         def move(a):
-            if isinstance(a, tuple):
-                return tuple(move(b) for b in a)
+            if isinstance(a, tuple):  # NamedTuples (ops.RowNorm) keep their type
+                moved = [move(b) for b in a]
+                return type(a)(*moved) if hasattr(a, "_fields") else tuple(moved)
             return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
 
         def call(*args):

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from v4d.kernels import kv_format
+from v4d.kernels import kv_format, ops
+from v4d.kernels import reference as ref
+from v4d.serving.model.rope import inv_freq
 
 
 @pytest.mark.parametrize("d,rope_dim", [(512, 64), (200, 40), (96, 0)], ids=["v4", "ragged-group", "no-rope"])
@@ -59,3 +61,36 @@ def test_pack_index_rotated_equals_packing_the_hadamard_rotation(kops, dtype, ge
     # fp32 sums in another order than the matmul's: a value on an FP4 midpoint could round the other way
     assert (got[rows] != want).sum() <= 2, f"{int((got[rows] != want).sum())} bytes differ"
     assert torch.equal(kops.pack_index(x, store.clone(), rows, True)[rows], got[rows])
+
+
+@pytest.mark.parametrize("kind", ["main", "index", "index-rotated"])
+@pytest.mark.parametrize("roped", [True, False], ids=["rope", "no-rope"])
+def test_packing_with_norm_equals_packing_the_norms_output(kops, dtype, gen, kind, roped):
+    """`norm=`: the rows' rms_norm (and RoPE), rounded to x's dtype, packed in the same launch: the
+    bytes of the two launches; rows read in place from a column slice, written into store rows."""
+    d, rd = (192, 64) if kind == "main" else (128, 64)
+    wide = (torch.randn(7, d + 40, generator=gen) * torch.logspace(-3, 3, 7)[:, None]).to(dtype)
+    x = wide[:, 8 : 8 + d]  # strided rows, as a joined projection's column slice
+    weight = torch.rand(d, generator=gen) + 0.5
+    pos = torch.tensor([0, 3, 17, 4096, 100_000, 5, 64])
+    rotary = (pos, inv_freq(rd, 10000.0)) if roped else None
+    norm = ops.RowNorm(weight, 1e-6, rotary)
+    rows = torch.tensor([9, 2, 14, 0, 7, 11, 3])
+    normed = kops.rms_norm(x, weight, 1e-6, dtype, rotary)
+
+    def pack(v, n=None):
+        store = torch.zeros(
+            16, kv_format.main_bytes(d, rd) if kind == "main" else kv_format.index_bytes(d), dtype=torch.uint8
+        )
+        if kind == "main":
+            return kops.pack_main(v, rd, store, rows, n)[rows]
+        return kops.pack_index(v, store, rows, kind == "index-rotated", n)[rows]
+
+    got = pack(x, norm)
+    assert torch.equal(got, pack(normed)), f"{int((got != pack(normed)).sum())} bytes differ"
+    # and the reference's (its norm in torch: a byte may round the other way; in fp32, as the
+    # interpreter's bf16 / fp16 roundings differ from torch's; the norm's own tests cover those)
+    if dtype == torch.float32:
+        main = kind == "main"
+        want = ref.pack_main(x, rd, norm=norm) if main else ref.pack_index(x, rotate=kind != "index", norm=norm)
+        assert (got != want).float().mean() < 0.02
