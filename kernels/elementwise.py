@@ -165,12 +165,8 @@ def _rope_kernel(
         v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
         partner = tl.load(x_ptr + x_base[:, None] + (c ^ 1)[None, :], mask=ok & rot[None, :], other=0.0)
         partner = partner.to(tl.float32)
-        i = tl.where(rot, (c - HEAD) // 2, 0)
-        ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + i, mask=rot, other=0.0).to(tl.float32)
-        cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
-        odd = (c % 2 == 1)[None, :]  # HEAD is even: pair (2i, 2i+1) = channels (c, c ^ 1)
-        y = tl.where(odd, partner * sin + v * cos, v * cos - partner * sin)
-        y = tl.where(rot[None, :], y, v).to(x_ptr.dtype.element_ty).to(tl.float32)  # rope's output
+        y = rotate_tile(v, partner, c, rot, HEAD, tl.load(pos_ptr + t), f_ptr, sign)
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rope's output
         hm = tl.load(h_ptr + c[:, None] * C + c[None, :], mask=(c < C)[:, None] & (c < C)[None, :], other=0.0)
         tl.store(out_ptr + base[:, None] + c[None, :], tl.dot(y, hm, input_precision="ieee"), mask=ok)
     else:
@@ -180,6 +176,20 @@ def _rope_kernel(
             v = tl.load(x_ptr + x_base[:, None] + c[None, :], mask=ok, other=0.0)
             tl.store(out_ptr + base[:, None] + c[None, :], v, mask=ok)
         rotate_rows(x_ptr, out_ptr, x_base, base, m_ok, tl.load(pos_ptr + t), f_ptr, sign, HEAD, HALF, BLOCK_P)
+
+
+@triton.jit
+def rotate_tile(v, partner, c, rot, start, pos, f_ptr, sign):
+    """RoPE of a tile [M, len(c)] whose column c holds v and partner its pair's other channel (c ^ 1):
+    columns where `rot` (start even, so pair (2i, 2i + 1) from `start` on is columns (c, c ^ 1)) rotated
+    by sign * pos * f[(c - start) // 2], the others v. The rope kernel's whole-row path and the
+    attention's normalised query (paged.py)."""
+    i = tl.where(rot, (c - start) // 2, 0)
+    ang = pos.to(tl.float32) * tl.load(f_ptr + i, mask=rot, other=0.0).to(tl.float32)
+    cos, sin = tl.cos(ang)[None, :], sign * tl.sin(ang)[None, :]
+    odd = (c % 2 == 1)[None, :]
+    y = tl.where(odd, partner * sin + v * cos, v * cos - partner * sin)
+    return tl.where(rot[None, :], y, v)
 
 
 @triton.jit

@@ -77,6 +77,7 @@ def _pack_main_kernel(
     eps,
     HAS_ROWS: tl.constexpr,
     NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
     ROTARY: tl.constexpr,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
@@ -96,7 +97,7 @@ def _pack_main_kernel(
         offs = g * GROUP + c
         ok = offs < NOPE
         if NORM:  # the norm's output, rounded to x's dtype as rms_norm would store it
-            x = normed(xrow, w_ptr, offs, ok, inv, True).to(ty).to(tl.float32)
+            x = normed(xrow, w_ptr, offs, ok, inv, HAS_W).to(ty).to(tl.float32)
         else:
             x = tl.load(xrow + offs, mask=ok, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), 0)
@@ -110,7 +111,7 @@ def _pack_main_kernel(
     even = NOPE + 2 * i
     if NORM:
         pos = tl.load(pos_ptr + row) if ROTARY else 0
-        a, b = normed_pairs(xrow, w_ptr, even, ok, inv, pos, f_ptr, NOPE, True, ROTARY, ty)
+        a, b = normed_pairs(xrow, w_ptr, even, ok, inv, pos, f_ptr, NOPE, HAS_W, ROTARY, ty)
         a, b = a.to(ty).to(tl.float32), b.to(ty).to(tl.float32)
     else:
         a = tl.load(xrow + even, mask=ok, other=0.0).to(tl.float32)
@@ -147,6 +148,7 @@ def pack_main(
             norm.eps if norm is not None else 0.0,
             HAS_ROWS=rows is not None,
             NORM=norm is not None,
+            HAS_W=norm is not None and norm.weight is not None,
             ROTARY=norm is not None and norm.rotary is not None,
             NOPE=nope,
             ROPE=rope_dim,
@@ -164,7 +166,7 @@ def _norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor,
     if norm is None:
         return dummy, dummy, dummy
     pos, f = norm.rotary if norm.rotary is not None else (dummy, dummy)
-    return norm.weight, pos, f.contiguous()  # upcast as loaded
+    return norm.weight if norm.weight is not None else dummy, pos, f.contiguous()  # upcast as loaded
 
 
 @triton.jit
@@ -210,6 +212,7 @@ def _pack_index_kernel(
     HAS_ROWS: tl.constexpr,
     ROTATE: tl.constexpr,
     NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
     ROTARY: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
@@ -226,7 +229,7 @@ def _pack_index_kernel(
     if ROTATE:  # the whole row, for y = H x (Sylvester H[i, j] = (-1)^popcount(i & j) / sqrt(D))
         j = tl.arange(0, D)
         if NORM:  # channel j of its pair (j & ~1, j | 1), as the norm (and RoPE) would store it
-            a, b = normed_pairs(xrow, w_ptr, j - j % 2, j < D, inv, pos, f_ptr, start, True, ROTARY, ty)
+            a, b = normed_pairs(xrow, w_ptr, j - j % 2, j < D, inv, pos, f_ptr, start, HAS_W, ROTARY, ty)
             x = tl.where(j % 2 == 1, b, a).to(ty).to(tl.float32)
         else:
             x = tl.load(xrow + j).to(tl.float32)
@@ -237,7 +240,7 @@ def _pack_index_kernel(
             xe = tl.sum(_hadamard_signs(2 * i, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
             xo = tl.sum(_hadamard_signs(2 * i + 1, j) * x[None, :], 1) * (1.0 / tl.sqrt(D * 1.0))
         elif NORM:
-            xe, xo = normed_pairs(xrow, w_ptr, 2 * i, ok, inv, pos, f_ptr, start, True, ROTARY, ty)
+            xe, xo = normed_pairs(xrow, w_ptr, 2 * i, ok, inv, pos, f_ptr, start, HAS_W, ROTARY, ty)
             xe, xo = xe.to(ty).to(tl.float32), xo.to(ty).to(tl.float32)
         else:
             xe = tl.load(xrow + 2 * i, mask=ok, other=0.0).to(tl.float32)
@@ -277,6 +280,7 @@ def pack_index(
             HAS_ROWS=rows is not None,
             ROTATE=rotate,
             NORM=norm is not None,
+            HAS_W=norm is not None and norm.weight is not None,
             ROTARY=rotary,
             D=d,
             G=-(-d // FP4_GROUP),

@@ -83,11 +83,13 @@ def paged_sparse_attention(
     scale: float,
     rope_dim: int,
     unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """o[T,H,D] like `reference.sparse_attention`, with idx addressing the step's fresh entries kv [N,*]
     (j < N), then the flattened window rings [R,*] and the flattened page store [S,*], all three in
     one format (plain rows or packed deployed entries), read in place: one call serves every sequence
-    of the batch. unrotate = (pos [T], inv_freq): o's inverse `rope` in the same launch."""
+    of the batch. unrotate = (pos [T], inv_freq): o's inverse `rope` in the same launch. q_norm: the
+    queries are `rms_norm(q, weight, eps, q.dtype, rotary)` of the given q (per head), in the same launch."""
     op = "paged_sparse_attention"
     _expect(q.dim() == 3, op, "q of shape [T,H,D]", _shape(q))
     t, h, d = q.shape
@@ -108,8 +110,9 @@ def paged_sparse_attention(
         pos, inv_freq = unrotate
         _expect(_shape(pos) == [t], op, f"pos of shape [{t}]", _shape(pos))
         _expect(inv_freq.dim() == 1 and 2 * inv_freq.shape[0] <= d, op, f"inv_freq [<= {d // 2}]", _shape(inv_freq))
+    _check_norm(op, q, q_norm, None)
     return backend(q.device).paged_sparse_attention(
-        q, kv, ring, store, idx, sink, float(scale), int(rope_dim), unrotate
+        q, kv, ring, store, idx, sink, float(scale), int(rope_dim), unrotate, q_norm
     )
 
 
@@ -458,11 +461,13 @@ def pack_index(
 
 
 def _check_norm(op: str, x: torch.Tensor, norm: RowNorm | None, rope_dim: int | None) -> None:
-    """A packer's `norm`: a gain per channel; RoPE positions per row, over rope_dim channels when given."""
+    """An op's `norm` of x [R, ..., C]: a gain per channel or none; RoPE positions per row, over
+    rope_dim channels when given."""
     if norm is None:
         return
-    c = x.shape[1]
-    _expect(_shape(norm.weight) == [c], op, f"norm.weight of shape [{c}]", _shape(norm.weight))
+    c = x.shape[-1]
+    if norm.weight is not None:
+        _expect(_shape(norm.weight) == [c], op, f"norm.weight of shape [{c}]", _shape(norm.weight))
     if norm.rotary is not None:
         pos, f = norm.rotary
         _expect(_shape(pos) == [x.shape[0]], op, f"norm.rotary pos of shape [{x.shape[0]}]", _shape(pos))

@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from v4d.kernels.elementwise import rotate_rows
+from v4d.kernels.elementwise import rotate_rows, rotate_tile
 from v4d.kernels.kv_format import FP4_GROUP, FP8_GROUP, index_bytes
 from v4d.kernels.launch import dot_dtype, interpreting, pow2, split_reduction
+from v4d.kernels.rownorm import RowNorm
 
 LOG2E = 1.4426950408889634
 
@@ -98,6 +99,10 @@ def _paged_attention_kernel(
     sp_h,
     pos_ptr,
     f_ptr,
+    qw_ptr,
+    qpos_ptr,
+    qf_ptr,
+    q_eps,
     NOPE: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_STORE: tl.constexpr,
@@ -109,8 +114,12 @@ def _paged_attention_kernel(
     DOT: tl.constexpr,
     ROT_HALF: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    Q_NORM: tl.constexpr,
+    Q_W: tl.constexpr,
+    Q_ROT_HALF: tl.constexpr,
 ):
-    """Program (query row, block of heads, split): indices split*K_SPLIT.. of the row. Unsplit it
+    """Program (query row, block of heads, split): indices split*K_SPLIT.. of the row; with Q_NORM
+    the query heads are first normalised (and roped) as `rms_norm` would store them. Unsplit it
     writes the output (then, with ROT_HALF, rotates its last 2 * ROT_HALF channels back by the row's
     position: the inverse RoPE); split, its partial state per head as [running max, sum, unnormalised
     output[0..D)] to part_ptr, merged by _attention_merge_kernel."""
@@ -119,9 +128,11 @@ def _paged_attention_kernel(
     sp = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok, d_ok = offs_h < H, offs_d < D
-    q = tl.load(
-        q_ptr + t * sq_t + offs_h[:, None] * sq_h + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0
-    ).to(tl.float32)
+    q_rows = q_ptr + t * sq_t + offs_h[:, None] * sq_h
+    q_ok = h_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+    if Q_NORM:
+        q = _normed_heads(q, q_rows, q_ok, offs_d, D, q_eps, qw_ptr, qpos_ptr + t, qf_ptr, Q_W, Q_ROT_HALF)
     q = (q * qk_scale).to(DOT)
     m = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     # the sink's own weight is counted once: here unsplit, in the merge when split
@@ -167,6 +178,29 @@ def _paged_attention_kernel(
             o_rows = t * so_t + offs_h * so_h
             rotate_rows(o_ptr, o_ptr, o_rows, o_rows, h_ok, tl.load(pos_ptr + t), f_ptr, -1.0,
                         D - 2 * ROT_HALF, ROT_HALF, BLOCK_P)  # fmt: skip
+
+
+@triton.jit
+def _normed_heads(q, q_rows, q_ok, offs_d, D, eps, w_ptr, pos_ptr, f_ptr, HAS_W: tl.constexpr, ROT_HALF: tl.constexpr):
+    """Query heads q [BLOCK_H, BLOCK_D] (fp32, from rows q_rows) as `rms_norm(q, w, eps, q's dtype,
+    rotary)` stores them: times 1 / rms per head (and the gain), rounded to q's dtype, the last
+    2 * ROT_HALF channels rotated (partners reloaded as channels d ^ 1) and rounded again."""
+    ty = q_rows.dtype.element_ty
+    inv = 1.0 / tl.sqrt(tl.sum(q * q, 1) / D + eps)
+    y = q * inv[:, None]
+    if HAS_W:
+        y = tl.load(w_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)[None, :] * y
+    y = y.to(ty).to(tl.float32)
+    if ROT_HALF > 0:
+        rot = (offs_d >= D - 2 * ROT_HALF) & (offs_d < D)
+        partner = tl.load(q_rows + (offs_d ^ 1)[None, :], mask=q_ok & rot[None, :], other=0.0).to(tl.float32)
+        partner = partner * inv[:, None]
+        if HAS_W:
+            partner = tl.load(w_ptr + (offs_d ^ 1), mask=rot, other=0.0).to(tl.float32)[None, :] * partner
+        partner = partner.to(ty).to(tl.float32)
+        y = rotate_tile(y, partner, offs_d, rot, D - 2 * ROT_HALF, tl.load(pos_ptr), f_ptr, 1.0)
+        y = y.to(ty).to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -242,6 +276,7 @@ def paged_sparse_attention(
     scale: float,
     rope_dim: int,
     unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_norm: RowNorm | None = None,
 ) -> torch.Tensor:
     t, h, d = q.shape
     packed = ring.dtype == torch.uint8
@@ -249,10 +284,13 @@ def paged_sparse_attention(
     rot_half = f.shape[0] if unrotate is not None else 0
     if (store is not None and (store.dtype == torch.uint8) != packed) or (kv.dtype == torch.uint8) != packed:
         raise ValueError("paged_sparse_attention: kv, ring and store must share one storage format")
-    q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()  # int32 or int64 indices, read as they are
+    q = q if q.stride(2) == 1 else q.contiguous()  # tokens and heads at any stride (a column slice): in place
+    kv, idx = kv.contiguous(), idx.contiguous()  # int32 or int64 indices, read as they are
     ring = ring.contiguous()
     store_t = store.contiguous() if store is not None else ring
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    qw = q_norm.weight if q_norm is not None and q_norm.weight is not None else sink
+    qpos, qf = q_norm.rotary if q_norm is not None and q_norm.rotary is not None else (pos, f)
     k = idx.shape[1]
     if t == 0 or h == 0:
         return o
@@ -294,6 +332,10 @@ def paged_sparse_attention(
         part.stride(2),
         pos,
         f,
+        qw,
+        qpos,
+        qf.contiguous(),  # upcast as loaded
+        q_norm.eps if q_norm is not None else 0.0,
         NOPE=d - rope_dim,
         PACKED=packed,
         HAS_STORE=store is not None,
@@ -305,6 +347,9 @@ def paged_sparse_attention(
         DOT=dot_dtype(q),
         ROT_HALF=0 if splits > 1 else rot_half,
         BLOCK_P=pow2(rot_half),
+        Q_NORM=q_norm is not None,
+        Q_W=q_norm is not None and q_norm.weight is not None,
+        Q_ROT_HALF=qf.shape[0] if q_norm is not None and q_norm.rotary is not None else 0,
         num_warps=warps,
         num_stages=stages,
     )

@@ -53,13 +53,14 @@ def paged_sparse_attention(
     scale: float,
     rope_dim: int,
     unrotate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """`sparse_attention` over three row sources addressed by one index space, without copying them:
     j < N is kv[j] (this step's fresh window entries), N <= j < N + R is ring[j - N] (the window
     rings, flattened), beyond that store[j - N - R] (the compressed pages, flattened). All three hold
     rows in one format, plain floats or packed deployed entries (kv_format), decoded as gathered.
-    unrotate = (pos, inv_freq): then the output's inverse `rope`."""
-    o = _paged_attention(q, kv, ring, store, idx, sink, scale, rope_dim)
+    unrotate = (pos, inv_freq): then the output's inverse `rope`; q_norm: of the queries' `rms_norm`."""
+    o = _paged_attention(_normed(q, q_norm), kv, ring, store, idx, sink, scale, rope_dim)
     return o if unrotate is None else rope(o, *unrotate, inverse=True)
 
 

@@ -101,6 +101,7 @@ def calls(dtype: torch.dtype) -> None:
             0.04,
             64,
             (torch.arange(4), r(32, dt=torch.float32)),  # the output rotated back, as the model calls it
+            RowNorm(None, 1e-6, (torch.arange(4), r(32, dt=torch.float32))),  # queries normalised + roped
         )
         tb.paged_indexer_scores(
             r(4, 64, 128),
@@ -185,6 +186,7 @@ def calls(dtype: torch.dtype) -> None:
             0.04,
             64,
             (torch.arange(1), r(32, dt=torch.float32)),
+            RowNorm(None, 1e-6, (torch.arange(1), r(32, dt=torch.float32))),
         )
         tb.moe_route(r(2, 4096), r(256, 4096), r(256, dt=torch.float32), 8, 2.5, None, None)
         tb.hc_mixes(r(2, 4, 4096), r(24, 4 * 4096, dt=torch.float32), 1e-6)

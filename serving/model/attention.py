@@ -24,7 +24,7 @@ from v4d.serving.model.compressor import Compressor
 from v4d.serving.model.concat import RowConcat
 from v4d.serving.model.indexer import Indexer
 from v4d.serving.model.linear import Linear, linear_fp32
-from v4d.serving.model.norm import RMSNorm, rms_normalize
+from v4d.serving.model.norm import RMSNorm
 from v4d.serving.model.rope import Rope
 from v4d.serving.model.step import Step
 
@@ -63,8 +63,7 @@ class Attention(nn.Module):
         qa, kv_a, *iw = self.x_proj(x)
         qr = self.q_norm(qa)
         q, *iq = self.qr_proj(qr)
-        q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        q = rms_normalize(q, self.eps, x.dtype, rotary)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # normalised per head and roped as attention loads it
         # Window entries in the storage format, once: attention reads this step's rows and the ring
         # the same way, and the ring gets these bytes, so a position has one value wherever it is read.
         kv = ops.store_rows(kv_a, cache.window, rd, norm=self.kv_norm.as_row_norm(rotary))
@@ -84,7 +83,8 @@ class Attention(nn.Module):
             # the step's rows into both compressors' tails (after their pools read them): one copy
             ops.copy_rows(cache.tails.flatten(0, 1), comp.state_dst, proj, comp.state_src)
         # rotated back by -pos (only relative position remains) in the attention's launch
-        o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd, rotary)
+        q_norm = ops.RowNorm(None, self.eps, rotary)  # the per-head query norm (no gain) with its RoPE
+        o = ops.paged_sparse_attention(q, kv, ring, store, idx, self.attn_sink, self.scale, rd, rotary, q_norm)
         ops.copy_rows(ring, step.ring_dst, kv, step.ring_src)
         o = o.view(x.shape[0], self.groups, -1)
         o = self.wo_a.grouped(o, self.groups)

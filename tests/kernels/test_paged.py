@@ -82,6 +82,33 @@ def test_paged_attention_unrotates_its_output_as_rope_after_it(kops, gen, split_
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split-rows"])
+@pytest.mark.parametrize("gain", [False, True], ids=["no-gain", "gain"])
+def test_paged_attention_normalises_its_queries_as_rms_norm_before_it(kops, gen, split_into, splits, dtype, gain):
+    """`q_norm`: the query heads normalised (per head, over D) and roped in the attention's launch
+    equal the `rms_norm(q, w, eps, q.dtype, rotary)` launch before it; q read in place from a column
+    slice of a joined projection (tokens at any stride)."""
+    from v4d.kernels import ops, paged
+
+    split_into(paged, splits)
+    t, h, d, rope, n, r, s, k = 3, 4, 64, 16, 4, 24, 40, 300
+    joined = (torch.randn(t, h * d + 24, generator=gen) * 3).to(dtype)
+    q = joined[:, 8 : 8 + h * d].unflatten(-1, (h, d))
+    kv, ring, store = (_store(torch.randn(m, d, generator=gen), "deployed", rope) for m in (n, r, s))
+    idx = torch.randint(-1, n + r + s, (t, k), generator=gen, dtype=torch.int32)
+    sink, pos = torch.randn(h, generator=gen), torch.tensor([3, 700, 65000])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rope, 2) / rope))
+    weight = torch.rand(d, generator=gen) + 0.5 if gain else None
+    norm = ops.RowNorm(weight, 1e-6, (pos, inv_freq))
+    got = kops.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope, None, norm)
+    normed = kops.rms_norm(q, weight, 1e-6, dtype, (pos, inv_freq))
+    want = kops.paged_sparse_attention(normed, kv, ring, store, idx, sink, d**-0.5, rope)
+    # one per-head sum of squares in another order than rms_norm's: a query value may round an ulp apart
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5)
+    ref_o = ref.paged_sparse_attention(q, kv, ring, store, idx, sink, d**-0.5, rope, None, norm)
+    torch.testing.assert_close(got.float(), ref_o.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_paged_attention_equals_sparse_attention_over_the_concatenation(gen):
     """The index space is the concatenation [kv; ring; store], read in place."""
     q, kv, ring, store = (torch.randn(*s, generator=gen) for s in ((4, 2, 32), (3, 32), (5, 32), (7, 32)))
