@@ -12,7 +12,11 @@
 3. `_expert_down_kernel`: per tile and block of d, h @ w2[e]^T times the routing weight, written to
    the pair's own row (token-major), so no atomics and the result is deterministic.
 4. `_combine_kernel`: per token, the sum of its local pairs' rows, cast to x's dtype (then, with
-   `add`, plus that row of `add`: the shared expert adds the routed output without a launch of its own).
+   `add`, plus that row of `add`: another output added without a launch of its own).
+
+`dense_expert` (the shared expert: one expert, every token, weight 1) runs steps 2 and 3 alone with
+`DENSE`: tile g is tokens g * BLOCK_M.. in order, and the down kernel writes the output rows as the
+combine would (rounded to x's dtype, then `add`), so 2 launches give the 4-launch result bit for bit.
 
 With packed MXFP4 weights (`scales` given: int8 [E, out, in/2], two E2M1 codes per byte, and a UE8M0
 scale per 32 inputs) steps 2 and 3 read the packed bytes and decode each weight tile in registers
@@ -42,6 +46,30 @@ def _fp4_tile(w_ptr, s_ptr, row_off, s_row_off, offs_k, mask):
 
 
 @triton.jit
+def _tile_rows(g, order_ptr, tile_row_ptr, tile_end_ptr, M, BLOCK_M: tl.constexpr, DENSE: tl.constexpr):
+    """Tile g's rows, which of them are real, and each row's pair: sorted pairs from the schedule, or
+    with DENSE tokens g * BLOCK_M.. of M in order (row = pair = token)."""
+    if DENSE:
+        offs_m = g * BLOCK_M + tl.arange(0, BLOCK_M)
+        return offs_m, offs_m < M, offs_m
+    else:
+        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < tl.load(tile_end_ptr + g)
+        return offs_m, m_ok, tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+
+
+@triton.jit
+def _store_out(out_ptr, add_ptr, y, rows, offs_n, so, sa, ok, ADD: tl.constexpr):
+    """y rounded to out's dtype; with ADD plus add's rows as torch adds two tensors (in fp32, the sum
+    rounded once)."""
+    y = y.to(out_ptr.dtype.element_ty)
+    if ADD:
+        a = tl.load(add_ptr + rows[:, None] * sa + offs_n[None, :], mask=ok, other=0.0)
+        y = y.to(tl.float32) + a.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * so + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _expert_up_kernel(
     x_ptr,
     order_ptr,
@@ -54,6 +82,7 @@ def _expert_up_kernel(
     s1_ptr,
     s3_ptr,
     TOPK,
+    M,
     Dm,
     Di,
     limit,
@@ -68,19 +97,19 @@ def _expert_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT: tl.constexpr,
     FP4: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     g = tl.program_id(0)
-    e = tl.load(tile_e_ptr + g)
+    e = 0 if DENSE else tl.load(tile_e_ptr + g)  # DENSE: one expert, every tile real
     if e >= 0:
-        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < tl.load(tile_end_ptr + g)
-        tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0) // TOPK
+        offs_m, m_ok, pair = _tile_rows(g, order_ptr, tile_row_ptr, tile_end_ptr, M, BLOCK_M, DENSE)
+        tok = pair // TOPK
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Di
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        w_base = e.to(tl.int64) * s1e + offs_n[None, :] * s1i
-        s_base = e.to(tl.int64) * ss_e + offs_n[None, :] * ss_i
+        w_base = tl.cast(e, tl.int64) * s1e + offs_n[None, :] * s1i
+        s_base = tl.cast(e, tl.int64) * ss_e + offs_n[None, :] * ss_i
         for k0 in range(0, Dm, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Dm
@@ -119,7 +148,9 @@ def _expert_down_kernel(
     wt_ptr,
     y_ptr,
     s2_ptr,
+    add_ptr,
     TOPK,
+    M,
     Dm,
     Di,
     swt,
@@ -130,23 +161,24 @@ def _expert_down_kernel(
     sy,
     ss_e,
     ss_d,
+    sa,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT: tl.constexpr,
     FP4: tl.constexpr,
+    DENSE: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     g = tl.program_id(0)
-    e = tl.load(tile_e_ptr + g)
+    e = 0 if DENSE else tl.load(tile_e_ptr + g)  # DENSE: one expert, every tile real
     if e >= 0:
-        offs_m = tl.load(tile_row_ptr + g) + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < tl.load(tile_end_ptr + g)
-        pair = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+        offs_m, m_ok, pair = _tile_rows(g, order_ptr, tile_row_ptr, tile_end_ptr, M, BLOCK_M, DENSE)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Dm
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        w_base = e.to(tl.int64) * s2e + offs_n[None, :] * s2d
-        s_base = e.to(tl.int64) * ss_e + offs_n[None, :] * ss_d
+        w_base = tl.cast(e, tl.int64) * s2e + offs_n[None, :] * s2d
+        s_base = tl.cast(e, tl.int64) * ss_e + offs_n[None, :] * ss_d
         for k0 in range(0, Di, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Di
@@ -161,13 +193,14 @@ def _expert_down_kernel(
             else:
                 w2b = tl.load(w2_ptr + w_base + offs_k[:, None], mask=w_ok, other=0.0).to(DOT)
             acc += tl.dot(hb, w2b, input_precision="ieee")
-        wt = tl.load(wt_ptr + (pair // TOPK).to(tl.int64) * swt + (pair % TOPK) * swt_j, mask=m_ok, other=0.0)
-        wt = wt.to(tl.float32)
-        tl.store(
-            y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :],
-            acc * wt[:, None],
-            mask=m_ok[:, None] & n_ok[None, :],
-        )
+        ok = m_ok[:, None] & n_ok[None, :]
+        if DENSE:  # the token's output row, as the combine makes it from the token's one pair of weight 1
+            _store_out(y_ptr, add_ptr, acc, pair.to(tl.int64), offs_n, sy, sa, ok, ADD)
+        else:
+            wt = tl.load(wt_ptr + (pair // TOPK).to(tl.int64) * swt + (pair % TOPK) * swt_j, mask=m_ok, other=0.0)
+            tl.store(
+                y_ptr + pair.to(tl.int64)[:, None] * sy + offs_n[None, :], acc * wt.to(tl.float32)[:, None], mask=ok
+            )
 
 
 @triton.jit
@@ -206,11 +239,7 @@ def _combine_kernel(
         other=0.0,
     )
     ok = (offs_t < T)[:, None] & (offs_n < Dm)[None, :]
-    y = tl.sum(rows, 1).to(out_ptr.dtype.element_ty)
-    if ADD:  # as torch adds two tensors: in fp32, the sum rounded once
-        a = tl.load(add_ptr + offs_t[:, None] * sa + offs_n[None, :], mask=ok, other=0.0)
-        y = y.to(tl.float32) + a.to(tl.float32)
-    tl.store(out_ptr + offs_t[:, None] * so + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    _store_out(out_ptr, add_ptr, tl.sum(rows, 1), offs_t, offs_n, so, sa, ok, ADD)
 
 
 @triton.jit
@@ -277,10 +306,55 @@ def _tile_schedule(ids: torch.Tensor, e: int, bm: int, bound: int):
     return order, tile_e, tile_row, tile_end
 
 
-def expert_tiles(pairs: int, e: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N up, BLOCK_N down, BLOCK_K, warps, stages) of the compiled expert kernels;
-    8 warps: no register spills (sm_90)."""
+def expert_tiles(pairs: int, e: int, d: int, inter: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N up, BLOCK_N down, BLOCK_K, warps, stages) of the expert kernels; compiled: 8
+    warps, no register spills (sm_90); interpreted: few programs and loop steps (it pays per op)."""
+    if interpreting():
+        return 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4, 1
     return 64, 64, 64, 64, 8, 3
+
+
+def _up_down(
+    x: torch.Tensor,
+    w: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    s: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    swiglu_limit: float,
+    tiles: tuple[int, int, int, int, int, int],
+    n_tiles: int,
+    rows: int,
+    schedule: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    weights: torch.Tensor | None,
+    y: torch.Tensor,
+    add: torch.Tensor | None = None,
+) -> None:
+    """The up and down launches over `n_tiles` tiles of `rows` rows: the (token, slot) pairs of
+    weights [T, k] sorted by `schedule` (order, tile expert, first row, end row) into y's fp32 pair
+    rows; or with no schedule (DENSE) x's tokens in order through expert 0 into y = the output rows
+    (x's dtype, plus `add`). w = (w1, w3, w2) contiguous [E, ...]; s: their MXFP4 scales' bytes."""
+    d, inter = x.shape[1], w[0].shape[1]
+    bm, bn_up, bn_down, bk, warps, stages = tiles
+    dense = schedule is None
+    order, tile_e, tile_row, tile_end = (x, x, x, x) if dense else schedule  # DENSE reads none of them
+    topk = 1 if dense else weights.shape[1]
+    w1, w3, w2 = w
+    s1, s3, s2 = (w1, w1, w1) if s is None else s
+    h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)  # in tile order
+    dot = dot_dtype(x)
+    _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
+        x, order, tile_e, tile_row, tile_end, w1, w3, h, s1, s3,
+        topk, rows, d, inter, float(swiglu_limit), x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        0 if s is None else s1.stride(0), 0 if s is None else s1.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, DOT=dot, FP4=s is not None, DENSE=dense,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    wt = x if dense else weights  # read as it is (any strides and float dtype); DENSE: weight 1, not read
+    _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
+        h, order, tile_e, tile_row, tile_end, w2, wt, y, s2, y if add is None else add,
+        topk, rows, d, inter, wt.stride(0), wt.stride(1), h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        0 if s is None else s2.stride(0), 0 if s is None else s2.stride(1), 0 if add is None else add.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, DOT=dot, FP4=s is not None, DENSE=dense, ADD=add is not None,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 def moe_experts(
@@ -297,86 +371,23 @@ def moe_experts(
     t, d = x.shape
     topk = ids.shape[1]
     e, inter, _ = w1.shape
-    fp4 = scales is not None
-    if fp4:  # bytes and exponent bytes; the kernels index them by element
+    s = None
+    if scales is not None:  # bytes and exponent bytes; the kernels index them by element
         w1, w3, w2 = (w.view(torch.uint8) for w in (w1, w3, w2))
-        s1, s3, s2 = (s.contiguous().view(torch.uint8) for s in scales)
-    else:
-        s1 = s3 = s2 = w1
+        s = tuple(sc.contiguous().view(torch.uint8) for sc in scales)
     pairs = t * topk
     if pairs == 0 or e == 0:
         return torch.zeros_like(x) if add is None else add.to(x.dtype, copy=True)
     out = torch.empty_like(x)  # the combine writes every row (0 where a token has no local pair)
-    x, w1, w3, w2 = x.contiguous(), w1.contiguous(), w3.contiguous(), w2.contiguous()
-    if interpreting():  # few programs and loop steps: the interpreter pays per op
-        bm, bn_up, bn_down, bk, warps, stages = 16, min(pow2(inter, 16), 256), min(pow2(d, 16), 256), 128, 4, 1
-    else:
-        bm, bn_up, bn_down, bk, warps, stages = expert_tiles(pairs, e)
-    order, tile_e, tile_row, tile_end = _tile_schedule(ids, e, bm, min(pairs, triton.cdiv(pairs, bm) + e))
-    n_tiles = tile_e.shape[0]
+    x = x.contiguous()
+    tiles = expert_tiles(pairs, e, d, inter)
+    schedule = _tile_schedule(ids, e, tiles[0], min(pairs, triton.cdiv(pairs, tiles[0]) + e))
+    n_tiles = schedule[1].shape[0]
     if interpreting() and gpu_sms(x.device) is None:  # real tiles first: drop the surplus programs (a read)
-        n_tiles = int((tile_e >= 0).sum())
-    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # sorted order
+        n_tiles = int((schedule[1] >= 0).sum())
     y_pairs = torch.empty(pairs, d, dtype=torch.float32, device=x.device)  # token-major
-    dot = dot_dtype(x)
-    _expert_up_kernel[(n_tiles, triton.cdiv(inter, bn_up))](
-        x,
-        order,
-        tile_e,
-        tile_row,
-        tile_end,
-        w1,
-        w3,
-        h,
-        s1,
-        s3,
-        topk,
-        d,
-        inter,
-        float(swiglu_limit),
-        x.stride(0),
-        w1.stride(0),
-        w1.stride(1),
-        h.stride(0),
-        s1.stride(0) if fp4 else 0,
-        s1.stride(1) if fp4 else 0,
-        BLOCK_M=bm,
-        BLOCK_N=bn_up,
-        BLOCK_K=bk,
-        DOT=dot,
-        FP4=fp4,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    _expert_down_kernel[(n_tiles, triton.cdiv(d, bn_down))](
-        h,
-        order,
-        tile_e,
-        tile_row,
-        tile_end,
-        w2,
-        weights,  # read as it is (any strides and float dtype, as the shared expert's expanded ones)
-        y_pairs,
-        s2,
-        topk,
-        d,
-        inter,
-        weights.stride(0),
-        weights.stride(1),
-        h.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        y_pairs.stride(0),
-        s2.stride(0) if fp4 else 0,
-        s2.stride(1) if fp4 else 0,
-        BLOCK_M=bm,
-        BLOCK_N=bn_down,
-        BLOCK_K=bk,
-        DOT=dot,
-        FP4=fp4,
-        num_warps=warps,
-        num_stages=stages,
-    )
+    w = (w1.contiguous(), w3.contiguous(), w2.contiguous())
+    _up_down(x, w, s, swiglu_limit, tiles, n_tiles, pairs, schedule, weights, y_pairs)
     block_t, block_n = (min(pow2(t), 32), min(pow2(d), 512)) if interpreting() else (1, 256)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_n))](
         y_pairs,
@@ -398,4 +409,23 @@ def moe_experts(
         BLOCK_N=block_n,
         num_warps=4,
     )
+    return out
+
+
+def dense_expert(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    swiglu_limit: float,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    t = x.shape[0]
+    if t == 0:
+        return torch.zeros_like(x) if add is None else add.to(x.dtype, copy=True)
+    out = torch.empty_like(x)
+    x = x.contiguous()
+    tiles = expert_tiles(t, 1, x.shape[1], w1.shape[0])  # the tiles `moe_experts` takes for it: the same sums
+    w = (w1.contiguous()[None], w3.contiguous()[None], w2.contiguous()[None])
+    _up_down(x, w, None, swiglu_limit, tiles, triton.cdiv(t, tiles[0]), t, None, None, out, add)
     return out

@@ -219,8 +219,8 @@ def moe_experts(
     add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[T,d] = sum_j weights[t,j] * expert ids[t,j] (x[t]) over local experts (-1 = not here);
-    `add` [T,d] (e.g. the routed experts' output, for the shared expert): add + y in the same launch,
-    x's dtype, y rounded to it first as two outputs summed would be.
+    `add` [T,d]: add + y in the same launch, x's dtype, y rounded to it first as two outputs summed
+    would be.
 
     Plain weights: w1, w3 [E,I,d], w2 [E,d,I]. Packed MXFP4 (`scales` = (s1, s3, s2) given): w1, w3
     int8 [E,I,d/2], w2 int8 [E,d,I/2] (two E2M1 codes per byte, even index low), scales UE8M0
@@ -249,6 +249,29 @@ def moe_experts(
     if add is not None:
         _expect(_shape(add) == [t, d], op, f"add of shape [{t},{d}]", _shape(add))
     return backend(x.device).moe_experts(x, ids, weights, w1, w3, w2, float(swiglu_limit), scales, add)
+
+
+def dense_expert(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    swiglu_limit: float,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One expert on every token (the shared expert): y[T,d] = w2 @ (silu(min(w1 x, lim)) * clamp(w3 x,
+    -lim, lim)), w1, w3 [I,d], w2 [d,I]; `add` [T,d]: add + y as in `moe_experts`. Bitwise
+    `moe_experts` with every token routed to expert 0 with weight 1, in 2 launches instead of 4."""
+    op = "dense_expert"
+    _expect(x.dim() == 2, op, "x of shape [T,d]", _shape(x))
+    t, d = x.shape
+    _expect(w1.dim() == 2 and w1.shape[1] == d, op, f"w1 of shape [I,{d}]", _shape(w1))
+    i = w1.shape[0]
+    _expect(w3.shape == w1.shape, op, f"w3 of shape {_shape(w1)}", _shape(w3))
+    _expect(_shape(w2) == [d, i], op, f"w2 of shape {[d, i]}", _shape(w2))
+    if add is not None:
+        _expect(_shape(add) == [t, d], op, f"add of shape [{t},{d}]", _shape(add))
+    return backend(x.device).dense_expert(x, w1, w3, w2, float(swiglu_limit), add)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, act_quant: bool = True) -> torch.Tensor:

@@ -273,6 +273,20 @@ def _moe_loop(x, ids, weights, w1, w3, w2, swiglu_limit, scales) -> torch.Tensor
     return y.to(x.dtype)
 
 
+def dense_expert(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    swiglu_limit: float,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """w2 @ swiglu(w1 x, w3 x) on every token (w1, w3 [I, d], w2 [d, I]); `add` as in `moe_experts`."""
+    xf = x.float()
+    y = (swiglu(xf @ w1.float().T, xf @ w3.float().T, swiglu_limit) @ w2.float().T).to(x.dtype)
+    return y if add is None else (add + y).to(x.dtype)
+
+
 # Multiply-adds per projection (tokens x local experts x I x d) up to which `moe_experts` may compute
 # every expert densely: below it (v4-tiny-sized shards on a CPU) the per-expert loop's dozen small
 # ops per expert cost more than the wasted rows (16 tokens on 16 experts: ~0.3 ms, not ~0.8). With

@@ -87,6 +87,9 @@ def calls(dtype: torch.dtype) -> None:
         r(4, 256, 128),
         10.0,
     )
+    shared = (r(128, 256), r(128, 256), r(256, 128), 10.0)  # the shared expert: DENSE up and down, with `add`
+    tb.dense_expert(r(8, 256), *shared)
+    tb.dense_expert(r(8, 256), *shared, r(8, 256))
     # the paged ops: plain rows of the activation dtype, and packed deployed rows (uint8)
     for packed in (False, True):
         rows = (lambda n, d: kv_format.pack_main(r(n, d, dt=torch.float32), 64)) if packed else r

@@ -57,23 +57,13 @@ class Expert(nn.Module):
         self.w1 = Linear(dim, inter, fmt)
         self.w2 = Linear(inter, dim, fmt)
         self.w3 = Linear(dim, inter, fmt)
-        self._unit: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, limit: float, add: torch.Tensor | None = None) -> torch.Tensor:
         """The expert's output, or `add` plus it (x's dtype), in the expert's last launch where it can."""
         if self.w1.fmt == "fp8":  # three block-scaled GEMMs
             y = self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), limit).to(x.dtype))
             return y if add is None else (add + y).to(x.dtype)
-        # every token through "expert 0" with weight 1: views of one-element tensors made once per
-        # device (not buffers: the model holds exactly its checkpoint's bytes), no fills per step
-        if x.device not in self._unit:
-            self._unit[x.device] = (
-                torch.zeros(1, 1, dtype=torch.long, device=x.device),
-                torch.ones(1, 1, dtype=torch.float32, device=x.device),
-            )
-        ids, weights = (u.expand(x.shape[0], 1) for u in self._unit[x.device])
-        w1, w3, w2 = (lin.weight[None] for lin in (self.w1, self.w3, self.w2))
-        return ops.moe_experts(x, ids, weights, w1, w3, w2, limit, add=add)
+        return ops.dense_expert(x, self.w1.weight, self.w3.weight, self.w2.weight, limit, add)
 
 
 class MoE(nn.Module):

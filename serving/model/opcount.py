@@ -84,6 +84,7 @@ OP_NAMES = (
     "indexer_topk",
     "gated_pool_indexed",
     "moe_experts",
+    "dense_expert",
     "hc_mixes",
     "hc_mixes_sinkhorn",
     "hc_pre",

@@ -45,7 +45,7 @@ def test_one_expert_many_tiles_and_empty(kops, gen, tol):
 
 
 def test_broadcast_ids_and_weights(kops, gen):
-    """Expanded (stride-0) ids and weights, as the shared expert passes them, read like real ones."""
+    """Expanded (stride-0) ids and weights read like real ones."""
     x = torch.randn(7, 32, generator=gen)
     w1, w3, w2 = experts(gen, 1, 48, 32, torch.float32)
     ids, weights = torch.zeros(1, 1, dtype=torch.long).expand(7, 1), torch.ones(1, 1).expand(7, 1)
@@ -99,3 +99,26 @@ def test_add_in_the_combine_equals_adding_the_outputs(kops, dtype, gen, tol, add
     else:
         assert torch.equal(got, (add + y).to(dtype))
     torch.testing.assert_close(got, ref.moe_experts(x, ids, weights, w1, w3, w2, 10.0, None, add), **tol(dtype))
+
+
+@pytest.mark.parametrize("t", [0, 1, 37], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("add_dtype", [None, "x", torch.float32], ids=["no-add", "add-x-dtype", "add-fp32"])
+def test_dense_expert_is_the_routed_call_through_expert_0(kops, dtype, gen, tol, t, add_dtype):
+    """The shared expert's 2-launch path (no schedule, no combine) gives bit for bit what `moe_experts`
+    gives with every token routed to expert 0 with weight 1 (37 tokens: several tiles, the last ragged),
+    and matches the reference."""
+    d, inter = 32, 48
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    w1, w3, w2 = (w[0] for w in experts(gen, 1, inter, d, dtype))
+    add = None if add_dtype is None else torch.randn(t, d, generator=gen).to(dtype if add_dtype == "x" else add_dtype)
+    got = kops.dense_expert(x, w1, w3, w2, 1.0, add)
+    ids, weights = torch.zeros(t, 1, dtype=torch.long), torch.ones(t, 1)
+    routed = kops.moe_experts(x, ids, weights, w1[None], w3[None], w2[None], 1.0, None, add)
+    assert got.dtype == dtype and got.shape == (t, d)
+    assert torch.equal(got, routed)
+    torch.testing.assert_close(got, ref.dense_expert(x, w1, w3, w2, 1.0, add), **tol(dtype))
+    torch.testing.assert_close(
+        ref.dense_expert(x, w1, w3, w2, 1.0, add),
+        ref.moe_experts(x, ids, weights, w1[None], w3[None], w2[None], 1.0, None, add),
+        **tol(dtype),
+    )

@@ -184,6 +184,12 @@ def test_ops_rejects_bad_shapes_and_modes(monkeypatch):
             torch.zeros(3, 4, 6),
             1.0,
         )
+    with pytest.raises(ValueError, match=r"dense_expert: expected w2 of shape \[6, 4\]"):
+        ops.dense_expert(torch.zeros(1, 6), torch.zeros(4, 6), torch.zeros(4, 6), torch.zeros(4, 6), 1.0)
+    with pytest.raises(ValueError, match=r"dense_expert: expected add of shape \[1,6\]"):
+        ops.dense_expert(
+            torch.zeros(1, 6), torch.zeros(4, 6), torch.zeros(4, 6), torch.zeros(6, 4), 1.0, torch.zeros(2, 6)
+        )
     monkeypatch.setenv("V4D_KERNELS", "cuda")
     with pytest.raises(ValueError, match="V4D_KERNELS='cuda': expected one of auto, reference, triton"):
         ops.indexer_topk(torch.zeros(1, 3), 1)
