@@ -10,6 +10,7 @@ for metrics and for its own autoscaling.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from v4d.serving.plan import Plan, local_weights_dir
 from v4d.serving.precision import resolve_precision
 from v4d.serving.runtime.channels import ShardEndpoint, rendezvous, rendezvous_name
 from v4d.serving.runtime.device import ray_options, torch_device
+
+EXPORT_S = 1.0  # how often a shard adds the tokens it served to the expert_tokens metric
 
 
 def expert_prefix(cfg: ModelConfig, layer: int) -> str:
@@ -120,12 +123,14 @@ class ShardExperts:
         return shard
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if layer not in self.weights:
+        """The weighted sum of this shard's experts over `local_ids` ([T,k] slots of `layer`, -1 = not
+        here). The ids are not range-checked per call (a host sync on device pairs): engines build them
+        from the plan's slot map, the one this shard's slots come from, and both kernels skip ids
+        outside [0, slots) rather than read out of bounds."""
+        stacks = self.weights.get(layer)
+        if stacks is None:
             raise ValueError(f"layer {layer}: this shard holds no experts of it")
-        n = len(self.slots[layer])
-        if local_ids.numel() and int(local_ids.max()) >= n:
-            raise ValueError(f"local_ids: layer {layer} has {n} slots here, got id {int(local_ids.max())}")
-        w1, w3, w2, *scales = self.weights[layer]
+        w1, w3, w2, *scales = stacks
         dev = w1.device
         y = ops.moe_experts(
             x.to(dev), local_ids.to(dev), weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit, tuple(scales) or None
@@ -143,12 +148,14 @@ class ExpertShard:
         self.name, self.window_s = shard, window_s
         device = torch_device(plan.pool(spec.pool).vendor)
         self.experts = ShardExperts.from_checkpoint(cfg, spec.slots, weights_dir, plan.precision, device)
-        self.tokens: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}  # token-expert pairs served per layer
         self.calls, self.compute_s = 0, 0.0  # calls served and the seconds spent in their expert math
         self.recent: deque[tuple[float, int]] = deque()
+        self.lock = threading.Lock()  # each pair's tags call `compute` from threads of their own
         self.metrics = ServingMetrics(role="experts", **plan_labels(plan, spec.pool))
         self.endpoint = ShardEndpoint(rendezvous(rendezvous_name(plan.name)), shard, self.compute, device=device.type)
         self.metrics.ready()
+        threading.Thread(target=self._export, name=f"v4d-metrics-{shard}", daemon=True).start()
 
     def __del__(self) -> None:  # Serve's replica shutdown: leave the rendezvous so engines re-pair
         endpoint = getattr(self, "endpoint", None)
@@ -156,25 +163,42 @@ class ExpertShard:
             endpoint.close()
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = int((local_ids >= 0).sum())
-        self.tokens[layer] = self.tokens.get(layer, 0) + n
-        self.recent.append((time.monotonic(), n))
-        self.metrics.expert_tokens.inc(n, tags={"shard": self.name, "layer": str(layer)})
+        """One call from an engine (the channels' hot path: counting only; `_export` records the metric)."""
         t0 = time.perf_counter()
         y = self.experts.compute(layer, x, local_ids, weights)
-        self.calls, self.compute_s = self.calls + 1, self.compute_s + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        n = int((local_ids >= 0).sum())  # after the math is launched: ids on a device sync behind it, not before
+        with self.lock:
+            self.tokens[layer] = self.tokens.get(layer, 0) + n
+            self.recent.append((time.monotonic(), n))
+            self.calls, self.compute_s = self.calls + 1, self.compute_s + dt
         return y
+
+    def _export(self) -> None:
+        """Add what each layer served since the last round to `expert_tokens` every EXPORT_S (a Ray
+        metric update is about 7 us of Python: per call, it would add to every layer of every step)."""
+        counted: dict[int, int] = {}  # the part of `tokens` already added
+        while not self.endpoint.stopped.wait(EXPORT_S):  # until the replica shuts down (`__del__`)
+            with self.lock:
+                tokens = dict(self.tokens)
+            for layer, n in tokens.items():
+                if new := n - counted.get(layer, 0):
+                    self.metrics.expert_tokens.inc(new, tags={"shard": self.name, "layer": str(layer)})
+                    counted[layer] = n
 
     def tokens_per_s(self) -> float:
         cutoff = time.monotonic() - self.window_s
-        while self.recent and self.recent[0][0] < cutoff:
-            self.recent.popleft()
-        return sum(n for _, n in self.recent) / self.window_s
+        with self.lock:
+            while self.recent and self.recent[0][0] < cutoff:
+                self.recent.popleft()
+            return sum(n for _, n in self.recent) / self.window_s
 
     def stats(self) -> dict[str, Any]:
+        with self.lock:
+            tokens = dict(self.tokens)
         return {
             "shard": self.name,
-            "tokens_per_layer": dict(self.tokens),
+            "tokens_per_layer": tokens,
             "tokens_per_s": self.tokens_per_s(),
             "calls": self.calls,
             "compute_seconds": self.compute_s,

@@ -29,6 +29,7 @@ known to both ends).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -51,9 +52,10 @@ TAGS = 2  # concurrent calls per pair: one per decode micro-batch
 HEADER = 4
 CHUNK = 1 << 16  # floats per message (256 KiB): a whole decode call fits one
 CLOSE = -1
-POLL_S = 0.005
 HOST_ENV = "V4D_TRANSPORT_HOST"
-STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone
+WAIT_S = 2.0  # the longest a long poll (take_pairs, get) waits for news before it answers anyway
+STALE_S = 5.0  # a shard replica that has not polled the rendezvous this long is gone (> WAIT_S)
+RETRY_S = 1.0  # how long a shard waits after a failed poll (the rendezvous is restarting with the app)
 GONE_S = 300.0  # a rendezvous nobody has called this long belongs to an app that went away
 IDLE_S = 86400.0  # how long a shard's pair waits for the next call
 DEVICE_PAIRS_ENV = "V4D_DEVICE_PAIRS"  # "1": NCCL/HCCL pairs where both ends are on such devices
@@ -65,20 +67,23 @@ def device_pairs() -> bool:
 
 class Rendezvous:
     """Named Ray actor (one per plan name): shard membership, pairing requests and a key-value store.
-    Every method returns at once; waiting is the caller's (so one slow peer never blocks the actor).
+    An async actor: the long polls (`take_pairs`, `get`) wait on its event loop until there is news
+    or `wait_s` has passed, so an idle shard costs one call every WAIT_S, not a stream of empty
+    polls, and a pair request reaches it at once; every other method returns at once.
 
     It is detached (it outlives any one replica), so it removes itself once its app is gone: live
-    shards poll it every 50 ms and engines every second, so `gone_s` without a poll means neither
+    shards poll it back to back and engines every second, so `gone_s` without a call means neither
     is left (`watch`, started by `rendezvous()`). A later deployment of the plan creates a new one."""
 
     def __init__(self, gone_s: float = GONE_S) -> None:
         self.members: dict[str, str] = {}  # shard replica id -> shard name
         self.pending: dict[str, list[str]] = {}  # shard replica id -> pair ids to join
-        self.seen: dict[str, float] = {}  # shard replica id -> its last poll
+        self.seen: dict[str, float] = {}  # shard replica id -> its last poll (the end of one under way)
         self.devices: dict[str, str] = {}  # shard replica id -> the torch device type it computes on
         self.hosts: dict[str, str] = {}  # shard replica id -> shm.host_identity() of its process
         self.kv: dict[str, bytes] = {}
         self.gone_s, self.last_call, self.watching = gone_s, time.monotonic(), False
+        self.news = asyncio.Event()  # set (and replaced) when a pair is asked for, a key written or a replica leaves
 
     def gone(self, now: float) -> bool:
         """Nobody has registered, polled or paired for `gone_s`: the app it served has gone away."""
@@ -112,6 +117,7 @@ class Rendezvous:
     def unregister(self, replica: str) -> None:
         for d in (self.members, self.pending, self.seen, self.devices, self.hosts):
             d.pop(replica, None)
+        self._tell()  # its own long poll answers None at once
 
     def shards(self) -> dict[str, str]:
         """Live shard replicas; one that stopped polling (killed, node lost) is dropped."""
@@ -126,6 +132,7 @@ class Rendezvous:
         if replica not in self.members:
             return None
         self.pending[replica].append(pair)
+        self._tell()
         return self.devices[replica]
 
     def device(self, replica: str) -> str | None:
@@ -136,29 +143,59 @@ class Rendezvous:
         """Where `replica`'s process runs (shm.host_identity(); "" if unknown)."""
         return self.hosts.get(replica, "")
 
-    def take_pairs(self, replica: str) -> list[str] | None:
-        """Pairs to join; None if `replica` is unknown (dropped as stale, or a restarted rendezvous)."""
-        self.last_call = time.monotonic()
-        if replica not in self.members:
+    async def take_pairs(self, replica: str, wait_s: float = 0.0) -> list[str] | None:
+        """Pairs to join, waiting up to `wait_s` for one (a long poll); None if `replica` is unknown
+        (dropped as stale, or a restarted rendezvous). The replica counts as seen until the poll ends."""
+        if not self._polled(replica, wait_s):
             return None
-        self.seen[replica] = self.last_call
+        await self._until(lambda: replica not in self.members or bool(self.pending[replica]), wait_s)
+        if not self._polled(replica, 0.0):
+            return None
         out, self.pending[replica] = self.pending[replica], []
         return out
 
+    def _polled(self, replica: str, wait_s: float) -> bool:
+        """Note a poll that lasts up to `wait_s` (so `shards` keeps a replica blocked in one); False if
+        `replica` is not a member."""
+        self.last_call = now = time.monotonic()
+        if replica not in self.members:
+            return False
+        self.seen[replica] = max(self.seen[replica], now + wait_s)
+        return True
+
     def set(self, key: str, value: bytes) -> None:
         self.kv[key] = value
+        self._tell()
 
-    def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, wait_s: float = 0.0) -> bytes | None:
+        """The value of `key`, waiting up to `wait_s` for it to be written (a long poll)."""
+        await self._until(lambda: key in self.kv, wait_s)
         return self.kv.get(key)
 
     def add(self, key: str, n: int) -> int:
         v = int(self.kv.get(key, b"0")) + n
         self.kv[key] = str(v).encode()
+        self._tell()
         return v
 
     def drop(self, prefix: str) -> None:
         for k in [k for k in self.kv if k.startswith(prefix)]:
             del self.kv[k]
+
+    def _tell(self) -> None:
+        """Wake every long poll to look again (there are a few: one per shard replica, one per
+        store key being waited for)."""
+        self.news.set()
+        self.news = asyncio.Event()
+
+    async def _until(self, ready: Callable[[], bool], wait_s: float) -> None:
+        """Return once `ready()` or after `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while not ready() and (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self.news.wait(), left)
+            except TimeoutError:
+                return
 
 
 def rendezvous_name(deployment: str) -> str:
@@ -196,12 +233,15 @@ class ActorStore(dist.Store):
         self._call("set", self.prefix + key, value if isinstance(value, bytes) else value.encode())
 
     def get(self, key: str) -> bytes:
+        import ray
+
         deadline = time.monotonic() + self.timeout_s
-        while (v := self._call("get", self.prefix + key)) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rendezvous key {self.prefix + key!r}: peer did not arrive in {self.timeout_s} s")
-            time.sleep(POLL_S)
-        return v
+        while (left := deadline - time.monotonic()) > 0:
+            wait = min(left, WAIT_S)
+            v = ray.get(self.actor.get.remote(self.prefix + key, wait), timeout=self.timeout_s + wait)
+            if v is not None:
+                return v
+        raise TimeoutError(f"rendezvous key {self.prefix + key!r}: peer did not arrive in {self.timeout_s} s")
 
     def add(self, key: str, n: int) -> int:
         return self._call("add", self.prefix + key, n)
@@ -429,10 +469,11 @@ class ShardEndpoint:
     def _accept(self) -> None:
         import ray
 
-        while not self.stopped.is_set():
+        while not self.stopped.is_set():  # long polls back to back: each waits up to WAIT_S for a pair
             try:
-                pairs = ray.get(self.actor.take_pairs.remote(self.replica), timeout=self.timeout_s)
-                if pairs is None:  # forgotten while it could not poll: register again
+                poll = self.actor.take_pairs.remote(self.replica, WAIT_S)
+                pairs = ray.get(poll, timeout=self.timeout_s + WAIT_S)
+                if pairs is None and not self.stopped.is_set():  # forgotten while it could not poll
                     ray.get(
                         self.actor.register.remote(self.replica, self.shard, self.device, self.host),
                         timeout=self.timeout_s,
@@ -441,7 +482,7 @@ class ShardEndpoint:
                     threading.Thread(target=self._join, args=(pair,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the rendezvous restarts with the app; keep polling
                 log.warning("rendezvous poll failed: %r", e)
-            self.stopped.wait(0.05)
+                self.stopped.wait(RETRY_S)
 
     def _join(self, pair: str) -> None:
         backend = pair.rstrip("/").rsplit("/", 1)[-1]

@@ -219,3 +219,32 @@ def test_a_rendezvous_nobody_polls_removes_itself(serve_instance):
             break
         assert time.monotonic() < deadline, "abandoned rendezvous still alive after 30 s"
         time.sleep(0.2)
+
+
+def test_long_polls_answer_on_news_and_keep_their_replica(monkeypatch):
+    """take_pairs and get wait for news, not for their timeout; a replica blocked in a poll is not
+    dropped as stale, one that stopped polling is, and leaving ends its own poll."""
+    import asyncio
+
+    from v4d.serving.runtime import channels
+
+    async def run() -> None:
+        r = channels.Rendezvous()
+        r.register("s/1", "s")
+        r.register("s/2", "s")
+        t0 = time.monotonic()
+        poll = asyncio.create_task(r.take_pairs("s/1", 30.0))
+        key = asyncio.create_task(r.get("k", 30.0))
+        await asyncio.sleep(0.2)
+        monkeypatch.setattr(channels, "STALE_S", 0.1)
+        assert r.shards() == {"s/1": "s"}  # s/2 has not polled for 0.2 s; s/1 is waiting in its poll
+        r.pair("s/1", "p")
+        r.set("k", b"v")
+        assert await poll == ["p"] and await key == b"v"
+        poll = asyncio.create_task(r.take_pairs("s/1", 30.0))
+        await asyncio.sleep(0.05)
+        r.unregister("s/1")
+        assert await poll is None
+        assert time.monotonic() - t0 < 5
+
+    asyncio.run(run())
