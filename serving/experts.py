@@ -124,17 +124,21 @@ class ShardExperts:
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted sum of this shard's experts over `local_ids` ([T,k] slots of `layer`, -1 = not
-        here). The ids are not range-checked per call (a host sync on device pairs): engines build them
-        from the plan's slot map, the one this shard's slots come from, and both kernels skip ids
-        outside [0, slots) rather than read out of bounds."""
+        here). The ids' range is checked after the math is launched (on a device the check's sync then
+        waits behind it, where the reply's would anyway): an engine whose slot map differs from this
+        shard's (a rollout in between) gets an error, not rows missing the experts it meant."""
         stacks = self.weights.get(layer)
         if stacks is None:
             raise ValueError(f"layer {layer}: this shard holds no experts of it")
         w1, w3, w2, *scales = stacks
         dev = w1.device
+        local_ids = local_ids.to(dev)
         y = ops.moe_experts(
-            x.to(dev), local_ids.to(dev), weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit, tuple(scales) or None
+            x.to(dev), local_ids, weights.to(dev), w1, w3, w2, self.cfg.swiglu_limit, tuple(scales) or None
         )
+        n = len(self.slots[layer])
+        if local_ids.numel() and (top := int(local_ids.max())) >= n:
+            raise ValueError(f"local_ids: layer {layer} has {n} slots here, got id {top}")
         return y.to(x.device)
 
 

@@ -73,3 +73,15 @@ def test_shard_unavailable_when_no_copy_is_left(tensors):
     x, ids, w = batch()
     with pytest.raises(ShardUnavailable, match="no live copy of expert"):
         backend(tensors, broken=("b",))(1, x, ids, w)
+
+
+def test_shard_refuses_slot_ids_it_does_not_hold(tensors):
+    """An engine whose slot map differs from the shard's (a rollout in between) gets an error, not
+    rows silently missing the experts it asked for; a layer the shard lacks likewise."""
+    shard = ShardExperts(CFG, [list(range(4)) for _ in range(LAYERS)], tensors)
+    x, ids, w = batch(t=6)
+    with pytest.raises(ValueError, match="layer 1 has 4 slots here, got id"):
+        shard.compute(1, x, ids.clamp(max=5), w)
+    assert shard.compute(1, x, ids % 4, w).shape == x.shape
+    with pytest.raises(ValueError, match="holds no experts"):
+        shard.compute(LAYERS + 5, x, ids % 4, w)
